@@ -1,0 +1,137 @@
+"""Safe file handling: atomic writes and checked reads.
+
+Outputs are written to a temporary name beside the target, flushed and fsync'ed, then renamed, so
+a crash never leaves a partial file under the final name. Inputs are opened read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+
+from neurofm.errors import NeurofmError
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) if needed and check it is writable, else raise NeurofmError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NeurofmError(
+            f"cannot create output directory {path}: {error.strerror}; choose a writable --out directory"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise NeurofmError(f"output directory {path} is not writable; choose a writable --out directory")
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
+
+    Works for files and for directories (a directory target is replaced whole). On any error the
+    temporary is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if target.is_file():
+            with open(target, "rb+") as handle:
+                os.fsync(handle.fileno())
+        if target.is_dir():
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(target, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        elif target.exists():
+            os.replace(target, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` atomically (gzip-free, so it stays fast to read)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return path
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically; numpy scalars/arrays are converted."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_h5ad_path(path: str | os.PathLike) -> Path:
+    """Check ``path`` exists and is an HDF5 file, else raise NeurofmError naming the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise NeurofmError(f"input file {path} does not exist; pass an existing .h5ad with --data")
+    if path.is_dir():
+        raise NeurofmError(f"input {path} is a directory; pass an .h5ad file with --data")
+    with open(path, "rb") as handle:
+        signature = handle.read(8)
+    if signature != b"\x89HDF\r\n\x1a\n":
+        raise NeurofmError(
+            f"input file {path} is not an HDF5/.h5ad file (bad signature); pass an AnnData .h5ad file"
+        )
+    return path
+
+
+def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
+    """Read an .h5ad read-only, turning unreadable/truncated files into one clear NeurofmError."""
+    path = check_h5ad_path(path)
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as error:  # h5py/anndata raise many types for corrupt files
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise NeurofmError(
+            f"cannot read {path} as AnnData ({reason}); the file is truncated or not an .h5ad — re-export it"
+        ) from None
