@@ -11,6 +11,18 @@ CELL_LABEL = "cell_label"  # metadata column whose values are the h5ad obs_names
 CELL_BARCODE = "cell_barcode"
 CLUSTER_ALIAS = "cluster_alias"
 REGION = "anatomical_division_label"
+LIBRARY_LABEL = "library_label"
+CELL_CLASS = "class"  # obs: "excitatory" / "inhibitory" (synthetic data)
+X_COORD = "x"  # obs / metadata: 2-D atlas coordinate (the Allen release's UMAP-like layout)
+Y_COORD = "y"
+GENE_ID_INDEX = "gene_identifier"  # name of the var index (Ensembl IDs) in Allen files
+
+# Allen atlas CSV columns (cluster.csv / cluster_annotation_term.csv), joined onto obs via cluster_alias
+CLUSTER_LABEL = "label"  # cluster.csv and cluster_annotation_term.csv: the taxonomy term label
+CLUSTER_N_CELLS = "number_of_cells"
+TERM_NAME = "name"
+TERM_DESCRIPTION = "description"  # e.g. "MGE interneuron (subcluster 5)"; base name = text before " ("
+TERM_SET_LABEL = "term_set_label"
 
 # uns (prepare)
 CROP_PARAMS = "crop_params"
@@ -19,6 +31,7 @@ SPARSITY_SUMMARY = "sparsity_summary"
 DEDUPE_REPORT = "dedupe_report"
 SUBSET_PARAMS = "subset_params"
 REGION_PARAMS = "region_params"
+LOAD_PARAMS = "load_params"
 
 # obsm / uns (evaluation)
 EMBEDDING = "X_neurofm"  # obsm: cell embeddings from the frozen encoder

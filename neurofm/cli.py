@@ -1,0 +1,155 @@
+"""The ``neurofm`` console command: dataset reports without a pipeline.
+
+    neurofm inspect FILE [--column C] [--json]
+    neurofm check-ids FILE METADATA_CSV [--obs-name-column C] [--barcode-column C] [--json]
+    neurofm atlas-plot METADATA_CSV CLUSTER_CSV ANNOTATION_CSV --out PNG [--top-k K] [--highlight ID ...]
+    neurofm make-synthetic OUT_DIR [--cells N] [--genes G] [--seed S]
+
+A user error prints one line, ``neurofm: error: <problem>; <fix>``, and exits with status 2 (``--debug``
+shows the traceback instead). ``check-ids`` exits 1 when no metadata column matches the obs_names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from neurofm import __version__, keys
+from neurofm.errors import NeurofmError
+
+
+def _print_mapping(values: dict[str, Any], indent: str = "") -> None:
+    for name, value in values.items():
+        if isinstance(value, dict):
+            print(f"{indent}{name}:")
+            _print_mapping(value, indent + "  ")
+        elif isinstance(value, list) and len(value) > 12:
+            print(f"{indent}{name}: {value[:12]} … ({len(value)} in all)")
+        else:
+            print(f"{indent}{name}: {value}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from neurofm.data.reports import summarize
+    from neurofm.io import read_h5ad
+
+    adata = read_h5ad(args.file, backed=True)
+    try:
+        summary = summarize(adata, path=args.file, value_counts_column=args.column)
+    finally:
+        adata.file.close()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_mapping(summary)
+    return 0
+
+
+def _check_ids(args: argparse.Namespace) -> int:
+    from neurofm.data.reports import check_ids
+
+    result = check_ids(
+        args.file, args.metadata, obs_name_column=args.obs_name_column, barcode_column=args.barcode_column
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_mapping(result)
+    if result["best_column"] is None:
+        print(
+            "neurofm: no metadata column matches the obs_names; name the right column with --obs-name-column",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _atlas_plot(args: argparse.Namespace) -> int:
+    from neurofm.data.reports import atlas_plot
+
+    path = atlas_plot(
+        args.metadata,
+        args.cluster,
+        args.annotation,
+        args.out,
+        top_k=args.top_k,
+        highlight_clusters=args.highlight,
+    )
+    print(path)
+    return 0
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from neurofm.data.synthetic import write_synthetic_atlas
+
+    files = write_synthetic_atlas(args.out_dir, n_cells=args.cells, n_genes=args.genes, seed=args.seed)
+    for name, path in files.as_dict().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neurofm", description="neurofm dataset reports and utilities.")
+    parser.add_argument("--version", action="version", version=f"neurofm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="summarise an .h5ad (X is not loaded)")
+    inspect.add_argument("file", help=".h5ad file")
+    inspect.add_argument("--column", help="obs column whose value counts to show, e.g. subtype")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=_inspect)
+
+    check = commands.add_parser("check-ids", help="overlap of metadata cell labels / barcodes with obs_names")
+    check.add_argument("file", help=".h5ad file")
+    check.add_argument("metadata", metavar="METADATA_CSV", help="cell_metadata.csv")
+    check.add_argument("--obs-name-column", default=keys.CELL_LABEL, help="metadata column expected to match")
+    check.add_argument("--barcode-column", default=keys.CELL_BARCODE, help="metadata barcode column")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=_check_ids)
+
+    plot = commands.add_parser("atlas-plot", help="cells at metadata x/y coloured by top-K base clusters")
+    plot.add_argument("metadata", metavar="METADATA_CSV", help="cell_metadata.csv (cluster_alias, x, y)")
+    plot.add_argument("cluster", metavar="CLUSTER_CSV", help="cluster.csv (cluster_alias, label)")
+    plot.add_argument("annotation", metavar="ANNOTATION_CSV", help="cluster_annotation_term.csv")
+    plot.add_argument("--out", required=True, help="output PNG path")
+    plot.add_argument("--top-k", type=int, default=10, help="number of base clusters to colour (default 10)")
+    plot.add_argument(
+        "--highlight", type=int, nargs="*", default=[], metavar="ID", help="cluster IDs to circle"
+    )
+    plot.set_defaults(handler=_atlas_plot)
+
+    synthetic = commands.add_parser("make-synthetic", help="write the synthetic atlas-shaped dataset")
+    synthetic.add_argument("out_dir", help="output directory")
+    synthetic.add_argument("--cells", type=int, default=1200, help="number of cells (default 1200)")
+    synthetic.add_argument("--genes", type=int, default=600, help="number of genes (default 600)")
+    synthetic.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synthetic.set_defaults(handler=_make_synthetic)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``neurofm`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version or a usage error (argparse already printed it)
+        return int(exit_.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except NeurofmError as error:
+        if args.debug:
+            raise
+        print(f"neurofm: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
