@@ -135,3 +135,21 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
         raise NeurofmError(
             f"cannot read {path} as AnnData ({reason}); the file is truncated or not an .h5ad — re-export it"
         ) from None
+
+
+def file_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+    """A cheap content fingerprint: size, mtime and a SHA-256 of the first and last MiB.
+
+    Used as a cache key for input files too large to hash whole (atlas files are tens of GB).
+    """
+    import hashlib
+
+    path = Path(path)
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(sample_bytes))
+        if stat.st_size > sample_bytes:
+            handle.seek(max(stat.st_size - sample_bytes, sample_bytes))
+            digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()

@@ -1,0 +1,21 @@
+"""Test-session isolation, loaded by pytest before any test module imports zenml or mlflow.
+
+Every session gets its own ZenML config/store, MLflow tracking store and neurofm home under a temp
+dir; nothing touches the user's home directory or the project's own .neurofm/.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="neurofm-tests-"))
+os.environ["NEUROFM_TEST_SESSION_DIR"] = str(_SESSION_DIR)
+os.environ["ZENML_CONFIG_PATH"] = str(_SESSION_DIR / "zenml")
+os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
+os.environ["ZENML_LOGGING_COLORS_DISABLED"] = "true"
+os.environ["ZENML_CUSTOM_SOURCE_ROOT"] = str(Path(__file__).resolve().parent)
+os.environ["NEUROFM_HOME"] = str(_SESSION_DIR / "home")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'home' / 'mlflow.db'}"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+(_SESSION_DIR / "home").mkdir(parents=True, exist_ok=True)

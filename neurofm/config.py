@@ -1,0 +1,223 @@
+"""Run configurations: YAML files → validated nested dicts.
+
+A configuration is a YAML mapping of sections (``data``, ``subset``, ``region``, ``dedupe``, ``crop``,
+``tokenizer``, ``model``, ``train``, ``evaluate``, ``tracking``, ``tune``, ``resources`` …). A file
+may start with ``extends: other.yaml`` (relative to itself) to inherit and override another one.
+Unknown sections or keys are refused with a one-line error naming the known ones, so a typo never
+silently falls back to a default. Sections backed by a dataclass (``model`` → ``ModelConfig``…)
+are validated by building that dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neurofm.errors import NeurofmError
+
+# Sections whose keys are checked against a dataclass: section → "module:Class".
+DATACLASS_SECTIONS = {
+    "tokenizer": "neurofm.tokenizer:TokenizerConfig",
+    "model": "neurofm.model:ModelConfig",
+    "train": "neurofm.train:TrainConfig",
+}
+
+# Sections with free-form but known keys (the defaults; YAML may override each key).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "path": None,  # .h5ad of raw counts; None → the built-in synthetic atlas (see default_data)
+        "metadata_csv": None,  # Allen-style cell_metadata.csv for the cluster join (None → no subset)
+        "cluster_csv": None,  # cluster.csv, for the atlas plot
+        "annotation_csv": None,  # cluster_annotation_term.csv, for the atlas plot
+        "layer": None,  # counts layer; None → layers['counts'] if present, else X
+        "out_dir": "outputs",  # where .h5ad, reports, checkpoints and evaluation land
+    },
+    "default_data": {  # the built-in synthetic atlas, used only when data.path is None
+        "n_cells": 12000,
+        "n_genes": 1200,
+        "seed": 0,
+        "cluster_ids": [2523, 210],  # the generator's layer-5 excitatory + MGE inhibitory pair
+        "region": "Cerebral cortex",
+        "crop": {"n_cells": 1200, "n_genes": 800},
+        "label_mapping": None,  # None → evaluate.label_mapping (2523 excitatory, 210 inhibitory)
+    },
+    "subset": {
+        "cluster_ids": [],  # empty → keep every cell (no metadata join)
+        "obs_name_column": "cell_label",
+        "cluster_column": "cluster_alias",
+        "label_prefix": "cluster_",
+        "chunk_size": 20000,
+    },
+    "region": {"column": "anatomical_division_label", "value": None},  # value None → keep all
+    "dedupe": {"genes": "make_unique", "cells": "make_unique", "gene_column": None, "cell_column": None},
+    "crop": {  # n_cells / n_genes None → keep all
+        "n_cells": None,
+        "n_genes": None,
+        "min_detection": 0.05,
+        "detection_backoff": 0.5,
+        "min_detection_floor": 0.001,
+        "alpha": 1.0,
+        "beta": 0.5,
+        "n_strata": 4,
+        "drop_all_zero": True,
+        "seed": 42,
+        "report_csv": True,
+    },
+    "reports": {"value_counts_column": "subtype", "atlas_top_k": 8},
+    "evaluate": {
+        "model": None,  # None → newest registered version; or models:/name@alias, runs:/…, a directory
+        "label_column": "subtype",
+        "label_mapping": {"cluster_2523": "excitatory", "cluster_210": "inhibitory"},
+        "group_column": None,  # e.g. c1_chip: the probe split keeps these groups apart
+        "pooling": "mean",
+        "batch_size": 256,
+        "pca_components": 50,
+        "probe": {},  # ProbeConfig overrides
+        "cluster": {},  # clustering overrides (n_neighbors, metric, resolution…)
+        "label_efficiency_shots": [5, 10, 25, 50, "all"],
+        "label_efficiency_draws": 10,
+        "promote": True,  # move the `champion` alias when the rule in evaluate.compare allows it
+    },
+    "tracking": {
+        "tracking_uri": None,  # None → $MLFLOW_TRACKING_URI or sqlite under $NEUROFM_HOME
+        "experiment": "neurofm",
+        "registered_model_name": "neurofm-encoder",
+        "register": True,
+    },
+    "tune": {
+        "n_trials": 20,
+        "objective": "val_loss",  # or probe_auc
+        "storage": None,  # None → a journal file under $NEUROFM_HOME; or an Optuna storage URL
+        "study_name": "neurofm-pretrain",
+        "seed": 42,
+        "pruner": {"n_startup_trials": 3, "n_warmup_steps": 2},
+        "epochs": None,  # None → train.epochs
+        "best_config_out": "configs/pretrain.best.yaml",
+        "space": {},
+    },
+    "resources": {  # ZenML step settings for pretrain/embed; ignored by the local orchestrator
+        "gpu_count": 0,
+        "cpu_count": None,
+        "memory": None,
+        "parent_image": None,
+        "requirements": None,
+        "steps": ["pretrain_model", "embed_cells"],
+    },
+    "ddp": {"nproc_per_node": 1, "backend": "auto"},
+}
+
+KNOWN_SECTIONS = set(DEFAULTS) | set(DATACLASS_SECTIONS) | {"extends"}
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise NeurofmError(f"config {path} extends itself in a cycle; remove the circular 'extends'")
+    if not path.is_file():
+        raise NeurofmError(f"config file {path} does not exist; pass an existing YAML file with --config")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise NeurofmError(f"config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(loaded, dict):
+        raise NeurofmError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return loaded
+    return deep_merge(_read_yaml(path.parent / base, (*seen, path)), loaded)
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` onto ``base`` (dicts merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys with a clear error."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise NeurofmError(
+            f"unknown key(s) {', '.join(unknown)} in config section '{section}'; known keys: {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(**dict(values))
+    except TypeError as error:
+        raise NeurofmError(f"bad value in config section '{section}': {error}") from None
+
+
+def _dataclass_for(section: str) -> type:
+    module, _, name = DATACLASS_SECTIONS[section].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def validate(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill defaults, refuse unknown sections/keys, and build dataclass sections to check ranges."""
+    unknown = sorted(set(config) - KNOWN_SECTIONS)
+    if unknown:
+        raise NeurofmError(
+            f"unknown config section(s) {', '.join(unknown)}; known sections: {', '.join(sorted(KNOWN_SECTIONS - {'extends'}))}"
+        )
+    full: dict[str, Any] = {}
+    for section, defaults in DEFAULTS.items():
+        values = config.get(section) or {}
+        if not isinstance(values, Mapping):
+            raise NeurofmError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+        extra = sorted(set(values) - set(defaults))
+        if extra:
+            raise NeurofmError(
+                f"unknown key(s) {', '.join(extra)} in config section '{section}'; known keys: {', '.join(defaults)}"
+            )
+        full[section] = deep_merge(defaults, values)
+    for section in DATACLASS_SECTIONS:
+        values = config.get(section) or {}
+        if not isinstance(values, Mapping):
+            raise NeurofmError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+        instance = dataclass_from_dict(_dataclass_for(section), values, section)
+        full[section] = dataclasses.asdict(instance)
+    return full
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value as YAML) into (["section", "key"], value)."""
+    if "=" not in text:
+        raise NeurofmError(f"--set {text!r} is not of the form section.key=value; e.g. --set train.epochs=5")
+    dotted, _, raw = text.partition("=")
+    keys = [part for part in dotted.strip().split(".") if part]
+    if len(keys) < 2:
+        raise NeurofmError(f"--set {text!r} must name a section and a key, e.g. --set train.epochs=5")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def set_path(config: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise NeurofmError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read ``path`` (with ``extends``), apply ``section.key=value`` overrides, validate, fill defaults."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        set_path(raw, keys, value)
+    return validate(raw)

@@ -1,0 +1,276 @@
+"""MLflow calls, in one place.
+
+Everything neurofm logs goes through here: the tracking store set-up (an embedded SQLite store under
+the project's home by default, or any tracking server URI from config), runs, parameters, metrics,
+artifacts, and the model registry (log + register a model directory, aliases, champion metrics).
+
+A model is logged as an MLflow *pyfunc* "model from code" (``neurofm/mlflow_model.py``) whose only
+artifact is the neurofm model directory (safetensors weights + config JSON + tokenizer), so nothing
+in the registry is pickled and neurofm reloads the exact directory with :func:`resolve_model_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neurofm.errors import NeurofmError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+NEWEST_ALIAS = "newest"  # set on every freshly registered version
+CHAMPION_ALIAS = "champion"  # set by evaluation when a version beats the current champion
+MODEL_ARTIFACT_PATH = "model"  # where the pyfunc model lives inside a run
+MODEL_DIR_ARTIFACT = "neurofm_model"  # the pyfunc artifact key holding the neurofm directory
+
+
+def neurofm_home() -> Path:
+    """The project's data dir: ``$NEUROFM_HOME`` or ``./.neurofm`` (stores, default data)."""
+    return Path(os.environ.get("NEUROFM_HOME", Path.cwd() / ".neurofm")).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{neurofm_home() / 'mlflow.db'}"
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, or the embedded SQLite store).
+
+    Returns the URI in use. The registry uses the same store.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _artifact_root() -> str | None:
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
+def ensure_experiment(name: str) -> str:
+    """Return the id of experiment ``name``, creating it (with a project-local artifact root)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root())
+    except MlflowException:  # created concurrently by another run
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+    nested: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or join) an MLflow run.
+
+    When a run is already active and ``nested`` is false — ZenML's MLflow experiment tracker opens
+    one around a step when the active stack has it — that run is used and left open; otherwise a
+    new run is started in ``experiment`` and ended on exit (status FAILED on an exception).
+    """
+    active = mlflow.active_run()
+    if active is not None and not nested:
+        if tags:
+            mlflow.set_tags(dict(tags))
+        yield active
+        return
+    if active is None:
+        configure(tracking_uri)
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}), nested=nested
+    ) as run:
+        yield run
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into ``section.key`` names (MLflow params are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    flat = {k: (str(v)[:6000] if v is not None else "None") for k, v in flatten(params).items()}
+    existing = mlflow.active_run().data.params if mlflow.active_run() else {}
+    mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log the numeric entries of ``metrics`` (others are skipped)."""
+    numeric = {
+        k.replace("@", "_at_"): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    }
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+def log_artifacts(paths: Mapping[str, str | os.PathLike] | list, artifact_path: str | None = None) -> None:
+    """Log files or directories; a mapping puts each under its own artifact sub-path."""
+    items = paths.items() if isinstance(paths, Mapping) else [(artifact_path, p) for p in paths]
+    for sub_path, path in items:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=sub_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=sub_path)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model version."""
+
+    name: str
+    version: str
+    run_id: str
+    uri: str  # models:/name/version
+
+
+def log_and_register_model(
+    model_dir: str | os.PathLike,
+    registered_name: str,
+    aliases: tuple[str, ...] = (NEWEST_ALIAS,),
+    tags: Mapping[str, str] | None = None,
+) -> RegisteredModel:
+    """Log ``model_dir`` to the active run as a pyfunc model and register a new version of it.
+
+    The new version gets ``aliases`` (``newest`` by default) and ``tags``.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_and_register_model needs an active MLflow run")
+    code = Path(__file__).with_name("mlflow_model.py")
+    import neurofm
+
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT_PATH,
+        python_model=str(code),
+        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+        pip_requirements=[f"neurofm=={neurofm.__version__}", "torch==2.13.0", "safetensors", "anndata"],
+    )
+    client = MlflowClient()
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException:
+        pass  # already exists
+    version = _create_version(client, registered_name, info.model_uri, run.info.run_id)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, version.version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_name, version.version, key, str(value))
+    return RegisteredModel(
+        registered_name, str(version.version), run.info.run_id, f"models:/{registered_name}/{version.version}"
+    )
+
+
+def _create_version(client: MlflowClient, name: str, source: str, run_id: str):
+    version = client.create_model_version(name=name, source=source, run_id=run_id)
+    for _ in range(50):  # the SQLite store is synchronous; remote registries may not be
+        if client.get_model_version(name, version.version).status == "READY":
+            break
+        time.sleep(0.2)
+    return version
+
+
+def resolve_model_dir(spec: str | os.PathLike | None, registered_name: str, tracking_uri: str | None = None) -> Path:
+    """Turn ``spec`` into a local neurofm model directory.
+
+    ``spec`` may be a model directory, an MLflow URI (``models:/name@alias``, ``models:/name/3``,
+    ``runs:/id/model``) or ``None`` for the newest registered version of ``registered_name``.
+    """
+    if spec is not None and Path(spec).exists():
+        return Path(spec)
+    configure(tracking_uri)
+    uri = str(spec) if spec is not None else f"models:/{registered_name}@{NEWEST_ALIAS}"
+    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "file:", "s3:", "gs:")):
+        raise NeurofmError(
+            f"model {uri!r} is neither an existing directory nor an MLflow model URI; "
+            "pass a checkpoint directory or e.g. models:/neurofm-encoder@champion"
+        )
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as error:
+        message = str(error).splitlines()[0][:200]
+        raise NeurofmError(
+            f"cannot fetch model {uri} from {mlflow.get_tracking_uri()} ({message}); "
+            "run the pretrain pipeline first or pass --model"
+        ) from None
+    for candidate in [local, local / "artifacts" / MODEL_DIR_ARTIFACT, *local.rglob(MODEL_DIR_ARTIFACT)]:
+        if (candidate / "config.json").exists():
+            return candidate
+    raise NeurofmError(f"{uri} holds no neurofm model directory; register it with the pretrain pipeline")
+
+
+def model_version_for(spec: str | None, registered_name: str) -> RegisteredModel | None:
+    """The registered version ``spec`` names (``None`` → newest), or ``None`` for a plain directory."""
+    client = MlflowClient()
+    try:
+        if spec is None:
+            version = client.get_model_version_by_alias(registered_name, NEWEST_ALIAS)
+        elif spec.startswith("models:/"):
+            name, _, ref = spec.removeprefix("models:/").partition("/")
+            if "@" in name:
+                name, alias = name.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                version = client.get_model_version(name, ref)
+        else:
+            return None
+    except MlflowException:
+        return None
+    return RegisteredModel(
+        version.name, str(version.version), version.run_id or "", f"models:/{version.name}/{version.version}"
+    )
+
+
+def alias_version_tags(registered_name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """(version, tags) of the version holding ``alias``, or None when no version has it."""
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(registered_name, alias)
+    except MlflowException:
+        return None
+    return str(version.version), dict(version.tags or {})
+
+
+def set_alias(registered_name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(registered_name, alias, version)
+
+
+def set_version_tags(registered_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))

@@ -1,0 +1,271 @@
+"""neurofm's one entry point: run a pipeline on the built-in data or yours.
+
+    python run.py                                   # full: prepare → pretrain → evaluate, built-in data
+    python run.py --pipeline prepare                # data preparation only
+    python run.py --pipeline pretrain --data cells.h5ad
+    python run.py --pipeline evaluate --model models:/neurofm-encoder@champion --label-col subtype
+    python run.py --pipeline tune --trials 20
+
+Each pipeline reads ``configs/<pipeline>.yaml`` unless ``--config`` names another file; ``--set
+section.key=value`` overrides single values. Errors a user can cause end in one line on stderr and
+exit status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+PIPELINES = ("prepare", "pretrain", "evaluate", "full", "tune")
+
+# Environment first: these must be set before zenml/mlflow are imported anywhere.
+os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from neurofm.errors import NeurofmError  # noqa: E402
+
+log = logging.getLogger("neurofm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        description="Run a neurofm pipeline (ZenML, tracked in MLflow).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="pipelines:\n"
+        "  prepare   load → subset → region filter → dedupe → crop (+ summary, barcode check, atlas plot)\n"
+        "  pretrain  prepare → tokenize → pretrain (checkpoints, MLflow run, registered model)\n"
+        "  evaluate  embed → probe/cluster/plots beside PCA and random-weights baselines → report\n"
+        "  full      pretrain then evaluate (cached steps are reused)\n"
+        "  tune      Optuna study over pre-training hyper-parameters\n",
+    )
+    parser.add_argument("--pipeline", choices=PIPELINES, default="full", help="which pipeline (default: full)")
+    parser.add_argument("--config", type=Path, help="YAML run configuration (default: configs/<pipeline>.yaml)")
+    parser.add_argument("--data", type=Path, help=".h5ad of raw counts (default: the built-in synthetic atlas)")
+    parser.add_argument("--metadata", type=Path, help="Allen-style cell_metadata.csv for the cluster join")
+    parser.add_argument("--out", type=Path, help="output directory (default: data.out_dir of the config)")
+    parser.add_argument("--no-cache", action="store_true", help="run every step again, ignoring ZenML's cache")
+    parser.add_argument("--model", help="evaluate: model directory or MLflow URI (default: newest registered)")
+    parser.add_argument("--label-col", help="evaluate: obs column with the labels (clears the label mapping)")
+    parser.add_argument("--group-col", help="evaluate: obs column of batches kept apart by the probe split")
+    parser.add_argument("--resume", action="store_true", help="pretrain: continue an interrupted run")
+    parser.add_argument("--trials", type=int, help="tune: number of Optuna trials")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The validated configuration: YAML file, then ``--set``, then the dedicated flags."""
+    from neurofm.config import load_config, set_path
+
+    config_path = args.config or ROOT / "configs" / f"{args.pipeline}.yaml"
+    config = load_config(config_path, args.set)
+    if args.data is not None:
+        set_path(config, ["data", "path"], str(args.data))
+    if args.metadata is not None:
+        set_path(config, ["data", "metadata_csv"], str(args.metadata))
+    if args.out is not None:
+        set_path(config, ["data", "out_dir"], str(args.out))
+    if args.model is not None:
+        set_path(config, ["evaluate", "model"], args.model)
+    if args.label_col is not None:
+        set_path(config, ["evaluate", "label_column"], args.label_col)
+        set_path(config, ["evaluate", "label_mapping"], None)
+    if args.group_col is not None:
+        set_path(config, ["evaluate", "group_column"], args.group_col)
+    if args.trials is not None:
+        set_path(config, ["tune", "n_trials"], args.trials)
+    config["data"]["out_dir"] = str(Path(config["data"]["out_dir"]).resolve())
+    return config
+
+
+def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    """Decide what the pipeline reads: the user's .h5ad, or the built-in atlas (written once).
+
+    Returns plain values (paths, fingerprints, cluster IDs, region, crop) for the pipeline, and, for
+    the built-in atlas, fills ``evaluate.label_mapping`` with the generator's class mapping.
+    """
+    from neurofm import io
+
+    data = config["data"]
+    if data["path"] is None:
+        defaults = config["default_data"]
+        files = _default_atlas(defaults)
+        if defaults["label_mapping"] is not None:
+            config["evaluate"]["label_mapping"] = defaults["label_mapping"]
+        return {
+            "path": str(files.counts_h5ad),
+            "fingerprint": io.file_fingerprint(files.counts_h5ad),
+            "metadata_csv": str(files.cell_metadata_csv),
+            "cluster_csv": str(files.cluster_csv),
+            "annotation_csv": str(files.cluster_annotation_term_csv),
+            "cluster_ids": list(defaults["cluster_ids"]),
+            "region": defaults["region"],
+            "crop": {**config["crop"], **(defaults["crop"] or {})},
+            "default_data": True,
+            "name": f"synthetic-atlas-seed{defaults['seed']}",
+        }
+    path = io.check_h5ad_path(data["path"])
+    for key in ("metadata_csv", "cluster_csv", "annotation_csv"):
+        if data[key] is not None and not Path(data[key]).is_file():
+            raise NeurofmError(f"data.{key} file {data[key]} does not exist; fix the path or set it to null")
+    if config["subset"]["cluster_ids"] and data["metadata_csv"] is None:
+        raise NeurofmError(
+            "subset.cluster_ids is set but data.metadata_csv is not; pass --metadata cell_metadata.csv "
+            "or clear subset.cluster_ids"
+        )
+    return {
+        "path": str(path.resolve()),
+        "fingerprint": io.file_fingerprint(path),
+        "metadata_csv": data["metadata_csv"],
+        "cluster_csv": data["cluster_csv"],
+        "annotation_csv": data["annotation_csv"],
+        "cluster_ids": list(config["subset"]["cluster_ids"] or []),
+        "region": config["region"]["value"],
+        "crop": dict(config["crop"]),
+        "default_data": False,
+        "name": path.stem,
+    }
+
+
+def _default_atlas(defaults: dict[str, Any]):
+    """The built-in synthetic atlas under $NEUROFM_HOME, written once per (size, seed)."""
+    from neurofm.data.synthetic import AtlasFiles, write_synthetic_atlas
+    from neurofm.tracking import neurofm_home
+
+    name = f"default_atlas_{defaults['n_cells']}x{defaults['n_genes']}_seed{defaults['seed']}"
+    out_dir = neurofm_home() / name
+    names = {"counts_h5ad": "counts.h5ad", "cell_metadata_csv": "cell_metadata.csv",
+             "cluster_csv": "cluster.csv", "cluster_annotation_term_csv": "cluster_annotation_term.csv"}
+    existing = AtlasFiles(**{key: out_dir / file for key, file in names.items()})
+    if all(path.is_file() for path in existing.as_dict().values()):
+        return existing
+    log.info("writing the built-in synthetic atlas to %s", out_dir)
+    return write_synthetic_atlas(out_dir, n_cells=defaults["n_cells"], n_genes=defaults["n_genes"], seed=defaults["seed"])
+
+
+def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    """Run the chosen pipeline and print its summary."""
+    from neurofm import io
+
+    io.ensure_writable_dir(config["data"]["out_dir"])
+    if args.pipeline == "tune":
+        from pipelines.tune import run_study
+
+        run_study(config, resume=True)
+        return 0
+    inputs = resolve_inputs(config)
+    from pipelines import get_pipeline
+
+    pipeline_function = get_pipeline(args.pipeline)
+    options: dict[str, Any] = {"enable_cache": not args.no_cache, "execution_mode": "fail_fast"}
+    run = pipeline_function.with_options(**options)(config=config, inputs=inputs, resume=args.resume)
+    print(summarize_run(args.pipeline, run, config))
+    return 0
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Drop the traceback ZenML logs for a step that failed with a NeurofmError (unless --debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], NeurofmError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _configure_logging(debug: bool) -> None:
+    """Use ZenML's console handler on the root logger for neurofm's messages too (one line each)."""
+    import zenml  # noqa: F401  (installs ZenML's handlers on the root logger)
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in root.handlers:
+        if not debug and not any(isinstance(f, _HideUserErrorTracebacks) for f in handler.filters):
+            handler.addFilter(_HideUserErrorTracebacks())
+
+
+def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
+    """The closing summary printed after a run: what was produced, where, and against what baseline."""
+    from pipelines import cached_steps, step_outputs
+
+    outputs = step_outputs(run)
+    cached = cached_steps(run)
+    lines = ["", f"neurofm {pipeline}: run {run.name} {run.status}"]
+    if cached:
+        lines.append(f"  served from cache: {', '.join(cached)}")
+    prepared = outputs.get("save_prepared", {}).get("prepared_h5ad")
+    if prepared:
+        lines.append(f"  prepared data: {prepared}")
+    summary_path = Path(config["data"]["out_dir"]) / "dataset_summary.json"
+    if summary_path.exists():
+        import json
+
+        summary = json.loads(summary_path.read_text())
+        lines.append(f"  cells × genes: {summary.get('n_cells')} × {summary.get('n_genes')}")
+        if summary.get("value_counts"):
+            lines.append(f"  {config['reports']['value_counts_column']}: {summary['value_counts']}")
+    pretrain = outputs.get("pretrain_model", {}).get("pretrain_summary")
+    if pretrain:
+        lines.append(
+            f"  pretrain: val perplexity {pretrain['best_val_perplexity']:.3f} vs per-gene frequency baseline "
+            f"{pretrain['baseline_perplexity']:.3f} (ratio {pretrain['perplexity_ratio']:.3f}), masked accuracy "
+            f"{pretrain['best_val_masked_accuracy']:.3f} vs {pretrain['baseline_masked_accuracy']:.3f}"
+        )
+        lines.append(f"  model: {pretrain['model_uri'] or pretrain['best_dir']} (MLflow run {pretrain['mlflow_run_id']})")
+        if "pretrain_model" in cached:
+            lines.append(
+                "  note: pretrain_model came from ZenML's cache, so no new MLflow run or model version was "
+                "logged; the model above is the cached one (use --no-cache to train again)"
+            )
+    evaluation = outputs.get("report_and_promote", {}).get("evaluation_summary")
+    if evaluation:
+        lines.append("  evaluation (probe accuracy / ROC-AUC / Leiden ARI):")
+        for method in ("model", "pca", "random"):
+            if f"{method}/probe_accuracy" in evaluation["metrics"]:
+                metrics = evaluation["metrics"]
+                lines.append(
+                    f"    {method:<7} {metrics[f'{method}/probe_accuracy']:.3f} / {metrics[f'{method}/probe_auc']:.3f} / "
+                    f"{metrics.get(f'{method}/ari', float('nan')):.3f}"
+                )
+        lines.append(f"  promotion: {evaluation['promotion']}")
+        lines.append(f"  report: {evaluation['report']}")
+    tracking_uri = config["tracking"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+    if pretrain or evaluation:
+        from neurofm.tracking import default_tracking_uri
+
+        lines.append(f"  MLflow UI: mlflow ui --backend-store-uri {tracking_uri or default_tracking_uri()}")
+    lines.append(f"  outputs: {config['data']['out_dir']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _configure_logging(args.debug)
+        config = load_run_config(args)
+        return run_pipeline(args, config)
+    except NeurofmError as error:
+        if args.debug:
+            raise
+        print(f"neurofm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neurofm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Data-preparation steps: load, subset, region filter, dedupe, crop, save.
+
+Each step is one call into :mod:`neurofm.data`; parameters come from the YAML run configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import anndata as ad
+import pandas as pd
+from zenml import step
+
+from neurofm import io, keys
+from neurofm.data import atlas, crop, dedupe, region
+from steps._cache import depends_on
+
+log = logging.getLogger(__name__)
+
+
+@step(cache_policy=depends_on("data"))
+def load_data(path: str, fingerprint: str, layer: str | None = None) -> Annotated[ad.AnnData, "raw_cells"]:
+    """Read an .h5ad of raw counts (``layers['counts']`` if present, else ``X``).
+
+    ``fingerprint`` (size, mtime and a content hash, from :func:`neurofm.io.file_fingerprint`) is part
+    of the cache key so that an edited input file is read again.
+    """
+    return atlas.load_counts(path, layer=layer)
+
+
+@step(cache_policy=depends_on("data"))
+def subset_clusters(
+    path: str, metadata_csv: str, fingerprint: str, subset: dict[str, Any], layer: str | None = None
+) -> Annotated[ad.AnnData, "subset_cells"]:
+    """Keep the cells of ``subset['cluster_ids']`` via the metadata join, reading ``path`` backed.
+
+    Adds ``obs['subtype']`` (e.g. ``cluster_2523``), the metadata columns and ``uns['subset_params']``.
+    """
+    return atlas.subset_by_clusters(
+        path,
+        metadata_csv,
+        cluster_ids=subset["cluster_ids"],
+        obs_name_column=subset["obs_name_column"],
+        cluster_column=subset["cluster_column"],
+        label_prefix=subset["label_prefix"],
+        chunk_size=subset["chunk_size"],
+        layer=layer,
+    )
+
+
+@step(cache_policy=depends_on("data"))
+def filter_region(adata: ad.AnnData, column: str, value: str | None) -> Annotated[ad.AnnData, "region_cells"]:
+    """Keep cells whose ``obs[column] == value`` (all cells when ``value`` is None)."""
+    if value is None:
+        return adata
+    return region.filter_region(adata, column=column, value=value)
+
+
+@step(cache_policy=depends_on("data"))
+def dedupe_ids(adata: ad.AnnData, dedupe_params: dict[str, Any]) -> Annotated[ad.AnnData, "unique_cells"]:
+    """Make cell and gene IDs unique (or collapse/drop duplicates); writes ``uns['dedupe_report']``."""
+    return dedupe.dedupe(adata, **dedupe_params)
+
+
+@step(cache_policy=depends_on("data"))
+def crop_data(
+    adata: ad.AnnData, crop_params: dict[str, Any]
+) -> tuple[Annotated[ad.AnnData, "prepared_cells"], Annotated[pd.DataFrame, "sparsity_report"]]:
+    """Depth-stratified cell and weighted gene sampling with a before/after sparsity report.
+
+    Writes ``uns['crop_params']``, ``uns['crop_indices']``, ``uns['sparsity_summary']``. With
+    ``n_cells`` and ``n_genes`` both None the data pass through and the report covers them as they are.
+    """
+    params = {k: v for k, v in crop_params.items() if k != "report_csv"}
+    if params["n_cells"] is None and params["n_genes"] is None:
+        return adata, crop.sparsity_report(adata, adata)
+    cropped = crop.crop(adata, **params)
+    return cropped, crop.sparsity_report(adata, cropped)
+
+
+@step(enable_cache=False)
+def save_prepared(
+    adata: ad.AnnData, sparsity: pd.DataFrame, out_dir: str, write_report_csv: bool = True
+) -> Annotated[str, "prepared_h5ad"]:
+    """Write the prepared AnnData to ``<out_dir>/prepared.h5ad`` (atomically) and its sparsity CSV."""
+    out = io.ensure_writable_dir(out_dir)
+    path = io.write_h5ad(adata, out / "prepared.h5ad")
+    if write_report_csv:
+        with io.atomic_path(out / "sparsity_report.csv") as tmp:
+            sparsity.to_csv(tmp, index=False)
+    subtypes = adata.obs[keys.SUBTYPE].value_counts().to_dict() if keys.SUBTYPE in adata.obs else {}
+    log.info("prepared %d cells × %d genes → %s %s", adata.n_obs, adata.n_vars, path, subtypes)
+    return str(Path(path).resolve())
