@@ -38,3 +38,4 @@ EMBEDDING = "X_neurofm"  # obsm: cell embeddings from the frozen encoder
 EMBEDDING_PARAMS = "neurofm"  # uns: model source + pooling used for X_neurofm
 PCA_BASELINE = "X_pca_baseline"  # obsm: PCA of log-normalised counts (baseline)
 RANDOM_BASELINE = "X_random_encoder"  # obsm: embeddings from the untrained encoder (baseline)
+EVALUATED_EMBEDDING = "X_embedding"  # obsm of the scratch AnnData neurofm.evaluate builds its kNN graph on

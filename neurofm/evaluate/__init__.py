@@ -1,0 +1,12 @@
+"""Evaluation science: embeddings in, metrics and figures out (no ZenML, no MLflow).
+
+- :mod:`~neurofm.evaluate.labels` — ``resolve_labels``: one obs column → class labels
+- :mod:`~neurofm.evaluate.baselines` — ``pca_baseline``: PCA of log-normalised counts
+- :mod:`~neurofm.evaluate.probe` — ``make_split``, ``run_probe``, ``probe_to_json``/``probe_from_json``
+- :mod:`~neurofm.evaluate.cluster` — ``cluster_embedding``: kNN graph, Leiden, ARI/NMI/…
+- :mod:`~neurofm.evaluate.label_efficiency` — ``label_efficiency``: few-shot probe curves
+- :mod:`~neurofm.evaluate.visualize` — ``visualize``: seeded t-SNE and UMAP figures
+- :mod:`~neurofm.evaluate.compare` — ``evaluate_embeddings`` (the entry), ``write_report``, ``should_promote``
+
+Submodules are imported on demand, so ``import neurofm.evaluate`` stays cheap.
+"""

@@ -1,0 +1,536 @@
+"""The evaluation entry: every embedding (model, PCA, random weights…) through the same probe,
+clustering and label-efficiency runs on the same split, written side by side.
+
+Output layout under ``out_dir`` (all files written atomically)::
+
+    baselines.csv            one row per method: probe (hold-out + CV mean/sd), clustering metrics
+    label_efficiency.csv     method × shots: accuracy / AUC / macro-F1 mean and sd over draws
+    label_efficiency.png
+    summary.json             flat metrics, "<method>/<metric>" (the MLflow names), finite values only
+    run_meta.json            every setting, the split, class counts, per-method details, timings
+    <method>/probe.json      the fitted probe (coefficients, intercepts, scaler, classes; no pickle)
+    <method>/predictions.csv test cells: index, true label, predicted label, class probabilities
+    <method>/confusion_matrix.csv, confusion_matrix.png, roc_curve.png, pca_2d.png, tsne.png, umap.png
+    <method>/clusters/cluster_confusion.csv   true label × cluster-majority label
+    <method>/clusters/cluster_table.csv       per cluster: size, purity, majority label, label counts
+    <method>/clusters/umap_by_cluster.png, umap_by_label.png, cluster_sizes_purity.png
+    report.md, report.html   from :func:`write_report`
+
+Promotion of a model version is decided by :func:`should_promote`, a pure function over two
+``summary.json`` dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from neurofm import plots
+from neurofm.errors import NeurofmError
+from neurofm.evaluate import cluster as cluster_module
+from neurofm.evaluate import probe as probe_module
+from neurofm.evaluate.cluster import ClusterConfig, ClusterResult, cluster_embedding
+from neurofm.evaluate.label_efficiency import DEFAULT_SHOTS, Shot, label_efficiency
+from neurofm.evaluate.labels import check_labels
+from neurofm.evaluate.probe import ProbeConfig, ProbeResult, ProbeSplit, make_split, run_probe, save_probe
+from neurofm.evaluate.report import write_report
+from neurofm.evaluate.visualize import TSNE_ANGLE, TSNE_MAX_ITER, Visualization, pca_2d_coordinates, visualize
+from neurofm.io import atomic_path, ensure_writable_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvaluationResult", "MethodResult", "evaluate_embeddings", "should_promote", "write_report"]
+
+# baselines.csv columns, in order (all but "method" and "embedding_dim" are summary metric names)
+BASELINE_COLUMNS = [
+    "method",
+    "embedding_dim",
+    "probe_accuracy",
+    "probe_f1",
+    "probe_auc",
+    "probe_cv_accuracy_mean",
+    "probe_cv_accuracy_sd",
+    "probe_cv_f1_mean",
+    "probe_cv_f1_sd",
+    "probe_cv_auc_mean",
+    "probe_cv_auc_sd",
+    "ari",
+    "nmi",
+    "homogeneity",
+    "completeness",
+    "n_clusters",
+    "cluster_majority_accuracy",
+    "ari_matched",
+    "nmi_matched",
+]
+
+
+@dataclass
+class MethodResult:
+    """Everything computed for one embedding; ``metrics`` are un-prefixed summary names."""
+
+    name: str
+    embedding_dim: int
+    probe: ProbeResult
+    clusters: ClusterResult
+    visualization: Visualization | None
+    metrics: dict[str, float]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationResult:
+    """The outcome of :func:`evaluate_embeddings`: per-method results, tables, metrics and paths."""
+
+    out_dir: Path
+    methods: dict[str, MethodResult]
+    baselines: pd.DataFrame
+    label_efficiency: pd.DataFrame
+    summary: dict[str, float]
+    split: ProbeSplit
+    classes: list[str]
+    class_counts: dict[str, int]
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def evaluate_embeddings(
+    embeddings: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    out_dir: str | os.PathLike,
+    probe_config: ProbeConfig | None = None,
+    cluster_config: ClusterConfig | None = None,
+    groups: np.ndarray | None = None,
+    label_efficiency_shots: Sequence[Shot] = DEFAULT_SHOTS,
+    label_efficiency_draws: int = 10,
+    seed: int = 0,
+    figures: bool = True,
+    split: ProbeSplit | None = None,
+    views: Sequence[str] = ("tsne", "umap"),
+) -> EvaluationResult:
+    """Probe, cluster, visualise and label-efficiency-test every embedding on one shared split.
+
+    ``embeddings`` maps a method name (``"model"``, ``"pca"``, ``"random"`` …; the names prefix every
+    metric) to a ``cells × dims`` matrix of the same cells, in the order of ``labels``. ``groups``
+    (e.g. ``obs['c1_chip']``) makes every split group-aware. ``split`` reuses a split drawn earlier
+    with :func:`neurofm.evaluate.probe.make_split`. ``seed`` seeds label-efficiency draws, t-SNE and
+    UMAP (the probe and Leiden have their own seeds in their configs). ``figures=False`` skips every
+    PNG and the t-SNE/UMAP computations; ``views`` picks the 2-D views drawn (t-SNE is the slowest
+    part, ~2–5 s per method on 1.5k cells; UMAP is also needed for the cluster UMAPs).
+
+    Writes the files listed in this module's docstring (not the report: call :func:`write_report`)
+    and returns an :class:`EvaluationResult`.
+    """
+    started = time.perf_counter()
+    probe_config = probe_config or ProbeConfig()
+    cluster_config = cluster_config or ClusterConfig()
+    if not embeddings:
+        raise NeurofmError("no embeddings to evaluate; pass e.g. {'model': X_model, 'pca': X_pca}")
+    for name in embeddings:
+        if not name or "/" in name or name.startswith("."):
+            raise NeurofmError(f"method name {name!r} cannot name an output folder; use e.g. 'model', 'pca'")
+    n_cells = {name: np.asarray(matrix).shape[0] for name, matrix in embeddings.items()}
+    if len(set(n_cells.values())) != 1:
+        raise NeurofmError(f"embeddings cover different numbers of cells {n_cells}; embed the same cells")
+    labels = check_labels(labels, n_cells=next(iter(n_cells.values())))
+    out_dir = ensure_writable_dir(out_dir)
+    split = split or make_split(labels, probe_config, groups)
+    classes, counts = np.unique(labels, return_counts=True)
+    timings: dict[str, float] = {}
+
+    methods: dict[str, MethodResult] = {}
+    for name, matrix in embeddings.items():
+        method_started = time.perf_counter()
+        embedding = probe_module.check_embedding(matrix)
+        probe_result = run_probe(embedding, labels, probe_config, split=split)
+        cluster_result = cluster_embedding(embedding, labels, **asdict(cluster_config))
+        metrics = {**probe_result.metrics(), **cluster_result.metrics()}
+        method = MethodResult(
+            name=name,
+            embedding_dim=int(embedding.shape[1]),
+            probe=probe_result,
+            clusters=cluster_result,
+            visualization=None,
+            metrics=metrics,
+        )
+        method.paths.update(_write_method_tables(method, out_dir / name))
+        if figures:
+            method.visualization = visualize(
+                embedding,
+                labels,
+                out_dir / name,
+                seed=seed,
+                n_neighbors=cluster_config.n_neighbors,
+                metric=cluster_config.metric,
+                name=name,
+                graph=cluster_result.graph,
+                methods=tuple(views),
+            )
+            method.paths.update(method.visualization.paths)
+            method.paths.update(_write_method_figures(method, embedding, labels, out_dir / name))
+        methods[name] = method
+        timings[name] = time.perf_counter() - method_started
+        logger.info("evaluated %s in %.1f s: %s", name, timings[name], _headline(metrics))
+
+    efficiency_started = time.perf_counter()
+    efficiency = label_efficiency(
+        {name: np.asarray(matrix) for name, matrix in embeddings.items()},
+        labels,
+        shots=label_efficiency_shots,
+        n_draws=label_efficiency_draws,
+        seed=seed,
+        split=split,
+        probe_config=probe_config,
+    )
+    timings["label_efficiency"] = time.perf_counter() - efficiency_started
+
+    baselines = pd.DataFrame(
+        [{"method": m.name, "embedding_dim": m.embedding_dim, **m.metrics} for m in methods.values()]
+    ).reindex(columns=BASELINE_COLUMNS)
+    summary_all = _summary(methods, efficiency)
+    summary = {key: value for key, value in summary_all.items() if math.isfinite(value)}
+    undefined = sorted(set(summary_all) - set(summary))
+
+    paths: dict[str, Path] = {}
+    paths["baselines"] = _write_csv(baselines, out_dir / "baselines.csv", index=False)
+    paths["label_efficiency"] = _write_csv(efficiency, out_dir / "label_efficiency.csv", index=False)
+    if figures:
+        paths["label_efficiency_plot"] = plots.plot_label_efficiency(
+            efficiency,
+            out_dir / "label_efficiency.png",
+            title=f"Label efficiency ({label_efficiency_draws} draws per shot count, shared test set)",
+        )
+    paths["summary"] = write_json(summary, out_dir / "summary.json")
+    timings["total"] = time.perf_counter() - started
+
+    settings = {
+        "probe": probe_module.config_dict(probe_config),
+        "cluster": cluster_module.config_dict(cluster_config),
+        "label_efficiency": {
+            "shots": [str(s) for s in label_efficiency_shots],
+            "n_draws": label_efficiency_draws,
+            "seed": seed,
+        },
+        "visualize": {
+            "seed": seed,
+            "tsne_max_iter": TSNE_MAX_ITER,
+            "tsne_angle": TSNE_ANGLE,
+            "figures": figures,
+            "views": list(views),
+        },
+        "split": split.describe(),
+        "methods": list(methods),
+        "pca_baseline_note": "PCA is unsupervised and, unless fit_indices was used, fit on all cells",
+    }
+    result = EvaluationResult(
+        out_dir=out_dir,
+        methods=methods,
+        baselines=baselines,
+        label_efficiency=efficiency,
+        summary=summary,
+        split=split,
+        classes=[str(c) for c in classes],
+        class_counts={str(c): int(n) for c, n in zip(classes, counts, strict=True)},
+        settings=settings,
+        timings=timings,
+        paths=paths,
+    )
+    run_meta = {
+        "settings": settings,
+        "data": {
+            "n_cells": int(len(labels)),
+            "classes": result.classes,
+            "class_counts": result.class_counts,
+            "test_class_counts": _counts(labels[split.test_indices]),
+            "train_class_counts": _counts(labels[split.train_indices]),
+            "n_groups": None if groups is None else int(len(np.unique(np.asarray(groups)))),
+        },
+        "metrics": summary_all,
+        "undefined_metrics": undefined,
+        "methods": {name: _method_meta(method, out_dir) for name, method in methods.items()},
+        "timings_s": timings,
+        "versions": _versions(),
+    }
+    paths["run_meta"] = write_json(_finite_or_none(run_meta), out_dir / "run_meta.json")
+    return result
+
+
+def _headline(metrics: Mapping[str, float]) -> str:
+    keys = ("probe_accuracy", "probe_f1", "probe_auc", "ari", "nmi")
+    return ", ".join(f"{key} {metrics[key]:.3f}" for key in keys if key in metrics)
+
+
+def _summary(methods: Mapping[str, MethodResult], efficiency: pd.DataFrame) -> dict[str, float]:
+    """``{"<method>/<metric>": value}`` for probe, cluster and label-efficiency metrics."""
+    summary: dict[str, float] = {}
+    for name, method in methods.items():
+        for key, value in method.metrics.items():
+            summary[f"{name}/{key}"] = float(value)
+    for row in efficiency.itertuples(index=False):
+        summary[f"{row.method}/label_eff_accuracy_{row.shots}"] = float(row.accuracy_mean)
+        summary[f"{row.method}/label_eff_auc_{row.shots}"] = float(row.auc_mean)
+    return summary
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    names, counts = np.unique(values, return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def _method_meta(method: MethodResult, out_dir: Path) -> dict[str, Any]:
+    probe, clusters = method.probe, method.clusters
+    return {
+        "embedding_dim": method.embedding_dim,
+        "metrics": method.metrics,
+        "probe": {
+            "classes": probe.classes,
+            "confusion": probe.confusion.tolist(),
+            "cv_accuracy": probe.cv_accuracy.tolist(),
+            "cv_f1": probe.cv_f1_macro.tolist(),
+            "cv_auc": probe.cv_roc_auc.tolist(),
+            "n_convergence_warnings": probe.n_convergence_warnings,
+        },
+        "clusters": {
+            "resolution": clusters.resolution,
+            "n_clusters": clusters.n_clusters,
+            "sizes": clusters.cluster_table["size"].astype(int).tolist(),
+            "purities": clusters.cluster_table["purity"].astype(float).tolist(),
+            "majority_labels": clusters.cluster_table["majority_label"].astype(str).tolist(),
+            "resolution_sweep": clusters.sweep.to_dict(orient="records"),
+            "matched": clusters.matched,
+        },
+        "files": {key: path.relative_to(out_dir).as_posix() for key, path in method.paths.items()},
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in (
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "scanpy",
+        "anndata",
+        "umap-learn",
+        "igraph",
+        "leidenalg",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _finite_or_none(value: Any) -> Any:
+    """Replace NaN/inf floats by None so the JSON stays strict."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _write_csv(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index, float_format="%.6g")
+    return path
+
+
+def _write_method_tables(method: MethodResult, directory: Path) -> dict[str, Path]:
+    """probe.json, predictions.csv, confusion_matrix.csv and the cluster tables of one method."""
+    probe, clusters = method.probe, method.clusters
+    directory = ensure_writable_dir(directory)
+    paths = {
+        "probe": save_probe(
+            probe.probe,
+            directory / "probe.json",
+            extra={"method": method.name, "metrics": probe.metrics(), "split": probe.split.describe()},
+        )
+    }
+    predictions = pd.DataFrame(
+        {
+            "cell_index": probe.split.test_indices,
+            "true_label": probe.test_labels,
+            "predicted_label": probe.test_predictions,
+        }
+    )
+    for column, name in enumerate(probe.classes):
+        predictions[f"probability_{name}"] = probe.test_probabilities[:, column]
+    paths["predictions"] = _write_csv(predictions, directory / "predictions.csv", index=False)
+    confusion = pd.DataFrame(probe.confusion, index=probe.classes, columns=probe.classes)
+    confusion.index.name = "true_label \\ predicted_label"
+    paths["confusion_matrix"] = _write_csv(confusion, directory / "confusion_matrix.csv")
+    paths["cluster_confusion"] = _write_csv(
+        clusters.majority_confusion, directory / "clusters" / "cluster_confusion.csv"
+    )
+    paths["cluster_table"] = _write_csv(clusters.cluster_table, directory / "clusters" / "cluster_table.csv")
+    return paths
+
+
+def _write_method_figures(
+    method: MethodResult, embedding: np.ndarray, labels: np.ndarray, directory: Path
+) -> dict[str, Path]:
+    """Confusion matrix, ROC, PCA-2D and cluster figures of one method (t-SNE/UMAP: visualize)."""
+    probe, clusters, name = method.probe, method.clusters, method.name
+    split_kind = "group-aware" if probe.split.grouped else "stratified"
+    n_test = len(probe.split.test_indices)
+    paths = {
+        "confusion_matrix_plot": plots.plot_confusion_matrix(
+            probe.confusion,
+            probe.classes,
+            directory / "confusion_matrix.png",
+            title=f"{name}: linear probe on {n_test} test cells ({split_kind} split)\n"
+            f"accuracy {probe.accuracy:.3f}, macro-F1 {probe.f1_macro:.3f}",
+        ),
+        "roc_curve": plots.plot_roc_curves(
+            probe.test_labels,
+            probe.test_probabilities,
+            probe.classes,
+            directory / "roc_curve.png",
+            title=f"{name}: probe ROC on {n_test} test cells",
+        ),
+    }
+    coordinates, variance = pca_2d_coordinates(embedding)
+    paths["pca_2d"] = plots.plot_embedding_2d(
+        coordinates,
+        labels,
+        directory / "pca_2d.png",
+        title=f"{name} embedding: first two principal components",
+        xlabel=f"PC 1 ({variance[0]:.1%} of variance)",
+        ylabel=f"PC 2 ({variance[1]:.1%} of variance)",
+    )
+    umap = method.visualization.umap if method.visualization is not None else None
+    cluster_dir = directory / "clusters"
+    config = clusters.config
+    if umap is not None:
+        resolution, n_clusters = clusters.resolution, clusters.n_clusters
+        subtitle = f"Leiden resolution {resolution:g}, {n_clusters} clusters, ARI {clusters.ari:.3f}"
+        paths["umap_by_cluster"] = plots.plot_embedding_2d(
+            umap,
+            clusters.clusters.astype(str),
+            cluster_dir / "umap_by_cluster.png",
+            title=f"{name}: UMAP coloured by Leiden cluster\n{subtitle}",
+            xlabel="UMAP 1",
+            ylabel="UMAP 2",
+            legend_title="cluster",
+            annotate=True,
+        )
+        paths["umap_by_label"] = plots.plot_embedding_2d(
+            umap,
+            labels,
+            cluster_dir / "umap_by_label.png",
+            title=f"{name}: UMAP coloured by label\n({config.n_neighbors} neighbours, {config.metric})",
+            xlabel="UMAP 1",
+            ylabel="UMAP 2",
+        )
+    paths["cluster_sizes_purity"] = plots.plot_cluster_sizes_purity(
+        clusters.cluster_table,
+        cluster_dir / "cluster_sizes_purity.png",
+        title=f"{name}: Leiden cluster sizes and purity\n"
+        f"(majority-vote accuracy {clusters.majority_accuracy:.3f})",
+    )
+    paths["cluster_confusion_plot"] = plots.plot_confusion_matrix(
+        clusters.majority_confusion.to_numpy(),
+        list(clusters.majority_confusion.index),
+        cluster_dir / "cluster_confusion.png",
+        title=f"{name}: label vs cluster majority label",
+        column_labels=list(clusters.majority_confusion.columns),
+        xlabel="majority label of the cell's cluster",
+    )
+    return paths
+
+
+# -------------------------------------------------------------------------------------- promotion
+
+
+def _metric(metrics: Mapping[str, Any] | None, method: str, name: str) -> float:
+    """``metrics["<method>/<name>"]`` (or ``metrics[name]`` for the model), NaN when absent."""
+    if not metrics:
+        return float("nan")
+    for key in (f"{method}/{name}", name if method == "model" else None):
+        if key is not None and metrics.get(key) is not None:
+            return float(metrics[key])
+    return float("nan")
+
+
+def should_promote(
+    candidate: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    margin: float = 0.0,
+    pca_tolerance: float = 0.0,
+) -> tuple[bool, str]:
+    """Decide whether the candidate model version becomes the ``champion`` alias, and why.
+
+    ``candidate`` is the candidate's ``summary.json`` (it must hold ``model/probe_auc``,
+    ``model/probe_accuracy`` and the same-run ``pca/probe_auc``, ``pca/probe_accuracy``);
+    ``champion`` the current champion's (``model/…`` keys, or bare ``probe_auc``/``probe_accuracy``),
+    or None when there is none. Both should come from the same evaluation data.
+
+    The rule, in order:
+    1. the candidate must not fall behind the PCA baseline: neither its probe AUC nor its accuracy
+       may be lower than PCA's by more than ``pca_tolerance`` (missing metrics → no promotion);
+    2. with no champion, a candidate that passes 1 is promoted;
+    3. else it must beat the champion on the probe: AUC higher by more than ``margin``; or AUC within
+       ``margin`` of the champion's and accuracy higher by more than ``margin``. Ties do not promote.
+    """
+    auc, accuracy = _metric(candidate, "model", "probe_auc"), _metric(candidate, "model", "probe_accuracy")
+    pca_auc, pca_accuracy = (
+        _metric(candidate, "pca", "probe_auc"),
+        _metric(candidate, "pca", "probe_accuracy"),
+    )
+    if not (math.isfinite(auc) and math.isfinite(accuracy)):
+        return False, "candidate has no finite model/probe_auc and model/probe_accuracy; not promoted"
+    if not (math.isfinite(pca_auc) and math.isfinite(pca_accuracy)):
+        return (
+            False,
+            "candidate run has no same-run PCA baseline (pca/probe_auc, pca/probe_accuracy); not promoted",
+        )
+    if auc < pca_auc - pca_tolerance:
+        return False, f"probe AUC {auc:.4f} falls behind the PCA baseline {pca_auc:.4f}; not promoted"
+    if accuracy < pca_accuracy - pca_tolerance:
+        return (
+            False,
+            f"probe accuracy {accuracy:.4f} falls behind the PCA baseline {pca_accuracy:.4f}; not promoted",
+        )
+    if champion is None:
+        return (
+            True,
+            f"no current champion; AUC {auc:.4f} / accuracy {accuracy:.4f} keep up with PCA; promoted",
+        )
+    champion_auc = _metric(champion, "model", "probe_auc")
+    champion_accuracy = _metric(champion, "model", "probe_accuracy")
+    if not math.isfinite(champion_auc):
+        return True, "the current champion has no probe AUC on record; promoted"
+    if auc > champion_auc + margin:
+        return (
+            True,
+            f"probe AUC {auc:.4f} beats the champion's {champion_auc:.4f} (margin {margin}); promoted",
+        )
+    if auc < champion_auc - margin:
+        return False, f"probe AUC {auc:.4f} is below the champion's {champion_auc:.4f}; not promoted"
+    if not math.isfinite(champion_accuracy) or accuracy > champion_accuracy + margin:
+        return True, (
+            f"probe AUC ties the champion's ({auc:.4f} vs {champion_auc:.4f}) and accuracy {accuracy:.4f} "
+            "beats "
+            f"{champion_accuracy:.4f} (margin {margin}); promoted"
+        )
+    return False, (
+        f"probe AUC {auc:.4f} and accuracy {accuracy:.4f} do not beat the champion's "
+        f"{champion_auc:.4f} / {champion_accuracy:.4f} (margin {margin}); not promoted"
+    )
