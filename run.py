@@ -124,6 +124,7 @@ def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
             "subset.cluster_ids is set but data.metadata_csv is not; pass --metadata cell_metadata.csv "
             "or clear subset.cluster_ids"
         )
+    _check_inputs_early(path, config)
     return {
         "path": str(path.resolve()),
         "fingerprint": io.file_fingerprint(path),
@@ -136,6 +137,45 @@ def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
         "default_data": False,
         "name": path.stem,
     }
+
+
+def _check_inputs_early(path: Path, config: dict[str, Any]) -> None:
+    """Cheap checks of the user's files before ZenML starts, so mistakes end in one line, not a failed
+    step: the .h5ad opens as HDF5 (not truncated), the metadata CSV has the columns the config names,
+    and the region column exists in the .h5ad's obs or (with a cluster subset) in the metadata."""
+    import h5py
+
+    from neurofm.data.atlas import metadata_header
+
+    try:
+        with h5py.File(path, "r") as handle:
+            obs = handle.get("obs")
+            obs_columns = list(obs.attrs.get("column-order", [])) if isinstance(obs, h5py.Group) else None
+    except OSError as error:
+        reason = str(error).splitlines()[0][:160]
+        raise NeurofmError(
+            f"cannot open {path} as HDF5 ({reason}); the file is truncated or not an .h5ad — re-export it"
+        ) from None
+    subset, metadata_csv = config["subset"], config["data"]["metadata_csv"]
+    header: list[str] = []
+    if metadata_csv is not None:
+        header = metadata_header(metadata_csv)
+        needed = [subset["obs_name_column"]] + ([subset["cluster_column"]] if subset["cluster_ids"] else [])
+        if missing := [column for column in needed if column not in header]:
+            raise NeurofmError(
+                f"metadata {Path(metadata_csv).name} lacks column(s) {missing} (columns: {header[:20]}); "
+                "name the right columns with --set subset.obs_name_column=… / subset.cluster_column=…"
+            )
+    region = config["region"]
+    if region["value"] is not None and obs_columns is not None:
+        available = obs_columns + (header if subset["cluster_ids"] else [])
+        if region["column"] not in available:
+            where = " nor in the metadata" if subset["cluster_ids"] else ""
+            raise NeurofmError(
+                f"region column '{region['column']}' is neither in the obs of {path.name} (obs columns: "
+                f"{obs_columns}){where}; name one of them with --set region.column=…, or keep every "
+                "region with --set region.value=null"
+            )
 
 
 def _default_atlas(defaults: dict[str, Any]):

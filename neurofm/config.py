@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "tune": {
         "n_trials": 20,
-        "objective": "val_loss",  # or probe_auc
-        "storage": None,  # None → a journal file under $NEUROFM_HOME; or an Optuna storage URL
+        "objective": "val_loss",  # or perplexity_ratio, probe_auc (see neurofm.tune)
+        "storage": None,  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
         "study_name": "neurofm-pretrain",
         "seed": 42,
         "pruner": {"n_startup_trials": 3, "n_warmup_steps": 2},
@@ -115,6 +116,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 KNOWN_SECTIONS = set(DEFAULTS) | set(DATACLASS_SECTIONS) | {"extends"}
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``2E5`` as floats (YAML 1.2), not as strings (PyYAML's 1.1)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
@@ -122,7 +138,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise NeurofmError(f"config file {path} does not exist; pass an existing YAML file with --config")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise NeurofmError(f"config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
     if not isinstance(loaded, dict):
@@ -145,7 +161,8 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> Any:
-    """Build dataclass ``cls`` from ``values``, refusing unknown keys with a clear error."""
+    """Build dataclass ``cls`` from ``values`` and run its ``validate()`` (if it has one), refusing
+    unknown keys and out-of-range or wrongly typed values with a clear error."""
     names = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -153,9 +170,12 @@ def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> A
             f"unknown key(s) {', '.join(unknown)} in config section '{section}'; known keys: {', '.join(sorted(names))}"
         )
     try:
-        return cls(**dict(values))
-    except TypeError as error:
+        instance = cls(**dict(values))
+        if callable(getattr(instance, "validate", None)):
+            instance.validate()
+    except (TypeError, ValueError) as error:
         raise NeurofmError(f"bad value in config section '{section}': {error}") from None
+    return instance
 
 
 def _dataclass_for(section: str) -> type:
@@ -199,7 +219,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(keys) < 2:
         raise NeurofmError(f"--set {text!r} must name a section and a key, e.g. --set train.epochs=5")
     try:
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw)
     except yaml.YAMLError:
         value = raw
     return keys, value

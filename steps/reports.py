@@ -1,7 +1,9 @@
 """Report steps: dataset summary, barcode/metadata check, atlas plot — visible in the ZenML dashboard.
 
 Each returns an HTML string (ZenML renders it as the artifact's visualization) and writes the same
-content under the run's output directory.
+content under the run's output directory. They are never served from the cache, so the files are
+always there in the output directory of the run the user just made (they are cheap: the barcode
+check reads only obs names, the atlas plot only the metadata CSV).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from zenml.types import HTMLString
 
 from neurofm import io
 from neurofm.data import reports
-from steps._cache import depends_on
 
 
 def _table(values: dict[str, Any]) -> str:
@@ -29,7 +30,7 @@ def _table(values: dict[str, Any]) -> str:
     return f"<table border=1 cellpadding=4 style='border-collapse:collapse'>{rows}</table>"
 
 
-@step(cache_policy=depends_on("data"))
+@step(enable_cache=False)
 def dataset_summary(
     adata: ad.AnnData, out_dir: str, value_counts_column: str | None = None, source_path: str | None = None
 ) -> Annotated[HTMLString, "dataset_summary"]:
@@ -39,7 +40,7 @@ def dataset_summary(
     return HTMLString(f"<h3>Dataset summary</h3>{_table(summary)}")
 
 
-@step(cache_policy=depends_on("data"))
+@step(enable_cache=False)
 def check_barcodes(
     path: str, metadata_csv: str, obs_name_column: str, fingerprint: str, out_dir: str
 ) -> Annotated[HTMLString, "barcode_check"]:
@@ -49,7 +50,7 @@ def check_barcodes(
     return HTMLString(f"<h3>Barcode / metadata check</h3>{_table(result)}")
 
 
-@step(cache_policy=depends_on("data", "plots"))
+@step(enable_cache=False)
 def atlas_plot(
     metadata_csv: str, cluster_csv: str, annotation_csv: str, highlight_clusters: list, top_k: int, out_dir: str
 ) -> Annotated[HTMLString, "atlas_plot"]:

@@ -1,0 +1,250 @@
+"""Run configurations: every shipped YAML loads, ``extends`` inherits, typos and bad values are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neurofm.config import DEFAULTS, KNOWN_SECTIONS, load_config, parse_override, set_path
+from neurofm.errors import NeurofmError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _write(path: Path, content: dict | str) -> Path:
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def _raw_with_extends(path: Path) -> dict:
+    """The YAML's own values merged onto those of the files it extends (what load_config must honour)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    merged = _raw_with_extends(path.parent / base)
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def test_the_shipped_configs_are_there():
+    assert {"prepare.yaml", "pretrain.yaml", "evaluate.yaml", "full.yaml"} <= {p.name for p in SHIPPED}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_each_shipped_config_loads_with_every_section_filled(path):
+    device = str((_raw_with_extends(path).get("train") or {}).get("device", "auto"))
+    if device.startswith("cuda") and not _cuda_available():
+        with pytest.raises(NeurofmError, match="CUDA is not available"):  # refused early, in one line
+            load_config(path)
+        return
+    config = load_config(path)
+    assert set(config) == KNOWN_SECTIONS - {"extends"}
+    for section, defaults in DEFAULTS.items():
+        assert set(config[section]) == set(defaults), section
+    for section in ("tokenizer", "model", "train"):
+        assert isinstance(config[section], dict) and config[section]
+    # what the file (and its bases) says wins over the defaults
+    for section, values in _raw_with_extends(path).items():
+        for key, value in (values or {}).items():
+            if not isinstance(value, dict) or value:
+                assert config[section][key] == value, f"{section}.{key}"
+
+
+def test_no_config_means_the_defaults():
+    config = load_config(None)
+    assert config["data"]["path"] is None and config["crop"] == DEFAULTS["crop"]
+    assert config["default_data"]["cluster_ids"] == [2523, 210]
+
+
+def test_pretrain_inherits_the_prepare_sections():
+    prepare, pretrain = load_config(CONFIGS / "prepare.yaml"), load_config(CONFIGS / "pretrain.yaml")
+    for section in ("data", "default_data", "subset", "region", "dedupe", "crop", "reports"):
+        assert pretrain[section] == prepare[section], section
+    assert pretrain["tokenizer"]["n_bins"] == 20
+
+
+def test_extends_merges_nested_sections_and_child_wins(tmp_path):
+    _write(tmp_path / "base.yaml", {"crop": {"n_cells": 100, "n_genes": 50}, "region": {"value": "Cortex"}})
+    (tmp_path / "sub").mkdir()
+    child = _write(tmp_path / "sub" / "child.yaml", {"extends": "../base.yaml", "crop": {"n_genes": 20}})
+    config = load_config(child)
+    assert config["crop"]["n_cells"] == 100  # inherited
+    assert config["crop"]["n_genes"] == 20  # overridden
+    assert config["crop"]["seed"] == DEFAULTS["crop"]["seed"]  # default
+    assert config["region"]["value"] == "Cortex"
+
+
+def test_extends_chains_over_several_files(tmp_path):
+    _write(tmp_path / "a.yaml", {"train": {"epochs": 3}, "crop": {"seed": 1}})
+    _write(tmp_path / "b.yaml", {"extends": "a.yaml", "train": {"batch_size": 8}})
+    config = load_config(_write(tmp_path / "c.yaml", {"extends": "b.yaml", "crop": {"seed": 7}}))
+    assert config["train"]["epochs"] == 3 and config["train"]["batch_size"] == 8
+    assert config["crop"]["seed"] == 7
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    _write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(NeurofmError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_missing_base_or_file_is_refused(tmp_path):
+    with pytest.raises(NeurofmError, match="does not exist"):
+        load_config(_write(tmp_path / "a.yaml", {"extends": "nope.yaml"}))
+    with pytest.raises(NeurofmError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("crop: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping of sections"),
+        ("region: 5\n", "section 'region' must be a mapping"),
+        ("train: [1]\n", "section 'train' must be a mapping"),
+    ],
+)
+def test_malformed_files_are_refused(tmp_path, content, message):
+    with pytest.raises(NeurofmError, match=message):
+        load_config(_write(tmp_path / "bad.yaml", content))
+
+
+def test_unknown_section_names_the_known_sections(tmp_path):
+    with pytest.raises(NeurofmError) as error:
+        load_config(_write(tmp_path / "bad.yaml", {"croop": {"n_cells": 5}}))
+    message = str(error.value)
+    assert "croop" in message and "known sections" in message
+    assert all(section in message for section in ("data", "crop", "train", "tokenizer"))
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "section, key, known",
+    [
+        ("crop", "n_cell", "n_cells"),
+        ("data", "pth", "path"),
+        ("train", "epoch", "epochs"),
+        ("model", "width", "d_model"),
+    ],
+)
+def test_unknown_key_names_the_known_keys(tmp_path, section, key, known):
+    with pytest.raises(NeurofmError) as error:
+        load_config(_write(tmp_path / "bad.yaml", {section: {key: 1}}))
+    message = str(error.value)
+    assert f"'{section}'" in message and key in message and "known keys" in message and known in message
+
+
+def test_unknown_key_via_set_is_refused_too():
+    with pytest.raises(NeurofmError, match="unknown key.*bogus"):
+        load_config(CONFIGS / "prepare.yaml", ["region.bogus=1"])
+    with pytest.raises(NeurofmError, match="unknown config section"):
+        load_config(CONFIGS / "prepare.yaml", ["nosuch.key=1"])
+
+
+@pytest.mark.parametrize(
+    "text, keys, value",
+    [
+        ("train.epochs=5", ["train", "epochs"], 5),
+        ("train.lr=1e-3", ["train", "lr"], 1e-3),
+        ("subset.cluster_ids=[2523, 210]", ["subset", "cluster_ids"], [2523, 210]),
+        ("region.value=Cerebral cortex", ["region", "value"], "Cerebral cortex"),
+        ("region.value=null", ["region", "value"], None),
+        ("crop.drop_all_zero=false", ["crop", "drop_all_zero"], False),
+        ("data.path=/tmp/a=b.h5ad", ["data", "path"], "/tmp/a=b.h5ad"),
+        ("evaluate.probe.seed=3", ["evaluate", "probe", "seed"], 3),
+        (
+            "default_data.crop={n_cells: 10, n_genes: 5}",
+            ["default_data", "crop"],
+            {"n_cells": 10, "n_genes": 5},
+        ),
+        ("data.path=[unclosed", ["data", "path"], "[unclosed"),  # not YAML: kept as text
+    ],
+)
+def test_parse_override(text, keys, value):
+    assert parse_override(text) == (keys, value)
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "epochs=5", "=5", ".=5"])
+def test_malformed_override_is_refused(text):
+    with pytest.raises(NeurofmError, match="--set"):
+        parse_override(text)
+
+
+def test_overrides_apply_after_the_file_and_in_order():
+    config = load_config(
+        CONFIGS / "pretrain.yaml",
+        [
+            "crop.n_cells=300",
+            "train.epochs=2",
+            "train.epochs=3",
+            "evaluate.probe.seed=9",
+            "region.value=Cortex",
+        ],
+    )
+    assert config["crop"]["n_cells"] == 300 and config["train"]["epochs"] == 3
+    assert config["evaluate"]["probe"] == {"seed": 9}
+    assert config["region"]["value"] == "Cortex"
+    assert config["crop"]["n_genes"] is None  # untouched neighbours keep the file's value
+
+
+def test_set_path_refuses_to_descend_into_a_value():
+    config = {"region": {"value": "Cortex"}}
+    with pytest.raises(NeurofmError, match="not a section"):
+        set_path(config, ["region", "value", "x"], 1)
+    set_path(config, ["crop", "n_cells"], 10)
+    assert config["crop"] == {"n_cells": 10}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.mask_ratio=1.5", "mask_ratio"),
+        ("train.mask_ratio=0", "mask_ratio"),
+        ("train.epochs=0", "epochs"),
+        ("train.val_fraction=1", "val_fraction"),
+        ("train.lr=-1", "lr"),
+        ("train.mask_ratio=lots", "train"),
+        ("model.n_heads=3", "multiple of n_heads"),  # d_model 64
+        ("model.dropout=1.0", "dropout"),
+        ("tokenizer.n_bins=1", "n_bins"),
+        ("tokenizer.binning=linear", "binning"),
+    ],
+)
+def test_out_of_range_dataclass_values_are_refused(override, message):
+    with pytest.raises(NeurofmError, match=message) as error:
+        load_config(CONFIGS / "pretrain.yaml", [override])
+    assert "\n" not in str(error.value)
+
+
+def test_in_range_dataclass_values_are_kept():
+    config = load_config(
+        CONFIGS / "pretrain.yaml", ["train.mask_ratio=0.3", "model.d_model=32", "model.n_heads=2"]
+    )
+    assert config["train"]["mask_ratio"] == 0.3
+    assert (config["model"]["d_model"], config["model"]["n_heads"]) == (32, 2)
+
+
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML reads ``1e-3`` as a string (YAML 1.1); configs read it as the float users mean."""
+    config = load_config(
+        _write(tmp_path / "c.yaml", "train:\n  lr: 1e-3\n  weight_decay: 5E-2\n"), ["train.lr=2e-4"]
+    )
+    assert config["train"]["lr"] == pytest.approx(2e-4) and config["train"]["weight_decay"] == pytest.approx(
+        0.05
+    )
+    assert load_config(tmp_path / "c.yaml")["train"]["lr"] == pytest.approx(1e-3)
