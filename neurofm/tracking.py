@@ -274,3 +274,56 @@ def set_version_tags(registered_name: str, version: str, tags: Mapping[str, Any]
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
+
+
+# ------------------------------------------------------------------------------------------------
+# Studies (neurofm.tune): a study run that survives restarts, nested trial runs, mutable tags.
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Set (or overwrite) tags on the active run; values are stringified."""
+    mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether ``run_id`` is a run in the current tracking store."""
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def start_or_resume_run(
+    experiment: str,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Re-open run ``run_id`` when it exists in the store (a resumed study), else start a new run in
+    ``experiment``. Ended on exit (status FAILED on an exception); nested runs started inside become
+    its children."""
+    if mlflow.active_run() is None:
+        configure(tracking_uri)
+    if run_id is not None and run_exists(run_id):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+            if tags:
+                mlflow.set_tags(dict(tags))
+            yield run
+        return
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags=dict(tags or {}),
+        nested=mlflow.active_run() is not None,
+    ) as run:
+        yield run
+
+
+def terminate_run(run_id: str, status: str = "KILLED") -> None:
+    """Mark a run left RUNNING by a killed process as ended with ``status`` (no-op if it is gone)."""
+    if run_exists(run_id):
+        MlflowClient().set_terminated(run_id, status=status)

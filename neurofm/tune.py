@@ -1,0 +1,834 @@
+"""Optuna studies over the pre-training hyper-parameters.
+
+The search space is YAML (``tune.space``), one entry per ``section.key`` of ``TokenizerConfig``,
+``ModelConfig`` or ``TrainConfig``::
+
+    tune:
+      space:
+        train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}
+        model.d_model: {type: categorical, choices: [64, 96, 128]}
+        model.n_layers: {type: int, low: 1, high: 4}
+
+:func:`run_study` runs one study:
+
+- each trial trains ``pretrain`` for ``tune.epochs`` epochs on the base configuration with the sampled
+  values; a sample the configs refuse (e.g. ``d_model`` not a multiple of ``n_heads``) is pruned at once
+  with the reason in the trial's ``pruned_reason`` attribute;
+- a seeded TPE sampler; a median pruner on the per-epoch validation curve (see *Objectives*);
+- durable storage: an Optuna journal file ``<out_dir>/study.journal`` by default (safe when a process is
+  killed; one process at a time), or any Optuna storage URL (``sqlite:///…``, ``postgresql://…``);
+- ``resume=True`` re-opens the study and runs only what is missing to reach ``n_trials`` finished
+  (COMPLETE + PRUNED) trials; a trial left RUNNING by a killed process is marked FAIL and redone;
+- the first trial of a new study is the base configuration itself (when it lies inside the space), so the
+  study always holds the default to compare against;
+- MLflow: one study run, one nested run per trial (tuned params, the trial's tokenizer/model/train
+  settings, per-epoch metrics); the study run holds the best value/params (tags + ``best_params.json``),
+  ``optimization_history.png``, ``param_importances.png`` and the best config.
+
+Objectives (``tune.objective``):
+
+- ``val_loss`` (minimise): the trial's lowest validation masked cross-entropy. Only comparable between
+  trials that solve the same task — a space over ``tokenizer.*``, ``train.mask_ratio`` or
+  ``train.max_tokens_per_cell`` changes the task (fewer bins are easier), so a warning is logged;
+- ``perplexity_ratio`` (minimise): lowest validation perplexity / the per-gene frequency-table
+  perplexity on the same bins and masks — comparable across bin counts;
+- ``probe_auc`` (maximise): after training, the validation cells are embedded with the trial's best
+  checkpoint and a logistic-regression probe (``neurofm.evaluate.probe``, ``evaluate.probe`` settings)
+  is scored on ``evaluate.label_column`` mapped by ``evaluate.label_mapping``; the value is the mean
+  cross-validated ROC-AUC (the hold-out AUC when CV is off). ``evaluate_fn(best_dir, adata, config)``
+  replaces this scoring when given.
+
+Pruning compares the per-epoch ``val_loss`` for ``val_loss`` and the per-epoch perplexity ratio
+otherwise (negated for ``probe_auc``, so that higher is better like the objective).
+
+The best trial's settings are written (atomically) to ``tune.best_config_out``: a YAML that
+``extends`` the pre-training config and overrides the tuned keys (and any other tokenizer/model/train
+value of the base config that differs from the defaults); ``train.epochs`` stays the base's, not the
+short ``tune.epochs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import optuna
+import yaml
+
+from neurofm import tracking
+from neurofm.config import DEFAULTS, dataclass_from_dict, deep_merge, validate
+from neurofm.errors import NeurofmError
+from neurofm.io import ensure_writable_dir, write_json, write_text
+from neurofm.model import ModelConfig
+from neurofm.tokenizer import TokenizerConfig
+from neurofm.train import TrainConfig, TrainResult, pretrain, split_cells
+
+log = logging.getLogger(__name__)
+
+TUNABLE_SECTIONS: dict[str, type] = {"tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
+# keys that are not free hyper-parameters, with what to do instead
+FIXED_KEYS = {
+    "model.n_genes": "it comes from the data's genes",
+    "model.n_bins": "tune tokenizer.n_bins instead",
+    "model.max_tokens": "tune train.max_tokens_per_cell instead",
+    "train.epochs": "set tune.epochs instead",
+    "train.progress": "it is not a hyper-parameter",
+}
+# keys that change what the validation loss measures (the task), not only how well it is learnt
+TASK_KEYS = ("tokenizer.", "train.mask_ratio", "train.nonzero_mask_share", "train.max_tokens_per_cell")
+OBJECTIVES = {"val_loss": "minimize", "perplexity_ratio": "minimize", "probe_auc": "maximize"}
+PARAM_TYPES = ("float", "int", "categorical")
+SPEC_KEYS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+}
+JOURNAL_FILE = "study.journal"
+HISTORY_PNG, IMPORTANCE_PNG, BEST_PARAMS_JSON = (
+    "optimization_history.png",
+    "param_importances.png",
+    "best_params.json",
+)
+
+
+# ---------------------------------------------------------------------------------------------- space
+@dataclass(frozen=True)
+class ParamSpec:
+    """One dimension of the search space: ``name`` is ``section.key``."""
+
+    name: str
+    type: str  # float | int | categorical
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple = ()
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` can be sampled from this dimension."""
+        if self.type == "categorical":
+            return any(value == choice and type(value) is type(choice) for choice in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not isinstance(value, int):
+            return False
+        return self.low <= value <= self.high
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+
+def _number(name: str, key: str, value: Any, integer: bool) -> float | int:
+    """A YAML bound as a number (PyYAML reads ``1e-4`` as a string, so numeric strings are accepted)."""
+    if isinstance(value, str) and not integer:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+    ):
+        kind = "an integer" if integer else "a number"
+        raise NeurofmError(f"tune.space.{name}: {key}={value!r} must be {kind}; fix the search space")
+    return value
+
+
+def _field_type(cls: type, key: str) -> Any:
+    return typing.get_type_hints(cls)[key]
+
+
+def _check_value(section: str, key: str, value: Any) -> None:
+    """Refuse a value the section's dataclass rejects on its own (ranges), ignoring cross-key checks."""
+    values: dict[str, Any] = {key: value}
+    if section == "model" and key in ("d_model", "n_heads") and isinstance(value, int) and value >= 1:
+        values = (
+            {"d_model": value, "n_heads": 1} if key == "d_model" else {"d_model": 4 * value, "n_heads": value}
+        )
+    try:
+        dataclass_from_dict(TUNABLE_SECTIONS[section], values, section).validate()
+    except (NeurofmError, TypeError, ValueError) as error:
+        reason = str(error).split(";")[0]
+        raise NeurofmError(
+            f"tune.space.{section}.{key}: value {value!r} is refused ({reason}); narrow the range"
+        ) from None
+
+
+def parse_space(space: Mapping[str, Any]) -> list[ParamSpec]:
+    """Parse and check ``tune.space`` into :class:`ParamSpec` s (in YAML order).
+
+    Names must be ``section.key`` of ``tokenizer``/``model``/``train`` dataclass fields (not the derived
+    ones in ``FIXED_KEYS``); ``type`` is ``float`` (``low``, ``high``, optional ``log``/``step``), ``int``
+    (integer ``low``/``high``, optional ``log``/``step``) or ``categorical`` (``choices``). Integer fields
+    refuse ``type: float``; every bound/choice must pass the field's own range check. Raises
+    :class:`NeurofmError` with a one-line message otherwise.
+    """
+    if not isinstance(space, Mapping) or not space:
+        raise NeurofmError(
+            "tune.space is empty; add e.g. 'train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}'"
+        )
+    specs = []
+    for name, spec in space.items():
+        section, _, key = str(name).partition(".")
+        if section not in TUNABLE_SECTIONS or not key:
+            raise NeurofmError(
+                f"tune.space.{name}: name must be section.key with section one of "
+                f"{', '.join(TUNABLE_SECTIONS)} (e.g. train.lr); fix the search space"
+            )
+        cls = TUNABLE_SECTIONS[section]
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if key not in fields:
+            raise NeurofmError(
+                f"tune.space.{name}: {section} has no key {key!r}; known keys: {', '.join(fields)}"
+            )
+        if name in FIXED_KEYS:
+            raise NeurofmError(f"tune.space.{name} cannot be tuned: {FIXED_KEYS[name]}")
+        if not isinstance(spec, Mapping) or spec.get("type") not in PARAM_TYPES:
+            raise NeurofmError(
+                f"tune.space.{name}: needs 'type' one of {', '.join(PARAM_TYPES)}, got {spec!r}; "
+                "e.g. {type: int, low: 1, high: 4}"
+            )
+        kind = spec["type"]
+        extra = sorted(set(spec) - SPEC_KEYS[kind] - {"type"})
+        if extra:
+            raise NeurofmError(
+                f"tune.space.{name}: unknown key(s) {', '.join(extra)} for type {kind}; "
+                f"allowed: {', '.join(sorted(SPEC_KEYS[kind]))}"
+            )
+        field_type = _field_type(cls, key)
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, (list, tuple)) or not choices:
+                raise NeurofmError(f"tune.space.{name}: choices must be a non-empty list, e.g. [64, 128]")
+            for choice in choices:
+                if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                    raise NeurofmError(
+                        f"tune.space.{name}: choice {choice!r} must be a number, string, bool or null"
+                    )
+                _check_value(section, key, choice)
+            param = ParamSpec(name, kind, choices=tuple(choices))
+        else:
+            if field_type not in (int, float):
+                raise NeurofmError(
+                    f"tune.space.{name}: {key} is not numeric; use type: categorical with choices"
+                )
+            if kind == "float" and field_type is int:
+                raise NeurofmError(
+                    f"tune.space.{name}: {key} is an integer setting; use type: int or categorical"
+                )
+            integer = kind == "int"
+            low = _number(name, "low", spec.get("low"), integer)
+            high = _number(name, "high", spec.get("high"), integer)
+            use_log = spec.get("log", False)
+            step = spec.get("step")
+            if not isinstance(use_log, bool):
+                raise NeurofmError(f"tune.space.{name}: log must be true or false")
+            if not low < high:
+                raise NeurofmError(f"tune.space.{name}: low={low} must be below high={high}")
+            if use_log and low <= 0:
+                raise NeurofmError(f"tune.space.{name}: log scale needs low > 0 (got {low})")
+            if step is not None:
+                step = _number(name, "step", step, integer)
+                if step <= 0 or (use_log and kind == "float"):
+                    raise NeurofmError(f"tune.space.{name}: step must be > 0 and cannot be combined with log")
+            for value in (low, high):
+                _check_value(section, key, float(value) if kind == "float" and field_type is float else value)
+            param = ParamSpec(name, kind, low=low, high=high, log=use_log, step=step)
+        specs.append(param)
+    return specs
+
+
+def apply_params(base_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base_config`` with each ``section.key`` of ``params`` set."""
+    config = copy.deepcopy(dict(base_config))
+    for name, value in params.items():
+        section, _, key = name.partition(".")
+        config.setdefault(section, {})[key] = value
+    return config
+
+
+def build_configs(config: Mapping[str, Any]) -> tuple[TokenizerConfig, ModelConfig, TrainConfig]:
+    """The validated dataclasses of a trial's configuration (NeurofmError names what is refused)."""
+    tokenizer = dataclass_from_dict(TokenizerConfig, config["tokenizer"], "tokenizer").validate()
+    model = dataclass_from_dict(ModelConfig, config["model"], "model").validate()
+    train = dataclass_from_dict(TrainConfig, config["train"], "train").validate()
+    return tokenizer, model, train
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def open_storage(storage: str | os.PathLike | None, out_dir: Path) -> tuple[optuna.storages.BaseStorage, str]:
+    """``(optuna storage, description)``: a journal file for None or a path, else the storage URL."""
+    if storage is not None and "://" in str(storage):
+        return optuna.storages.get_storage(str(storage)), str(storage)
+    path = Path(storage) if storage is not None else out_dir / JOURNAL_FILE
+    ensure_writable_dir(path.parent)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path))), str(path)
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Mark trials left RUNNING by a killed process as FAIL and return their numbers; their nested
+    MLflow runs become KILLED, and a stale base-configuration trial is queued again. Only safe when no
+    other process is running the study (one process per study)."""
+    stale = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_system_attr(trial._trial_id, "fail_reason", "process killed; redone on resume")
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracking.terminate_run(run_id, "KILLED")
+        if trial.user_attrs.get("is_base_config"):
+            study.enqueue_trial(
+                trial.system_attrs.get("fixed_params") or trial.params, user_attrs={"is_base_config": True}
+            )
+        stale.append(trial.number)
+    if stale:
+        log.warning(
+            "trial(s) %s were left running by a killed process: marked FAIL, they will be redone", stale
+        )
+    return stale
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: COMPLETE + PRUNED."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+# ---------------------------------------------------------------------------------------------- objective
+def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]) -> float:
+    """ROC-AUC of a logistic-regression probe on the embeddings of the validation cells.
+
+    The validation cells are ``split_cells`` ' (``train.seed``/``train.val_fraction``), embedded with the
+    model in ``model_dir`` (``evaluate.pooling``/``batch_size``); labels are ``evaluate.label_column``
+    mapped through ``evaluate.label_mapping``; the probe uses ``evaluate.probe`` settings. Returns the
+    mean cross-validated AUC (the hold-out AUC when CV is off or undefined).
+    """
+    from neurofm.embed import embed
+    from neurofm.evaluate.labels import resolve_labels
+    from neurofm.evaluate.probe import ProbeConfig, run_probe
+    from neurofm.model import load_pretrained
+
+    evaluate = config["evaluate"]
+    _, val_idx = split_cells(adata.n_obs, config["train"]["val_fraction"], config["train"]["seed"])
+    cells = adata[val_idx].copy()
+    labels = resolve_labels(cells, evaluate["label_column"], evaluate["label_mapping"])
+    model, tokenizer = load_pretrained(model_dir)
+    embedding = embed(
+        model,
+        tokenizer,
+        cells,
+        batch_size=evaluate["batch_size"],
+        pooling=evaluate["pooling"],
+        device=config["train"]["device"],
+        progress=False,
+    )
+    result = run_probe(
+        embedding, labels, dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe")
+    )
+    cv_auc = result.metrics()["probe_cv_auc_mean"]
+    return float(cv_auc) if math.isfinite(cv_auc) else float(result.roc_auc)
+
+
+def _intermediate(metrics: Mapping[str, float], objective: str) -> float:
+    """The per-epoch value the pruner compares (same direction as the objective)."""
+    if objective == "val_loss":
+        return float(metrics["val_loss"])
+    ratio = float(metrics["val_perplexity"]) / float(metrics["baseline_perplexity"])
+    return -ratio if objective == "probe_auc" else ratio
+
+
+def _trial_summary(result: TrainResult) -> dict[str, float]:
+    best = result.best
+    return {
+        "best_val_loss": best["val_loss"],
+        "best_val_perplexity": best["val_perplexity"],
+        "best_val_masked_accuracy": best["val_masked_accuracy"],
+        "baseline_perplexity": result.baseline_perplexity,
+        "perplexity_ratio": best["val_perplexity"] / result.baseline_perplexity,
+        "best_epoch": best["epoch"],
+        "wall_time_s": result.wall_time_s,
+    }
+
+
+@dataclass
+class _Study:
+    """What every trial of one study shares."""
+
+    adata: ad.AnnData
+    base_config: dict[str, Any]
+    specs: list[ParamSpec]
+    objective: str
+    epochs: int | None
+    out_dir: Path
+    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None
+
+    def run_trial(self, trial: optuna.Trial) -> float:
+        """Train one sampled configuration inside a nested MLflow run; returns the objective value."""
+        params = {spec.name: spec.suggest(trial) for spec in self.specs}
+        config = apply_params(self.base_config, params)
+        if self.epochs is not None:
+            config["train"]["epochs"] = self.epochs
+        config["train"]["progress"] = False
+        tracking_config = config["tracking"]
+        pruned: optuna.TrialPruned | None = None
+        with tracking.start_run(
+            tracking_config["experiment"],
+            run_name=f"trial-{trial.number}",
+            tags={"neurofm.pipeline_step": "tune-trial", "optuna.trial_number": str(trial.number)},
+            nested=True,
+        ) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            tracking.log_params(
+                {"tokenizer": config["tokenizer"], "model": config["model"], "train": config["train"]}
+            )
+            try:
+                value = self._train_and_score(trial, config, params)
+                tracking.set_tags({"optuna.state": "COMPLETE"})
+            except optuna.TrialPruned as error:
+                pruned = error
+                trial.set_user_attr("pruned_reason", str(error))
+                tracking.set_tags({"optuna.state": "PRUNED", "optuna.pruned_reason": str(error)})
+        if pruned is not None:
+            log.info("trial %d pruned: %s", trial.number, pruned)
+            raise pruned
+        return value
+
+    def _train_and_score(self, trial: optuna.Trial, config: dict, params: dict) -> float:
+        try:
+            tokenizer_config, model_config, train_config = build_configs(config)
+        except NeurofmError as error:
+            raise optuna.TrialPruned(
+                f"invalid combination {params}: {str(error).split(' (got')[0]}"
+            ) from None
+
+        def on_epoch_end(epoch: int, metrics: dict) -> None:
+            tracking.log_metrics(metrics, step=epoch)
+            trial.report(_intermediate(metrics, self.objective), epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"epoch {epoch}: val_loss {metrics['val_loss']:.4f} (ratio "
+                    f"{metrics['val_perplexity'] / metrics['baseline_perplexity']:.4f}) worse than the "
+                    "median of earlier trials"
+                )
+
+        result = pretrain(
+            self.adata,
+            tokenizer_config,
+            model_config,
+            train_config,
+            self.out_dir / "trials" / f"trial_{trial.number:04d}",
+            on_epoch_end=on_epoch_end,
+        )
+        summary = _trial_summary(result)
+        if self.objective == "val_loss":
+            value = summary["best_val_loss"]
+        elif self.objective == "perplexity_ratio":
+            value = summary["perplexity_ratio"]
+        else:
+            scorer = self.evaluate_fn or probe_auc
+            value = float(scorer(result.best_dir, self.adata, config))
+            summary["probe_auc"] = value
+        for key, number in summary.items():
+            trial.set_user_attr(key, number)
+        trial.set_user_attr("best_dir", str(result.best_dir))
+        tracking.log_metrics({**summary, "objective": value})
+        return value
+
+
+# ---------------------------------------------------------------------------------------------- study
+@dataclass
+class StudyResult:
+    """What :func:`run_study` found; ``best_metrics`` are the best trial's training summary."""
+
+    study_name: str
+    storage: str
+    objective: str
+    direction: str
+    n_trials: int  # finished (COMPLETE + PRUNED) trials in the study
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    n_run_now: int  # trials started by this call
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    best_metrics: dict[str, Any]
+    base_trial: dict[str, Any] | None  # trial 0 (the base configuration) when it was enqueued and finished
+    best_config_path: Path | None
+    mlflow_run_id: str
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def _signature(
+    adata: ad.AnnData,
+    base_config: Mapping[str, Any],
+    objective: str,
+    specs: list[ParamSpec],
+    epochs: int | None,
+) -> str:
+    """A short hash of what must not change when a study is resumed."""
+    machine_only = ("progress", "num_threads", "device")  # may change between runs of one study
+    tuned = {
+        "tokenizer": base_config["tokenizer"],
+        "model": base_config["model"],
+        "train": {k: v for k, v in base_config["train"].items() if k not in machine_only},
+    }
+    payload = {
+        "data": [adata.n_obs, adata.n_vars, list(map(str, adata.var_names[:5]))],
+        "config": tuned,
+        "objective": objective,
+        "space": [dataclasses.asdict(spec) for spec in specs],
+        "epochs": epochs,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _enqueue_base(study: optuna.Study, base_config: Mapping[str, Any], specs: list[ParamSpec]) -> bool:
+    """Queue the base configuration's values as the study's first trial; False if outside the space."""
+    values = {}
+    for spec in specs:
+        section, _, key = spec.name.partition(".")
+        value = base_config[section][key]
+        if not spec.contains(value):
+            log.info(
+                "base value %s=%r lies outside the search space: the base configuration is not trial 0",
+                spec.name,
+                value,
+            )
+            return False
+        values[spec.name] = value
+    study.enqueue_trial(values, user_attrs={"is_base_config": True})
+    return True
+
+
+def best_config_yaml(
+    base_config: Mapping[str, Any], params: Mapping[str, Any], extends: str | None, header: str
+) -> str:
+    """YAML text of the best configuration: ``extends`` + every tuned key + base tokenizer/model/train
+    values that differ from the dataclass defaults (derived model keys left out)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for section, cls in TUNABLE_SECTIONS.items():
+        defaults = dataclasses.asdict(cls())
+        for key, value in base_config[section].items():
+            if f"{section}.{key}" in FIXED_KEYS and key != "epochs":
+                continue
+            if value != defaults.get(key):
+                sections.setdefault(section, {})[key] = value
+    for name, value in params.items():
+        section, _, key = name.partition(".")
+        sections.setdefault(section, {})[key] = value
+    document: dict[str, Any] = {"extends": extends} if extends else {}
+    document.update({section: sections[section] for section in TUNABLE_SECTIONS if section in sections})
+    return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _trial_rows(study: optuna.Study) -> list[dict]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            rows.append({"number": trial.number, "state": "COMPLETE", "value": trial.value})
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            last = (
+                trial.intermediate_values[max(trial.intermediate_values)]
+                if trial.intermediate_values
+                else None
+            )
+            rows.append({"number": trial.number, "state": "PRUNED", "value": last})
+    return rows
+
+
+def _write_study_outputs(study: optuna.Study, objective: str, seed: int, out_dir: Path) -> dict[str, Path]:
+    """History and importance plots (the latter when two or more trials completed)."""
+    from neurofm.plots import plot_optimization_history, plot_param_importances
+
+    artifacts = {
+        "history_png": plot_optimization_history(
+            _trial_rows(study),
+            out_dir / HISTORY_PNG,
+            objective=objective,
+            minimize=OBJECTIVES[objective] == "minimize",
+            title=f"{study.study_name}: {objective}",
+        )
+    }
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) >= 2:
+        try:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except (RuntimeError, ValueError) as error:  # e.g. no parameter varied among completed trials
+            log.warning("parameter importances not computed: %s", error)
+        else:
+            if importances:
+                artifacts["importance_png"] = plot_param_importances(importances, out_dir / IMPORTANCE_PNG)
+                write_json(importances, out_dir / "param_importances.json")
+                artifacts["importance_json"] = out_dir / "param_importances.json"
+    return artifacts
+
+
+def run_study(
+    adata: ad.AnnData,
+    base_config: Mapping[str, Any],
+    tune_config: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike = "tune",
+    *,
+    objective: str | None = None,
+    n_trials: int | None = None,
+    storage: str | os.PathLike | None = None,
+    resume: bool = True,
+    study_name: str | None = None,
+    seed: int | None = None,
+    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    best_config_out: str | os.PathLike | None = None,
+    extends: str | None = "pretrain.yaml",
+    enqueue_base: bool = True,
+) -> StudyResult:
+    """Run (or resume) an Optuna study of ``pretrain`` on ``adata``; see the module docstring.
+
+    ``base_config`` is a run configuration (validated and filled with defaults here); ``tune_config`` its
+    ``tune`` section (defaults from ``neurofm.config.DEFAULTS``). Keyword arguments that are not None
+    override the matching ``tune`` keys. ``pruner`` replaces the median pruner (tests). Writes under
+    ``out_dir``: ``study.journal`` (default storage), ``trials/trial_NNNN/`` (each trial's ``pretrain``
+    outputs), ``optimization_history.png``, ``param_importances.png/.json``, ``best_params.json``, and
+    the best configuration at ``best_config_out`` (``tune.best_config_out``; None there → not written),
+    extending ``extends`` (relative to that file). Returns a :class:`StudyResult`.
+    """
+    base_config = validate(base_config)
+    settings = deep_merge(DEFAULTS["tune"], tune_config or base_config.get("tune") or {})
+    overrides = {
+        "objective": objective,
+        "n_trials": n_trials,
+        "storage": storage,
+        "study_name": study_name,
+        "seed": seed,
+        "best_config_out": best_config_out,
+    }
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    objective, n_trials, seed = settings["objective"], settings["n_trials"], settings["seed"]
+    if objective not in OBJECTIVES:
+        raise NeurofmError(f"tune.objective={objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise NeurofmError(f"tune.n_trials={n_trials!r} must be an integer >= 1; e.g. --trials 20")
+    epochs = settings["epochs"]
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise NeurofmError(f"tune.epochs={epochs!r} must be an integer >= 1 or null (train.epochs)")
+    specs = parse_space(settings["space"])
+    task_keys = [spec.name for spec in specs if spec.name.startswith(TASK_KEYS)]
+    if objective == "val_loss" and task_keys:
+        log.warning(
+            "objective val_loss with %s in the space: these change the task itself, so losses are not "
+            "comparable across trials; consider objective perplexity_ratio or probe_auc",
+            task_keys,
+        )
+    if objective == "probe_auc" and evaluate_fn is None:
+        from neurofm.evaluate.labels import resolve_labels
+
+        resolve_labels(
+            adata, base_config["evaluate"]["label_column"], base_config["evaluate"]["label_mapping"]
+        )
+
+    out_dir = ensure_writable_dir(out_dir)
+    optuna_storage, storage_text = open_storage(settings["storage"], out_dir)
+    name = settings["study_name"]
+    direction = OBJECTIVES[objective]
+    signature = _signature(adata, base_config, objective, specs, epochs)
+    existing = {summary.study_name for summary in optuna.get_all_study_summaries(optuna_storage)}
+    if name in existing and not resume:
+        raise NeurofmError(
+            f"study {name!r} already exists in {storage_text}; resume it, or pick another tune.study_name"
+        )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=optuna_storage, study_name=name, direction=direction, load_if_exists=True
+    )
+    saved = study.user_attrs.get("neurofm_signature")
+    if saved is not None and saved != signature:
+        raise NeurofmError(
+            f"study {name!r} in {storage_text} was run with other data, base settings, objective, space or "
+            "epochs; resume with the same ones or pick another tune.study_name"
+        )
+    study.set_user_attr("neurofm_signature", signature)
+    # a fresh deterministic stream per (re)start, so a resumed study does not repeat earlier samples
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    study.pruner = pruner or optuna.pruners.MedianPruner(**settings["pruner"])
+    fail_stale_trials(study, optuna_storage)
+    if not study.trials and enqueue_base:
+        _enqueue_base(study, base_config, specs)
+
+    remaining = n_trials - count_finished(study)
+    tracking_config = base_config["tracking"]
+    runner = _Study(adata, base_config, specs, objective, epochs, out_dir, evaluate_fn)
+    log.info(
+        "study %s (%s): %d of %d trials finished, %d to run; storage %s",
+        name,
+        objective,
+        count_finished(study),
+        n_trials,
+        max(remaining, 0),
+        storage_text,
+    )
+    with tracking.start_or_resume_run(
+        tracking_config["experiment"],
+        run_id=study.user_attrs.get("mlflow_run_id"),
+        run_name=f"tune-{name}",
+        tags={"neurofm.pipeline_step": "tune", "optuna.study_name": name},
+        tracking_uri=tracking_config["tracking_uri"],
+    ) as run:
+        study.set_user_attr("mlflow_run_id", run.info.run_id)
+        tracking.log_params(
+            {
+                "tune": {
+                    "objective": objective,
+                    "direction": direction,
+                    "seed": seed,
+                    "epochs": epochs,
+                    "storage": storage_text,
+                    "space": json.dumps({s.name: dataclasses.asdict(s) for s in specs}),
+                },
+                "base": {section: base_config[section] for section in TUNABLE_SECTIONS},
+            }
+        )
+        n_before = _count_ended(study)
+        if remaining > 0:
+            study.optimize(runner.run_trial, n_trials=remaining, gc_after_trial=True)
+        n_run_now = _count_ended(study) - n_before
+        result = _summarise(
+            study,
+            settings,
+            base_config,
+            objective,
+            storage_text,
+            n_run_now,
+            run.info.run_id,
+            extends,
+            seed,
+            out_dir,
+        )
+        tracking.set_tags(
+            {
+                "best.trial": result.best_trial,
+                "best.value": result.best_value,
+                **{f"best.{k}": v for k, v in result.best_params.items()},
+            }
+        )
+        tracking.log_metrics(
+            {
+                "best_value": result.best_value,
+                "n_complete": result.n_complete,
+                "n_pruned": result.n_pruned,
+                **{f"best_{k}": v for k, v in result.best_metrics.items()},
+            },
+            step=result.n_trials,
+        )
+        for row in _trial_rows(study):
+            if row["state"] == "COMPLETE":
+                tracking.log_metrics({"trial_value": row["value"]}, step=row["number"])
+        tracking.log_artifacts(list(result.artifacts.values()), artifact_path="study")
+        if result.best_config_path is not None:
+            tracking.log_artifacts([result.best_config_path], artifact_path="study")
+    return result
+
+
+def _count_ended(study: optuna.Study) -> int:
+    return sum(trial.state.is_finished() for trial in study.get_trials(deepcopy=False))
+
+
+def _summarise(
+    study: optuna.Study,
+    settings: dict,
+    base_config: Mapping[str, Any],
+    objective: str,
+    storage_text: str,
+    n_run_now: int,
+    run_id: str,
+    extends: str | None,
+    seed: int,
+    out_dir: Path,
+) -> StudyResult:
+    states = [trial.state for trial in study.trials]
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise NeurofmError(
+            f"study {study.study_name!r} has no completed trial (all pruned or failed); widen the space, "
+            "raise tune.epochs or tune.pruner.n_warmup_steps, and run again"
+        )
+    best = study.best_trial
+    metrics = {
+        k: v for k, v in best.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    base = next(
+        (t for t in study.get_trials(deepcopy=False, states=finished) if t.user_attrs.get("is_base_config")),
+        None,
+    )
+    base_trial = None
+    if base is not None:
+        base_trial = {
+            "number": base.number,
+            "state": base.state.name,
+            "value": base.value,
+            **{
+                k: v
+                for k, v in base.user_attrs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+        }
+    artifacts = _write_study_outputs(study, objective, seed, out_dir)
+    best_record = {
+        "study": study.study_name,
+        "objective": objective,
+        "trial": best.number,
+        "value": best.value,
+        "params": best.params,
+        "metrics": metrics,
+        "base_trial": base_trial,
+    }
+    artifacts["best_params_json"] = write_json(best_record, out_dir / BEST_PARAMS_JSON)
+    config_path = None
+    if settings["best_config_out"]:
+        header = (
+            f"# Written by neurofm tune: study {study.study_name!r}, best of {len(complete)} completed "
+            f"trials = trial {best.number},\n# {objective} {best.value:.4f}"
+            f" after {settings['epochs'] or base_config['train']['epochs']} epochs per trial.\n"
+            "# python run.py --pipeline pretrain --config <this file>\n"
+        )
+        text = best_config_yaml(base_config, best.params, extends, header)
+        config_path = write_text(text, settings["best_config_out"])
+    return StudyResult(
+        study_name=study.study_name,
+        storage=storage_text,
+        objective=objective,
+        direction=OBJECTIVES[objective],
+        n_trials=count_finished(study),
+        n_complete=len(complete),
+        n_pruned=states.count(optuna.trial.TrialState.PRUNED),
+        n_failed=states.count(optuna.trial.TrialState.FAIL),
+        n_run_now=n_run_now,
+        best_trial=best.number,
+        best_value=float(best.value),
+        best_params=dict(best.params),
+        best_metrics=metrics,
+        base_trial=base_trial,
+        best_config_path=Path(config_path) if config_path else None,
+        mlflow_run_id=run_id,
+        artifacts=artifacts,
+    )

@@ -1,0 +1,71 @@
+"""ZenML step settings from the ``resources`` section of a run configuration.
+
+``configs/gpu.yaml`` asks for a GPU, CPUs, memory and a CUDA PyTorch parent image for the heavy steps
+(``resources.steps``: ``pretrain_model`` and ``embed_cells``); the pipelines apply them with::
+
+    settings = step_settings(config)
+    pretrain_model.with_options(settings=settings.get("pretrain_model", {}))(...)
+
+A remote orchestrator (Kubernetes, SkyPilot, Vertex…) builds the image and schedules the step on a GPU
+node; the local orchestrator has nothing to schedule and only logs that it ignores resource settings.
+With the default (CPU) configuration no settings are produced at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neurofm.errors import NeurofmError
+
+
+def _check(resources: dict[str, Any]) -> None:
+    gpu_count, cpu_count, steps = resources["gpu_count"], resources["cpu_count"], resources["steps"]
+    if not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or gpu_count < 0:
+        raise NeurofmError(f"resources.gpu_count={gpu_count!r} must be an integer >= 0; e.g. 1")
+    if cpu_count is not None and (not isinstance(cpu_count, (int, float)) or cpu_count <= 0):
+        raise NeurofmError(f"resources.cpu_count={cpu_count!r} must be a positive number or null")
+    if not isinstance(steps, list) or not all(isinstance(name, str) for name in steps):
+        raise NeurofmError(f"resources.steps={steps!r} must be a list of step names, e.g. [pretrain_model]")
+    requirements = resources["requirements"]
+    if requirements is not None and not isinstance(requirements, (list, str)):
+        raise NeurofmError(
+            "resources.requirements must be a list of pip specifiers or a requirements file path"
+        )
+
+
+def step_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{step name: {"resources": ResourceSettings, "docker": DockerSettings}}`` for each step in
+    ``resources.steps``.
+
+    ``resources`` settings appear when a GPU, a CPU count or memory is asked for; ``docker`` settings
+    when a parent image or requirements are given. Returns ``{}`` when neither (the default CPU config).
+    Raises NeurofmError for malformed values (ZenML's own validation errors, e.g. memory ``"32 gigs"``,
+    are turned into one line too).
+    """
+    from pydantic import ValidationError
+    from zenml.config import DockerSettings, ResourceSettings
+
+    resources = config["resources"]
+    _check(resources)
+    settings: dict[str, Any] = {}
+    try:
+        if resources["gpu_count"] or resources["cpu_count"] is not None or resources["memory"] is not None:
+            settings["resources"] = ResourceSettings(
+                gpu_count=resources["gpu_count"] or None,
+                cpu_count=resources["cpu_count"],
+                memory=resources["memory"],
+            )
+        if resources["parent_image"] is not None or resources["requirements"] is not None:
+            settings["docker"] = DockerSettings(
+                parent_image=resources["parent_image"],
+                requirements=resources["requirements"],
+            )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"])
+        raise NeurofmError(
+            f"resources.{field}: {problem['msg']}; fix the resources section (e.g. memory: 32GB)"
+        ) from None
+    if not settings:
+        return {}
+    return {name: dict(settings) for name in resources["steps"]}
