@@ -1,0 +1,259 @@
+"""The one model definition: a masked-bin transformer encoder over gene tokens.
+
+A cell is a set of gene tokens. Each token is the sum of a gene-identity embedding (which gene) and a
+bin embedding (its expression bin, or the mask token). Pre-LayerNorm transformer blocks with fused
+attention (``torch.nn.functional.scaled_dot_product_attention``) mix the tokens; a key-padding mask
+lets cells with different numbers of tokens share a batch. A linear head predicts each token's bin.
+
+There is no positional embedding: gene order carries no meaning, the gene embedding is the position.
+
+A model directory (``save_pretrained`` / ``load_pretrained``) holds ``model.safetensors`` (weights),
+``config.json`` (the :class:`ModelConfig`) and the tokenizer files — no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurofm.errors import NeurofmError
+from neurofm.io import atomic_path, write_json
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the encoder; everything needed to rebuild it from ``config.json``."""
+
+    n_genes: int = 2000  # gene vocabulary (the tokenizer's genes, in its order)
+    n_bins: int = 20  # expression bins predicted by the head; id n_bins is the mask token
+    d_model: int = 64  # width of every token vector
+    n_heads: int = 4  # attention heads (d_model must divide evenly)
+    n_layers: int = 2  # transformer blocks
+    ffn_dim: int = 128  # hidden width of each block's feed-forward network
+    gene_bin_bias: bool = True  # add a learned per-(gene, bin) bias to the logits (pretrain starts it at the
+    #                             training log-frequencies, so the transformer only learns what context adds)
+    dropout: float = 0.0  # dropout on attention weights and residual branches during training
+    max_tokens: int = 256  # context length: tokens per sequence (pretrain sets it to the per-cell token cap;
+    #                        embedding splits a cell's genes into chunks of at most this many)
+
+    @property
+    def mask_token(self) -> int:
+        return self.n_bins
+
+    def validate(self) -> ModelConfig:
+        checks = [
+            (self.n_genes >= 1, "n_genes must be >= 1"),
+            (2 <= self.n_bins <= 1000, "n_bins must be in [2, 1000]"),
+            (self.d_model >= 4, "d_model must be >= 4"),
+            (self.n_heads >= 1 and self.d_model % self.n_heads == 0, "d_model must be a multiple of n_heads"),
+            (1 <= self.n_layers <= 64, "n_layers must be in [1, 64]"),
+            (self.ffn_dim >= 1, "ffn_dim must be >= 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NeurofmError(
+                    f"invalid model config: {message} (got {asdict(self)}); fix the model settings"
+                )
+        return self
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        # (batch, heads, length, head_dim)
+        q, k, v = (
+            t.view(batch, length, self.n_heads, width // self.n_heads).transpose(1, 2) for t in (q, k, v)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, config.ffn_dim)
+        self.down = nn.Linear(config.ffn_dim, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_attention = nn.LayerNorm(config.d_model)
+        self.attention = SelfAttention(config)
+        self.ln_ffn = nn.LayerNorm(config.d_model)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.ln_attention(x), attend))
+        return x + self.dropout(self.ffn(self.ln_ffn(x)))
+
+
+class GeneEncoder(nn.Module):
+    """Gene tokens in, per-token hidden states (``encode``) or bin logits (``forward``) out.
+
+    Inputs, all (batch, tokens): ``gene_ids`` in [0, n_genes), ``bin_ids`` in [0, n_bins] (n_bins =
+    mask token), ``padding_mask`` True where a token is padding (ignored as a key; its output is junk).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.gene_embedding = nn.Embedding(config.n_genes, config.d_model)
+        self.bin_embedding = nn.Embedding(config.n_bins + 1, config.d_model)  # + mask token
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_final = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.n_bins)
+        # per-gene prior over bins, added to the logits; None when the config turns it off
+        self.gene_bin_bias = nn.Embedding(config.n_genes, config.n_bins) if config.gene_bin_bias else None
+        self.apply(self._init_weights)
+        if self.gene_bin_bias is not None:
+            nn.init.zeros_(self.gene_bin_bias.weight)
+        for name, parameter in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def encode(
+        self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-layer hidden states (batch, tokens, d_model), after the last LayerNorm."""
+        if gene_ids.shape[1] > self.config.max_tokens:
+            raise NeurofmError(
+                f"{gene_ids.shape[1]} tokens exceed max_tokens={self.config.max_tokens}; chunk the genes"
+            )
+        x = self.gene_embedding(gene_ids) + self.bin_embedding(bin_ids)
+        # SDPA boolean mask: True = may attend; broadcast over heads and queries
+        attend = None if padding_mask is None else (~padding_mask)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attend)
+        return self.ln_final(x)
+
+    def forward(
+        self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bin logits (batch, tokens, n_bins)."""
+        logits = self.head(self.encode(gene_ids, bin_ids, padding_mask))
+        if self.gene_bin_bias is not None:
+            logits = logits + self.gene_bin_bias(gene_ids)
+        return logits
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ model directory
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` + the tokenizer files into ``directory``,
+        atomically (a directory replaced whole)."""
+        from safetensors.torch import save_file
+
+        if tokenizer.n_genes != self.config.n_genes or tokenizer.config.n_bins != self.config.n_bins:
+            raise NeurofmError(
+                f"tokenizer ({tokenizer.n_genes} genes, {tokenizer.config.n_bins} bins) does not "
+                "match the model "
+                f"({self.config.n_genes} genes, {self.config.n_bins} bins); save the tokenizer the "
+                "model was trained on"
+            )
+        directory = Path(directory)
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            write_json({"format_version": _FORMAT_VERSION, "model": asdict(self.config)}, tmp / CONFIG_FILE)
+            tokenizer.save(tmp)
+        return directory
+
+
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild ``(model, tokenizer)`` from a directory written by ``save_pretrained``; model in eval mode.
+
+    Refuses (NeurofmError) a missing/incomplete directory, unreadable or corrupt weights, a pickle file
+    in place of the weights, and weights whose names/shapes do not match ``config.json``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from neurofm.tokenizer import ExpressionTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NeurofmError(
+            f"model directory {directory} does not exist; pass a directory from save_pretrained"
+        )
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise NeurofmError(
+                f"model directory {directory} lacks {name}; it is incomplete — re-save or re-train"
+            )
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        known = {field.name for field in fields(ModelConfig)}
+        config = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    except (ValueError, KeyError, TypeError) as error:
+        raise NeurofmError(
+            f"{directory / CONFIG_FILE} is not a valid model config ({error}); re-save the model"
+        ) from None
+    tokenizer = ExpressionTokenizer.load(directory)
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise NeurofmError(
+            f"{directory / WEIGHTS_FILE} is not a readable safetensors file ({str(error)[:80]}); "
+            "the file is corrupt or not safetensors — re-save the model"
+        ) from None
+    model = GeneEncoder(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if expected != found:
+        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise NeurofmError(
+            f"weights in {directory} do not match config.json (e.g. {differing}); the directory "
+            "mixes two models"
+        )
+    if tokenizer.n_genes != config.n_genes or tokenizer.config.n_bins != config.n_bins:
+        raise NeurofmError(
+            f"tokenizer in {directory} ({tokenizer.n_genes} genes, {tokenizer.config.n_bins} bins) "
+            "does not match "
+            f"config.json ({config.n_genes} genes, {config.n_bins} bins); re-save the model"
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval(), tokenizer
+
+
+GeneEncoder.load_pretrained = staticmethod(load_pretrained)
