@@ -48,18 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
         "  full      pretrain then evaluate (cached steps are reused)\n"
         "  tune      Optuna study over pre-training hyper-parameters\n",
     )
-    parser.add_argument("--pipeline", choices=PIPELINES, default="full", help="which pipeline (default: full)")
-    parser.add_argument("--config", type=Path, help="YAML run configuration (default: configs/<pipeline>.yaml)")
-    parser.add_argument("--data", type=Path, help=".h5ad of raw counts (default: the built-in synthetic atlas)")
+    parser.add_argument(
+        "--pipeline", choices=PIPELINES, default="full", help="which pipeline (default: full)"
+    )
+    parser.add_argument(
+        "--config", type=Path, help="YAML run configuration (default: configs/<pipeline>.yaml)"
+    )
+    parser.add_argument(
+        "--data", type=Path, help=".h5ad of raw counts (default: the built-in synthetic atlas)"
+    )
     parser.add_argument("--metadata", type=Path, help="Allen-style cell_metadata.csv for the cluster join")
     parser.add_argument("--out", type=Path, help="output directory (default: data.out_dir of the config)")
-    parser.add_argument("--no-cache", action="store_true", help="run every step again, ignoring ZenML's cache")
-    parser.add_argument("--model", help="evaluate: model directory or MLflow URI (default: newest registered)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="run every step again, ignoring ZenML's cache"
+    )
+    parser.add_argument(
+        "--model", help="evaluate: model directory or MLflow URI (default: newest registered)"
+    )
     parser.add_argument("--label-col", help="evaluate: obs column with the labels (clears the label mapping)")
     parser.add_argument("--group-col", help="evaluate: obs column of batches kept apart by the probe split")
     parser.add_argument("--resume", action="store_true", help="pretrain: continue an interrupted run")
     parser.add_argument("--trials", type=int, help="tune: number of Optuna trials")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -185,13 +197,19 @@ def _default_atlas(defaults: dict[str, Any]):
 
     name = f"default_atlas_{defaults['n_cells']}x{defaults['n_genes']}_seed{defaults['seed']}"
     out_dir = neurofm_home() / name
-    names = {"counts_h5ad": "counts.h5ad", "cell_metadata_csv": "cell_metadata.csv",
-             "cluster_csv": "cluster.csv", "cluster_annotation_term_csv": "cluster_annotation_term.csv"}
+    names = {
+        "counts_h5ad": "counts.h5ad",
+        "cell_metadata_csv": "cell_metadata.csv",
+        "cluster_csv": "cluster.csv",
+        "cluster_annotation_term_csv": "cluster_annotation_term.csv",
+    }
     existing = AtlasFiles(**{key: out_dir / file for key, file in names.items()})
     if all(path.is_file() for path in existing.as_dict().values()):
         return existing
     log.info("writing the built-in synthetic atlas to %s", out_dir)
-    return write_synthetic_atlas(out_dir, n_cells=defaults["n_cells"], n_genes=defaults["n_genes"], seed=defaults["seed"])
+    return write_synthetic_atlas(
+        out_dir, n_cells=defaults["n_cells"], n_genes=defaults["n_genes"], seed=defaults["seed"]
+    )
 
 
 def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
@@ -263,7 +281,9 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
             f"{pretrain['baseline_perplexity']:.3f} (ratio {pretrain['perplexity_ratio']:.3f}), masked accuracy "
             f"{pretrain['best_val_masked_accuracy']:.3f} vs {pretrain['baseline_masked_accuracy']:.3f}"
         )
-        lines.append(f"  model: {pretrain['model_uri'] or pretrain['best_dir']} (MLflow run {pretrain['mlflow_run_id']})")
+        lines.append(
+            f"  model: {pretrain['model_uri'] or pretrain['best_dir']} (MLflow run {pretrain['mlflow_run_id']})"
+        )
         if "pretrain_model" in cached:
             lines.append(
                 "  note: pretrain_model came from ZenML's cache, so no new MLflow run or model version was "

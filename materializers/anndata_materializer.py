@@ -42,7 +42,10 @@ class AnnDataMaterializer(BaseMaterializer):
     def load(self, data_type: type[Any]) -> ad.AnnData:
         with tempfile.TemporaryDirectory(prefix="neurofm-h5ad-") as tmp:
             local = os.path.join(tmp, FILENAME)
-            with self.artifact_store.open(os.path.join(self.uri, FILENAME), "rb") as source, open(local, "wb") as target:
+            with (
+                self.artifact_store.open(os.path.join(self.uri, FILENAME), "rb") as source,
+                open(local, "wb") as target,
+            ):
                 shutil.copyfileobj(source, target, _CHUNK)
             return ad.read_h5ad(local)
 
@@ -50,7 +53,10 @@ class AnnDataMaterializer(BaseMaterializer):
         with tempfile.TemporaryDirectory(prefix="neurofm-h5ad-") as tmp:
             local = os.path.join(tmp, FILENAME)
             data.write_h5ad(local)
-            with open(local, "rb") as source, self.artifact_store.open(os.path.join(self.uri, FILENAME), "wb") as target:
+            with (
+                open(local, "rb") as source,
+                self.artifact_store.open(os.path.join(self.uri, FILENAME), "wb") as target,
+            ):
                 shutil.copyfileobj(source, target, _CHUNK)
 
     def extract_metadata(self, data: ad.AnnData) -> dict[str, Any]:
@@ -77,14 +83,20 @@ class AnnDataMaterializer(BaseMaterializer):
         for column in list(data.obs.columns)[:6]:
             series = data.obs[column]
             if series.nunique() <= 30:
-                top = ", ".join(f"{html.escape(str(k))}: {v}" for k, v in series.value_counts().head(10).items())
+                top = ", ".join(
+                    f"{html.escape(str(k))}: {v}" for k, v in series.value_counts().head(10).items()
+                )
                 counts.append(f"<tr><th>{html.escape(str(column))}</th><td>{top}</td></tr>")
         page = (
             "<html><body style='font-family:sans-serif'><h3>AnnData "
             f"{data.n_obs:,} cells × {data.n_vars:,} genes</h3><table border=1 cellpadding=4>"
             + "".join(rows)
             + "</table>"
-            + ("<h4>obs value counts</h4><table border=1 cellpadding=4>" + "".join(counts) + "</table>" if counts else "")
+            + (
+                "<h4>obs value counts</h4><table border=1 cellpadding=4>" + "".join(counts) + "</table>"
+                if counts
+                else ""
+            )
             + "</body></html>"
         )
         uri = os.path.join(self.uri, "summary.html")

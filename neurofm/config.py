@@ -140,7 +140,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         loaded = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise NeurofmError(f"config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
+        raise NeurofmError(
+            f"config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax"
+        ) from None
     if not isinstance(loaded, dict):
         raise NeurofmError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
     base = loaded.pop("extends", None)

@@ -205,7 +205,9 @@ def _create_version(client: MlflowClient, name: str, source: str, run_id: str):
     return version
 
 
-def resolve_model_dir(spec: str | os.PathLike | None, registered_name: str, tracking_uri: str | None = None) -> Path:
+def resolve_model_dir(
+    spec: str | os.PathLike | None, registered_name: str, tracking_uri: str | None = None
+) -> Path:
     """Turn ``spec`` into a local neurofm model directory.
 
     ``spec`` may be a model directory, an MLflow URI (``models:/name@alias``, ``models:/name/3``,

@@ -52,7 +52,12 @@ def check_barcodes(
 
 @step(enable_cache=False)
 def atlas_plot(
-    metadata_csv: str, cluster_csv: str, annotation_csv: str, highlight_clusters: list, top_k: int, out_dir: str
+    metadata_csv: str,
+    cluster_csv: str,
+    annotation_csv: str,
+    highlight_clusters: list,
+    top_k: int,
+    out_dir: str,
 ) -> Annotated[HTMLString, "atlas_plot"]:
     """Atlas cells at x/y coloured by the top-K base clusters, chosen subclusters circled."""
     png = reports.atlas_plot(
@@ -64,4 +69,6 @@ def atlas_plot(
         highlight_clusters=highlight_clusters,
     )
     encoded = base64.b64encode(Path(png).read_bytes()).decode()
-    return HTMLString(f"<h3>Atlas plot</h3><img src='data:image/png;base64,{encoded}' style='max-width:100%'>")
+    return HTMLString(
+        f"<h3>Atlas plot</h3><img src='data:image/png;base64,{encoded}' style='max-width:100%'>"
+    )

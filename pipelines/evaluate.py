@@ -1,0 +1,51 @@
+"""Evaluation pipelines: ``evaluate`` (a registered or given model) and ``full`` (pretrain then evaluate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zenml import pipeline
+
+from pipelines.prepare import prepare_steps
+from pipelines.pretrain import pretrain_steps
+from pipelines.settings import step_settings
+from steps.evaluate import embed_cells, probe_cells, resolve_model, track_evaluation, visualize_cells
+
+
+def evaluation_steps(
+    cells, model_dir, model_info, config: dict[str, Any], inputs: dict[str, Any], report_extra
+):
+    """embed → t-SNE views → probe/cluster/label-efficiency/report → MLflow + champion alias."""
+    out_dir = config["data"]["out_dir"]
+    settings = step_settings(config).get("embed_cells", {})
+    embedded = embed_cells.with_options(settings=settings)(
+        cells, model_dir, evaluate=config["evaluate"], out_dir=out_dir
+    )
+    views = visualize_cells(embedded, evaluate=config["evaluate"], out_dir=out_dir)
+    evaluation = probe_cells(
+        embedded, views, evaluate=config["evaluate"], out_dir=out_dir, report_extra=report_extra
+    )
+    return track_evaluation(
+        evaluation,
+        model_info,
+        evaluate=config["evaluate"],
+        tracking_config=config["tracking"],
+        data_name=inputs["name"],
+    )
+
+
+@pipeline(enable_cache=True)
+def evaluate(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False) -> None:
+    """Evaluate a model (newest registered version by default) against PCA and random-weights baselines."""
+    cells = prepare_steps(config, inputs)
+    model_dir, model_info = resolve_model(
+        model=config["evaluate"]["model"], tracking_config=config["tracking"]
+    )
+    evaluation_steps(cells, model_dir, model_info, config, inputs, report_extra={"data": inputs["name"]})
+
+
+@pipeline(enable_cache=True)
+def full(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False) -> None:
+    """Pretrain then evaluate the fresh model; cached steps are reused, so re-evaluating never retrains."""
+    cells, model_dir, summary = pretrain_steps(config, inputs, resume)
+    evaluation_steps(cells, model_dir, summary, config, inputs, report_extra={"data": inputs["name"]})

@@ -1,0 +1,266 @@
+"""Evaluation steps: resolve the model, embed, visualize, probe + cluster + report, track + promote.
+
+Every number is computed for the model's embeddings and, in the same run and on the same split,
+for two baselines: PCA of log-normalised counts and the same architecture with random weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from zenml import step
+from zenml.types import HTMLString
+
+from neurofm import io, keys, tracking
+from neurofm.config import dataclass_from_dict
+from neurofm.embed import embed, random_encoder_like
+from neurofm.evaluate import compare
+from neurofm.evaluate.baselines import pca_baseline
+from neurofm.evaluate.cluster import ClusterConfig
+from neurofm.evaluate.labels import resolve_labels
+from neurofm.evaluate.probe import ProbeConfig
+from neurofm.evaluate.visualize import visualize
+from neurofm.model import load_pretrained
+from steps._cache import depends_on
+
+log = logging.getLogger(__name__)
+
+METHOD_KEYS = {"model": keys.EMBEDDING, "pca": keys.PCA_BASELINE, "random": keys.RANDOM_BASELINE}
+EVALUATION_DIR = "evaluation"
+
+
+@step(enable_cache=False)
+def resolve_model(
+    model: str | None, tracking_config: dict[str, Any]
+) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "model_info"]]:
+    """Find the model to evaluate: a directory, an MLflow URI, or (None) the newest registered version.
+
+    Never cached: the registry's ``newest`` alias moves with every pre-training.
+    """
+    name = tracking_config["registered_model_name"]
+    model_dir = tracking.resolve_model_dir(model, name, tracking_config["tracking_uri"])
+    version = tracking.model_version_for(model, name)
+    info = {
+        "source": str(model) if model is not None else f"models:/{name}@{tracking.NEWEST_ALIAS}",
+        "model_name": version.name if version else None,
+        "model_version": version.version if version else None,
+        "model_uri": version.uri if version else str(model_dir),
+        "mlflow_run_id": version.run_id if version else None,
+    }
+    return model_dir, info
+
+
+@step(cache_policy=depends_on("model", "tokenizer", "embed", "evaluate"))
+def embed_cells(
+    adata: ad.AnnData, model_dir: Path, evaluate: dict[str, Any], out_dir: str
+) -> Annotated[ad.AnnData, "embedded_cells"]:
+    """Embed every cell with the frozen model and with both baselines.
+
+    Writes ``obsm['X_neurofm']`` (model), ``obsm['X_pca_baseline']`` (PCA of log-normalised counts),
+    ``obsm['X_random_encoder']`` (same architecture, random weights), ``uns['neurofm']`` (model source,
+    pooling, cells/s) and, under ``<out_dir>/evaluation``, ``embeddings.npy``, ``labels.npy``, ``cells.tsv``.
+    """
+    labels = resolve_labels(adata, evaluate["label_column"], evaluate["label_mapping"])
+    model, tokenizer = load_pretrained(model_dir)
+    started = time.perf_counter()
+    embed(
+        model,
+        tokenizer,
+        adata,
+        batch_size=evaluate["batch_size"],
+        pooling=evaluate["pooling"],
+        key_added=keys.EMBEDDING,
+    )
+    seconds = time.perf_counter() - started
+    embed(
+        random_encoder_like(model.config, seed=0),
+        tokenizer,
+        adata,
+        batch_size=evaluate["batch_size"],
+        pooling=evaluate["pooling"],
+        key_added=keys.RANDOM_BASELINE,
+        progress=False,
+    )
+    adata.obsm[keys.PCA_BASELINE] = pca_baseline(adata, n_components=evaluate["pca_components"])
+    adata.uns[keys.EMBEDDING_PARAMS] = {
+        "model_dir": str(model_dir),
+        "pooling": evaluate["pooling"],
+        "cells_per_second": adata.n_obs / max(seconds, 1e-9),
+    }
+    out = io.ensure_writable_dir(Path(out_dir) / EVALUATION_DIR)
+    with io.atomic_path(out / "embeddings.npy") as tmp:
+        np.save(tmp, adata.obsm[keys.EMBEDDING], allow_pickle=False)
+    with io.atomic_path(out / "labels.npy") as tmp:
+        np.save(tmp, np.asarray(labels, dtype=str), allow_pickle=False)
+    cells = pd.DataFrame({"cell": adata.obs_names, "label": labels})
+    with io.atomic_path(out / "cells.tsv") as tmp:
+        cells.to_csv(tmp, sep="\t", index=False)
+    log.info("embedded %d cells at %.0f cells/s", adata.n_obs, adata.n_obs / max(seconds, 1e-9))
+    return adata
+
+
+def _embeddings(adata: ad.AnnData) -> dict[str, np.ndarray]:
+    return {method: np.asarray(adata.obsm[key]) for method, key in METHOD_KEYS.items() if key in adata.obsm}
+
+
+@step(cache_policy=depends_on("evaluate", "plots"))
+def visualize_cells(
+    adata: ad.AnnData, evaluate: dict[str, Any], out_dir: str
+) -> Annotated[HTMLString, "tsne_views"]:
+    """t-SNE of every embedding (model, PCA, random) coloured by label, seeded; ``<method>/tsne.png``.
+
+    (UMAPs are drawn by ``probe_cells``, which reuses each method's kNN graph for them.)
+    """
+    import base64
+
+    labels = resolve_labels(adata, evaluate["label_column"], evaluate["label_mapping"])
+    out = Path(out_dir) / EVALUATION_DIR
+    images = []
+    for method, embedding in _embeddings(adata).items():
+        figure = visualize(embedding, labels, out / method, seed=0, name=method, methods=("tsne",))
+        encoded = base64.b64encode(figure.paths["tsne"].read_bytes()).decode()
+        images.append(
+            f"<figure style='display:inline-block;width:32%'><img src='data:image/png;base64,{encoded}' "
+            f"style='width:100%'><figcaption>{method}</figcaption></figure>"
+        )
+    return HTMLString("<h3>t-SNE of the embeddings</h3>" + "".join(images))
+
+
+@step(cache_policy=depends_on("evaluate", "plots"))
+def probe_cells(
+    adata: ad.AnnData,
+    tsne_views: HTMLString,
+    evaluate: dict[str, Any],
+    out_dir: str,
+    report_extra: dict[str, Any],
+) -> Annotated[dict, "evaluation"]:
+    """Probe, cluster and label-efficiency for the model and both baselines on one shared split.
+
+    Writes under ``<out_dir>/evaluation``: ``baselines.csv``, ``summary.json`` (``model/…``, ``pca/…``,
+    ``random/…`` metrics), ``run_meta.json``, per-method probe/cluster tables and figures, the
+    label-efficiency table and plot, and ``report.md`` + ``report.html``. Returns the flat metrics,
+    the report path and the class counts.
+    """
+    labels = resolve_labels(adata, evaluate["label_column"], evaluate["label_mapping"])
+    groups = None
+    if evaluate["group_column"] is not None:
+        if evaluate["group_column"] not in adata.obs:
+            from neurofm.errors import NeurofmError
+
+            raise NeurofmError(
+                f"group column {evaluate['group_column']!r} is not in obs (columns: {', '.join(map(str, adata.obs.columns))}); "
+                "pass an existing --group-col"
+            )
+        groups = adata.obs[evaluate["group_column"]].astype(str).to_numpy()
+    out = Path(out_dir) / EVALUATION_DIR
+    result = compare.evaluate_embeddings(
+        _embeddings(adata),
+        labels,
+        out,
+        probe_config=dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe"),
+        cluster_config=dataclass_from_dict(ClusterConfig, evaluate["cluster"], "evaluate.cluster"),
+        groups=groups,
+        label_efficiency_shots=evaluate["label_efficiency_shots"],
+        label_efficiency_draws=evaluate["label_efficiency_draws"],
+        views=("umap",),
+    )
+    for method, method_result in result.methods.items():
+        tsne = out / method / "tsne.png"
+        if tsne.exists():
+            method_result.paths["tsne"] = tsne
+    extra = {
+        **report_extra,
+        "embedding speed (cells/s)": round(float(adata.uns[keys.EMBEDDING_PARAMS]["cells_per_second"])),
+    }
+    report = compare.write_report(result, out, extra=extra)
+    return {
+        "metrics": dict(result.summary),
+        "report": str(report),
+        "report_html": str(report.with_suffix(".html")),
+        "classes": result.class_counts,
+        "out_dir": str(out),
+    }
+
+
+@step(enable_cache=False)
+def track_evaluation(
+    evaluation: dict,
+    model_info: dict,
+    evaluate: dict[str, Any],
+    tracking_config: dict[str, Any],
+    data_name: str,
+) -> Annotated[dict, "evaluation_summary"]:
+    """Log the evaluation to MLflow (metrics ``model/…``, ``pca/…``, ``random/…``; figures, tables,
+    report) in a run linked to the model version, and move the ``champion`` alias when
+    :func:`neurofm.evaluate.compare.should_promote` allows it. Never cached."""
+    metrics = evaluation["metrics"]
+    name, version = model_info.get("model_name"), model_info.get("model_version")
+    tags = {
+        "neurofm.pipeline_step": "evaluate",
+        "neurofm.data": data_name,
+        "neurofm.model_uri": str(model_info.get("model_uri")),
+    }
+    if version is not None:
+        tags.update({"neurofm.model_name": name, "neurofm.model_version": str(version)})
+    with tracking.start_run(
+        tracking_config["experiment"],
+        run_name=f"evaluate-{data_name}",
+        tags=tags,
+        tracking_uri=tracking_config["tracking_uri"],
+    ) as run:
+        tracking.log_params(
+            {
+                "evaluate": {k: v for k, v in evaluate.items() if k != "model"},
+                "model_source": model_info.get("source", model_info.get("model_uri")),
+            }
+        )
+        tracking.log_metrics(metrics)
+        tracking.log_artifacts([evaluation["out_dir"]], artifact_path="evaluation")
+        promotion = "not a registered model version; no alias moved"
+        if version is not None and evaluate["promote"]:
+            promotion = _promote(name, str(version), metrics, data_name, run.info.run_id)
+        elif version is not None:
+            promotion = "evaluate.promote is false; no alias moved"
+        tracking.set_tags({"neurofm.promotion": promotion})
+    log.info("promotion: %s", promotion)
+    return {**evaluation, "promotion": promotion, "mlflow_run_id": run.info.run_id, "model": model_info}
+
+
+def _promote(name: str, version: str, metrics: dict[str, float], data_name: str, run_id: str) -> str:
+    """Apply the champion rule against the current champion's recorded metrics on the same data."""
+    tracking.set_version_tags(
+        name,
+        version,
+        {
+            **{
+                key: f"{metrics[key]:.6f}"
+                for key in ("model/probe_auc", "model/probe_accuracy")
+                if key in metrics
+            },
+            "eval_data": data_name,
+            "eval_run_id": run_id,
+        },
+    )
+    current = tracking.alias_version_tags(name, tracking.CHAMPION_ALIAS)
+    champion = None
+    if current is not None:
+        champion_version, champion_tags = current
+        if champion_version == version:
+            return f"version {version} already holds '{tracking.CHAMPION_ALIAS}'"
+        if champion_tags.get("eval_data") != data_name:
+            return (
+                f"champion v{champion_version} was evaluated on {champion_tags.get('eval_data')!r}, not {data_name!r}; "
+                "metrics are not comparable, alias left in place (evaluate it on this data first)"
+            )
+        champion = {key: float(value) for key, value in champion_tags.items() if key.startswith("model/")}
+    promote, reason = compare.should_promote(metrics, champion)
+    if promote:
+        tracking.set_alias(name, tracking.CHAMPION_ALIAS, version)
+        return f"v{version} → '{tracking.CHAMPION_ALIAS}': {reason}"
+    return f"v{version} not promoted: {reason}"

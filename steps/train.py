@@ -1,0 +1,126 @@
+"""Pre-training steps: tokenize, then pretrain + track + register.
+
+``pretrain_model`` logs one MLflow run per training (parameters, per-epoch metrics, curves, CSV,
+demo) and registers the best checkpoint as a new version of the registered model. When ZenML serves
+it from the cache no new run is logged; its output then names the run and version it came from and
+``run.py`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import anndata as ad
+from zenml import step
+
+from neurofm import tracking
+from neurofm.config import dataclass_from_dict
+from neurofm.model import ModelConfig
+from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
+from neurofm.train import TrainConfig, pretrain, split_cells
+from steps._cache import depends_on
+
+log = logging.getLogger(__name__)
+
+
+@step(cache_policy=depends_on("tokenizer", "train"))
+def tokenize(
+    adata: ad.AnnData, tokenizer: dict[str, Any], train: dict[str, Any], out_dir: str
+) -> Annotated[Path, "tokenizer"]:
+    """Fit the tokenizer (normalise, log1p, per-gene quantile bin edges) on the training split only.
+
+    The split is the one ``pretrain`` uses (seeded by ``train.seed``/``train.val_fraction``); the
+    tokenizer directory (JSON + npz, no pickle) is the step's artifact and is re-applied exactly by
+    training, embedding and evaluation.
+    """
+    config = dataclass_from_dict(TokenizerConfig, tokenizer, "tokenizer").validate()
+    train_config = dataclass_from_dict(TrainConfig, train, "train").validate()
+    train_idx, _ = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
+    fitted = ExpressionTokenizer(config).fit(adata, train_idx)
+    return fitted.save(Path(out_dir) / "tokenizer")
+
+
+@step(cache_policy=depends_on("tokenizer", "model", "train", "tracking", "plots"))
+def pretrain_model(
+    adata: ad.AnnData,
+    tokenizer_dir: Path,
+    model: dict[str, Any],
+    train: dict[str, Any],
+    tracking_config: dict[str, Any],
+    out_dir: str,
+    data_name: str,
+    resume: bool = False,
+) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "pretrain_summary"]]:
+    """Train the masked-bin encoder; log the run to MLflow and register the best checkpoint.
+
+    Returns the best model directory (weights + config + tokenizer) and a summary with the final
+    metrics, the frequency-baseline perplexity, the MLflow run id and the registered version.
+    """
+    model_config = dataclass_from_dict(ModelConfig, model, "model")
+    train_config = dataclass_from_dict(TrainConfig, train, "train")
+    tokenizer = ExpressionTokenizer.load(tokenizer_dir)
+    run_dir = Path(out_dir) / "pretrain"
+    with tracking.start_run(
+        tracking_config["experiment"],
+        run_name=f"pretrain-{data_name}",
+        tags={"neurofm.pipeline_step": "pretrain", "neurofm.data": data_name},
+        tracking_uri=tracking_config["tracking_uri"],
+    ) as run:
+        tracking.log_params(
+            {
+                "tokenizer": tokenizer.config.__dict__,
+                "model": model,
+                "train": train,
+                "data": {"name": data_name, "n_cells": adata.n_obs, "n_genes": adata.n_vars},
+            }
+        )
+        result = pretrain(
+            adata,
+            tokenizer=tokenizer,
+            model_config=model_config,
+            train_config=train_config,
+            out_dir=run_dir,
+            on_epoch_end=lambda epoch, metrics: tracking.log_metrics(metrics, step=epoch),
+            resume=resume,
+        )
+        final = {
+            "best_val_loss": result.best["val_loss"],
+            "best_val_perplexity": result.best["val_perplexity"],
+            "best_val_masked_accuracy": result.best["val_masked_accuracy"],
+            "baseline_perplexity": result.baseline_perplexity,
+            "baseline_masked_accuracy": result.baseline_masked_accuracy,
+            "perplexity_ratio": result.best["val_perplexity"] / result.baseline_perplexity,
+            "wall_time_s": result.wall_time_s,
+        }
+        tracking.log_metrics(final)
+        tracking.log_artifacts(
+            [p for k, p in result.artifacts.items() if k != "resume_state"], artifact_path="training"
+        )
+        registered = None
+        if tracking_config["register"]:
+            registered = tracking.log_and_register_model(
+                result.best_dir,
+                tracking_config["registered_model_name"],
+                tags={"data": data_name, "val_perplexity": f"{final['best_val_perplexity']:.4f}"},
+            )
+    summary: dict[str, Any] = {
+        **final,
+        "epochs": len(result.metrics),
+        "mlflow_run_id": run.info.run_id,
+        "model_name": registered.name if registered else None,
+        "model_version": registered.version if registered else None,
+        "model_uri": registered.uri if registered else None,
+        "best_dir": str(result.best_dir),
+        "last_dir": str(result.last_dir),
+        "demo": result.demo,
+    }
+    log.info(
+        "pretrained: val perplexity %.3f vs frequency baseline %.3f (ratio %.3f); registered %s",
+        final["best_val_perplexity"],
+        final["baseline_perplexity"],
+        final["perplexity_ratio"],
+        summary["model_uri"],
+    )
+    return Path(result.best_dir), summary
