@@ -289,7 +289,7 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
                 "  note: pretrain_model came from ZenML's cache, so no new MLflow run or model version was "
                 "logged; the model above is the cached one (use --no-cache to train again)"
             )
-    evaluation = outputs.get("report_and_promote", {}).get("evaluation_summary")
+    evaluation = outputs.get("track_evaluation", {}).get("evaluation_summary")
     if evaluation:
         lines.append("  evaluation (probe accuracy / ROC-AUC / Leiden ARI):")
         for method in ("model", "pca", "random"):

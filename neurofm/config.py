@@ -151,11 +151,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(_read_yaml(path.parent / base, (*seen, path)), loaded)
 
 
+# Mappings that are data, not settings: an override replaces them whole instead of merging into them
+# (a label mapping {a: x} must not inherit the keys of the default mapping).
+REPLACED_WHOLE = {"label_mapping", "space"}
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``override`` onto ``base`` (dicts merge, everything else replaces)."""
+    """Recursively merge ``override`` onto ``base`` (dicts merge, everything else replaces; the
+    mappings named in ``REPLACED_WHOLE`` are replaced whole)."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if key not in REPLACED_WHOLE and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value

@@ -230,9 +230,9 @@ def resolve_model_dir(
             f"cannot fetch model {uri} from {mlflow.get_tracking_uri()} ({message}); "
             "run the pretrain pipeline first or pass --model"
         ) from None
-    for candidate in [local, local / "artifacts" / MODEL_DIR_ARTIFACT, *local.rglob(MODEL_DIR_ARTIFACT)]:
-        if (candidate / "config.json").exists():
-            return candidate
+    for config_file in sorted(local.rglob("config.json")):  # the pyfunc keeps it under artifacts/<name>/
+        if (config_file.parent / "model.safetensors").exists():
+            return config_file.parent
     raise NeurofmError(f"{uri} holds no neurofm model directory; register it with the pretrain pipeline")
 
 
@@ -329,3 +329,11 @@ def terminate_run(run_id: str, status: str = "KILLED") -> None:
     """Mark a run left RUNNING by a killed process as ended with ``status`` (no-op if it is gone)."""
     if run_exists(run_id):
         MlflowClient().set_terminated(run_id, status=status)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of every metric of run ``run_id`` ({} when the run is gone)."""
+    try:
+        return dict(MlflowClient().get_run(run_id).data.metrics)
+    except MlflowException:
+        return {}

@@ -12,9 +12,7 @@ from pipelines.settings import step_settings
 from steps.evaluate import embed_cells, probe_cells, resolve_model, track_evaluation, visualize_cells
 
 
-def evaluation_steps(
-    cells, model_dir, model_info, config: dict[str, Any], inputs: dict[str, Any], report_extra
-):
+def evaluation_steps(cells, model_dir, model_info, config: dict[str, Any], inputs: dict[str, Any]):
     """embed → t-SNE views → probe/cluster/label-efficiency/report → MLflow + champion alias."""
     out_dir = config["data"]["out_dir"]
     settings = step_settings(config).get("embed_cells", {})
@@ -23,7 +21,7 @@ def evaluation_steps(
     )
     views = visualize_cells(embedded, evaluate=config["evaluate"], out_dir=out_dir)
     evaluation = probe_cells(
-        embedded, views, evaluate=config["evaluate"], out_dir=out_dir, report_extra=report_extra
+        embedded, views, model_info, evaluate=config["evaluate"], out_dir=out_dir, data_name=inputs["name"]
     )
     return track_evaluation(
         evaluation,
@@ -41,11 +39,11 @@ def evaluate(config: dict[str, Any], inputs: dict[str, Any], resume: bool = Fals
     model_dir, model_info = resolve_model(
         model=config["evaluate"]["model"], tracking_config=config["tracking"]
     )
-    evaluation_steps(cells, model_dir, model_info, config, inputs, report_extra={"data": inputs["name"]})
+    evaluation_steps(cells, model_dir, model_info, config, inputs)
 
 
 @pipeline(enable_cache=True)
 def full(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False) -> None:
     """Pretrain then evaluate the fresh model; cached steps are reused, so re-evaluating never retrains."""
     cells, model_dir, summary = pretrain_steps(config, inputs, resume)
-    evaluation_steps(cells, model_dir, summary, config, inputs, report_extra={"data": inputs["name"]})
+    evaluation_steps(cells, model_dir, summary, config, inputs)

@@ -53,6 +53,12 @@ def resolve_model(
         "model_uri": version.uri if version else str(model_dir),
         "mlflow_run_id": version.run_id if version else None,
     }
+    if version is not None and version.run_id:  # the pre-training figures, for the report
+        metrics = tracking.run_metrics(version.run_id)
+        wanted = ("best_val_perplexity", "baseline_perplexity", "perplexity_ratio")
+        wanted += ("best_val_masked_accuracy", "baseline_masked_accuracy")
+        if all(key in metrics for key in wanted):
+            info.update({key: metrics[key] for key in wanted})
     return model_dir, info
 
 
@@ -105,6 +111,26 @@ def embed_cells(
     return adata
 
 
+def _report_model_table(model_info: dict, data_name: str, adata: ad.AnnData) -> dict[str, Any]:
+    """The report's "Model" table: which model, and how its pre-training compared with its baseline."""
+    embedding = adata.uns[keys.EMBEDDING_PARAMS]
+    table: dict[str, Any] = {
+        "model": model_info.get("model_uri") or model_info.get("source"),
+        "MLflow run of the model": model_info.get("mlflow_run_id"),
+        "data": f"{data_name} ({adata.n_obs} cells × {adata.n_vars} genes)",
+        "embedding": f"{embedding['pooling']} pooling over all genes, {embedding['cells_per_second']:.0f} cells/s",
+    }
+    if "best_val_perplexity" in model_info:
+        table["pre-training validation perplexity"] = (
+            f"{model_info['best_val_perplexity']:.3f} vs per-gene frequency table "
+            f"{model_info['baseline_perplexity']:.3f} (ratio {model_info['perplexity_ratio']:.3f})"
+        )
+        table["pre-training masked accuracy"] = (
+            f"{model_info['best_val_masked_accuracy']:.3f} vs {model_info['baseline_masked_accuracy']:.3f}"
+        )
+    return {key: value for key, value in table.items() if value is not None}
+
+
 def _embeddings(adata: ad.AnnData) -> dict[str, np.ndarray]:
     return {method: np.asarray(adata.obsm[key]) for method, key in METHOD_KEYS.items() if key in adata.obsm}
 
@@ -136,9 +162,10 @@ def visualize_cells(
 def probe_cells(
     adata: ad.AnnData,
     tsne_views: HTMLString,
+    model_info: dict,
     evaluate: dict[str, Any],
     out_dir: str,
-    report_extra: dict[str, Any],
+    data_name: str,
 ) -> Annotated[dict, "evaluation"]:
     """Probe, cluster and label-efficiency for the model and both baselines on one shared split.
 
@@ -174,11 +201,7 @@ def probe_cells(
         tsne = out / method / "tsne.png"
         if tsne.exists():
             method_result.paths["tsne"] = tsne
-    extra = {
-        **report_extra,
-        "embedding speed (cells/s)": round(float(adata.uns[keys.EMBEDDING_PARAMS]["cells_per_second"])),
-    }
-    report = compare.write_report(result, out, extra=extra)
+    report = compare.write_report(result, out, extra=_report_model_table(model_info, data_name, adata))
     return {
         "metrics": dict(result.summary),
         "report": str(report),

@@ -1,0 +1,196 @@
+"""The pretrain + evaluate pipelines end to end through ``run.main``, on small built-in data.
+
+One session-scoped ``full`` run (2 epochs on a small synthetic atlas) feeds most tests: outputs,
+the MLflow run and registered version, cache reuse, the ``evaluate`` pipeline on the newest
+registered version and on a directory, the champion rule against a real registry, and bad inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import run
+from neurofm import tracking
+
+SMALL = [
+    "--set", "default_data.n_cells=3000",
+    "--set", "default_data.n_genes=300",
+    "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
+    "--set", "train.epochs=2",
+    "--set", "evaluate.label_efficiency_draws=2",
+]  # fmt: skip
+MODEL_NAME = "neurofm-encoder"
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = run.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("full") / "out"
+    argv = ["--pipeline", "full", "--out", str(out), *SMALL]
+    code = run.main(argv)
+    assert code == 0
+    return {"out": out, "argv": argv}
+
+
+def _versions() -> list:
+    tracking.configure()
+    return MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")
+
+
+@pytest.mark.slow
+def test_full_run_writes_checkpoints_report_and_baselines(full_run):
+    out = full_run["out"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (out / "pretrain" / "best" / name).is_file()
+    metrics = pd.read_csv(out / "pretrain" / "metrics.csv")
+    assert len(metrics) == 2 and {"val_perplexity", "baseline_perplexity", "val_masked_accuracy"} <= set(metrics)
+    evaluation = out / "evaluation"
+    baselines = pd.read_csv(evaluation / "baselines.csv")
+    assert list(baselines["method"]) == ["model", "pca", "random"]
+    summary = json.loads((evaluation / "summary.json").read_text())
+    for method in ("model", "pca", "random"):
+        assert 0.0 <= summary[f"{method}/probe_auc"] <= 1.0
+        assert f"{method}/ari" in summary
+    report = (evaluation / "report.md").read_text()
+    assert "pre-training validation perplexity" in report and "| pca |" in report
+    assert (evaluation / "report.html").stat().st_size > 10_000  # figures embedded
+    for name in ("embeddings.npy", "labels.npy", "cells.tsv"):
+        assert (evaluation / name).is_file()
+
+
+@pytest.mark.slow
+def test_full_run_logs_mlflow_runs_and_registers_a_version(full_run):
+    tracking.configure()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("neurofm")
+    runs = client.search_runs([experiment.experiment_id])
+    pretrain_runs = [r for r in runs if r.data.tags.get("neurofm.pipeline_step") == "pretrain"]
+    evaluate_runs = [r for r in runs if r.data.tags.get("neurofm.pipeline_step") == "evaluate"]
+    assert pretrain_runs and evaluate_runs
+    history = client.get_metric_history(pretrain_runs[-1].info.run_id, "val_perplexity")
+    assert len(history) == 2  # one point per epoch
+    assert "baseline_perplexity" in pretrain_runs[-1].data.metrics
+    assert {"model/probe_auc", "pca/probe_auc", "random/probe_auc"} <= set(evaluate_runs[-1].data.metrics)
+    versions = _versions()
+    assert versions
+    newest = client.get_model_version_by_alias(MODEL_NAME, tracking.NEWEST_ALIAS)
+    assert newest.run_id in {r.info.run_id for r in pretrain_runs}
+    assert evaluate_runs[-1].data.tags["neurofm.model_version"] == str(newest.version)
+
+
+@pytest.mark.slow
+def test_second_full_run_reuses_the_cached_model_and_says_so(full_run, capsys):
+    before = len(_versions())
+    code, out, _ = _main(full_run["argv"], capsys)
+    assert code == 0
+    assert len(_versions()) == before  # no retraining, no new version
+    assert "pretrain_model came from ZenML's cache" in out
+
+
+@pytest.mark.slow
+def test_evaluate_pipeline_uses_the_newest_registered_version(full_run, tmp_path, capsys):
+    code, out, _ = _main(["--pipeline", "evaluate", "--out", str(tmp_path / "eval"), *SMALL], capsys)
+    assert code == 0
+    report = (tmp_path / "eval" / "evaluation" / "report.md").read_text()
+    newest = MlflowClient().get_model_version_by_alias(MODEL_NAME, tracking.NEWEST_ALIAS)
+    assert f"models:/{MODEL_NAME}/{newest.version}" in report
+    assert "pre-training validation perplexity" in report  # fetched from the model's MLflow run
+
+
+@pytest.mark.slow
+def test_evaluate_pipeline_accepts_a_checkpoint_directory(full_run, tmp_path, capsys):
+    model_dir = full_run["out"] / "pretrain" / "last"
+    argv = ["--pipeline", "evaluate", "--out", str(tmp_path / "eval"), "--model", str(model_dir), *SMALL]
+    code, out, _ = _main(argv, capsys)
+    assert code == 0
+    assert "not a registered model version" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--label-col", "no_such_column"], "no_such_column"),
+        (["--set", "evaluate.label_mapping={cluster_2523: neuron, cluster_210: neuron}"], "class"),
+        (["--set", "evaluate.label_mapping={cluster_2523: excitatory}"], "mapping"),
+        (["--model", "/nonexistent/model/dir"], "model"),
+    ],
+    ids=["label-column-missing", "single-class", "labels-not-covered", "model-missing"],
+)
+def test_evaluate_bad_inputs_give_one_line(full_run, tmp_path, capsys, extra, expected):
+    out = tmp_path / "eval"
+    code, _, err = _main(["--pipeline", "evaluate", "--out", str(out), *SMALL, *extra], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neurofm: error:"), err
+    assert expected in lines[0].lower()
+    assert not (out / "evaluation" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_incomplete_model_directory_is_refused(full_run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(full_run["out"] / "pretrain" / "best", broken)
+    (broken / "model.safetensors").unlink()
+    code, _, err = _main(["--pipeline", "evaluate", "--out", str(tmp_path / "e"), "--model", str(broken), *SMALL], capsys)
+    assert code == 2 and "model.safetensors" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_champion_alias_moves_only_for_a_better_model_that_keeps_up_with_pca(full_run):
+    from steps.evaluate import _promote
+
+    name = "neurofm-promotion-test"
+    tracking.configure()
+    versions = []
+    for _ in range(2):
+        with tracking.start_run("neurofm-tests", run_name="promotion"):
+            versions.append(tracking.log_and_register_model(full_run["out"] / "pretrain" / "best", name).version)
+    first, second = versions
+    good = {"model/probe_auc": 0.99, "model/probe_accuracy": 0.97, "pca/probe_auc": 0.99, "pca/probe_accuracy": 0.97}
+    behind_pca = {**good, "pca/probe_auc": 1.0}
+    better = {**good, "model/probe_auc": 0.999, "pca/probe_auc": 0.99}
+    client = MlflowClient()
+
+    assert "not promoted" in _promote(name, first, behind_pca, "data-a", "run")
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS)
+    assert "→ 'champion'" in _promote(name, first, good, "data-a", "run")
+    assert str(client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS).version) == first
+    assert "not promoted" in _promote(name, second, good, "data-a", "run")  # a tie does not promote
+    assert "not comparable" in _promote(name, second, better, "data-b", "run")
+    assert str(client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS).version) == first
+    assert "→ 'champion'" in _promote(name, second, better, "data-a", "run")
+    assert str(client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS).version) == second
+
+
+def test_registered_model_reloads_to_the_same_directory_contents(tmp_path):
+    """resolve_model_dir fetches a registered pyfunc model back as the exact neurofm directory."""
+    from neurofm.data.synthetic import make_synthetic_counts
+    from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+    from neurofm.tokenizer import ExpressionTokenizer
+
+    adata = make_synthetic_counts(n_cells=120, n_genes=80, seed=1)
+    tokenizer = ExpressionTokenizer().fit(adata)
+    model = GeneEncoder(ModelConfig(n_genes=80, n_bins=20, d_model=16, n_heads=2, n_layers=1, ffn_dim=32))
+    model_dir = model.save_pretrained(tmp_path / "model", tokenizer)
+    tracking.configure()
+    with tracking.start_run("neurofm-tests", run_name="reload"):
+        registered = tracking.log_and_register_model(model_dir, "neurofm-reload-test")
+    fetched = tracking.resolve_model_dir(f"models:/neurofm-reload-test@{tracking.NEWEST_ALIAS}", "unused")
+    assert (fetched / "model.safetensors").read_bytes() == (Path(model_dir) / "model.safetensors").read_bytes()
+    reloaded, _ = load_pretrained(fetched)
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True))
+    assert registered.version == "1"
