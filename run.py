@@ -212,6 +212,30 @@ def _default_atlas(defaults: dict[str, Any]):
     )
 
 
+def _initialise_stores(config: dict[str, Any], tracking: bool) -> None:
+    """Create or migrate the ZenML (and MLflow) stores under a file lock.
+
+    Two runs started at once on fresh stores would otherwise race on the first database migration.
+    """
+    import fcntl
+
+    from zenml.client import Client
+    from zenml.utils.io_utils import get_global_config_directory
+
+    lock_dir = Path(get_global_config_directory())
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".neurofm-init.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        Client().active_stack_model  # noqa: B018  (creates/migrates the store)
+        if tracking:
+            from mlflow.tracking import MlflowClient
+
+            from neurofm import tracking as neurofm_tracking
+
+            neurofm_tracking.configure(config["tracking"]["tracking_uri"])
+            MlflowClient().search_experiments(max_results=1)
+
+
 def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
     """Run the chosen pipeline and print its summary."""
     from neurofm import io
@@ -223,6 +247,7 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
         run_study(config, resume=True)
         return 0
     inputs = resolve_inputs(config)
+    _initialise_stores(config, tracking=args.pipeline != "prepare")
     from pipelines import get_pipeline
 
     pipeline_function = get_pipeline(args.pipeline)

@@ -44,12 +44,25 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
 
-    Works for files and for directories (a directory target is replaced whole). On any error the
-    temporary is removed and ``path`` is left as it was.
+    Works for files and for directories: a directory target is swapped whole in one atomic
+    ``renameat2(RENAME_EXCHANGE)`` (Linux), so a crash leaves either the old or the new directory under
+    the final name. On any error the temporary is removed and ``path`` is left as it was.
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
@@ -61,13 +74,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             with open(target, "rb+") as handle:
                 os.fsync(handle.fileno())
         if target.is_dir():
-            old = None
-            if path.exists():
+            if not path.exists():
+                os.replace(target, path)
+            elif not _exchange(target, path):  # no renameat2 (not Linux): two renames, a short window
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
-            os.replace(target, path)
-            if old is not None:
+                os.replace(target, path)
                 shutil.rmtree(old, ignore_errors=True)
         elif target.exists():
             os.replace(target, path)

@@ -112,13 +112,6 @@ def test_two_prepare_runs_at_once_on_the_session_stores_both_finish(tmp_path: Pa
     print(f"2 concurrent runs, {len(completed)} completed; {listing['n_runs']} runs listed afterwards")
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: the loser only sometimes hits it
-    reason="source bug: two runs started at once on *fresh* stores race on ZenML's first database migration; "
-    "the loser dies with a rich traceback ('RuntimeError: The ZenML database has never been migrated with "
-    "alembic before', exit 1) instead of finishing or failing with one line. run.py should initialise the "
-    "ZenML store under a file lock (e.g. fcntl.flock on $ZENML_CONFIG_PATH/.init.lock) before starting",
-)
 def test_two_prepare_runs_at_once_on_fresh_stores_finish_or_fail_with_one_line(tmp_path: Path):
     env = _env(tmp_path / "stores")
     results = _run_two_at_once(tmp_path, env)

@@ -219,12 +219,6 @@ def test_load_probe_never_unpickles_a_pickle_named_probe_json(tmp_path: Path, ma
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug, neurofm/evaluate/probe.py:411 (load_probe) + :374 (probe_from_json): a non-UTF-8, "
-    "non-JSON, non-object or incomplete probe.json raises UnicodeDecodeError/JSONDecodeError/AttributeError/"
-    "KeyError instead of one NeurofmError; remove this mark once fixed",
-)
 @pytest.mark.parametrize(
     "content",
     [

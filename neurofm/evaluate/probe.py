@@ -408,7 +408,18 @@ def load_probe(path: str | os.PathLike) -> Pipeline:
     path = Path(path)
     if not path.is_file():
         raise NeurofmError(f"probe file {path} does not exist; pass the probe.json an evaluation wrote")
-    return probe_from_json(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return probe_from_json(data)
+    except NeurofmError:
+        raise
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
+        reason = f"missing key {error}" if isinstance(error, KeyError) else str(error).splitlines()[0][:120]
+        raise NeurofmError(
+            f"{path} is not a probe.json written by neurofm ({reason}); pass the probe.json an evaluation wrote"
+        ) from None
 
 
 def config_dict(config: ProbeConfig) -> dict[str, Any]:
