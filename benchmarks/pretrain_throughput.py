@@ -129,10 +129,16 @@ def _worker(spec: dict) -> dict:
                 if spec["kind"] == "original":  # dense: every gene in gene order
                     logits = model(batch.input_bins.gather(1, batch.gene_ids.argsort(1)))
                     labels = batch.labels.gather(1, batch.gene_ids.argsort(1))
-                else:
-                    logits = model(batch.gene_ids, batch.input_bins, batch.padding_mask)
+                else:  # both heads, as pretrain trains them (masked-token + cell loss)
+                    logits, cell_logits = model.pretrain_logits(
+                        batch.gene_ids, batch.input_bins, batch.padding_mask
+                    )
                     labels = batch.labels
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            if spec["kind"] != "original":
+                loss = loss + train_config.cell_loss_weight * F.cross_entropy(
+                    cell_logits.float().flatten(0, 1), batch.cell_labels.flatten(), ignore_index=IGNORE_INDEX
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

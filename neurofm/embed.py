@@ -2,10 +2,11 @@
 
 Every gene of the tokenizer takes part: a cell's genes are split into fixed chunks no longer than the
 model's ``max_tokens`` (its training context), strided over the gene order so each chunk is a spread-out
-sample like the ones seen in training (chunk ``c`` holds genes ``c, c + n_chunks, c + 2 n_chunks…``). The
-chunks run through the encoder in eval mode without masking, and the final hidden states are pooled
-over all the cell's tokens. No cell ever shares a sequence with another, so an embedding does not depend
-on the batch size or on which other cells are embedded with it.
+sample like the ones seen in training (chunk ``c`` holds genes ``c, c + n_chunks, c + 2 n_chunks…``). Each
+token's cell features (``GeneEncoder.cell_features``, the vectors the cell head was trained on) are
+pooled over all the cell's tokens; the default ``"mean"`` is exactly ``GeneEncoder.cell_embedding``
+over every gene. No cell ever shares a sequence with another, so an embedding does not depend on the
+batch size or on which other cells are embedded with it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def embed_bins(model: GeneEncoder, bins: torch.Tensor, pooling: str = "mean") ->
     gene_ids = chunk_genes.expand(n_cells, -1, -1).reshape(n_cells * n_chunks, chunk_len)
     padding = chunk_padding.expand(n_cells, -1, -1).reshape(n_cells * n_chunks, chunk_len)
     token_bins = torch.gather(bins.long(), 1, gene_ids.view(n_cells, -1)).view(n_cells * n_chunks, chunk_len)
-    hidden = model.encode(gene_ids, token_bins, padding if bool(padding.any()) else None).float()
+    hidden = model.cell_features(gene_ids, token_bins).float()
     hidden = hidden.view(n_cells, n_chunks * chunk_len, -1)
     keep = ~padding.view(n_cells, -1)
     if pooling == "mean_nonzero":
@@ -57,8 +58,7 @@ def embed_bins(model: GeneEncoder, bins: torch.Tensor, pooling: str = "mean") ->
         keep[keep.sum(1) == 0] = ~padding.view(n_cells, -1)[keep.sum(1) == 0]  # all-zero cells: plain mean
     if pooling == "max":
         return hidden.masked_fill(~keep[..., None], float("-inf")).amax(1)
-    weights = keep.float()[..., None]
-    return (hidden * weights).sum(1) / weights.sum(1)
+    return model.pool(hidden, keep)  # "mean": the cell vector the cell head was trained on
 
 
 def embed(

@@ -5,6 +5,17 @@ bin embedding (its expression bin, or the mask token). Pre-LayerNorm transformer
 attention (``torch.nn.functional.scaled_dot_product_attention``) mix the tokens; a key-padding mask
 lets cells with different numbers of tokens share a batch. A linear head predicts each token's bin.
 
+Each token also carries a gene × bin term (``gene_embedding ⊙ bin_scale``), so a token says which gene
+has which bin on its own. The cell embedding is the mean of the layer-normalised token embeddings over a
+cell's (real, unmasked) tokens (:meth:`GeneEncoder.cell_embedding`) — the vector ``neurofm.embed``
+writes out. A second head (after scGPT's "MVC" objective) predicts the bins of the cell's genes from
+the cell vector and each gene's query vector only: ``logits = cell_head(LayerNorm((cell +
+histogram_proj(histogram)) ⊙ gene_query(gene_embedding)))`` plus the per-gene bias, where
+``histogram`` is the cell's mean bin embedding, a nuisance covariate for depth and sparsity. This
+low-rank bottleneck trains the pooled vector to carry the expression profile (PCA-like). Pooling the
+transformer's final hidden states instead measured far worse: their residual updates, trained for the
+masked-token head, swamp the per-token gene × bin information.
+
 There is no positional embedding: gene order carries no meaning, the gene embedding is the position.
 
 A model directory (``save_pretrained`` / ``load_pretrained``) holds ``model.safetensors`` (weights),
@@ -43,6 +54,8 @@ class ModelConfig:
     ffn_dim: int = 128  # hidden width of each block's feed-forward network
     gene_bin_bias: bool = True  # add a learned per-(gene, bin) bias to the logits (pretrain starts it at the
     #                             training log-frequencies, so the transformer only learns what context adds)
+    gene_bin_interaction: bool = True  # add gene_embedding ⊙ bin_scale to each token, so that a token
+    #                                   carries which gene has which bin even before any attention
     dropout: float = 0.0  # dropout on attention weights and residual branches during training
     max_tokens: int = 256  # context length: tokens per sequence (pretrain sets it to the per-cell token cap;
     #                        embedding splits a cell's genes into chunks of at most this many)
@@ -118,7 +131,8 @@ class Block(nn.Module):
 
 
 class GeneEncoder(nn.Module):
-    """Gene tokens in, per-token hidden states (``encode``) or bin logits (``forward``) out.
+    """Gene tokens in, per-token hidden states (``encode``), bin logits (``forward``), cell vectors
+    (``cell_embedding``) or bin logits predicted from the cell vector alone (``cell_logits``) out.
 
     Inputs, all (batch, tokens): ``gene_ids`` in [0, n_genes), ``bin_ids`` in [0, n_bins] (n_bins =
     mask token), ``padding_mask`` True where a token is padding (ignored as a key; its output is junk).
@@ -129,14 +143,28 @@ class GeneEncoder(nn.Module):
         self.config = config.validate()
         self.gene_embedding = nn.Embedding(config.n_genes, config.d_model)
         self.bin_embedding = nn.Embedding(config.n_bins + 1, config.d_model)  # + mask token
+        # per-bin scale of the gene embedding: the gene × bin term of a token; None when turned off
+        self.bin_scale = (
+            nn.Embedding(config.n_bins + 1, config.d_model) if config.gene_bin_interaction else None
+        )
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_final = nn.LayerNorm(config.d_model)
+        self.ln_input = nn.LayerNorm(config.d_model)  # token embeddings as they enter the cell vector
         self.head = nn.Linear(config.d_model, config.n_bins)
+        # cell head: a gene's bin from the pooled cell vector and the gene's query vector
+        self.gene_query = nn.Linear(config.d_model, config.d_model)
+        self.histogram_proj = nn.Sequential(
+            nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, config.d_model)
+        )
+        self.ln_cell = nn.LayerNorm(config.d_model)
+        self.cell_head = nn.Linear(config.d_model, config.n_bins)
         # per-gene prior over bins, added to the logits; None when the config turns it off
         self.gene_bin_bias = nn.Embedding(config.n_genes, config.n_bins) if config.gene_bin_bias else None
         self.apply(self._init_weights)
         if self.gene_bin_bias is not None:
             nn.init.zeros_(self.gene_bin_bias.weight)
+        if self.bin_scale is not None:  # order one, so the product is as large as the embeddings
+            nn.init.normal_(self.bin_scale.weight, mean=0.0, std=1.0)
         for name, parameter in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith(("proj.weight", "down.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
@@ -149,6 +177,12 @@ class GeneEncoder(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def embed_tokens(self, gene_ids: torch.Tensor, bin_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (batch, tokens, d_model): gene + bin + gene ⊙ bin scale."""
+        genes = self.gene_embedding(gene_ids)
+        x = genes + self.bin_embedding(bin_ids)
+        return x if self.bin_scale is None else x + genes * self.bin_scale(bin_ids)
+
     def encode(
         self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -157,21 +191,67 @@ class GeneEncoder(nn.Module):
             raise NeurofmError(
                 f"{gene_ids.shape[1]} tokens exceed max_tokens={self.config.max_tokens}; chunk the genes"
             )
-        x = self.gene_embedding(gene_ids) + self.bin_embedding(bin_ids)
+        x = self.embed_tokens(gene_ids, bin_ids)
         # SDPA boolean mask: True = may attend; broadcast over heads and queries
         attend = None if padding_mask is None else (~padding_mask)[:, None, None, :]
         for block in self.blocks:
             x = block(x, attend)
         return self.ln_final(x)
 
+    def cell_features(self, gene_ids: torch.Tensor, bin_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token vectors (batch, tokens, d_model) whose mean over a cell's tokens is its cell vector:
+        the layer-normalised token embeddings (each depends on its own token only)."""
+        return self.ln_input(self.embed_tokens(gene_ids, bin_ids))
+
     def forward(
         self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Bin logits (batch, tokens, n_bins)."""
-        logits = self.head(self.encode(gene_ids, bin_ids, padding_mask))
-        if self.gene_bin_bias is not None:
-            logits = logits + self.gene_bin_bias(gene_ids)
-        return logits
+        return self._with_bias(self.head(self.encode(gene_ids, bin_ids, padding_mask)), gene_ids)
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, d_model) mean of ``hidden`` (batch, tokens, d_model) over the tokens where ``keep``
+        (batch, tokens) is True; over all tokens when ``keep`` is None."""
+        if keep is None:
+            return hidden.mean(1)
+        weights = keep.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def cell_embedding(
+        self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, d_model) cell vectors: final hidden states mean-pooled over the non-padding tokens."""
+        keep = None if padding_mask is None else ~padding_mask
+        return self.pool(self.cell_features(gene_ids, bin_ids), keep)
+
+    def cell_logits(
+        self, cell: torch.Tensor, gene_ids: torch.Tensor, histogram: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, tokens, n_bins) bin logits of the genes ``gene_ids`` (batch, tokens) predicted from the
+        cell vectors ``cell`` (batch, d_model) — no token of the cell is seen here. ``histogram`` (batch,
+        d_model), the mean bin embedding of the cell's visible tokens, is a nuisance covariate (like a
+        library size): it explains depth and sparsity so that ``cell`` is free to carry the profile."""
+        if histogram is not None:
+            cell = cell + self.histogram_proj(histogram)
+        query = self.gene_query(self.gene_embedding(gene_ids))
+        return self._with_bias(self.cell_head(self.ln_cell(cell[:, None, :] * query)), gene_ids)
+
+    def pretrain_logits(
+        self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads in one pass: (token logits, cell logits), each (batch, tokens, n_bins). The cell
+        vector pools the real tokens whose bin is visible (not the mask token), as at embedding time."""
+        hidden = self.encode(gene_ids, bin_ids, padding_mask)
+        keep = bin_ids != self.config.mask_token
+        if padding_mask is not None:
+            keep = keep & ~padding_mask
+        cell = self.pool(self.cell_features(gene_ids, bin_ids), keep)
+        histogram = self.pool(self.bin_embedding(bin_ids), keep)  # the cell's bin mix: depth, sparsity
+        return self._with_bias(self.head(hidden), gene_ids), self.cell_logits(cell, gene_ids, histogram)
+
+    def _with_bias(self, logits: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
+        return logits if self.gene_bin_bias is None else logits + self.gene_bin_bias(gene_ids)
 
     @property
     def n_parameters(self) -> int:

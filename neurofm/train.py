@@ -3,7 +3,8 @@
 ``pretrain`` takes raw counts in an AnnData and writes, under ``out_dir``:
 
 - ``best/`` and ``last/`` — model directories (``model.safetensors`` + ``config.json`` + tokenizer), the
-  best by validation loss and the newest epoch;
+  best by validation objective (``val_total_loss`` = masked-token loss + ``cell_loss_weight`` × cell
+  loss) and the newest epoch;
 - ``resume_state.pt`` — optimizer, learning-rate step, epoch, RNG states and metrics so far (tensors and
   plain containers only, read back with ``torch.load(weights_only=True)``);
 - ``metrics.csv``, ``curves.png`` (loss / perplexity / masked accuracy per epoch) and ``demo.txt`` (top-k
@@ -11,7 +12,9 @@
 
 Each step samples ``max_tokens_per_cell`` genes per cell (all of them when the cap is larger than the gene
 count) and masks ``mask_ratio`` of those tokens, ``nonzero_mask_share`` of the masked ones on non-zero bins
-(bin > 0), as the original did — all with tensor ops on the batch. Validation uses gene samples and masks
+(bin > 0), as the original did — all with tensor ops on the batch. The loss is the masked-token
+cross-entropy plus ``cell_loss_weight`` × the cell head's cross-entropy (bins predicted from the pooled
+cell vector alone, see ``neurofm.model``; at the masked or at all tokens, ``cell_loss_tokens``). Validation uses gene samples and masks
 drawn once, so the per-gene frequency-table baseline is scored on exactly the same positions every epoch.
 
 The loop is written for one process. Distributed training (torchrun/DDP) slots in at two places marked
@@ -68,6 +71,9 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up steps before the cosine decay
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     mask_ratio: float = 0.15  # share of each cell's tokens that are masked and scored
+    cell_loss_weight: float = 1.0  # weight of the cell-embedding loss (bins predicted from the pooled cell
+    #                                vector alone) beside the masked-token loss; 0 trains tokens only
+    cell_loss_tokens: str = "all"  # which tokens the cell head predicts: "masked" or "all" real tokens
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation
@@ -89,6 +95,8 @@ class TrainConfig:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (0 < self.mask_ratio < 1, "mask_ratio must be in (0, 1)"),
+            (self.cell_loss_weight >= 0, "cell_loss_weight must be >= 0"),
+            (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
@@ -108,7 +116,7 @@ class TrainResult:
     """What ``pretrain`` produced: per-epoch metrics and where the artifacts are."""
 
     metrics: list[dict]  # one dict per epoch (see METRIC_COLUMNS)
-    best_dir: Path  # model directory with the lowest validation loss
+    best_dir: Path  # model directory with the lowest validation objective (val_total_loss)
     last_dir: Path  # model directory of the final epoch
     baseline_perplexity: float  # per-gene frequency table on the fixed validation masks
     baseline_masked_accuracy: float
@@ -120,13 +128,16 @@ class TrainResult:
 
     @property
     def best(self) -> dict:
-        return min(self.metrics, key=lambda row: row["val_loss"])
+        return min(self.metrics, key=lambda row: row["val_total_loss"])
 
 
 METRIC_COLUMNS = (
     "epoch",
     "train_loss",
+    "train_cell_loss",
     "val_loss",
+    "val_cell_loss",
+    "val_total_loss",
     "val_perplexity",
     "val_masked_accuracy",
     "baseline_perplexity",
@@ -221,6 +232,7 @@ class _Batch:
     gene_ids: torch.Tensor  # (cells, tokens)
     input_bins: torch.Tensor  # bins with masked tokens replaced by the mask token
     labels: torch.Tensor  # true bin at masked tokens, IGNORE_INDEX elsewhere
+    cell_labels: torch.Tensor  # what the cell head is scored on: labels, or the true bin of every token
     padding_mask: torch.Tensor | None
 
 
@@ -231,10 +243,12 @@ def make_batch(
     gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device)
     token_bins = torch.gather(bins, 1, gene_ids).long()
     masked = mask_tokens(token_bins, config.mask_ratio, config.nonzero_mask_share, generator)
+    labels = torch.where(masked, token_bins, torch.full_like(token_bins, IGNORE_INDEX))
     return _Batch(
         gene_ids=gene_ids,
         input_bins=torch.where(masked, torch.full_like(token_bins, mask_token), token_bins),
-        labels=torch.where(masked, token_bins, torch.full_like(token_bins, IGNORE_INDEX)),
+        labels=labels,
+        cell_labels=labels if config.cell_loss_tokens == "masked" else token_bins,
         padding_mask=None,
     )
 
@@ -267,7 +281,8 @@ def _lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def _make_optimizer(model: GeneEncoder, config: TrainConfig) -> torch.optim.Optimizer:
-    tables = ("gene_embedding", "bin_embedding", "gene_bin_bias")  # lookup tables are not decayed
+    # lookup tables are not decayed
+    tables = ("gene_embedding", "bin_embedding", "bin_scale", "gene_bin_bias")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith(tables)]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith(tables))]
     groups = [
@@ -283,22 +298,41 @@ def _autocast(device: torch.device, config: TrainConfig):
     )
 
 
+def _losses(model: GeneEncoder, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
+    """(masked-token loss, cell loss, token logits): cross-entropy of the token head at the masked tokens
+    and of the cell head (bins from the pooled cell vector alone) at ``batch.cell_labels``."""
+    with _autocast(device, config):
+        logits, cell_logits = model.pretrain_logits(batch.gene_ids, batch.input_bins, batch.padding_mask)
+    token_loss = F.cross_entropy(
+        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
+    cell_loss = F.cross_entropy(
+        cell_logits.float().flatten(0, 1),
+        batch.cell_labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+    return token_loss, cell_loss, logits
+
+
 @torch.no_grad()
 def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
-    """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches."""
+    """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
+    cell head's loss (``cell_loss``, token-weighted mean NLL)."""
     model.eval()
-    total_nll, total_correct, total_masked = 0.0, 0, 0
+    total_nll, total_cell_nll, total_correct, total_masked, total_cell = 0.0, 0.0, 0, 0, 0
     for batch in batches:
-        with _autocast(device, config):
-            logits = model(batch.gene_ids, batch.input_bins, batch.padding_mask)
+        nll, cell_nll, logits = _losses(model, batch, device, config, reduction="sum")
         scored = batch.labels != IGNORE_INDEX
-        logits, labels = logits[scored].float(), batch.labels[scored]
-        total_nll += F.cross_entropy(logits, labels, reduction="sum").item()
-        total_correct += (logits.argmax(-1) == labels).sum().item()
+        total_nll += nll.item()
+        total_cell_nll += cell_nll.item()
+        total_correct += (logits[scored].float().argmax(-1) == batch.labels[scored]).sum().item()
         total_masked += int(scored.sum())
+        total_cell += int((batch.cell_labels != IGNORE_INDEX).sum())
     loss = total_nll / max(1, total_masked)
     return {
         "loss": loss,
+        "cell_loss": total_cell_nll / max(1, total_cell),
         "perplexity": math.exp(loss),
         "masked_accuracy": total_correct / max(1, total_masked),
     }
@@ -396,7 +430,7 @@ def pretrain(
     generator = torch.Generator(device=device).manual_seed(train_config.seed)
     steps_per_epoch = math.ceil(len(train_idx) / train_config.batch_size)
     total_steps = steps_per_epoch * train_config.epochs
-    state = {"epoch": 0, "step": 0, "best_val_loss": math.inf, "metrics": []}
+    state = {"epoch": 0, "step": 0, "best_val_loss": math.inf, "metrics": []}  # best: val_total_loss
     if resume:
         state = _load_resume_state(
             out_dir, model, optimizer, generator, model_config, tokenizer, train_config
@@ -413,7 +447,7 @@ def pretrain(
     for epoch in range(state["epoch"] + 1, train_config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
-        running, n_steps = 0.0, 0
+        running, running_cell, n_steps = 0.0, 0.0, 0
         for positions in _epoch_batches(len(train_idx), train_config.batch_size, generator):
             lr = _lr_at(state["step"], total_steps, train_config)
             for group in optimizer.param_groups:
@@ -421,26 +455,27 @@ def pretrain(
             batch = make_batch(
                 train_bins[positions.to(device)], n_tokens, mask_token, train_config, generator
             )
-            with _autocast(device, train_config):
-                logits = model(batch.gene_ids, batch.input_bins, batch.padding_mask)
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX
-            )
+            token_loss, cell_loss, _ = _losses(model, batch, device, train_config)
+            loss = token_loss + train_config.cell_loss_weight * cell_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if train_config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
             optimizer.step()
-            running += loss.item()
+            running += token_loss.item()
+            running_cell += cell_loss.item()
             n_steps += 1
             state["step"] += 1
             progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            progress.set_postfix(epoch=epoch, loss=f"{token_loss.item():.3f}", cell=f"{cell_loss.item():.3f}")
         val = evaluate(model, val_batches, device, train_config)
         row = {
             "epoch": epoch,
             "train_loss": running / max(1, n_steps),
+            "train_cell_loss": running_cell / max(1, n_steps),
             "val_loss": val["loss"],
+            "val_cell_loss": val["cell_loss"],
+            "val_total_loss": val["loss"] + train_config.cell_loss_weight * val["cell_loss"],
             "val_perplexity": val["perplexity"],
             "val_masked_accuracy": val["masked_accuracy"],
             "baseline_perplexity": baseline_ppl,
@@ -450,14 +485,15 @@ def pretrain(
         }
         metrics_rows.append(row)
         state["epoch"] = epoch
-        is_best = row["val_loss"] < state["best_val_loss"]
-        state["best_val_loss"] = min(state["best_val_loss"], row["val_loss"])
+        is_best = row["val_total_loss"] < state["best_val_loss"]
+        state["best_val_loss"] = min(state["best_val_loss"], row["val_total_loss"])
         _write_epoch_outputs(out_dir, model, tokenizer, optimizer, generator, state, is_best, train_config)
         log.info(
-            "epoch %d: train %.4f  val %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  acc %.3f",
+            "epoch %d: train %.4f  val %.4f  cell %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  acc %.3f",
             epoch,
             row["train_loss"],
             row["val_loss"],
+            row["val_cell_loss"],
             row["val_perplexity"],
             baseline_ppl,
             row["perplexity_ratio"],
@@ -576,7 +612,7 @@ def _write_final_outputs(out_dir: Path, rows: list[dict], demo: str) -> dict[str
     _write_metrics_csv(out_dir / METRICS_FILE, rows)
     write_text(demo, out_dir / DEMO_FILE)
     curves = plot_pretrain_curves(rows, out_dir / CURVES_FILE)
-    summary = {"best": min(rows, key=lambda row: row["val_loss"]), "last": rows[-1]}
+    summary = {"best": min(rows, key=lambda row: row["val_total_loss"]), "last": rows[-1]}
     write_json(summary, out_dir / "summary.json")
     return {
         "metrics_csv": out_dir / METRICS_FILE,

@@ -135,3 +135,40 @@ def test_gene_bin_bias_is_added_to_the_logits_and_can_be_turned_off():
     torch.testing.assert_close(model(gene_ids, bin_ids)[..., 3], before[..., 3] + 5.0)
     plain = GeneEncoder(ModelConfig(**{**CONFIG.__dict__, "gene_bin_bias": False}))
     assert plain.gene_bin_bias is None and plain(gene_ids, bin_ids).shape == (2, 9, 20)
+
+
+def test_cell_embedding_is_the_pooled_cell_features_and_ignores_padding():
+    torch.manual_seed(2)
+    model = GeneEncoder(CONFIG).eval()
+    gene_ids, bin_ids = torch.randint(0, 40, (2, 12)), torch.randint(0, 20, (2, 12))
+    cell = model.cell_embedding(gene_ids, bin_ids)
+    assert cell.shape == (2, 32)
+    torch.testing.assert_close(cell, model.cell_features(gene_ids, bin_ids).mean(1))
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[:, 12:] = True
+    padded = model.cell_embedding(
+        torch.cat([gene_ids, torch.randint(0, 40, (2, 4))], 1),
+        torch.cat([bin_ids, torch.randint(0, 20, (2, 4))], 1),
+        padding,
+    )
+    torch.testing.assert_close(padded, cell, atol=1e-5, rtol=1e-5)
+
+
+def test_cell_head_sees_only_the_cell_vector_and_gets_gradients():
+    torch.manual_seed(3)
+    model = GeneEncoder(CONFIG)
+    gene_ids, bin_ids = torch.randint(0, 40, (3, 10)), torch.randint(0, 21, (3, 10))
+    token_logits, cell_logits = model.pretrain_logits(gene_ids, bin_ids)
+    assert token_logits.shape == cell_logits.shape == (3, 10, 20)
+    cell_logits.logsumexp(-1).sum().backward()
+    for module in (model.cell_head, model.gene_query, model.gene_embedding, model.bin_scale):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert model.head.weight.grad is None  # the token head is not on the cell path
+    # the visible tokens make the cell vector; masked ones only ask for their genes' bins
+    visible = bin_ids.clone()
+    visible[:, :3] = CONFIG.mask_token
+    moved = torch.cat([gene_ids[:, :3].roll(1, 0), gene_ids[:, 3:]], 1)  # other genes behind the masks
+    with torch.no_grad():
+        first = model.pretrain_logits(gene_ids, visible)[1][:, 3:]
+        second = model.pretrain_logits(moved, visible)[1][:, 3:]
+    torch.testing.assert_close(first, second)

@@ -105,6 +105,8 @@ def test_frequency_table_rows_are_probabilities():
         dict(val_fraction=1.0),
         dict(lr=-1.0),
         dict(max_tokens_per_cell=1),
+        dict(cell_loss_weight=-1.0),
+        dict(cell_loss_tokens="some"),
         dict(device="tpu"),
     ],
     ids=lambda o: next(iter(o)),
@@ -121,7 +123,7 @@ def test_short_run_loss_falls_and_writes_artifacts(tmp_path):
     )
     losses = [row["train_loss"] for row in result.metrics]
     assert losses[-1] < losses[0] - 0.02
-    assert result.metrics[-1]["val_loss"] < result.metrics[0]["val_loss"]
+    assert result.metrics[-1]["val_total_loss"] < result.metrics[0]["val_total_loss"]  # the objective
     assert result.metrics[-1]["val_perplexity"] < result.baseline_perplexity  # context beats the table
     assert math.isfinite(result.baseline_perplexity) and 1 < result.baseline_perplexity < 8
     for path in result.artifacts.values():
@@ -129,6 +131,42 @@ def test_short_run_loss_falls_and_writes_artifacts(tmp_path):
     assert "true" in result.demo
     model, tokenizer = load_pretrained(result.best_dir)
     assert model.config.n_genes == 48 and tokenizer.config.n_bins == 8
+
+
+def test_the_cell_loss_is_trained_and_logged(tmp_path):
+    import torch
+
+    adata = synthetic_counts(n_cells=120, n_genes=48)
+    result = pretrain(
+        adata, TokenizerConfig(n_bins=8), SMALL_MODEL, small_train_config(epochs=4, lr=5e-3), tmp_path
+    )
+    rows = result.metrics
+    assert all(math.isfinite(row["train_cell_loss"]) and math.isfinite(row["val_cell_loss"]) for row in rows)
+    assert rows[-1]["val_cell_loss"] < rows[0]["val_cell_loss"]
+    assert rows[-1]["val_total_loss"] == rows[-1]["val_loss"] + rows[-1]["val_cell_loss"]  # weight 1.0
+    assert result.best == min(rows, key=lambda row: row["val_total_loss"])
+    from neurofm.model import GeneEncoder
+
+    trained, _ = load_pretrained(result.last_dir)
+    torch.manual_seed(small_train_config().seed)
+    untrained = GeneEncoder(trained.config)  # same seed as pretrain: the initial weights
+    assert not torch.equal(trained.cell_head.weight, untrained.cell_head.weight)
+    assert not torch.equal(trained.gene_query.weight, untrained.gene_query.weight)
+
+
+def test_cell_loss_weight_zero_leaves_the_cell_head_untrained(tmp_path):
+    import torch
+
+    from neurofm.model import GeneEncoder
+
+    adata = synthetic_counts(n_cells=60, n_genes=24)
+    config = small_train_config(epochs=1, cell_loss_weight=0.0, weight_decay=0.0)
+    result = pretrain(adata, TokenizerConfig(), SMALL_MODEL, config, tmp_path)
+    trained, _ = load_pretrained(result.last_dir)
+    torch.manual_seed(config.seed)
+    untrained = GeneEncoder(trained.config)  # same seed as pretrain: the initial weights
+    assert torch.equal(trained.cell_head.weight, untrained.cell_head.weight)
+    assert result.metrics[0]["val_total_loss"] == result.metrics[0]["val_loss"]
 
 
 def test_a_fitted_tokenizer_can_be_passed_in(tmp_path):
