@@ -539,6 +539,9 @@ def _write_epoch_outputs(
         "best_val_loss": state["best_val_loss"],
         "metrics": [dict(row) for row in state["metrics"]],
         "optimizer": optimizer.state_dict(),
+        # the weights too, so the resume state is one self-consistent file: a crash between writing
+        # last/ and this file can never pair epoch-k weights with an epoch-(k-1) optimizer
+        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "train_config": asdict(config),
@@ -586,7 +589,7 @@ def _load_resume_state(
             f"the checkpoint in {out_dir / LAST_DIR} was trained with another model config or "
             "data; resume with the same settings and data or start a fresh out_dir"
         )
-    model.load_state_dict(last_model.state_dict())
+    model.load_state_dict(saved["model"] if "model" in saved else last_model.state_dict())
     optimizer.load_state_dict(saved["optimizer"])
     generator.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])

@@ -186,14 +186,6 @@ def test_a_run_killed_before_its_first_checkpoint_cannot_resume_and_says_so(
     assert message and "nothing to resume" in message[0] and "without resume" in message[0], resumed.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug, neurofm/train.py:_write_epoch_outputs (~line 488-512): last/ is replaced before "
-    "resume_state.pt, so a crash between the two leaves epoch-k weights with the epoch-(k-1) optimizer/RNG "
-    "state and _load_resume_state accepts the mix; resume then silently diverges. Store the epoch in the "
-    "checkpoint (or the weights in the resume state) and refuse/repair a mismatch. "
-    "Remove this mark once fixed",
-)
 def test_a_crash_between_checkpoint_and_resume_state_still_resumes_exactly(
     counts_h5ad: Path, uninterrupted: Outcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
