@@ -93,6 +93,7 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.label_col is not None:
         set_path(config, ["evaluate", "label_column"], args.label_col)
         set_path(config, ["evaluate", "label_mapping"], None)
+        set_path(config, ["reports", "value_counts_column"], args.label_col)
     if args.group_col is not None:
         set_path(config, ["evaluate", "group_column"], args.group_col)
     if args.trials is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +36,11 @@ def dataset_summary(
     adata: ad.AnnData, out_dir: str, value_counts_column: str | None = None, source_path: str | None = None
 ) -> Annotated[HTMLString, "dataset_summary"]:
     """Summary of the prepared data (cells, genes, columns, uns keys, value counts, sparsity)."""
+    if value_counts_column is not None and value_counts_column not in adata.obs:
+        logging.getLogger(__name__).warning(
+            "reports.value_counts_column %r is not in obs; the summary has no value counts", value_counts_column
+        )
+        value_counts_column = None
     summary = reports.summarize(adata, path=source_path, value_counts_column=value_counts_column)
     io.write_json(summary, Path(io.ensure_writable_dir(out_dir)) / "dataset_summary.json")
     return HTMLString(f"<h3>Dataset summary</h3>{_table(summary)}")
