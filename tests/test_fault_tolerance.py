@@ -74,6 +74,21 @@ print("done", flush=True)
 """
 
 
+def _tiny_configs() -> dict:
+    """The settings the child script uses, for the in-process tests (same model, same training)."""
+    import neurofm.train as train
+    from neurofm.model import ModelConfig
+    from neurofm.tokenizer import TokenizerConfig
+
+    return {
+        "tokenizer_config": TokenizerConfig(),
+        "model_config": ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_dim=32, dropout=0.1),
+        "train_config": train.TrainConfig(
+            epochs=EPOCHS, batch_size=16, max_tokens_per_cell=32, warmup_steps=5, seed=3, device="cpu", progress=False
+        ),
+    }
+
+
 @dataclass
 class Outcome:
     returncode: int
@@ -192,24 +207,9 @@ def test_a_crash_between_checkpoint_and_resume_state_still_resumes_exactly(
     """In-process stand-in for a SIGKILL that lands after last/ is renamed into place but before the resume
     state is: the second epoch's ``torch.save`` of the resume state raises."""
     import neurofm.train as train
-    from neurofm.model import ModelConfig
-    from neurofm.tokenizer import TokenizerConfig
 
     adata = io.read_h5ad(counts_h5ad)
-    settings = dict(
-        tokenizer_config=TokenizerConfig(),
-        model_config=ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_dim=32, dropout=0.1),
-        train_config=train.TrainConfig(
-            epochs=EPOCHS,
-            batch_size=16,
-            max_tokens_per_cell=32,
-            warmup_steps=5,
-            seed=3,
-            device="cpu",
-            progress=False,
-        ),
-        out_dir=tmp_path / "run",
-    )
+    settings = dict(**_tiny_configs(), out_dir=tmp_path / "run")
     real_save, calls = torch.save, []
 
     def crash_on_second_resume_state(obj, path, *args, **kwargs):
@@ -351,8 +351,6 @@ def test_resume_refuses_a_truncated_resume_state_with_one_line(
     import shutil
 
     import neurofm.train as train
-    from neurofm.model import ModelConfig
-    from neurofm.tokenizer import TokenizerConfig
 
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted.out_dir, run_dir)
@@ -361,18 +359,8 @@ def test_resume_refuses_a_truncated_resume_state_with_one_line(
     with pytest.raises(NeurofmError, match="not a readable resume state") as error:
         train.pretrain(
             io.read_h5ad(counts_h5ad),
-            TokenizerConfig(),
-            ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_dim=32, dropout=0.1),
-            train.TrainConfig(
-                epochs=EPOCHS,
-                batch_size=16,
-                max_tokens_per_cell=32,
-                warmup_steps=5,
-                seed=3,
-                device="cpu",
-                progress=False,
-            ),
-            run_dir,
+            **_tiny_configs(),
+            out_dir=run_dir,
             resume=True,
         )
     assert "\n" not in str(error.value)
