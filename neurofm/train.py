@@ -17,9 +17,10 @@ cross-entropy plus ``cell_loss_weight`` × the cell head's cross-entropy (bins p
 cell vector alone, see ``neurofm.model``; at the masked or at all tokens, ``cell_loss_tokens``). Validation uses gene samples and masks
 drawn once, so the per-gene frequency-table baseline is scored on exactly the same positions every epoch.
 
-The loop is written for one process. Distributed training (torchrun/DDP) slots in at two places marked
-``DDP:`` below: the batch order (``_epoch_batches`` → a DistributedSampler) and the side effects that only
-rank 0 should perform (``_write_epoch_outputs``).
+The same loop runs data-parallel under ``torchrun`` (see ``neurofm.distributed``): every rank draws the
+same global batch and masks and trains on its share of the rows with the loss scaled so that DDP's
+gradient average equals the single-process gradient; validation sums are all-reduced; rank 0 alone
+writes outputs and calls ``on_epoch_end``. ``nproc_per_node > 1`` makes the pretrain step launch it.
 
 Run on the shared data::
 
@@ -36,6 +37,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from neurofm import distributed
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, ensure_writable_dir, write_json, write_text
 from neurofm.model import GeneEncoder, ModelConfig
@@ -82,6 +85,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda > mps > cpu), "cpu", "cuda", "cuda:1", "mps"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU/MPS, which stay float32 and deterministic)
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
+    nproc_per_node: int = 1  # data-parallel processes (>1: the pretrain step launches them with torchrun)
+    dist_backend: str = "auto"  # process-group backend: "auto" (nccl on CUDA, else gloo), "gloo", "nccl"
     demo_top_k: int = 3  # predicted bins shown per masked gene in demo.txt
     progress: bool = True  # tqdm progress bar
 
@@ -102,6 +107,11 @@ class TrainConfig:
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.val_draws >= 1, "val_draws must be >= 1"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1 or None"),
+            (
+                isinstance(self.nproc_per_node, int) and self.nproc_per_node >= 1,
+                "nproc_per_node must be >= 1",
+            ),
+            (self.dist_backend in ("auto", "gloo", "nccl"), "dist_backend must be auto, gloo or nccl"),
             (self.demo_top_k >= 1, "demo_top_k must be >= 1"),
         ]
         for ok, message in checks:
@@ -235,6 +245,21 @@ class _Batch:
     cell_labels: torch.Tensor  # what the cell head is scored on: labels, or the true bin of every token
     padding_mask: torch.Tensor | None
 
+    def rows(self, part: slice) -> _Batch:
+        """The cells ``part`` of the batch (a rank's share under DDP)."""
+        return _Batch(
+            self.gene_ids[part],
+            self.input_bins[part],
+            self.labels[part],
+            self.cell_labels[part],
+            None if self.padding_mask is None else self.padding_mask[part],
+        )
+
+    @property
+    def n_scored(self) -> tuple[int, int]:
+        """(masked tokens, tokens the cell head is scored on)."""
+        return int((self.labels != IGNORE_INDEX).sum()), int((self.cell_labels != IGNORE_INDEX).sum())
+
 
 def make_batch(
     bins: torch.Tensor, n_tokens: int, mask_token: int, config: TrainConfig, generator: torch.Generator
@@ -254,9 +279,11 @@ def make_batch(
 
 
 def _epoch_batches(n_train: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled positions into the training cells, cut into batches (the last may be smaller).
+    """Shuffled positions into the training cells, cut into global batches (the last may be smaller).
 
-    DDP: replace by a DistributedSampler over the training cells (set_epoch each epoch)."""
+    Under DDP every rank draws the same order from its identically seeded generator and takes its
+    share of each batch's rows (``neurofm.distributed.shard``), so the global batches are exactly the
+    single-process ones."""
     order = torch.randperm(n_train, generator=generator)
     return list(order.split(batch_size))
 
@@ -298,11 +325,24 @@ def _autocast(device: torch.device, config: TrainConfig):
     )
 
 
-def _losses(model: GeneEncoder, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
+class _PretrainForward(torch.nn.Module):
+    """``GeneEncoder.pretrain_logits`` as a module's ``forward``, which DistributedDataParallel wraps."""
+
+    def __init__(self, model: GeneEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, gene_ids, bin_ids, padding_mask=None):
+        return self.model.pretrain_logits(gene_ids, bin_ids, padding_mask)
+
+
+def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
     """(masked-token loss, cell loss, token logits): cross-entropy of the token head at the masked tokens
-    and of the cell head (bins from the pooled cell vector alone) at ``batch.cell_labels``."""
+    and of the cell head (bins from the pooled cell vector alone) at ``batch.cell_labels``. ``model`` is a
+    GeneEncoder or its DDP-wrapped ``_PretrainForward``."""
+    forward = model.pretrain_logits if isinstance(model, GeneEncoder) else model
     with _autocast(device, config):
-        logits, cell_logits = model.pretrain_logits(batch.gene_ids, batch.input_bins, batch.padding_mask)
+        logits, cell_logits = forward(batch.gene_ids, batch.input_bins, batch.padding_mask)
     token_loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
     )
@@ -318,10 +358,12 @@ def _losses(model: GeneEncoder, batch: _Batch, device: torch.device, config: Tra
 @torch.no_grad()
 def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
     """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
-    cell head's loss (``cell_loss``, token-weighted mean NLL)."""
+    cell head's loss (``cell_loss``, token-weighted mean NLL). Under DDP each rank scores its share of
+    the batches and the sums are all-reduced, so every rank returns the same metrics."""
+    context = distributed.current()
     model.eval()
     total_nll, total_cell_nll, total_correct, total_masked, total_cell = 0.0, 0.0, 0, 0, 0
-    for batch in batches:
+    for batch in batches[context.rank :: context.world_size]:
         nll, cell_nll, logits = _losses(model, batch, device, config, reduction="sum")
         scored = batch.labels != IGNORE_INDEX
         total_nll += nll.item()
@@ -329,6 +371,9 @@ def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, co
         total_correct += (logits[scored].float().argmax(-1) == batch.labels[scored]).sum().item()
         total_masked += int(scored.sum())
         total_cell += int((batch.cell_labels != IGNORE_INDEX).sum())
+    total_nll, total_cell_nll, total_correct, total_masked, total_cell = distributed.all_reduce_sums(
+        [total_nll, total_cell_nll, total_correct, total_masked, total_cell], context
+    )
     loss = total_nll / max(1, total_masked)
     return {
         "loss": loss,
@@ -397,10 +442,54 @@ def pretrain(
         model_config or ModelConfig(), n_genes=tokenizer.n_genes, n_bins=n_bins, max_tokens=n_tokens
     ).validate()
     out_dir = ensure_writable_dir(out_dir)
+    context = distributed.current()
     device = resolve_device(train_config.device)
-    if train_config.num_threads is not None:
-        torch.set_num_threads(train_config.num_threads)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    with _torch_threads(train_config.num_threads):
+        return _pretrain(
+            adata,
+            tokenizer,
+            model_config,
+            train_config,
+            out_dir,
+            on_epoch_end,
+            resume,
+            context,
+            device,
+            n_tokens,
+        )
+
+
+@contextmanager
+def _torch_threads(n_threads: int | None):
+    """``torch.set_num_threads(n_threads)`` for the block only (the setting is process-global)."""
+    if n_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pretrain(
+    adata: ad.AnnData,
+    tokenizer: ExpressionTokenizer,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out_dir: Path,
+    on_epoch_end: Callable[[int, dict], None] | None,
+    resume: bool,
+    context: distributed.DistContext,
+    device: torch.device,
+    n_tokens: int,
+) -> TrainResult:
     started = time.perf_counter()
+    train_idx, val_idx = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
+    n_bins = tokenizer.config.n_bins
 
     # data: all bins (tokenizer gene order) on the device once
     bins = tokenizer.transform(adata)
@@ -426,6 +515,11 @@ def pretrain(
         log_table = np.log(table)
         model.gene_bin_bias.weight.data.copy_(torch.from_numpy(log_table - log_table.mean(1, keepdims=True)))
     model = model.to(device)
+    trainable = model
+    if context.enabled:
+        trainable = torch.nn.parallel.DistributedDataParallel(
+            _PretrainForward(model), device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = _make_optimizer(model, train_config)
     generator = torch.Generator(device=device).manual_seed(train_config.seed)
     steps_per_epoch = math.ceil(len(train_idx) / train_config.batch_size)
@@ -442,7 +536,7 @@ def pretrain(
         initial=state["step"],
         desc="pretrain",
         unit="step",
-        disable=not train_config.progress,
+        disable=not (train_config.progress and context.is_main),
     )
     for epoch in range(state["epoch"] + 1, train_config.epochs + 1):
         epoch_started = time.perf_counter()
@@ -455,8 +549,14 @@ def pretrain(
             batch = make_batch(
                 train_bins[positions.to(device)], n_tokens, mask_token, train_config, generator
             )
-            token_loss, cell_loss, _ = _losses(model, batch, device, train_config)
-            loss = token_loss + train_config.cell_loss_weight * cell_loss
+            n_masked, n_cell_scored = batch.n_scored  # over the global batch
+            if context.enabled:
+                batch = batch.rows(distributed.shard(len(positions), context))
+            token_sum, cell_sum, _ = _losses(trainable, batch, device, train_config, reduction="sum")
+            # this rank's share of the global-batch means; DDP averages gradients over the ranks, so
+            # the world-size factor makes the applied gradient the single-process one
+            token_loss, cell_loss = token_sum / max(1, n_masked), cell_sum / max(1, n_cell_scored)
+            loss = (token_loss + train_config.cell_loss_weight * cell_loss) * context.world_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if train_config.grad_clip > 0:
@@ -468,6 +568,7 @@ def pretrain(
             state["step"] += 1
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{token_loss.item():.3f}", cell=f"{cell_loss.item():.3f}")
+        running, running_cell = distributed.all_reduce_sums([running, running_cell], context)
         val = evaluate(model, val_batches, device, train_config)
         row = {
             "epoch": epoch,
@@ -487,6 +588,8 @@ def pretrain(
         state["epoch"] = epoch
         is_best = row["val_total_loss"] < state["best_val_loss"]
         state["best_val_loss"] = min(state["best_val_loss"], row["val_total_loss"])
+        if not context.is_main:
+            continue
         _write_epoch_outputs(out_dir, model, tokenizer, optimizer, generator, state, is_best, train_config)
         log.info(
             "epoch %d: train %.4f  val %.4f  cell %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  acc %.3f",
@@ -503,9 +606,13 @@ def pretrain(
             on_epoch_end(epoch, dict(row))
     progress.close()
 
-    demo = demo_prediction(model, val_batches[0], train_config.demo_top_k, device, train_config)
-    artifacts = _write_final_outputs(out_dir, metrics_rows, demo)
-    artifacts["resume_state"] = out_dir / RESUME_FILE
+    demo, artifacts = "", {}
+    if context.is_main:
+        demo = demo_prediction(model, val_batches[0], train_config.demo_top_k, device, train_config)
+        artifacts = _write_final_outputs(out_dir, metrics_rows, demo)
+        artifacts["resume_state"] = out_dir / RESUME_FILE
+    if context.enabled:
+        torch.distributed.barrier()  # the other ranks return once rank 0's outputs are complete
     return TrainResult(
         metrics=metrics_rows,
         best_dir=out_dir / BEST_DIR,
@@ -576,7 +683,8 @@ def _load_resume_state(
     changed = {
         k
         for k, v in saved["train_config"].items()
-        if k not in ("epochs", "progress", "num_threads", "device") and asdict(config).get(k) != v
+        if k not in ("epochs", "progress", "num_threads", "device", "nproc_per_node", "dist_backend")
+        and asdict(config).get(k) != v
     }
     if changed:
         raise NeurofmError(
@@ -607,6 +715,18 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(METRIC_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
+    """The per-epoch rows of a ``metrics.csv`` as numbers (``[]`` when there is none yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [
+        {key: int(value) if key == "epoch" else float(value) for key, value in row.items()} for row in rows
+    ]
 
 
 def _write_final_outputs(out_dir: Path, rows: list[dict], demo: str) -> dict[str, Path]:

@@ -68,11 +68,12 @@ import yaml
 
 from neurofm import tracking
 from neurofm.config import DEFAULTS, dataclass_from_dict, deep_merge, validate
+from neurofm.distributed import launch_pretrain
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir, write_json, write_text
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import TokenizerConfig
-from neurofm.train import TrainConfig, TrainResult, pretrain, split_cells
+from neurofm.train import TrainConfig, TrainResult, split_cells
 
 log = logging.getLogger(__name__)
 
@@ -430,13 +431,14 @@ class _Study:
                     "median of earlier trials"
                 )
 
-        result = pretrain(
+        result = launch_pretrain(  # torchrun when train.nproc_per_node > 1
             self.adata,
-            tokenizer_config,
+            None,
             model_config,
             train_config,
             self.out_dir / "trials" / f"trial_{trial.number:04d}",
             on_epoch_end=on_epoch_end,
+            tokenizer_config=tokenizer_config,
         )
         summary = _trial_summary(result)
         if self.objective == "val_loss":

@@ -17,9 +17,10 @@ from zenml import step
 
 from neurofm import tracking
 from neurofm.config import dataclass_from_dict
+from neurofm.distributed import launch_pretrain
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
-from neurofm.train import TrainConfig, pretrain, split_cells
+from neurofm.train import TrainConfig, split_cells
 from steps._cache import depends_on
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,12 @@ def pretrain_model(
                 "data": {"name": data_name, "n_cells": adata.n_obs, "n_genes": adata.n_vars},
             }
         )
-        result = pretrain(
+        result = launch_pretrain(  # torchrun when train.nproc_per_node > 1, else in this process
             adata,
-            tokenizer=tokenizer,
-            model_config=model_config,
-            train_config=train_config,
-            out_dir=run_dir,
+            tokenizer,
+            model_config,
+            train_config,
+            run_dir,
             on_epoch_end=lambda epoch, metrics: tracking.log_metrics(metrics, step=epoch),
             resume=resume,
         )

@@ -1,0 +1,292 @@
+"""Data-parallel pre-training with PyTorch DistributedDataParallel, launched by ``torchrun``.
+
+``neurofm.train.pretrain`` is the one training loop. Under ``torchrun`` it finds the process group
+(``current()``) and becomes data-parallel without other changes:
+
+- every rank draws the same global batch of ``batch_size`` cells (same seed, same generator) with its
+  gene samples and masks, and trains on its contiguous share of the rows (``shard``);
+- each rank's loss is its sum over its scored tokens divided by the *global* count, times the world
+  size, so DDP's gradient average is exactly the single-process gradient of the same global batch;
+- validation batches are split between ranks and the sums are all-reduced;
+- rank 0 alone writes checkpoints, the resume state, the metrics and the final outputs, and calls
+  ``on_epoch_end`` (MLflow logging, Optuna pruning).
+
+Two ways to run it:
+
+- ``launch_pretrain(...)`` (what the pretrain step calls when ``train.nproc_per_node > 1``) writes the
+  data and tokenizer to a work directory, starts ``python -m torch.distributed.run --standalone
+  --nproc_per_node N -m neurofm.distributed JOB.json``, forwards each epoch's metrics to
+  ``on_epoch_end`` as rank 0 writes them, and returns the same :class:`~neurofm.train.TrainResult`
+  as ``pretrain`` — one MLflow run and one registered version, made by the calling process;
+- by hand on a multi-GPU or multi-node machine::
+
+      torchrun --nproc_per_node 4 -m neurofm.distributed job.json
+
+  where ``job.json`` is written by ``write_job`` (data path, tokenizer dir, configs, out dir).
+
+The backend is NCCL on CUDA and gloo on CPU (``train.dist_backend: auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from neurofm.errors import NeurofmError
+
+log = logging.getLogger(__name__)
+
+JOB_FILE, RESULT_FILE, LOG_FILE = "job.json", "result.json", "torchrun.log"
+WORK_DIR = ".distributed"  # under the training out_dir; holds the job, data copy and launcher log
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the process group (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def current() -> DistContext:
+    """The process group this process belongs to; a single-process context when there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def backend_for(name: str) -> str:
+    """``auto`` → NCCL when CUDA is available, else gloo."""
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+def shard(n_rows: int, context: DistContext) -> slice:
+    """This rank's contiguous share of ``n_rows`` rows (sizes differ by at most one; may be empty)."""
+    base, extra = divmod(n_rows, context.world_size)
+    start = context.rank * base + min(context.rank, extra)
+    return slice(start, start + base + (context.rank < extra))
+
+
+def all_reduce_sums(values: list[float], context: DistContext) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (float64; unchanged in one process)."""
+    if not context.enabled:
+        return list(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def write_job(
+    work_dir: Path,
+    data_path: Path,
+    tokenizer_dir: Path,
+    model_config: dict,
+    train_config: dict,
+    out_dir: Path,
+    resume: bool,
+) -> Path:
+    """The JSON a worker reads: where the data, tokenizer and outputs are, and the settings."""
+    from neurofm.io import write_json
+
+    job = {
+        "data": str(data_path),
+        "tokenizer": str(tokenizer_dir),
+        "model": model_config,
+        "train": train_config,
+        "out_dir": str(out_dir),
+        "resume": resume,
+    }
+    return write_json(job, work_dir / JOB_FILE)
+
+
+def launch_pretrain(
+    adata,
+    tokenizer,
+    model_config,
+    train_config,
+    out_dir: str | os.PathLike,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    resume: bool = False,
+    *,
+    tokenizer_config=None,
+):
+    """``neurofm.train.pretrain`` in ``train_config.nproc_per_node`` processes under torchrun (called
+    directly, in this process, when that is 1).
+
+    Returns the rank-0 :class:`~neurofm.train.TrainResult`. ``on_epoch_end`` runs here, in the calling
+    process, once per epoch as rank 0 finishes it. ``tokenizer=None`` fits one from ``tokenizer_config``
+    on the training split, as ``pretrain`` does. ``on_epoch_end`` runs once per epoch as rank 0 finishes it; an exception it raises (e.g. an Optuna prune) stops
+    the workers and propagates. A failed worker raises NeurofmError naming the launcher log.
+    """
+    from neurofm.io import ensure_writable_dir
+    from neurofm.tokenizer import ExpressionTokenizer
+    from neurofm.train import METRICS_FILE, TrainResult, pretrain, read_metrics_csv, split_cells
+
+    train_config = train_config.validate()
+    if train_config.nproc_per_node == 1:
+        return pretrain(
+            adata,
+            tokenizer_config,
+            tokenizer=tokenizer,
+            model_config=model_config,
+            train_config=train_config,
+            out_dir=out_dir,
+            on_epoch_end=on_epoch_end,
+            resume=resume,
+        )
+    if tokenizer is None:
+        train_idx, _ = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
+        tokenizer = ExpressionTokenizer(tokenizer_config.validate()).fit(adata, train_idx)
+    out_dir = ensure_writable_dir(out_dir)
+    work_dir = out_dir / WORK_DIR
+    work_dir.mkdir(exist_ok=True)
+    for stale in (work_dir / RESULT_FILE, work_dir / LOG_FILE):
+        stale.unlink(missing_ok=True)
+    data_path = work_dir / "data.h5ad"
+    adata.write_h5ad(data_path)
+    tokenizer_dir = tokenizer.save(work_dir / "tokenizer")
+    job = write_job(
+        work_dir, data_path, tokenizer_dir, asdict(model_config), asdict(train_config), out_dir, resume
+    )
+    nproc = train_config.nproc_per_node
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "neurofm.distributed", str(job),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    threads = train_config.num_threads or max(1, (os.cpu_count() or 1) // nproc)
+    env["OMP_NUM_THREADS"] = str(threads)  # the cores shared out, not oversubscribed
+    env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    log.info("launching %d training processes: %s", nproc, " ".join(command))
+
+    seen = len(read_metrics_csv(out_dir / METRICS_FILE)) if resume else 0
+    with open(work_dir / LOG_FILE, "w") as log_handle:
+        process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                finished = process.poll() is not None
+                rows = read_metrics_csv(out_dir / METRICS_FILE)
+                for row in rows[seen:]:
+                    if on_epoch_end is not None:
+                        on_epoch_end(int(row["epoch"]), row)
+                seen = max(seen, len(rows))
+                if finished:
+                    break
+                time.sleep(0.5)
+        except BaseException:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    result_path = work_dir / RESULT_FILE
+    if process.returncode != 0 or not result_path.is_file():
+        raise NeurofmError(
+            f"distributed training failed (exit {process.returncode}): {_last_error(work_dir / LOG_FILE)}; "
+            f"see {work_dir / LOG_FILE}"
+        )
+    saved = json.loads(result_path.read_text())
+    data_path.unlink(missing_ok=True)  # a copy of the input; the job and log stay for the record
+    return TrainResult(
+        metrics=read_metrics_csv(out_dir / METRICS_FILE),
+        best_dir=Path(saved["best_dir"]),
+        last_dir=Path(saved["last_dir"]),
+        baseline_perplexity=saved["baseline_perplexity"],
+        baseline_masked_accuracy=saved["baseline_masked_accuracy"],
+        artifacts={name: Path(path) for name, path in saved["artifacts"].items()},
+        demo=saved["demo"],
+        wall_time_s=saved["wall_time_s"],
+    )
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a worker log: a neurofm error if there is one, else the last line."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        if "NeurofmError:" in line:
+            return line.split("NeurofmError:", 1)[1].strip()
+    return lines[-1][:200] if lines else "no output"
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _worker(job_path: str) -> None:
+    from neurofm.io import read_h5ad, write_json
+    from neurofm.model import ModelConfig
+    from neurofm.tokenizer import ExpressionTokenizer
+    from neurofm.train import TrainConfig, pretrain
+
+    job = json.loads(Path(job_path).read_text())
+    train_config = TrainConfig(**job["train"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = backend_for(train_config.dist_backend)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    try:
+        context = current()
+        logging.basicConfig(
+            level=logging.INFO if context.is_main else logging.WARNING,
+            format=f"[rank {context.rank}] %(levelname)s %(name)s: %(message)s",
+        )
+        result = pretrain(
+            read_h5ad(job["data"]),
+            tokenizer=ExpressionTokenizer.load(job["tokenizer"]),
+            model_config=ModelConfig(**job["model"]),
+            train_config=TrainConfig(**{**job["train"], "progress": False}),
+            out_dir=job["out_dir"],
+            resume=job["resume"],
+        )
+        if context.is_main:
+            saved = {
+                "best_dir": str(result.best_dir),
+                "last_dir": str(result.last_dir),
+                "baseline_perplexity": result.baseline_perplexity,
+                "baseline_masked_accuracy": result.baseline_masked_accuracy,
+                "artifacts": {name: str(path) for name, path in result.artifacts.items()},
+                "demo": result.demo,
+                "wall_time_s": result.wall_time_s,
+                "world_size": context.world_size,
+            }
+            write_json(saved, Path(job_path).parent / RESULT_FILE)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="torchrun ... -m neurofm.distributed", description="one data-parallel pre-training worker"
+    )
+    parser.add_argument("job", help="job JSON written by neurofm.distributed.write_job")
+    _worker(parser.parse_args(argv).job)
+
+
+if __name__ == "__main__":
+    main()
