@@ -19,6 +19,15 @@ from pipelines.settings import step_settings  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def _torch_pin() -> str:
+    import re
+
+    return re.search(r'"(torch==[^"]+)"', (CONFIGS.parent / "pyproject.toml").read_text()).group(1)
+
+
+TORCH_PIN = _torch_pin()
+
+
 def test_gpu_config_resolves_into_resource_and_docker_settings_for_the_listed_steps():
     config = load_config(CONFIGS / "gpu.yaml")
     settings = step_settings(config)
@@ -29,7 +38,8 @@ def test_gpu_config_resolves_into_resource_and_docker_settings_for_the_listed_st
         assert (resources.gpu_count, resources.cpu_count, resources.memory) == (1, 8, "32GB")
         assert docker.parent_image.startswith("pytorch/pytorch:") and "cuda" in docker.parent_image
         assert "mlflow==3.17.2" in docker.requirements
-        assert not any(str(requirement).startswith("torch") for requirement in docker.requirements)
+        # the image's own torch is replaced by the version the project pins (the CUDA wheel on Linux)
+        assert TORCH_PIN in docker.requirements, (TORCH_PIN, docker.requirements)
     assert config["train"]["device"] == "auto" and config["train"]["bf16"] is True
 
 
