@@ -7,9 +7,12 @@ a crash never leaves a partial file under the final name. Inputs are opened read
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,8 @@ import anndata as ad
 import numpy as np
 
 from neurofm.errors import NeurofmError
+
+logger = logging.getLogger(__name__)
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -56,6 +61,42 @@ def _exchange(first: Path, second: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of ``path`` left beside it; return what was removed.
+
+    A temporary is ``.NAME.HOST-PID.XXXX.tmp``: it is stale when HOST is this machine and process PID
+    is gone (a SIGKILL or power cut skips the clean-up). Temporaries of live processes, or written from
+    another host sharing the directory, are left alone.
+    """
+    path = Path(path)
+    host = _host()
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        owner = candidate.name[len(path.name) + 2 :].split(".", 1)[0]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    if removed:
+        logger.info("removed %d temporaries left by killed writers of %s", len(removed), path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
@@ -66,7 +107,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale_temporaries(path)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    )
     target = tmp / path.name
     try:
         yield target

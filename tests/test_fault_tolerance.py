@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -283,8 +284,33 @@ def test_sigkill_during_write_h5ad_leaves_no_partial_file_under_the_final_name(
     else:
         assert not target.exists(), "a partial file sits under the final name"
     leftovers = [path.name for path in tmp_path.iterdir() if path.name != target.name]
+    assert leftovers, "the killed writer left no temporary (nothing for the sweep to test)"
     assert all(name.startswith(".") for name in leftovers), f"non-hidden leftovers: {leftovers}"
     print(f"killed with {size_at_kill / 1e6:.1f} MB of the partial file written; leftovers {leftovers}")
+
+    # the next write of the same name sweeps the dead writer's temporary and completes
+    io.write_h5ad(ad.AnnData(X=np.zeros((4, 2), dtype=np.float32)), target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [target.name]
+    assert io.read_h5ad(target).shape == (4, 2)
+
+
+def test_the_sweep_leaves_temporaries_of_live_writers_and_other_hosts_alone(tmp_path: Path):
+    target = tmp_path / "summary.json"
+    host = socket.gethostname().replace(".", "_")
+    live = tmp_path / f".summary.json.{host}-{os.getpid()}.abc.tmp"  # this very process: alive
+    other_host = tmp_path / ".summary.json.elsewhere-1.abc.tmp"
+    dead = tmp_path / f".summary.json.{host}-{_dead_pid()}.abc.tmp"
+    unrelated = tmp_path / f".summary.json.old.{host}-{_dead_pid()}.abc.tmp.keep"
+    for path in (live, other_host, dead, unrelated):
+        path.mkdir()
+    assert io.sweep_stale_temporaries(target) == [dead]
+    assert live.exists() and other_host.exists() and unrelated.exists() and not dead.exists()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_a_failed_write_removes_its_temp_and_keeps_the_old_file(
