@@ -57,8 +57,8 @@ class ModelConfig:
     gene_bin_interaction: bool = True  # add gene_embedding ⊙ bin_scale to each token, so that a token
     #                                   carries which gene has which bin even before any attention
     dropout: float = 0.0  # dropout on attention weights and residual branches during training
-    max_tokens: int = 256  # context length: tokens per sequence (pretrain sets it to the per-cell token cap;
-    #                        embedding splits a cell's genes into chunks of at most this many)
+    max_tokens: int = 256  # context length of the transformer: tokens per sequence (pretrain sets it to the
+    #                        per-cell token cap; embedding pools every gene and is not bound by it)
 
     @property
     def mask_token(self) -> int:

@@ -1,4 +1,5 @@
-"""Embeddings: every gene used, independent of batch size and batch mates, written to obsm."""
+"""Embeddings: every gene used, equal to the per-token reference, independent of batch size and batch mates,
+written to obsm."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 from neurofm import keys
-from neurofm.embed import embed, embed_bins, gene_chunks, random_encoder_like
+from neurofm.embed import embed, embed_bins, feature_table, random_encoder_like
 from neurofm.errors import NeurofmError
 from neurofm.model import ModelConfig
-from neurofm.tokenizer import ExpressionTokenizer
+from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 from tests.test_tokenizer import synthetic_counts
 
 CONFIG = ModelConfig(n_genes=50, n_bins=20, d_model=32, n_heads=4, n_layers=2, ffn_dim=64, max_tokens=16)
@@ -22,10 +23,51 @@ def setup():
     return random_encoder_like(CONFIG, seed=0), ExpressionTokenizer().fit(adata), adata
 
 
-def test_chunks_cover_every_gene_once():
-    genes, padding = gene_chunks(50, 16)
-    assert genes.shape == (4, 13) and padding.sum() == 2
-    assert sorted(genes[~padding].tolist()) == list(range(50))
+def per_token_reference(model, bins: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The straightforward computation: every token through ``cell_features``, then pooled."""
+    gene_ids = torch.arange(bins.shape[1]).expand(bins.shape[0], -1)
+    bins = bins.long()
+    if pooling == "max":
+        return model.cell_features(gene_ids, bins).amax(1)
+    if pooling == "mean_nonzero":
+        zero = bins == 0
+        zero[zero.all(1)] = False  # cells with every bin 0: plain mean
+        return model.cell_embedding(gene_ids, bins, padding_mask=zero)
+    return model.cell_embedding(gene_ids, bins)  # "mean": what the cell head is trained on
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_nonzero", "max"])
+def test_embed_bins_equals_the_per_token_reference(setup, pooling):
+    model, _, _ = setup
+    bins = torch.randint(0, 21, (9, 50))  # 20 = the mask token
+    bins[0] = 0  # a cell with every bin 0
+    bins[1, ::2] = 0
+    with torch.no_grad():
+        expected = per_token_reference(model, bins, pooling)
+    assert (embed_bins(model, bins, pooling) - expected).abs().max() < 1e-5
+    assert (embed_bins(model, bins.to(torch.int16), pooling) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_nonzero", "max"])
+def test_embed_equals_the_per_token_reference_on_raw_counts(setup, pooling):
+    model, tokenizer, adata = setup
+    result = embed(model, tokenizer, adata, batch_size=16, pooling=pooling, device="cpu", progress=False)
+    with torch.no_grad():
+        expected = per_token_reference(model, torch.from_numpy(tokenizer.transform(adata)), pooling).numpy()
+    assert np.abs(result - expected).max() < 1e-5
+
+
+def test_feature_table_built_in_blocks_is_every_gene_and_bin(setup, monkeypatch):
+    model, _, _ = setup
+    whole = feature_table(model)
+    monkeypatch.setattr("neurofm.embed._TABLE_TOKENS", 50)  # 2 genes of 21 bin ids per block
+    blocks = feature_table(model)
+    assert whole.shape == (50 * 21, 32)
+    torch.testing.assert_close(blocks, whole, atol=0, rtol=0)
+    genes, bin_ids = torch.tensor([[0], [7], [49]]), torch.tensor([[0, 5, 20]])
+    with torch.no_grad():
+        direct = model.cell_features(genes.expand(3, 3), bin_ids.expand(3, 3))
+    torch.testing.assert_close(whole[genes * 21 + bin_ids], direct, atol=1e-6, rtol=0)
 
 
 def test_embeddings_do_not_depend_on_batch_size_or_batch_mates(setup):
@@ -60,26 +102,21 @@ def test_model_stays_in_its_training_mode_and_dropout_is_off(setup):
     assert model.training
 
 
-def test_mean_pooling_ignores_padding(setup):
-    model, _, _ = setup
-    bins = torch.randint(0, 20, (3, 50))
-    direct = embed_bins(model, bins)
-    genes, padding = gene_chunks(50, 16)
-    features = model.cell_features(
-        genes.repeat(3, 1), torch.gather(bins, 1, genes.view(1, -1).expand(3, -1)).view(12, -1)
-    )
-    manual = torch.stack([features[4 * i : 4 * i + 4][~padding].mean(0) for i in range(3)])
-    torch.testing.assert_close(direct, manual, atol=1e-5, rtol=1e-5)
-    whole = model.cell_embedding(torch.arange(50).expand(3, -1), bins)  # what the cell head is trained on
-    torch.testing.assert_close(direct, whole, atol=1e-5, rtol=1e-5)
-
-
 def test_bad_arguments_are_refused(setup):
     model, tokenizer, adata = setup
     with pytest.raises(NeurofmError, match="pooling"):
         embed(model, tokenizer, adata, pooling="cls", progress=False)
     with pytest.raises(NeurofmError, match="genes do not match"):
         embed(model, tokenizer, adata[:, :40].copy(), device="cpu", progress=False)
+    other_bins = ExpressionTokenizer(TokenizerConfig(n_bins=10)).fit(adata)
+    with pytest.raises(NeurofmError, match="bins"):
+        embed(model, other_bins, adata, device="cpu", progress=False)
+    with pytest.raises(NeurofmError, match="bin ids"):
+        embed_bins(model, torch.full((2, 50), 21))
+    with pytest.raises(NeurofmError, match="bin ids"):
+        embed_bins(model, torch.full((2, 50), -1))
+    with pytest.raises(NeurofmError, match="genes"):
+        embed_bins(model, torch.zeros((2, 49), dtype=torch.long))
 
 
 def test_pretrained_embedding_beats_the_random_encoder_on_a_probe(tmp_path):
