@@ -191,6 +191,95 @@ def _check_inputs_early(path: Path, config: dict[str, Any]) -> None:
             )
 
 
+def _check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Before ZenML starts (so before preparing, or training): the evaluation's label column exists in the
+    input files and can hold two classes. Only what the inputs settle is refused — a label the mapping does
+    not cover may still be filtered out by the region or crop, so the evaluation step judges that."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+
+    from neurofm import keys
+    from neurofm.data.atlas import metadata_header
+
+    column, mapping = config["evaluate"]["label_column"], config["evaluate"]["label_mapping"]
+    if mapping is not None and not isinstance(mapping, dict):
+        raise NeurofmError(
+            f"evaluate.label_mapping must map labels to classes, got {mapping!r}; "
+            "e.g. --set 'evaluate.label_mapping={cluster_2523: excitatory, cluster_210: inhibitory}'"
+        )
+    path, cluster_ids = Path(inputs["path"]), inputs["cluster_ids"]
+    with h5py.File(path, "r") as handle:
+        obs = handle.get("obs")
+        if not isinstance(obs, h5py.Group):  # an old AnnData layout: leave it to the evaluation step
+            return
+        obs_columns = [str(name) for name in obs.attrs.get("column-order", [])]
+        values: set[str] | None = None
+        if cluster_ids and column == keys.SUBTYPE:  # written by the subset step: prefix + cluster ID
+            values = {f"{config['subset']['label_prefix']}{cluster_id}" for cluster_id in cluster_ids}
+        elif column in obs_columns:
+            try:
+                values = set(pd.Series(ad.io.read_elem(obs[column])).dropna().astype(str))
+            except (OSError, KeyError, TypeError, ValueError):  # unreadable here: the step will say why
+                values = None
+    available = obs_columns + (
+        [keys.SUBTYPE, *metadata_header(inputs["metadata_csv"])] if cluster_ids else []
+    )
+    if column not in available:
+        raise NeurofmError(
+            f"label column {column!r} is not in the obs of {path.name}{' nor in the metadata' if cluster_ids else ''}; "
+            f"pick one of: {', '.join(dict.fromkeys(available)) or '(none)'} (set --label-col)"
+        )
+    if values is None or (mapping is not None and not values <= {str(key) for key in mapping}):
+        return
+    classes = {str(mapping[value]) for value in values} if mapping is not None else values
+    if len(classes) < 2:
+        raise NeurofmError(
+            f"label column {column!r} has a single class ({', '.join(sorted(classes)) or 'none'}) in "
+            f"{path.name}{' after the label mapping' if mapping is not None else ''}; the probe needs two or "
+            "more classes — choose another --label-col or a label mapping that keeps classes apart"
+        )
+
+
+def _check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Before ZenML starts: an ``evaluate.model`` directory is a complete, readable checkpoint whose genes
+    are all in the input .h5ad (registry and MLflow URIs are fetched, and checked, by the pipeline)."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.utils import make_index_unique
+
+    from neurofm import tracking
+    from neurofm.model import load_pretrained
+
+    spec = config["evaluate"]["model"]
+    if spec is None or ":/" in str(spec):
+        return
+    tracking_config = config["tracking"]
+    model_dir = tracking.resolve_model_dir(
+        spec, tracking_config["registered_model_name"], tracking_config["tracking_uri"]
+    )
+    _, tokenizer = load_pretrained(model_dir)
+    path = Path(inputs["path"])
+    with h5py.File(path, "r") as handle:
+        var = handle.get("var")
+        try:
+            genes = pd.Index(ad.io.read_elem(var[var.attrs.get("_index", "_index")]).astype(str))
+        except (OSError, KeyError, TypeError, ValueError, AttributeError):  # the step will say why
+            return
+    dedupe = config["dedupe"]
+    if dedupe["genes"] == "make_unique" and dedupe["gene_column"] is None:  # as the dedupe step renames
+        genes = make_index_unique(genes, join="-")
+    present = set(genes)
+    missing = [gene for gene in tokenizer.gene_ids if gene not in present]
+    if missing:
+        raise NeurofmError(
+            f"the model in {model_dir} was trained on other genes: {len(missing)} of its {tokenizer.n_genes} "
+            f"genes are not in {path.name} (e.g. {', '.join(missing[:3])}); evaluate it on data with the "
+            "genes it was trained on (same var_names), or pass the model trained on this data with --model"
+        )
+
+
 def _default_atlas(defaults: dict[str, Any]):
     """The built-in synthetic atlas under $NEUROFM_HOME, written once per (size, seed)."""
     from neurofm.data.synthetic import AtlasFiles, write_synthetic_atlas
@@ -248,6 +337,10 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
         run_study(config, resume=True)
         return 0
     inputs = resolve_inputs(config)
+    if args.pipeline in ("evaluate", "full"):
+        _check_labels_early(config, inputs)
+    if args.pipeline == "evaluate":
+        _check_model_early(config, inputs)
     _initialise_stores(config, tracking=args.pipeline != "prepare")
     from pipelines import get_pipeline
 

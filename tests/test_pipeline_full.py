@@ -2,13 +2,13 @@
 
 One session-scoped ``full`` run (2 epochs on a small synthetic atlas) feeds most tests: outputs,
 the MLflow run and registered version, cache reuse, the ``evaluate`` pipeline on the newest
-registered version and on a directory, the champion rule against a real registry, and bad inputs.
+registered version and on a directory, and the champion rule against a real registry. Bad input to the
+evaluate pipeline is tested in test_bad_inputs.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -116,36 +116,6 @@ def test_evaluate_pipeline_accepts_a_checkpoint_directory(full_run, tmp_path, ca
     code, out, _ = _main(argv, capsys)
     assert code == 0
     assert "not a registered model version" in out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "extra, expected",
-    [
-        (["--label-col", "no_such_column"], "no_such_column"),
-        (["--set", "evaluate.label_mapping={cluster_2523: neuron, cluster_210: neuron}"], "class"),
-        (["--set", "evaluate.label_mapping={cluster_2523: excitatory}"], "mapping"),
-        (["--model", "/nonexistent/model/dir"], "model"),
-    ],
-    ids=["label-column-missing", "single-class", "labels-not-covered", "model-missing"],
-)
-def test_evaluate_bad_inputs_give_one_line(full_run, tmp_path, capsys, extra, expected):
-    out = tmp_path / "eval"
-    code, _, err = _main(["--pipeline", "evaluate", "--out", str(out), *SMALL, *extra], capsys)
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("neurofm: error:"), err
-    assert expected in lines[0].lower()
-    assert not (out / "evaluation" / "report.md").exists()
-
-
-@pytest.mark.slow
-def test_incomplete_model_directory_is_refused(full_run, tmp_path, capsys):
-    broken = tmp_path / "broken"
-    shutil.copytree(full_run["out"] / "pretrain" / "best", broken)
-    (broken / "model.safetensors").unlink()
-    code, _, err = _main(["--pipeline", "evaluate", "--out", str(tmp_path / "e"), "--model", str(broken), *SMALL], capsys)
-    assert code == 2 and "model.safetensors" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -1,9 +1,8 @@
-"""``run.py --pipeline prepare`` end to end: outputs, ZenML cache, the real file, and bad input.
+"""``run.py --pipeline prepare`` end to end: outputs, ZenML cache and the real file.
 
 Every run goes through ``run.main`` in this process (ZenML and MLflow stores are the test session's own,
 see the root conftest.py). A pipeline run costs ~5 s of ZenML overhead, so the default-data run is made
-once per session and the bad-input cases are rejected before ZenML starts wherever a cheap check can
-tell.
+once per session. Bad input (one error line, exit 2, nothing written) is tested in test_bad_inputs.py.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import contextlib
 import hashlib
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import anndata as ad
@@ -205,208 +203,7 @@ def test_real_file_is_prepared_and_left_untouched(tmp_path):
     assert not (out / "barcode_check.json").exists()  # no metadata given: no barcode check
 
 
-# --- bad input --------------------------------------------------------------------------------------------
-
-
-def _tiny_counts(path: Path, change: Callable[[np.ndarray], None] | None = None) -> Path:
-    """A 30 × 12 raw-count .h5ad; ``change`` edits the dense matrix first (NaN, negatives, …)."""
-    counts = np.random.default_rng(0).poisson(2.0, size=(30, 12)).astype(np.float32)
-    if change is not None:
-        change(counts)
-    obs = pd.DataFrame(index=[f"cell{i}" for i in range(30)])
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(12)])
-    ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var).write_h5ad(path)
-    return path
-
-
-def _set_nan(counts: np.ndarray) -> None:
-    counts[3, 4] = np.nan
-
-
-def _set_negative(counts: np.ndarray) -> None:
-    counts[5, 1] = -3
-
-
-def _log_normalise(counts: np.ndarray) -> None:
-    counts[:] = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
-
-
-def _truncated(tmp: Path, atlas) -> list[str]:
-    data = atlas.counts_h5ad.read_bytes()
-    (tmp / "truncated.h5ad").write_bytes(data[: len(data) // 3])
-    return ["--data", str(tmp / "truncated.h5ad")]
-
-
-def _metadata_without(tmp: Path, atlas, column: str) -> Path:
-    table = pd.read_csv(atlas.cell_metadata_csv)
-    table.drop(columns=[column]).to_csv(tmp / "metadata.csv", index=False)
-    return tmp / "metadata.csv"
-
-
-def _with_metadata(atlas, *extra: str) -> list[str]:
-    return ["--data", str(atlas.counts_h5ad), "--metadata", str(atlas.cell_metadata_csv), *extra]
-
-
-def _under_a_file(tmp: Path) -> list[str]:
-    (tmp / "a_file").write_text("not a directory")
-    return ["--out", str(tmp / "a_file" / "out")]
-
-
-# id → (build the extra arguments from (tmp_path, atlas_files), words the error line must hold)
-BAD_INPUTS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "missing file": (
-        lambda tmp, atlas: ["--data", str(tmp / "missing.h5ad")],
-        ("missing.h5ad", "does not exist"),
-    ),
-    "non-HDF5 file named .h5ad": (
-        lambda tmp, atlas: ["--data", str(_write_text(tmp / "table.h5ad", "a,b\n1,2\n"))],
-        ("table.h5ad", "not an HDF5"),
-    ),
-    "truncated .h5ad": (_truncated, ("truncated.h5ad", "truncated")),
-    "metadata missing the cluster column": (
-        lambda tmp, atlas: [
-            "--data",
-            str(atlas.counts_h5ad),
-            "--metadata",
-            str(_metadata_without(tmp, atlas, "cluster_alias")),
-            "--set",
-            "subset.cluster_ids=[2523]",
-        ],
-        ("metadata.csv", "cluster_alias"),
-    ),
-    "metadata missing the cell label column": (
-        lambda tmp, atlas: [
-            "--data",
-            str(atlas.counts_h5ad),
-            "--metadata",
-            str(_metadata_without(tmp, atlas, "cell_label")),
-            "--set",
-            "subset.cluster_ids=[2523]",
-        ],
-        ("metadata.csv", "cell_label"),
-    ),
-    "metadata file missing": (
-        lambda tmp, atlas: ["--data", str(atlas.counts_h5ad), "--metadata", str(tmp / "nope.csv")],
-        ("nope.csv", "does not exist"),
-    ),
-    "cluster IDs without metadata": (
-        lambda tmp, atlas: ["--data", str(atlas.counts_h5ad), "--set", "subset.cluster_ids=[2523]"],
-        ("metadata_csv", "--metadata"),
-    ),
-    "cluster IDs matching no cell": (
-        lambda tmp, atlas: _with_metadata(atlas, "--set", "subset.cluster_ids=[999999]"),
-        ("999999", "match no cell"),
-    ),
-    "region value absent": (
-        lambda tmp, atlas: _with_metadata(
-            atlas, "--set", "subset.cluster_ids=[2523]", "--set", "region.value=Nowhere"
-        ),
-        ("Nowhere", "values present"),
-    ),
-    "region column missing": (
-        lambda tmp, atlas: ["--data", str(atlas.counts_h5ad), "--set", "region.value=Cerebral cortex"],
-        ("anatomical_division_label", "region"),
-    ),
-    "region column missing from the metadata too": (
-        lambda tmp, atlas: _with_metadata(
-            atlas,
-            "--set",
-            "subset.cluster_ids=[2523]",
-            "--set",
-            "region.column=area",
-            "--set",
-            "region.value=x",
-        ),
-        ("'area'", "region"),
-    ),
-    "unknown config key": (lambda tmp, atlas: ["--set", "crop.n_cell=100"], ("n_cell", "known keys")),
-    "unknown config section": (
-        lambda tmp, atlas: ["--set", "croop.n_cells=100"],
-        ("croop", "known sections"),
-    ),
-    "out-of-range config value": (lambda tmp, atlas: ["--set", "train.mask_ratio=1.5"], ("mask_ratio",)),
-    "missing config file": (
-        lambda tmp, atlas: ["--config", str(tmp / "nope.yaml")],
-        ("nope.yaml", "does not exist"),
-    ),
-    "unwritable output dir": (lambda tmp, atlas: _under_a_file(tmp), ("a_file", "output directory")),
-    "log-normalised values": (
-        lambda tmp, atlas: ["--data", str(_tiny_counts(tmp / "lognorm.h5ad", _log_normalise))],
-        ("non-integer", "raw"),
-    ),
-    "negative counts": (
-        lambda tmp, atlas: ["--data", str(_tiny_counts(tmp / "negative.h5ad", _set_negative))],
-        ("negative",),
-    ),
-    "NaN counts": (lambda tmp, atlas: ["--data", str(_tiny_counts(tmp / "nan.h5ad", _set_nan))], ("NaN",)),
-}
-# rejected inside a ZenML step (they need the data read): the slow ones
-IN_STEP = {
-    "cluster IDs matching no cell",
-    "region value absent",
-    "log-normalised values",
-    "negative counts",
-    "NaN counts",
-}
-
-
-def _write_text(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(case, marks=pytest.mark.slow) if case in IN_STEP else case for case in BAD_INPUTS],
-)
-def test_bad_input_is_one_error_line_and_exit_2(case, tmp_path, atlas_files, capfd):
-    build, words = BAD_INPUTS[case]
-    out = tmp_path / "out"
-    extra = build(tmp_path, atlas_files)
-    argv = ["--pipeline", "prepare", "--out", str(out), *extra]  # a later --out wins
-    inputs = {p: _sha256(p) for p in tmp_path.iterdir() if p.is_file()} | {
-        atlas_files.counts_h5ad: _sha256(atlas_files.counts_h5ad)
-    }
-    capfd.readouterr()
-
-    code = run.main(argv)
-
-    captured = capfd.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("neurofm: error: ")
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    assert "Traceback" not in captured.out + captured.err
-    written = [p for p in tmp_path.rglob("*prepared*")]
-    assert not written, written
-    assert {p: _sha256(p) for p in inputs} == inputs  # inputs are never modified
-
-
-def test_early_errors_stop_before_zenml_starts_a_run(tmp_path, atlas_files, capfd):
-    """Cheaply detectable mistakes are refused before a pipeline run is created."""
-    from zenml.client import Client
-
-    early = [case for case in BAD_INPUTS if case not in IN_STEP]
-    before = len(Client().list_pipeline_runs(size=1000))
-    for case in early:
-        case_dir = tmp_path / str(early.index(case))
-        case_dir.mkdir()
-        build, _ = BAD_INPUTS[case]
-        assert (
-            run.main(["--pipeline", "prepare", "--out", str(case_dir / "out"), *build(case_dir, atlas_files)])
-            == 2
-        )
-    assert len(Client().list_pipeline_runs(size=1000)) == before
-    capfd.readouterr()
-
-
-def test_debug_shows_the_traceback(tmp_path):
-    from neurofm.errors import NeurofmError
-
-    with pytest.raises(NeurofmError, match="does not exist"):
-        run.main(["--pipeline", "prepare", "--debug", "--data", str(tmp_path / "missing.h5ad")])
+# --- usage -------------------------------------------------------------------------------------------------
 
 
 def test_help_lists_pipelines_and_options(capsys):

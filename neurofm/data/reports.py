@@ -115,7 +115,10 @@ def check_ids(
         with h5py.File(path, "r") as handle:
             obs_names = _read_obs_names(handle)
     except (OSError, KeyError, TypeError, ValueError) as error:
-        raise NeurofmError(f"cannot read the obs index of {path} ({error}); pass an AnnData .h5ad") from None
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise NeurofmError(
+            f"cannot read the obs index of {path} ({reason}); the file is truncated or not an .h5ad — re-export it"
+        ) from None
     result: dict[str, Any] = {
         "h5ad": str(path),
         "metadata_csv": str(metadata_csv),
