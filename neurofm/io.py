@@ -33,10 +33,12 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NeurofmError(
-            f"cannot create output directory {path}: {error.strerror}; choose a writable --out directory"
+            f"cannot create output directory {path}: {error.strerror}; choose a writable output directory (--out)"
         ) from None
     if not os.access(path, os.W_OK):
-        raise NeurofmError(f"output directory {path} is not writable; choose a writable --out directory")
+        raise NeurofmError(
+            f"output directory {path} is not writable; choose a writable output directory (--out)"
+        )
     return path
 
 
@@ -170,9 +172,9 @@ def check_h5ad_path(path: str | os.PathLike) -> Path:
     """Check ``path`` exists and is an HDF5 file, else raise NeurofmError naming the fix."""
     path = Path(path)
     if not path.exists():
-        raise NeurofmError(f"input file {path} does not exist; pass an existing .h5ad with --data")
+        raise NeurofmError(f"input file {path} does not exist; check the path (--data for run.py)")
     if path.is_dir():
-        raise NeurofmError(f"input {path} is a directory; pass an .h5ad file with --data")
+        raise NeurofmError(f"input {path} is a directory; pass an .h5ad file, not a directory")
     with open(path, "rb") as handle:
         signature = handle.read(8)
     if signature != b"\x89HDF\r\n\x1a\n":

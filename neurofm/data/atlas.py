@@ -140,7 +140,8 @@ def read_cell_metadata(
     if missing:
         raise NeurofmError(
             f"metadata {path.name} lacks column(s) {missing} (columns: {header[:20]}); "
-            "name the right columns in the config (obs_name_column / cluster_column)"
+            "pass a metadata file with these columns, or name its columns in the config "
+            "(subset.obs_name_column / subset.cluster_column)"
         )
     columns = None if usecols is None else list(dict.fromkeys([*required_columns, *usecols]))
     if columns is not None and (absent := [c for c in columns if c not in header]):
