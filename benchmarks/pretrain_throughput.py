@@ -26,11 +26,12 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from _worker import run_row  # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "subset_2523_210_Cerebral-cortex.screened.h5ad"
@@ -168,13 +169,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _run_row(spec: dict) -> dict:
-    completed = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
-    )
-    if completed.returncode != 0:
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"name": spec["name"], "error": f"exit {completed.returncode}: {tail[0][:200]}"}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_row(__file__, spec, {"name": spec["name"]}, ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
