@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _worker import run_row  # benchmarks/ is the script's directory
+from _bench import run_row, write_report  # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "subset_2523_210_Cerebral-cortex.screened.h5ad"
@@ -266,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model or "ModelConfig() with random weights",
         "command": " ".join(["python benchmarks/embed_speed.py", *sys.argv[1:]]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out)
     return 0
 
 

@@ -80,7 +80,7 @@ def _alive(pid: int) -> bool:
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that killed writers of ``path`` left beside it; return what was removed.
 
-    A temporary is ``.NAME.HOST-PID.XXXX.tmp``: it is stale when HOST is this machine and process PID
+    A temporary is ``.NAME.HOST-PID.<random>.tmp``: it is stale when HOST is this machine and process PID
     is gone (a SIGKILL or power cut skips the clean-up). Temporaries of live processes, or written from
     another host sharing the directory, are left alone.
     """
