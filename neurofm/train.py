@@ -458,6 +458,7 @@ def pretrain(
             context,
             device,
             n_tokens,
+            (train_idx, val_idx),
         )
 
 
@@ -486,9 +487,10 @@ def _pretrain(
     context: distributed.DistContext,
     device: torch.device,
     n_tokens: int,
+    split: tuple[np.ndarray, np.ndarray],
 ) -> TrainResult:
     started = time.perf_counter()
-    train_idx, val_idx = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
+    train_idx, val_idx = split
     n_bins = tokenizer.config.n_bins
 
     # data: all bins (tokenizer gene order) on the device once
