@@ -247,9 +247,9 @@ def _check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     import anndata as ad
     import h5py
     import pandas as pd
-    from anndata.utils import make_index_unique
 
     from neurofm import tracking
+    from neurofm.data.dedupe import unique_names
     from neurofm.model import load_pretrained
 
     spec = config["evaluate"]["model"]
@@ -269,7 +269,7 @@ def _check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
             return
     dedupe = config["dedupe"]
     if dedupe["genes"] == "make_unique" and dedupe["gene_column"] is None:  # as the dedupe step renames
-        genes = make_index_unique(genes, join="-")
+        genes = unique_names(genes)
     present = set(genes)
     missing = [gene for gene in tokenizer.gene_ids if gene not in present]
     if missing:

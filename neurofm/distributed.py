@@ -180,7 +180,8 @@ def launch_pretrain(
     env = dict(os.environ)
     threads = train_config.num_threads or max(1, (os.cpu_count() or 1) // nproc)
     env["OMP_NUM_THREADS"] = str(threads)  # the cores shared out, not oversubscribed
-    env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    root = str(Path(__file__).resolve().parent.parent)  # the workers import this very neurofm
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     log.info("launching %d training processes: %s", nproc, " ".join(command))
 
     seen = len(read_metrics_csv(out_dir / METRICS_FILE)) if resume else 0
@@ -204,6 +205,8 @@ def launch_pretrain(
             except subprocess.TimeoutExpired:
                 process.kill()
             raise
+        finally:
+            data_path.unlink(missing_ok=True)  # a copy of the input; the job and log stay for the record
     result_path = work_dir / RESULT_FILE
     if process.returncode != 0 or not result_path.is_file():
         raise NeurofmError(
@@ -211,7 +214,6 @@ def launch_pretrain(
             f"see {work_dir / LOG_FILE}"
         )
     saved = json.loads(result_path.read_text())
-    data_path.unlink(missing_ok=True)  # a copy of the input; the job and log stay for the record
     return TrainResult(
         metrics=read_metrics_csv(out_dir / METRICS_FILE),
         best_dir=Path(saved["best_dir"]),

@@ -9,8 +9,6 @@ so the two differ only by floating-point summation order (tolerance: 1e-5 relati
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -112,8 +110,6 @@ def test_two_gloo_processes_train_like_one_process(tmp_path):
 
 
 def test_launcher_reports_a_failed_worker_in_one_line(tmp_path, synthetic_adata):
-    from dataclasses import replace
-
     from neurofm.distributed import LOG_FILE, WORK_DIR, launch_pretrain
     from neurofm.errors import NeurofmError
     from neurofm.tokenizer import TokenizerConfig
@@ -128,10 +124,11 @@ def test_launcher_reports_a_failed_worker_in_one_line(tmp_path, synthetic_adata)
             synthetic_adata,
             tokenizer,
             ModelConfig(d_model=16, n_heads=2, n_layers=1, ffn_dim=32),
-            replace(config),
+            config,
             tmp_path / "run",
             resume=True,
         )
     assert "\n" not in str(error.value)
     assert (tmp_path / "run" / WORK_DIR / LOG_FILE).is_file()
+    assert not (tmp_path / "run" / WORK_DIR / "data.h5ad").exists()  # the input copy is removed
     assert not list((tmp_path / "run").glob("*/model.safetensors"))

@@ -39,6 +39,11 @@ def _names(frame: pd.DataFrame, column: str | None, axis: str) -> pd.Index:
     return pd.Index(frame[column].astype(str))
 
 
+def unique_names(names: pd.Index) -> pd.Index:
+    """``names`` with repeats suffixed ``-1``, ``-2``…: the ``make_unique`` rule for genes and cells."""
+    return make_index_unique(pd.Index(names), join="-")
+
+
 def _collapse_genes(adata: ad.AnnData, names: pd.Index) -> ad.AnnData:
     """Sum the columns that share a name into the first of them (one sparse product, no loops)."""
     codes, uniques = pd.factorize(names)
@@ -103,7 +108,7 @@ def dedupe(
     if cells == "drop" and cell_repeats.any():
         result = result[~cell_repeats].copy()
     elif cells == "make_unique" and cell_repeats.any():
-        unique = make_index_unique(cell_names, join="-")
+        unique = unique_names(cell_names)
         if cell_column is None:
             result.obs_names = unique
         else:
@@ -112,7 +117,7 @@ def dedupe(
     if genes == "collapse" and gene_repeats.any():
         result = _collapse_genes(result, gene_names)
     elif genes == "make_unique" and gene_repeats.any():
-        unique = make_index_unique(gene_names, join="-")
+        unique = unique_names(gene_names)
         if gene_column is None:
             result.var_names = unique
         else:
