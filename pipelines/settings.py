@@ -13,9 +13,12 @@ With the default (CPU) configuration no settings are produced at all.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from neurofm.errors import NeurofmError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _check(resources: dict[str, Any]) -> None:
@@ -31,6 +34,20 @@ def _check(resources: dict[str, Any]) -> None:
         raise NeurofmError(
             "resources.requirements must be a list of pip specifiers or a requirements file path"
         )
+
+
+def _requirements(requirements: list[str] | str | None) -> list[str] | str | None:
+    """A requirements file path resolved against the project root (it must exist); lists unchanged."""
+    if not isinstance(requirements, str):
+        return requirements
+    path = Path(requirements)
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    if not path.is_file():
+        raise NeurofmError(
+            f"resources.requirements file {requirements} does not exist; give a lock file such as "
+            "requirements/gpu.lock or a list of pip specifiers"
+        )
+    return str(path)
 
 
 def step_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -58,7 +75,7 @@ def step_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if resources["parent_image"] is not None or resources["requirements"] is not None:
             settings["docker"] = DockerSettings(
                 parent_image=resources["parent_image"],
-                requirements=resources["requirements"],
+                requirements=_requirements(resources["requirements"]),
             )
     except ValidationError as error:
         problem = error.errors()[0]

@@ -37,9 +37,13 @@ def test_gpu_config_resolves_into_resource_and_docker_settings_for_the_listed_st
         assert isinstance(resources, ResourceSettings) and isinstance(docker, DockerSettings)
         assert (resources.gpu_count, resources.cpu_count, resources.memory) == (1, 8, "32GB")
         assert docker.parent_image.startswith("pytorch/pytorch:") and "cuda" in docker.parent_image
-        assert "mlflow==3.17.2" in docker.requirements
+        # every package, torch included, comes from the hashed GPU lock resolved from pyproject.toml
+        lock = Path(docker.requirements)
+        assert lock.is_absolute() and lock.name == "gpu.lock" and lock.is_file()
+        pins = {line.split(" ")[0] for line in lock.read_text().splitlines() if "==" in line}
+        assert "mlflow==3.17.2" in pins
         # the image's own torch is replaced by the version the project pins (the CUDA wheel on Linux)
-        assert TORCH_PIN in docker.requirements, (TORCH_PIN, docker.requirements)
+        assert TORCH_PIN in pins, (TORCH_PIN, sorted(pins)[:5])
     assert config["train"]["device"] == "auto" and config["train"]["bf16"] is True
 
 
@@ -64,6 +68,7 @@ def test_only_the_listed_steps_get_settings():
         ("resources.gpu_count=-1", "gpu_count"),
         ("resources.memory=lots", "resources.memory"),
         ("resources.steps=pretrain_model", "list of step names"),
+        ("resources.requirements=requirements/none.lock", "does not exist"),
     ],
 )
 def test_bad_resources_are_one_line_errors(override, message):
