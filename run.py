@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--label-col", help="evaluate: obs column with the labels (clears the label mapping)")
     parser.add_argument("--group-col", help="evaluate: obs column of batches kept apart by the probe split")
+    parser.add_argument(
+        "--gene-col",
+        help="evaluate: var column naming the data's genes (e.g. gene_symbol); default var_names",
+    )
     parser.add_argument("--resume", action="store_true", help="pretrain: continue an interrupted run")
     parser.add_argument("--trials", type=int, help="tune: number of Optuna trials")
     parser.add_argument(
@@ -96,6 +100,8 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
         set_path(config, ["reports", "value_counts_column"], args.label_col)
     if args.group_col is not None:
         set_path(config, ["evaluate", "group_column"], args.group_col)
+    if args.gene_col is not None:
+        set_path(config, ["evaluate", "gene_column"], args.gene_col)
     if args.trials is not None:
         set_path(config, ["tune", "n_trials"], args.trials)
     config["data"]["out_dir"] = str(Path(config["data"]["out_dir"]).resolve())

@@ -120,7 +120,7 @@ def _worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from neurofm.embed import embed
+    from neurofm.embed import embed_matrix
 
     torch.set_num_threads(spec["threads"])
     adata, model, tokenizer = _load(spec)
@@ -130,7 +130,7 @@ def _worker(spec: dict) -> dict:
     def run(cells):
         if spec["kind"] == "reference":
             return reference_embed(model, tokenizer, cells, batch_size)
-        return embed(model, tokenizer, cells, batch_size=batch_size, device="cpu", progress=False)
+        return embed_matrix(model, tokenizer, cells, batch_size=batch_size, device="cpu", progress=False)
 
     run(adata[:64].copy())  # warm-up
     seconds = []

@@ -65,7 +65,7 @@ def _worker(spec: dict) -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
-    from neurofm.embed import embed, random_encoder_like
+    from neurofm.embed import embed_matrix, random_encoder_like
     from neurofm.io import read_h5ad
     from neurofm.model import GeneEncoder, ModelConfig
     from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
@@ -91,7 +91,7 @@ def _worker(spec: dict) -> dict:
         model = random_encoder_like(model_config, seed=0)
         embed(model, tokenizer, adata[:64], device=str(device), progress=False)  # warm-up
         started = time.perf_counter()
-        embed(model, tokenizer, adata, device=str(device), progress=False)
+        embed_matrix(model, tokenizer, adata, device=str(device), progress=False)
         seconds = time.perf_counter() - started
         result.update(
             cells_per_s=adata.n_obs / seconds,

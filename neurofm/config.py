@@ -76,6 +76,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "label_column": "subtype",
         "label_mapping": {"cluster_2523": "excitatory", "cluster_210": "inhibitory"},
         "group_column": None,  # e.g. c1_chip: the probe split keeps these groups apart
+        "gene_column": None,  # var column naming the data's genes (e.g. gene_symbol); None → var_names
+        "min_gene_overlap": 0.5,  # share of the model's genes that must be found in the data
         "pooling": "mean",
         "batch_size": 256,
         "pca_components": 50,

@@ -13,6 +13,10 @@ cells are embedded with it.
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -22,13 +26,17 @@ from tqdm.auto import tqdm
 
 from neurofm import keys
 from neurofm.errors import NeurofmError
-from neurofm.model import GeneEncoder, ModelConfig
+from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP, GeneMatch, match_adata
+from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train import resolve_device
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "mean_nonzero", "max")
+UNOBSERVED_MODES = ("exclude", "zero")  # model genes the data lacks: left out of pooling, or zero counts
+REGISTERED_MODEL_NAME = "neurofm-encoder"  # configs: tracking.registered_model_name
+DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}@champion"
 _TOKENIZE_BLOCK = 4096  # cells tokenized at a time (bounds the dense float matrix in memory)
 _TABLE_TOKENS = 1 << 16  # (gene, bin) tokens per block when building the feature table (bounds memory)
 
@@ -50,11 +58,16 @@ def feature_table(model: GeneEncoder) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_bins(
-    model: GeneEncoder, bins: torch.Tensor, pooling: str = "mean", table: torch.Tensor | None = None
+    model: GeneEncoder,
+    bins: torch.Tensor,
+    pooling: str = "mean",
+    table: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(cells, d_model) embeddings of already-tokenized cells (``bins``: cells × all genes, bin ids in
     ``[0, n_bins]``) on the device of ``bins``. ``table`` is :func:`feature_table` of ``model``, computed
-    here when not given (pass it when embedding many batches)."""
+    here when not given (pass it when embedding many batches). ``observed`` (bool per gene) pools only
+    those genes (the others are unobserved in the data)."""
     n_bin_ids = model.config.n_bins + 1
     if bins.shape[1] != model.config.n_genes:
         raise NeurofmError(
@@ -68,6 +81,8 @@ def embed_bins(
         table = feature_table(model)
     gene_offsets = torch.arange(bins.shape[1], device=bins.device) * n_bin_ids
     rows = bins.long() + gene_offsets  # (cells, genes) rows of the table
+    if observed is not None:
+        rows, bins = rows[:, observed], bins[:, observed]
     if pooling == "mean_nonzero":
         keep = bins > 0
         keep[~keep.any(1)] = True  # cells with every bin 0: plain mean
@@ -78,27 +93,33 @@ def embed_bins(
     return F.embedding_bag(rows, table, mode="max" if pooling == "max" else "mean")
 
 
-def embed(
+def embed_matrix(
     model: GeneEncoder,
     tokenizer: ExpressionTokenizer,
     adata: ad.AnnData,
     batch_size: int = 256,
     pooling: str = "mean",
     device: str = "auto",
-    key_added: str = keys.EMBEDDING,
     missing_genes: str = "error",
     progress: bool = True,
+    match: GeneMatch | None = None,
+    unobserved: str = "exclude",
 ) -> np.ndarray:
-    """Embed every cell of ``adata`` with the frozen ``model``; returns (n_cells, d_model) float32.
+    """(n_cells, d_model) float32 embeddings of every cell of ``adata`` with the frozen ``model``.
 
-    Raw counts are tokenized with ``tokenizer`` (genes matched by ``var_names``; see
-    ``ExpressionTokenizer.transform`` for ``missing_genes``) and the cell features of every gene are
-    pooled (see module docstring): ``"mean"`` over all genes (default), ``"mean_nonzero"`` over genes
-    with a non-zero bin, ``"max"`` element-wise. ``batch_size`` cells are pooled at a time (it bounds
-    memory, not the result). Writes ``adata.obsm[key_added]``.
+    Raw counts are tokenized with ``tokenizer`` — genes matched by ``var_names`` (see
+    ``ExpressionTokenizer.transform`` for ``missing_genes``) or by ``match`` (a
+    :class:`neurofm.genes.GeneMatch`) — and the cell features of the genes are pooled (see module
+    docstring): ``"mean"`` (default), ``"mean_nonzero"`` over genes with a non-zero bin, ``"max"``
+    element-wise. Model genes the ``match`` did not find are left out of the library size and, with
+    ``unobserved="exclude"`` (default), of the pooling too; ``"zero"`` pools them as zero-count genes.
+    Works on backed AnnData (cells are read ``4,096`` at a time); ``batch_size`` bounds memory, not the
+    result. Writes nothing into ``adata``.
     """
     if pooling not in POOLINGS:
         raise NeurofmError(f"pooling={pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
+    if unobserved not in UNOBSERVED_MODES:
+        raise NeurofmError(f"unobserved={unobserved!r} is unknown; use one of {', '.join(UNOBSERVED_MODES)}")
     if batch_size < 1:
         raise NeurofmError(f"batch_size={batch_size} must be >= 1; pass a positive batch size")
     if tokenizer.n_genes != model.config.n_genes or tokenizer.config.n_bins != model.config.n_bins:
@@ -110,20 +131,124 @@ def embed(
     torch_device = resolve_device(device)
     was_training = model.training
     model = model.to(torch_device).eval()
+    source = None if match is None else match.source
+    observed = None
+    if source is not None and unobserved == "exclude" and not match.observed.all():
+        observed = torch.from_numpy(match.observed).to(torch_device)
     embeddings = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
     bar = tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not progress)
     table = feature_table(model)
     for block_start in range(0, adata.n_obs, _TOKENIZE_BLOCK):
         block = adata[block_start : block_start + _TOKENIZE_BLOCK]
-        bins = torch.from_numpy(tokenizer.transform(block, missing_genes=missing_genes)).to(torch_device)
+        bins = tokenizer.transform(block, missing_genes=missing_genes, source=source)
+        bins = torch.from_numpy(bins).to(torch_device)
         for start in range(0, bins.shape[0], batch_size):
-            pooled = embed_bins(model, bins[start : start + batch_size], pooling, table)
+            pooled = embed_bins(model, bins[start : start + batch_size], pooling, table, observed)
             embeddings[block_start + start : block_start + start + len(pooled)] = pooled.cpu().numpy()
             bar.update(len(pooled))
     bar.close()
     model.train(was_training)
-    adata.obsm[key_added] = embeddings
     return embeddings
+
+
+def resolve_model(
+    model: GeneEncoder | str | os.PathLike | None,
+    tokenizer: ExpressionTokenizer | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[GeneEncoder, ExpressionTokenizer, dict[str, Any]]:
+    """``(model, tokenizer, source record)`` from a loaded model, a model directory or an MLflow URI.
+
+    ``None`` means ``models:/neurofm-encoder@champion``. A loaded ``model`` needs its ``tokenizer``.
+    """
+    if isinstance(model, GeneEncoder):
+        if tokenizer is None:
+            raise NeurofmError("a loaded model needs its tokenizer: pass tokenizer=, or a model directory")
+        return model, tokenizer, {"model": "in-memory GeneEncoder"}
+    from neurofm.tracking import model_version_for, resolve_model_dir
+
+    spec = DEFAULT_MODEL_URI if model is None else str(model)
+    directory = resolve_model_dir(spec, REGISTERED_MODEL_NAME, tracking_uri)
+    loaded, loaded_tokenizer = load_pretrained(directory)
+    record: dict[str, Any] = {"model": spec, "model_dir": str(directory)}
+    registered = None if Path(spec).exists() else model_version_for(spec, REGISTERED_MODEL_NAME)
+    if registered is not None:
+        record.update(
+            model_name=registered.name, model_version=registered.version, model_run_id=registered.run_id
+        )
+    return loaded, tokenizer or loaded_tokenizer, record
+
+
+def embed(
+    adata: ad.AnnData,
+    model: GeneEncoder | str | os.PathLike | None = None,
+    tokenizer: ExpressionTokenizer | None = None,
+    *,
+    key_added: str = keys.EMBEDDING,
+    copy: bool = False,
+    gene_col: str | None = None,
+    min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
+    unobserved: str = "exclude",
+    pooling: str = "mean",
+    batch_size: int = 256,
+    device: str = "auto",
+    progress: bool = True,
+    tracking_uri: str | None = None,
+) -> ad.AnnData | None:
+    """Embed the cells of ``adata`` (raw counts) with a pre-trained neurofm model, scanpy style.
+
+    ``model`` is a loaded :class:`GeneEncoder` (with its ``tokenizer``), a model directory, or an MLflow
+    URI (``models:/neurofm-encoder@champion`` — the default when ``None`` —, ``models:/neurofm-encoder/3``,
+    ``runs:/<id>/model``). The model's genes are matched to ``var_names`` or ``var[gene_col]`` (Ensembl
+    versions stripped, case-insensitive, by the model's IDs or symbols — see :mod:`neurofm.genes`);
+    fewer than ``min_gene_overlap`` of them found is an error. Genes the data lacks are unobserved
+    (``unobserved="exclude"``: left out of library size and pooling; ``"zero"``: pooled as zero counts).
+
+    Writes (into ``adata``, or into a copy returned when ``copy=True``):
+
+    - ``obsm[key_added]`` — (n_cells, d_model) float32 cell embeddings;
+    - ``uns['neurofm']`` — ``model`` (URI or directory), ``model_version`` / ``model_name`` when
+      registered, ``gene_match`` (model genes found, vocabulary, data genes, overlap, keys),
+      ``pooling``, ``unobserved``, ``key_added``, ``n_cells``, ``cells_per_second``,
+      ``neurofm_version``.
+
+    Returns ``None`` (or the copy). Backed AnnData are read in chunks of cells.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    model, tokenizer, record = resolve_model(model, tokenizer, tracking_uri)
+    match = match_adata(
+        adata, tokenizer.gene_ids, tokenizer.gene_symbols, gene_col=gene_col, min_overlap=min_gene_overlap
+    )
+    started = time.perf_counter()
+    embeddings = embed_matrix(
+        model,
+        tokenizer,
+        adata,
+        batch_size=batch_size,
+        pooling=pooling,
+        device=device,
+        progress=progress,
+        match=match,
+        unobserved=unobserved,
+    )
+    seconds = time.perf_counter() - started
+    try:
+        package_version = version("neurofm")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree without install
+        package_version = "unknown"
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = embeddings
+    target.uns[keys.EMBEDDING_PARAMS] = {
+        **record,
+        "gene_match": match.record(),
+        "pooling": pooling,
+        "unobserved": unobserved,
+        "key_added": key_added,
+        "n_cells": int(adata.n_obs),
+        "cells_per_second": float(adata.n_obs / max(seconds, 1e-9)),
+        "neurofm_version": package_version,
+    }
+    return target if copy else None
 
 
 def random_encoder_like(model_config: ModelConfig, seed: int = 0) -> GeneEncoder:

@@ -35,12 +35,14 @@ import scipy.sparse as sp
 
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, write_json
+from neurofm.keys import GENE_SYMBOL
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_EDGES = "tokenizer_edges.npz"
 BINNING_SCHEMES = ("quantile", "quantile_nonzero")
+CONSTANT_GENE_MODES = ("drop", "keep", "error")
 MIN_CELLS = 10  # fewer cells than this cannot give meaningful per-gene quantiles or a split
 _FORMAT_VERSION = 1
 
@@ -55,7 +57,8 @@ class TokenizerConfig:
     binning: str = "quantile"  # "quantile" (original) or "quantile_nonzero" (zeros alone in bin 0)
     counts_layer: str | None = None  # read counts from adata.layers[...] instead of X (None: X)
     check_integer_counts: bool = True  # refuse non-integer values (log-normalised data passed by mistake)
-    constant_genes: str = "error"  # genes with one value in every cell: "error" or "keep" (logged)
+    constant_genes: str = "drop"  # genes with one value in every cell (all-zero genes of real 10x data):
+    #                               "drop" (left out of the vocabulary, logged), "keep" (logged), "error"
 
     def validate(self) -> TokenizerConfig:
         if not isinstance(self.n_bins, int) or not 2 <= self.n_bins <= 1000:
@@ -70,9 +73,10 @@ class TokenizerConfig:
             raise NeurofmError(
                 f"tokenizer binning={self.binning!r} is unknown; use one of {', '.join(BINNING_SCHEMES)}"
             )
-        if self.constant_genes not in ("error", "keep"):
+        if self.constant_genes not in CONSTANT_GENE_MODES:
             raise NeurofmError(
-                f"tokenizer constant_genes={self.constant_genes!r} is unknown; use 'error' or 'keep'"
+                f"tokenizer constant_genes={self.constant_genes!r} is unknown; use one of "
+                f"{', '.join(CONSTANT_GENE_MODES)}"
             )
         return self
 
@@ -173,13 +177,17 @@ def _distinct_sorted(quantiles: np.ndarray) -> np.ndarray:
 class ExpressionTokenizer:
     """Per-gene expression binning fit on training cells; see the module docstring for the schemes.
 
-    Attributes after :meth:`fit`: ``gene_ids`` (var_names at fit time, the model's gene order) and
-    ``bin_edges`` (n_genes × n_edges, +inf padded).
+    Attributes after :meth:`fit`: ``gene_ids`` (var_names at fit time, the model's gene order),
+    ``gene_symbols`` (``var['gene_symbol']`` at fit time, or None; used to match data named by symbol,
+    see :mod:`neurofm.genes`), ``dropped_genes`` (constant genes left out with ``constant_genes="drop"``)
+    and ``bin_edges`` (n_genes × n_edges, +inf padded).
     """
 
     def __init__(self, config: TokenizerConfig | None = None):
         self.config = (config or TokenizerConfig()).validate()
         self.gene_ids: np.ndarray | None = None
+        self.gene_symbols: np.ndarray | None = None
+        self.dropped_genes: np.ndarray = np.array([], dtype=str)
         self.bin_edges: np.ndarray | None = None
 
     # ------------------------------------------------------------------ fit / transform
@@ -232,7 +240,19 @@ class ExpressionTokenizer:
             )
         if constant.all():
             raise NeurofmError("every gene has zero variance across cells; the matrix carries no signal")
-        if constant.any():
+        keep = np.ones(n_genes, dtype=bool)
+        gene_names = np.asarray(adata.var_names, dtype=str)
+        if constant.any() and self.config.constant_genes == "drop":
+            keep = ~constant
+            log.warning(
+                "dropping %d of %d genes with one value in every cell (e.g. %s); set "
+                "tokenizer.constant_genes=keep to keep them",
+                int(constant.sum()),
+                n_genes,
+                list(gene_names[constant][:3]),
+            )
+            values = self.normalise(adata[:, keep])  # library sizes over the kept genes, as transform()
+        elif constant.any():
             log.warning(
                 "%d of %d genes have zero variance in every cell; they always fall in one bin",
                 int(constant.sum()),
@@ -245,7 +265,11 @@ class ExpressionTokenizer:
                 "— pass more cells or lower val_fraction"
             )
         self.bin_edges = self._fit_edges(train)
-        self.gene_ids = np.asarray(adata.var_names, dtype=str)
+        self.gene_ids = gene_names[keep]
+        self.dropped_genes = gene_names[~keep]
+        self.gene_symbols = (
+            adata.var[GENE_SYMBOL].astype(str).to_numpy()[keep] if GENE_SYMBOL in adata.var.columns else None
+        )
         return self
 
     def _fit_edges(self, train: np.ndarray) -> np.ndarray:
@@ -269,35 +293,52 @@ class ExpressionTokenizer:
         zero_edge = np.zeros((quantiles.shape[0], 1))
         return np.concatenate([zero_edge, quantiles], axis=1)
 
-    def transform(self, adata: ad.AnnData, missing_genes: str = "error") -> np.ndarray:
+    def transform(
+        self, adata: ad.AnnData, missing_genes: str = "error", source: np.ndarray | None = None
+    ) -> np.ndarray:
         """Bins (n_cells × n_genes of the tokenizer, int16) for ``adata``.
 
         Columns follow the tokenizer's gene order, matched by ``var_names``. ``missing_genes="error"``
-        (default) refuses data whose genes differ from the tokenizer's; ``"zero"`` treats genes absent
-        from the data as zero counts and ignores extra genes, logging how many of each.
+        (default) refuses data whose genes differ from the tokenizer's (genes the tokenizer dropped as
+        constant excepted); ``"zero"`` treats genes absent from the data as zero counts and ignores extra
+        genes, logging how many of each. ``source`` (from :class:`neurofm.genes.GeneMatch`) gives the data
+        column of each tokenizer gene (-1: unobserved, zero counts) instead of matching ``var_names``;
+        the library size is then the sum over the observed tokenizer genes.
         """
         self._require_fitted()
         config = self.config
-        counts = self.aligned_counts(adata, missing_genes)
+        counts = self.aligned_counts(adata, missing_genes, source)
         values = normalise_counts(counts, config.target_sum, config.log1p, config.check_integer_counts)
         return _apply_edges(values, self.bin_edges, config.n_bins)
 
-    def aligned_counts(self, adata: ad.AnnData, missing_genes: str = "error"):
+    def aligned_counts(
+        self, adata: ad.AnnData, missing_genes: str = "error", source: np.ndarray | None = None
+    ):
         """The counts of ``adata`` with columns in the tokenizer's gene order (see :meth:`transform`).
 
-        With ``missing_genes="zero"``, tokenizer genes absent from the data are all-zero columns.
+        With ``missing_genes="zero"`` or a ``source`` mapping, tokenizer genes absent from the data are
+        all-zero columns.
         """
         self._require_fitted()
         if missing_genes not in ("error", "zero"):
             raise NeurofmError(f"missing_genes={missing_genes!r} is unknown; use 'error' or 'zero'")
         counts = _counts_matrix(adata, self.config.counts_layer)
+        if source is not None:
+            source = np.asarray(source, dtype=np.int64)
+            if source.shape != (self.n_genes,) or source.max(initial=-1) >= adata.n_vars:
+                raise NeurofmError(
+                    "the gene mapping does not fit this tokenizer and data; match the genes again"
+                )
+            if adata.n_vars == self.n_genes and np.array_equal(source, np.arange(self.n_genes)):
+                return counts
+            return _gather_columns(counts, source)
         data_genes = np.asarray(adata.var_names, dtype=str)
         if data_genes.shape == self.gene_ids.shape and np.array_equal(data_genes, self.gene_ids):
             return counts
         position = {gene: i for i, gene in enumerate(data_genes)}
         source = np.array([position.get(gene, -1) for gene in self.gene_ids])
         n_missing = int((source < 0).sum())
-        extra = sorted(set(data_genes) - set(self.gene_ids))
+        extra = sorted(set(data_genes) - set(self.gene_ids) - set(self.dropped_genes))
         if missing_genes == "error" and (n_missing or extra):
             examples = [g for g in self.gene_ids if g not in position][:3] or extra[:3]
             raise NeurofmError(
@@ -313,21 +354,7 @@ class ExpressionTokenizer:
                 len(self.gene_ids),
                 len(extra),
             )
-        # an all-zero column appended at the end stands in for every missing gene
-        counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
-        zero_column = (
-            sp.csr_matrix((counts.shape[0], 1), dtype=np.float32)
-            if sp.issparse(counts)
-            else np.zeros((counts.shape[0], 1), dtype=np.float32)
-        )
-        padded = (
-            sp.hstack([counts, zero_column], format="csc")
-            if sp.issparse(counts)
-            else np.concatenate([counts, zero_column], axis=1)
-        )
-        source = np.where(source < 0, counts.shape[1], source)
-        aligned = padded[:, source]
-        return sp.csr_matrix(aligned) if sp.issparse(aligned) else aligned
+        return _gather_columns(counts, source)
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike) -> Path:
@@ -340,6 +367,8 @@ class ExpressionTokenizer:
                 "format_version": _FORMAT_VERSION,
                 "config": asdict(self.config),
                 "gene_ids": self.gene_ids.tolist(),
+                "gene_symbols": None if self.gene_symbols is None else self.gene_symbols.tolist(),
+                "dropped_genes": self.dropped_genes.tolist(),
             },
             directory / TOKENIZER_JSON,
         )
@@ -361,6 +390,9 @@ class ExpressionTokenizer:
             known = {field.name for field in fields(TokenizerConfig)}
             config = TokenizerConfig(**{k: v for k, v in meta["config"].items() if k in known})
             gene_ids = np.asarray(meta["gene_ids"], dtype=str)
+            gene_symbols = meta.get("gene_symbols")  # absent from tokenizers saved before symbols were kept
+            gene_symbols = None if gene_symbols is None else np.asarray(gene_symbols, dtype=str)
+            dropped_genes = np.asarray(meta.get("dropped_genes", []), dtype=str)
             with np.load(edges_path, allow_pickle=False) as archive:
                 bin_edges = np.asarray(archive["bin_edges"], dtype=np.float64)
         except (ValueError, KeyError, TypeError, OSError) as error:
@@ -374,8 +406,32 @@ class ExpressionTokenizer:
                 f"{bin_edges.shape}; re-save it"
             )
         tokenizer = cls(config)
+        if gene_symbols is not None and gene_symbols.shape != gene_ids.shape:
+            raise NeurofmError(
+                f"tokenizer in {directory} has {len(gene_ids)} genes but {len(gene_symbols)} symbols; re-save it"
+            )
         tokenizer.gene_ids, tokenizer.bin_edges = gene_ids, bin_edges
+        tokenizer.gene_symbols, tokenizer.dropped_genes = gene_symbols, dropped_genes
         return tokenizer
+
+
+def _gather_columns(counts, source: np.ndarray):
+    """Columns ``source`` of ``counts`` (-1: an all-zero column), sparse in → CSR out."""
+    # an all-zero column appended at the end stands in for every missing gene
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    zero_column = (
+        sp.csr_matrix((counts.shape[0], 1), dtype=np.float32)
+        if sp.issparse(counts)
+        else np.zeros((counts.shape[0], 1), dtype=np.float32)
+    )
+    padded = (
+        sp.hstack([counts, zero_column], format="csc")
+        if sp.issparse(counts)
+        else np.concatenate([counts, zero_column], axis=1)
+    )
+    source = np.where(source < 0, counts.shape[1], source)
+    aligned = padded[:, source]
+    return sp.csr_matrix(aligned) if sp.issparse(aligned) else aligned
 
 
 class _ignore_all_nan_warning:

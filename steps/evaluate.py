@@ -7,7 +7,6 @@ for two baselines: PCA of log-normalised counts and the same architecture with r
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,13 +18,14 @@ from zenml.types import HTMLString
 
 from neurofm import io, keys, tracking
 from neurofm.config import dataclass_from_dict
-from neurofm.embed import embed, random_encoder_like
+from neurofm.embed import embed, embed_matrix, random_encoder_like
 from neurofm.evaluate import compare
 from neurofm.evaluate.baselines import pca_baseline
 from neurofm.evaluate.cluster import ClusterConfig
 from neurofm.evaluate.labels import resolve_labels
 from neurofm.evaluate.probe import ProbeConfig
 from neurofm.evaluate.visualize import visualize
+from neurofm.genes import match_adata
 from neurofm.model import load_pretrained
 from steps._cache import depends_on
 
@@ -74,31 +74,22 @@ def embed_cells(
     """
     labels = resolve_labels(adata, evaluate["label_column"], evaluate["label_mapping"])
     model, tokenizer = load_pretrained(model_dir)
-    started = time.perf_counter()
-    embed(
-        model,
-        tokenizer,
+    genes = {"gene_col": evaluate["gene_column"], "min_gene_overlap": evaluate["min_gene_overlap"]}
+    options = {"batch_size": evaluate["batch_size"], "pooling": evaluate["pooling"]}
+    embed(adata, model, tokenizer, key_added=keys.EMBEDDING, **genes, **options)  # writes uns['neurofm']
+    adata.uns[keys.EMBEDDING_PARAMS]["model_dir"] = str(model_dir)
+    match = match_adata(
         adata,
-        batch_size=evaluate["batch_size"],
-        pooling=evaluate["pooling"],
-        key_added=keys.EMBEDDING,
+        tokenizer.gene_ids,
+        tokenizer.gene_symbols,
+        gene_col=genes["gene_col"],
+        min_overlap=genes["min_gene_overlap"],
     )
-    seconds = time.perf_counter() - started
-    embed(
-        random_encoder_like(model.config, seed=0),
-        tokenizer,
-        adata,
-        batch_size=evaluate["batch_size"],
-        pooling=evaluate["pooling"],
-        key_added=keys.RANDOM_BASELINE,
-        progress=False,
+    adata.obsm[keys.RANDOM_BASELINE] = embed_matrix(
+        random_encoder_like(model.config, seed=0), tokenizer, adata, match=match, progress=False, **options
     )
     adata.obsm[keys.PCA_BASELINE] = pca_baseline(adata, n_components=evaluate["pca_components"])
-    adata.uns[keys.EMBEDDING_PARAMS] = {
-        "model_dir": str(model_dir),
-        "pooling": evaluate["pooling"],
-        "cells_per_second": adata.n_obs / max(seconds, 1e-9),
-    }
+    seconds = adata.n_obs / adata.uns[keys.EMBEDDING_PARAMS]["cells_per_second"]
     out = io.ensure_writable_dir(Path(out_dir) / EVALUATION_DIR)
     with io.atomic_path(out / "embeddings.npy") as tmp:
         np.save(tmp, adata.obsm[keys.EMBEDDING], allow_pickle=False)
@@ -118,7 +109,13 @@ def _report_model_table(model_info: dict, data_name: str, adata: ad.AnnData) -> 
         "model": model_info.get("model_uri") or model_info.get("source"),
         "MLflow run of the model": model_info.get("mlflow_run_id"),
         "data": f"{data_name} ({adata.n_obs} cells × {adata.n_vars} genes)",
-        "embedding": f"{embedding['pooling']} pooling over all genes, {embedding['cells_per_second']:.0f} cells/s",
+        "embedding": f"{embedding['pooling']} pooling over the observed genes, "
+        f"{embedding['cells_per_second']:.0f} cells/s",
+        "genes": (
+            f"{embedding['gene_match']['n_found']} of the model's {embedding['gene_match']['n_model_genes']} "
+            f"genes found among the data's {embedding['gene_match']['n_data_genes']} "
+            f"(by {embedding['gene_match']['data_key']})"
+        ),
     }
     if "best_val_perplexity" in model_info:
         table["pre-training validation perplexity"] = (

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from neurofm.data.synthetic import make_synthetic_counts
-from neurofm.embed import embed
+from neurofm.embed import embed_matrix
 from neurofm.model import WEIGHTS_FILE, ModelConfig, load_pretrained
 from neurofm.tokenizer import TokenizerConfig
 from neurofm.train import METRIC_COLUMNS, TrainConfig, pretrain
@@ -38,7 +38,7 @@ def _run(adata, out_dir: Path, seed: int = 7):
     )
     result = pretrain(adata, TokenizerConfig(), model_config, train_config, out_dir)
     model, tokenizer = load_pretrained(result.last_dir)
-    embedding = embed(model, tokenizer, adata, batch_size=64, device="cpu", progress=False)
+    embedding = embed_matrix(model, tokenizer, adata, batch_size=64, device="cpu", progress=False)
     return result, embedding
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neurofm import keys
-from neurofm.embed import embed, embed_bins, feature_table, random_encoder_like
+from neurofm.embed import embed, embed_bins, embed_matrix, feature_table, random_encoder_like
 from neurofm.errors import NeurofmError
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
@@ -51,7 +51,7 @@ def test_embed_bins_equals_the_per_token_reference(setup, pooling):
 @pytest.mark.parametrize("pooling", ["mean", "mean_nonzero", "max"])
 def test_embed_equals_the_per_token_reference_on_raw_counts(setup, pooling):
     model, tokenizer, adata = setup
-    result = embed(model, tokenizer, adata, batch_size=16, pooling=pooling, device="cpu", progress=False)
+    result = embed_matrix(model, tokenizer, adata, batch_size=16, pooling=pooling, device="cpu", progress=False)
     with torch.no_grad():
         expected = per_token_reference(model, torch.from_numpy(tokenizer.transform(adata)), pooling).numpy()
     assert np.abs(result - expected).max() < 1e-5
@@ -72,32 +72,39 @@ def test_feature_table_built_in_blocks_is_every_gene_and_bin(setup, monkeypatch)
 
 def test_embeddings_do_not_depend_on_batch_size_or_batch_mates(setup):
     model, tokenizer, adata = setup
-    full = embed(model, tokenizer, adata, batch_size=64, device="cpu", progress=False)
-    small = embed(model, tokenizer, adata, batch_size=7, device="cpu", progress=False)
+    full = embed_matrix(model, tokenizer, adata, batch_size=64, device="cpu", progress=False)
+    small = embed_matrix(model, tokenizer, adata, batch_size=7, device="cpu", progress=False)
     np.testing.assert_allclose(small, full, atol=1e-5, rtol=0)
     subset = adata[::-3].copy()
-    alone = embed(model, tokenizer, subset, batch_size=1, device="cpu", progress=False)
+    alone = embed_matrix(model, tokenizer, subset, batch_size=1, device="cpu", progress=False)
     np.testing.assert_allclose(alone, full[::-3], atol=1e-5, rtol=0)
 
 
-def test_writes_obsm_and_supports_poolings(setup):
+def test_embed_writes_obsm_and_uns_like_a_scanpy_verb(setup):
     model, tokenizer, adata = setup
     for pooling in ("mean", "mean_nonzero", "max"):
-        result = embed(
-            model, tokenizer, adata, pooling=pooling, device="cpu", progress=False, key_added=f"X_{pooling}"
-        )
-        assert result.shape == (70, 32) and np.isfinite(result).all()
-        assert adata.obsm[f"X_{pooling}"] is result
+        returned = embed(adata, model, tokenizer, pooling=pooling, key_added=f"X_{pooling}", progress=False)
+        assert returned is None
+        expected = embed_matrix(model, tokenizer, adata, pooling=pooling, device="cpu", progress=False)
+        np.testing.assert_array_equal(adata.obsm[f"X_{pooling}"], expected)
+    record = adata.uns[keys.EMBEDDING_PARAMS]
+    assert record["pooling"] == "max" and record["key_added"] == "X_max" and record["n_cells"] == 70
+    assert record["gene_match"]["n_found"] == 50 and record["gene_match"]["overlap"] == 1.0
+    assert {"model", "unobserved", "cells_per_second", "neurofm_version"} <= set(record)
     assert keys.EMBEDDING not in adata.obsm
-    embed(model, tokenizer, adata, device="cpu", progress=False)
-    assert adata.obsm[keys.EMBEDDING].shape == (70, 32)
+    fresh = synthetic_counts(n_cells=70, n_genes=50)
+    copied = embed(fresh, model, tokenizer, copy=True, progress=False)
+    assert copied is not fresh and keys.EMBEDDING in copied.obsm
+    assert keys.EMBEDDING not in fresh.obsm and keys.EMBEDDING_PARAMS not in fresh.uns
+    with pytest.raises(NeurofmError, match="tokenizer"):
+        embed(fresh, model)  # a loaded model needs its tokenizer
 
 
 def test_model_stays_in_its_training_mode_and_dropout_is_off(setup):
     _, tokenizer, adata = setup
     model = random_encoder_like(ModelConfig(**{**CONFIG.__dict__, "dropout": 0.5}), seed=0).train()
-    first = embed(model, tokenizer, adata, device="cpu", progress=False)
-    second = embed(model, tokenizer, adata, device="cpu", progress=False)
+    first = embed_matrix(model, tokenizer, adata, device="cpu", progress=False)
+    second = embed_matrix(model, tokenizer, adata, device="cpu", progress=False)
     np.testing.assert_array_equal(first, second)
     assert model.training
 
@@ -105,12 +112,12 @@ def test_model_stays_in_its_training_mode_and_dropout_is_off(setup):
 def test_bad_arguments_are_refused(setup):
     model, tokenizer, adata = setup
     with pytest.raises(NeurofmError, match="pooling"):
-        embed(model, tokenizer, adata, pooling="cls", progress=False)
+        embed_matrix(model, tokenizer, adata, pooling="cls", progress=False)
     with pytest.raises(NeurofmError, match="genes do not match"):
-        embed(model, tokenizer, adata[:, :40].copy(), device="cpu", progress=False)
+        embed_matrix(model, tokenizer, adata[:, :40].copy(), device="cpu", progress=False)
     other_bins = ExpressionTokenizer(TokenizerConfig(n_bins=10)).fit(adata)
     with pytest.raises(NeurofmError, match="bins"):
-        embed(model, other_bins, adata, device="cpu", progress=False)
+        embed_matrix(model, other_bins, adata, device="cpu", progress=False)
     with pytest.raises(NeurofmError, match="bin ids"):
         embed_bins(model, torch.full((2, 50), 21))
     with pytest.raises(NeurofmError, match="bin ids"):
@@ -134,7 +141,7 @@ def test_pretrained_embedding_beats_the_random_encoder_on_a_probe(tmp_path):
     model, tokenizer = load_pretrained(result.best_dir)
 
     def probe(encoder) -> dict:
-        embedding = embed(encoder, tokenizer, adata, device="cpu", progress=False)
+        embedding = embed_matrix(encoder, tokenizer, adata, device="cpu", progress=False)
         return run_probe(embedding, labels, ProbeConfig()).metrics()
 
     trained, random = probe(model), probe(random_encoder_like(model.config))

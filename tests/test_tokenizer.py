@@ -100,7 +100,7 @@ def test_bad_counts_are_refused(corrupt, message):
         ExpressionTokenizer().fit(adata)
 
 
-def test_too_few_cells_and_constant_genes_are_refused():
+def test_too_few_cells_and_constant_genes_in_strict_mode_are_refused():
     with pytest.raises(NeurofmError, match="at least"):
         ExpressionTokenizer().fit(synthetic_counts(n_cells=5))
     flat = synthetic_counts()
@@ -108,7 +108,7 @@ def test_too_few_cells_and_constant_genes_are_refused():
     dense[:, 3] = 0  # a gene never detected
     flat.X = dense
     with pytest.raises(NeurofmError, match="zero variance"):
-        ExpressionTokenizer().fit(flat)
+        ExpressionTokenizer(TokenizerConfig(constant_genes="error")).fit(flat)
     kept = ExpressionTokenizer(TokenizerConfig(constant_genes="keep")).fit(flat).transform(flat)
     assert np.all(kept[:, 3] == 0)
     flat.X = np.ones(flat.shape, dtype=np.float32)
@@ -121,3 +121,38 @@ def test_config_out_of_range_is_refused():
         TokenizerConfig(n_bins=1).validate()
     with pytest.raises(NeurofmError, match="binning"):
         ExpressionTokenizer(TokenizerConfig(binning="kmeans"))
+
+
+def test_all_zero_genes_are_dropped_by_default_and_the_data_still_transforms(tmp_path, caplog):
+    adata = synthetic_counts()
+    dense = adata.X.toarray()
+    dense[:, [3, 7]] = 0  # genes never detected (real 10x files have some)
+    adata.X = dense
+    with caplog.at_level("WARNING"):
+        tokenizer = ExpressionTokenizer().fit(adata)
+    assert tokenizer.n_genes == adata.n_vars - 2
+    assert list(tokenizer.dropped_genes) == list(adata.var_names[[3, 7]])
+    assert sum("dropping 2 of" in record.getMessage() for record in caplog.records) == 1
+    # the data it was fit on (with the dropped genes) transforms without complaint, dropped genes ignored
+    bins = tokenizer.transform(adata)
+    kept = np.setdiff1d(np.arange(adata.n_vars), [3, 7])
+    assert np.array_equal(bins, tokenizer.transform(adata[:, kept].copy()))
+    # the library size is over the kept genes only, the same at fit and transform time
+    loaded = ExpressionTokenizer.load(tokenizer.save(tmp_path / "tok"))
+    assert list(loaded.dropped_genes) == list(tokenizer.dropped_genes)
+    assert np.array_equal(loaded.transform(adata), bins)
+    # another gene that the tokenizer never saw is still refused in strict matching
+    other = adata.copy()
+    other.var_names = [f"new_{name}" if i == 0 else name for i, name in enumerate(other.var_names)]
+    with pytest.raises(NeurofmError, match="do not match"):
+        tokenizer.transform(other)
+
+
+def test_gene_symbols_are_kept_with_the_tokenizer(tmp_path):
+    adata = synthetic_counts()
+    adata.var["gene_symbol"] = [f"SYM{i}" for i in range(adata.n_vars)]
+    tokenizer = ExpressionTokenizer().fit(adata)
+    loaded = ExpressionTokenizer.load(tokenizer.save(tmp_path / "tok"))
+    assert list(loaded.gene_symbols) == list(adata.var["gene_symbol"])
+    plain = synthetic_counts()
+    assert ExpressionTokenizer.load(ExpressionTokenizer().fit(plain).save(tmp_path / "p")).gene_symbols is None
