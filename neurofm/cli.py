@@ -4,6 +4,7 @@
     neurofm check-ids FILE METADATA_CSV [--obs-name-column C] [--barcode-column C] [--json]
     neurofm atlas-plot METADATA_CSV CLUSTER_CSV ANNOTATION_CSV --out PNG [--top-k K] [--highlight ID ...]
     neurofm make-synthetic OUT_DIR [--cells N] [--genes G] [--seed S]
+    neurofm embed IN.h5ad --out OUT.h5ad [--model URI_OR_DIR] [--gene-col C] [--min-gene-overlap F]
 
 A user error prints one line, ``neurofm: error: <problem>; <fix>``, and exits with status 2 (``--debug``
 shows the traceback instead). ``check-ids`` exits 1 when no metadata column matches the obs_names.
@@ -92,6 +93,34 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- embed: a released model applied to the user's own cells ------------------------------------
+def _embed(args: argparse.Namespace) -> int:
+    from neurofm.embed import embed_file
+
+    record = embed_file(
+        args.file,
+        args.out,
+        model=args.model,
+        gene_col=args.gene_col,
+        min_gene_overlap=args.min_gene_overlap,
+        unobserved=args.unobserved,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    match = record["gene_match"]
+    print(
+        f"genes: {match['n_found']} of the model's {match['n_model_genes']} found among the data's "
+        f"{match['n_data_genes']} ({match['overlap']:.1%}, by {match['data_key']})"
+    )
+    print(
+        f"model: {record['model']}"
+        + (f" (version {record['model_version']})" if "model_version" in record else "")
+    )
+    print(f"wrote {args.out}: obsm['{record['key_added']}'] for {record['n_cells']} cells")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurofm", description="neurofm dataset reports and utilities.")
     parser.add_argument("--version", action="version", version=f"neurofm {__version__}")
@@ -129,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--genes", type=int, default=600, help="number of genes (default 600)")
     synthetic.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synthetic.set_defaults(handler=_make_synthetic)
+
+    embed = commands.add_parser("embed", help="embed your cells with a pre-trained model into a new .h5ad")
+    embed.add_argument("file", metavar="IN.h5ad", help="raw counts (layers['counts'] if present, else X)")
+    embed.add_argument(
+        "--out", required=True, metavar="OUT.h5ad", help="new file: the input + obsm['X_neurofm']"
+    )
+    embed.add_argument(
+        "--model",
+        default=None,
+        help="model directory or MLflow URI (default models:/neurofm-encoder@champion)",
+    )
+    embed.add_argument("--gene-col", default=None, help="var column naming the genes (default var_names)")
+    embed.add_argument(
+        "--min-gene-overlap", type=float, default=0.5, help="share of model genes required (default 0.5)"
+    )
+    embed.add_argument(
+        "--unobserved",
+        choices=["exclude", "zero"],
+        default="exclude",
+        help="model genes absent from the data: left out (default) or treated as zero counts",
+    )
+    embed.add_argument("--pooling", choices=["mean", "mean_nonzero", "max"], default="mean")
+    embed.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
+    embed.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    embed.set_defaults(handler=_embed)
     return parser
 
 

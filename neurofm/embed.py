@@ -213,7 +213,43 @@ def embed(
 
     Returns ``None`` (or the copy). Backed AnnData are read in chunks of cells.
     """
-    from importlib.metadata import PackageNotFoundError, version
+    embeddings, record = _embed_with_record(
+        adata,
+        model,
+        tokenizer,
+        key_added=key_added,
+        gene_col=gene_col,
+        min_gene_overlap=min_gene_overlap,
+        unobserved=unobserved,
+        pooling=pooling,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        tracking_uri=tracking_uri,
+    )
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = embeddings
+    target.uns[keys.EMBEDDING_PARAMS] = record
+    return target if copy else None
+
+
+def _embed_with_record(
+    adata: ad.AnnData,
+    model: GeneEncoder | str | os.PathLike | None,
+    tokenizer: ExpressionTokenizer | None,
+    *,
+    key_added: str,
+    gene_col: str | None,
+    min_gene_overlap: float,
+    unobserved: str,
+    pooling: str,
+    batch_size: int,
+    device: str,
+    progress: bool,
+    tracking_uri: str | None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The embeddings of :func:`embed` and the ``uns['neurofm']`` record it writes."""
+    from neurofm import __version__
 
     model, tokenizer, record = resolve_model(model, tokenizer, tracking_uri)
     match = match_adata(
@@ -232,23 +268,90 @@ def embed(
         unobserved=unobserved,
     )
     seconds = time.perf_counter() - started
+    record.update(
+        gene_match=match.record(),
+        pooling=pooling,
+        unobserved=unobserved,
+        key_added=key_added,
+        n_cells=int(adata.n_obs),
+        cells_per_second=float(adata.n_obs / max(seconds, 1e-9)),
+        neurofm_version=__version__,
+    )
+    return embeddings, record
+
+
+def embed_file(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    model: GeneEncoder | str | os.PathLike | None = None,
+    tokenizer: ExpressionTokenizer | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Embed the cells of the .h5ad ``in_path`` into a new file ``out_path``; the input is never touched.
+
+    The input is read backed, 4,096 cells at a time, so memory does not grow with the number of cells;
+    the output is a copy of the input plus ``obsm[key_added]`` and ``uns['neurofm']`` (see
+    :func:`embed`, whose keyword ``options`` this takes), written to a temporary name and renamed when
+    complete. Returns the ``uns['neurofm']`` record.
+    """
+    import shutil
+
+    import h5py
+    from anndata.io import write_elem
+
+    from neurofm.io import atomic_path, check_h5ad_path, read_h5ad
+
+    in_path, out_path = check_h5ad_path(in_path), Path(out_path)
+    if out_path.suffix != ".h5ad":
+        raise NeurofmError(f"output {out_path} must end in .h5ad; pass e.g. --out cells.embedded.h5ad")
+    if out_path.resolve() == in_path.resolve():
+        raise NeurofmError(
+            f"output {out_path} is the input file; embed writes a new file — choose another --out"
+        )
+    key_added = options.pop("key_added", keys.EMBEDDING)
+    adata = read_h5ad(in_path, backed=True)
     try:
-        package_version = version("neurofm")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree without install
-        package_version = "unknown"
-    target = adata.copy() if copy else adata
-    target.obsm[key_added] = embeddings
-    target.uns[keys.EMBEDDING_PARAMS] = {
-        **record,
-        "gene_match": match.record(),
-        "pooling": pooling,
-        "unobserved": unobserved,
-        "key_added": key_added,
-        "n_cells": int(adata.n_obs),
-        "cells_per_second": float(adata.n_obs / max(seconds, 1e-9)),
-        "neurofm_version": package_version,
-    }
-    return target if copy else None
+        embeddings, record = _embed_with_record(
+            adata,
+            model,
+            tokenizer,
+            key_added=key_added,
+            gene_col=options.pop("gene_col", None),
+            min_gene_overlap=options.pop("min_gene_overlap", DEFAULT_MIN_GENE_OVERLAP),
+            unobserved=options.pop("unobserved", "exclude"),
+            pooling=options.pop("pooling", "mean"),
+            batch_size=options.pop("batch_size", 256),
+            device=options.pop("device", "auto"),
+            progress=options.pop("progress", True),
+            tracking_uri=options.pop("tracking_uri", None),
+        )
+    finally:
+        adata.file.close()
+    if options:
+        raise NeurofmError(f"unknown embed option(s) {sorted(options)}; see neurofm.embed.embed")
+    record["input"] = str(in_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        shutil.copyfile(in_path, tmp)  # counts are copied as bytes, never loaded
+        with h5py.File(tmp, "r+") as handle:
+            obsm = handle.require_group("obsm")
+            if key_added in obsm:
+                del obsm[key_added]
+            write_elem(obsm, key_added, embeddings)
+            uns = handle.require_group("uns")
+            if keys.EMBEDDING_PARAMS in uns:
+                del uns[keys.EMBEDDING_PARAMS]
+            write_elem(uns, keys.EMBEDDING_PARAMS, record)
+    log.info("wrote %s: obsm[%r] (%d × %d)", out_path, key_added, *embeddings.shape)
+    return record
+
+
+def frame_to_anndata(frame) -> ad.AnnData:
+    """A pandas DataFrame of raw counts (cells × genes; gene names as columns) as an AnnData."""
+    cells = ad.AnnData(X=frame.to_numpy(dtype=np.float32))
+    cells.obs_names = frame.index.astype(str)
+    cells.var_names = frame.columns.astype(str)
+    return cells
 
 
 def random_encoder_like(model_config: ModelConfig, seed: int = 0) -> GeneEncoder:

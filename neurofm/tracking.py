@@ -175,11 +175,14 @@ def log_and_register_model(
     code = Path(__file__).with_name("mlflow_model.py")
     import neurofm
 
+    example, signature = pyfunc_signature(model_dir)
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT_PATH,
         python_model=str(code),
         artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
         pip_requirements=[f"neurofm=={neurofm.__version__}", "torch==2.13.0", "safetensors", "anndata"],
+        signature=signature,
+        input_example=example,
     )
     client = MlflowClient()
     try:
@@ -194,6 +197,25 @@ def log_and_register_model(
     return RegisteredModel(
         registered_name, str(version.version), run.info.run_id, f"models:/{registered_name}/{version.version}"
     )
+
+
+def pyfunc_signature(model_dir: str | os.PathLike, n_cells: int = 3, seed: int = 0):
+    """``(input example, signature)`` of the registered pyfunc: a few cells of raw counts (a DataFrame,
+    one float column per model gene, in the model's gene order) → their cell embeddings (float32)."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from neurofm.embed import embed_matrix, frame_to_anndata
+    from neurofm.model import load_pretrained
+
+    model, tokenizer = load_pretrained(model_dir)
+    counts = np.random.default_rng(seed).poisson(1.0, size=(n_cells, tokenizer.n_genes)).astype(np.float64)
+    example = pd.DataFrame(
+        counts, columns=list(tokenizer.gene_ids), index=[f"cell_{i}" for i in range(n_cells)]
+    )
+    output = embed_matrix(model, tokenizer, frame_to_anndata(example), device="cpu", progress=False)
+    return example, infer_signature(example, output, params={"pooling": "mean"})
 
 
 def _create_version(client: MlflowClient, name: str, source: str, run_id: str):
