@@ -34,6 +34,7 @@ REGION_PARAMS = "region_params"
 LOAD_PARAMS = "load_params"
 
 # obsm / uns (evaluation)
+DROPPED_EMPTY = "dropped_empty"  # uns: all-zero cells/genes the prepare step left out (counts, gene names)
 EMBEDDING = "X_neurofm"  # obsm: cell embeddings from the frozen encoder
 EMBEDDING_PARAMS = "neurofm"  # uns: model source + pooling used for X_neurofm
 PCA_BASELINE = "X_pca_baseline"  # obsm: PCA of log-normalised counts (baseline)

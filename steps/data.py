@@ -71,11 +71,13 @@ def crop_data(
     """Depth-stratified cell and weighted gene sampling with a before/after sparsity report.
 
     Writes ``uns['crop_params']``, ``uns['crop_indices']``, ``uns['sparsity_summary']``. With
-    ``n_cells`` and ``n_genes`` both None the data pass through and the report covers them as they are.
+    ``n_cells`` and ``n_genes`` both None the data pass through, less all-zero cells and genes when
+    ``drop_all_zero`` (recorded in ``uns['dropped_empty']``), and the report covers them as they are.
     """
     params = {k: v for k, v in crop_params.items() if k != "report_csv"}
     if params["n_cells"] is None and params["n_genes"] is None:
-        return adata, crop.sparsity_report(adata, adata)
+        kept = crop.drop_empty(adata) if params["drop_all_zero"] else adata
+        return kept, crop.sparsity_report(adata, kept)
     cropped = crop.crop(adata, **params)
     return cropped, crop.sparsity_report(adata, cropped)
 

@@ -139,3 +139,24 @@ def test_sparsity_report_table_and_csv(tmp_path, synthetic_adata):
     pd.testing.assert_frame_equal(table, from_uns)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sparsity.csv"), table, check_dtype=False)
     assert 0 < sparsity_summary(result)["nonzero_fraction"] <= 1
+
+
+def test_without_a_crop_all_zero_cells_and_genes_are_dropped_with_a_record(synthetic_adata, caplog):
+    import scipy.sparse as sp
+
+    from neurofm import keys
+    from neurofm.data.crop import drop_empty
+
+    assert drop_empty(synthetic_adata) is synthetic_adata  # nothing empty: passed through
+    counts = synthetic_adata.X.toarray()
+    counts[[2, 5], :] = 0
+    counts[:, [0, 9, 11]] = 0
+    adata = synthetic_adata.copy()
+    adata.X = sp.csr_matrix(counts)
+    with caplog.at_level("WARNING"):
+        kept = drop_empty(adata)
+    assert kept.shape == (adata.n_obs - 2, adata.n_vars - 3)
+    assert kept.uns[keys.DROPPED_EMPTY]["n_cells"] == 2 and kept.uns[keys.DROPPED_EMPTY]["n_genes"] == 3
+    assert kept.uns[keys.DROPPED_EMPTY]["genes"] == list(adata.var_names[[0, 9, 11]])
+    assert "2 all-zero cells and 3 all-zero genes" in caplog.text
+    assert adata.shape == synthetic_adata.shape  # the input is not modified

@@ -51,7 +51,9 @@ def test_embed_bins_equals_the_per_token_reference(setup, pooling):
 @pytest.mark.parametrize("pooling", ["mean", "mean_nonzero", "max"])
 def test_embed_equals_the_per_token_reference_on_raw_counts(setup, pooling):
     model, tokenizer, adata = setup
-    result = embed_matrix(model, tokenizer, adata, batch_size=16, pooling=pooling, device="cpu", progress=False)
+    result = embed_matrix(
+        model, tokenizer, adata, batch_size=16, pooling=pooling, device="cpu", progress=False
+    )
     with torch.no_grad():
         expected = per_token_reference(model, torch.from_numpy(tokenizer.transform(adata)), pooling).numpy()
     assert np.abs(result - expected).max() < 1e-5

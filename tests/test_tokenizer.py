@@ -155,4 +155,6 @@ def test_gene_symbols_are_kept_with_the_tokenizer(tmp_path):
     loaded = ExpressionTokenizer.load(tokenizer.save(tmp_path / "tok"))
     assert list(loaded.gene_symbols) == list(adata.var["gene_symbol"])
     plain = synthetic_counts()
-    assert ExpressionTokenizer.load(ExpressionTokenizer().fit(plain).save(tmp_path / "p")).gene_symbols is None
+    assert (
+        ExpressionTokenizer.load(ExpressionTokenizer().fit(plain).save(tmp_path / "p")).gene_symbols is None
+    )

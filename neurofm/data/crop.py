@@ -99,6 +99,36 @@ def _gene_statistics(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return detection, np.sqrt(np.maximum(mean_square - mean**2, 0.0))
 
 
+def drop_empty(adata: ad.AnnData) -> ad.AnnData:
+    """``adata`` without all-zero cells and all-zero genes (real 10x files have some), logged in one line.
+
+    Returns ``adata`` itself when nothing is empty, else a copy with ``uns['dropped_empty']``:
+    ``n_cells``, ``n_genes`` (how many were dropped) and ``genes`` (their names). Raises NeurofmError
+    when nothing would be left.
+    """
+    nonzero = sp.csr_matrix(adata.X != 0)  # explicitly stored zeros do not count
+    cells = np.diff(nonzero.indptr) > 0
+    genes = np.bincount(nonzero.indices, minlength=adata.n_vars) > 0
+    if cells.all() and genes.all():
+        return adata
+    if not cells.any() or not genes.any():
+        raise NeurofmError("every cell or every gene of the data is all-zero; pass a matrix of raw counts")
+    dropped_genes = np.asarray(adata.var_names[~genes], dtype=str)
+    log.warning(
+        "dropping %d all-zero cells and %d all-zero genes (e.g. %s); set crop.drop_all_zero=false to keep them",
+        int((~cells).sum()),
+        int((~genes).sum()),
+        list(dropped_genes[:3]),
+    )
+    result = adata[cells, genes].copy()
+    result.uns[keys.DROPPED_EMPTY] = {
+        "n_cells": int((~cells).sum()),
+        "n_genes": int((~genes).sum()),
+        "genes": dropped_genes.tolist(),
+    }
+    return result
+
+
 def crop(
     adata: ad.AnnData,
     n_cells: int | None = None,
