@@ -1,0 +1,771 @@
+"""The cell store: an atlas written once, in one streaming pass, as pre-shuffled shards of sparse counts.
+
+``convert(in_h5ad, out_dir)`` reads an ``.h5ad`` with h5py in row blocks (never the whole ``X``), applies
+the prepare selection on the way (source rows, the cluster subset through the metadata join, a region
+filter, a gene selection; obs names made unique), draws a seeded permutation of the kept cells and writes
+
+    OUT_DIR/
+        manifest.json          # written last (atomically): a directory without it is not a store
+        obs.parquet            # kept obs columns in store order, + source_row; index = unique obs names
+        shard-00000/           # rows [0, shard_size) of the permuted cells, one memory-mapped CSR
+            indptr.npy         #   int64 (rows + 1)
+            indices.npy        #   int32 gene positions (in the store's gene order)
+            data.npy           #   integer counts, uint16 (uint32 when a count exceeds 65,535)
+        shard-00001/ …
+
+Store row ``r`` lives in shard ``r // shard_size`` at position ``r % shard_size``. The manifest holds the
+format name and version, gene IDs (+ symbols), the shards' rows, non-zeros and per-file size + SHA-256,
+the source's fingerprint, the selection and the seed.
+
+Conversion is two-phase: rows read in source order are appended to per-shard temporaries, then each shard
+is permuted in memory and written under its final name atomically. Killed midway, it leaves no manifest (a
+:class:`CellStore` refuses the directory); run again with the same arguments, it keeps every finished shard
+whose files still match their recorded SHA-256 and redoes the rest. Opening a store checks every shard
+file's size (cheap); ``verify=True`` also checks their SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from neurofm import keys
+from neurofm.data.atlas import _matrix_element, _normalise_cluster_ids, read_cell_metadata, read_csr_rows
+from neurofm.data.dedupe import unique_names
+from neurofm.data.region import filter_region
+from neurofm.errors import NeurofmError
+from neurofm.io import atomic_path, check_h5ad_path, ensure_writable_dir, file_fingerprint, write_json
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "neurofm-cell-store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+OBS_FILE = "obs.parquet"
+SHARD_FILES = ("indptr.npy", "indices.npy", "data.npy")
+SOURCE_ROW = "source_row"  # obs.parquet column: the cell's row in the source .h5ad
+_PROGRESS = ".convert-progress"  # plan + temporaries of an unfinished conversion
+_SHARD_RECORD = "shard.json"  # inside a finished shard directory: what the manifest will say of it
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which cells and genes of the source a store keeps (the prepare selection, applied on the way).
+
+    Cells are kept when they pass every given filter: ``rows`` (source row positions), the cluster
+    subset (``cluster_ids`` looked up in ``metadata_csv``, joined on ``obs_name_column`` = the .h5ad
+    obs_names; writes ``obs['subtype']`` = ``f"{label_prefix}{id}"`` and the other metadata columns)
+    and the region filter (``obs[region_column] == region`` after the join). ``genes`` lists var_names to
+    keep, in that order (None: all). ``obs_columns`` limits the obs columns written (None: all).
+    """
+
+    rows: Sequence[int] | None = None
+    genes: Sequence[str] | None = None
+    metadata_csv: str | None = None
+    cluster_ids: Sequence[Any] | None = None
+    obs_name_column: str = keys.CELL_LABEL
+    cluster_column: str = keys.CLUSTER_ALIAS
+    label_prefix: str = "cluster_"
+    region: str | None = None
+    region_column: str = keys.REGION
+    obs_columns: Sequence[str] | None = None
+
+    def describe(self) -> dict:
+        """A JSON-able record for the manifest (row and gene lists as counts + SHA-256)."""
+        record = asdict(self)
+        for name in ("rows", "genes"):
+            values = record.pop(name)
+            if values is not None:
+                array = np.asarray(values)
+                record[name] = {"count": int(array.size), "sha256": _sha256_bytes(array.astype(str))}
+            else:
+                record[name] = None
+        if record["metadata_csv"] is not None:
+            record["metadata_fingerprint"] = file_fingerprint(record["metadata_csv"])
+            record["metadata_csv"] = str(record["metadata_csv"])
+        if record["cluster_ids"] is not None:
+            record["cluster_ids"] = [str(v) for v in record["cluster_ids"]]
+        if record["obs_columns"] is not None:
+            record["obs_columns"] = list(record["obs_columns"])
+        return record
+
+
+def _sha256_bytes(array: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for value in np.asarray(array).ravel():
+        digest.update(str(value).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ selection
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise NeurofmError(
+            f"cannot open {path} ({error}); the file is truncated or not an .h5ad — re-export it"
+        ) from None
+
+
+def _read_frame(handle: h5py.File, name: str, path: Path) -> pd.DataFrame:
+    try:
+        return ad.io.read_elem(handle[name])
+    except Exception as error:  # h5py/anndata raise many types for broken files
+        raise NeurofmError(
+            f"{path} has no readable {name} table ({type(error).__name__}); pass an AnnData .h5ad"
+        ) from None
+
+
+def _select_cells(obs: pd.DataFrame, selection: Selection, path: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """(sorted source rows kept, their obs after the metadata join), reusing the prepare rules."""
+    keep = np.ones(len(obs), dtype=bool)
+    if selection.rows is not None:
+        rows = np.asarray(selection.rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(obs)):
+            raise NeurofmError(
+                f"selection rows must be in [0, {len(obs)}) for {path.name}; got {rows.min()}..{rows.max()}"
+            )
+        keep[:] = False
+        keep[rows] = True
+    obs = obs.copy()
+    if selection.cluster_ids is not None:
+        if selection.metadata_csv is None:
+            raise NeurofmError("selection cluster_ids needs metadata_csv; pass the atlas cell_metadata.csv")
+        metadata = read_cell_metadata(
+            selection.metadata_csv, required_columns=(selection.obs_name_column, selection.cluster_column)
+        )
+        integer_column = pd.api.types.is_integer_dtype(metadata[selection.cluster_column])
+        wanted = _normalise_cluster_ids(selection.cluster_ids, integer_column)
+        if not integer_column:
+            metadata[selection.cluster_column] = metadata[selection.cluster_column].astype(str)
+        metadata = metadata.drop_duplicates(selection.obs_name_column).set_index(selection.obs_name_column)
+        matched = metadata.reindex(obs.index.astype(str))
+        in_clusters = matched[selection.cluster_column].isin(wanted).to_numpy()
+        if not (keep & in_clusters).any():
+            raise NeurofmError(
+                f"no cell of {path.name} belongs to clusters {wanted} through column "
+                f"'{selection.obs_name_column}' of {Path(selection.metadata_csv).name}; check the IDs and "
+                "obs_name_column (`neurofm check-ids` shows which column matches)"
+            )
+        keep &= in_clusters
+        for column in matched.columns:
+            if column not in obs.columns:
+                obs[column] = matched[column].to_numpy()
+        obs[keys.SUBTYPE] = [
+            f"{selection.label_prefix}{value}" if ok else None
+            for value, ok in zip(matched[selection.cluster_column], in_clusters, strict=True)
+        ]
+    if selection.region is not None:
+        kept = filter_region(
+            ad.AnnData(obs=obs[keep]), value=selection.region, column=selection.region_column
+        )
+        in_region = obs.index.isin(kept.obs_names)
+        keep &= in_region
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise NeurofmError(f"the selection keeps no cell of {path.name}; loosen the selection")
+    kept_obs = obs.iloc[rows]
+    if selection.obs_columns is not None:
+        absent = [c for c in selection.obs_columns if c not in kept_obs.columns]
+        if absent:
+            raise NeurofmError(
+                f"obs has no column(s) {absent} (columns: {list(kept_obs.columns)}); drop them from obs_columns"
+            )
+        kept_obs = kept_obs[list(selection.obs_columns)]
+    return rows, kept_obs
+
+
+def _select_genes(var: pd.DataFrame, genes: Sequence[str] | None, path: Path) -> np.ndarray | None:
+    """Source column of each kept gene (None: all genes in file order)."""
+    if genes is None:
+        return None
+    names = pd.Index(var.index.astype(str))
+    if not names.is_unique:
+        raise NeurofmError(
+            f"{path.name} has duplicate var_names; a gene selection needs unique gene IDs (dedupe first)"
+        )
+    wanted = pd.Index(np.asarray(genes, dtype=str))
+    if not wanted.is_unique:
+        raise NeurofmError("the gene selection lists a gene twice; list each gene ID once")
+    position = names.get_indexer(wanted)
+    if (position < 0).any():
+        missing = list(wanted[position < 0][:3])
+        raise NeurofmError(
+            f"{int((position < 0).sum())} selected genes are not var_names of {path.name} (e.g. {missing}); "
+            "list gene IDs as in the file's var index"
+        )
+    return position.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ conversion
+@dataclass
+class _Plan:
+    key: str  # hash of everything that decides the store's bytes
+    n_cells: int
+    shard_size: int
+    n_shards: int = field(init=False)
+
+    def __post_init__(self):
+        self.n_shards = max(1, -(-self.n_cells // self.shard_size))
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _finished_shard(directory: Path, plan_key: str) -> dict | None:
+    """The record of a finished shard written for ``plan_key`` whose files still match it, else None."""
+    record_path = directory / _SHARD_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("plan") != plan_key:
+        return None
+    for name, expected in record["files"].items():
+        path = directory / name
+        if (
+            not path.is_file()
+            or path.stat().st_size != expected["size"]
+            or file_sha256(path) != expected["sha256"]
+        ):
+            return None
+    return record
+
+
+def _write_npy_stream(path: Path, dtype: np.dtype, length: int, chunks, digest_into: dict) -> None:
+    """Write a 1-D ``.npy`` of ``length`` items from an iterable of arrays, hashing as it goes."""
+    digest = hashlib.sha256()
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": (length,),
+    }
+    import io
+
+    header_buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header_buffer, header)
+    with open(path, "wb") as handle:
+        handle.write(header_buffer.getvalue())
+        digest.update(header_buffer.getvalue())
+        for chunk in chunks:
+            raw = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
+            digest.update(raw)
+            handle.write(raw)
+    digest_into[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _check_block_counts(values: np.ndarray, path: Path) -> None:
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.integer):
+        if values.min() < 0:
+            raise NeurofmError(f"{path.name} holds negative counts; pass raw UMI counts")
+        return
+    if not np.isfinite(values).all():
+        raise NeurofmError(f"{path.name} holds NaN/infinite counts; pass raw UMI counts")
+    if values.min() < 0:
+        raise NeurofmError(f"{path.name} holds negative values (scaled or centred?); pass raw UMI counts")
+    if (values != np.floor(values)).any():
+        raise NeurofmError(
+            f"{path.name} holds non-integer values (log-normalised?); pass raw UMI counts (or layer='counts')"
+        )
+    if values.max() >= 2**32:
+        raise NeurofmError(f"{path.name} holds counts >= 2**32; these are not UMI counts")
+
+
+def convert(
+    in_h5ad: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    selection: Selection | None = None,
+    shard_size: int = 65536,
+    seed: int = 0,
+    layer: str | None = None,
+    read_nonzeros: int = 1 << 23,
+    progress: bool = False,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> dict:
+    """Convert ``in_h5ad`` into a cell store in ``out_dir`` (see the module docstring); return the manifest.
+
+    ``shard_size`` cells per shard (the last holds the rest); ``seed`` draws the permutation of the kept
+    cells; ``layer`` reads counts from ``layers[layer]`` (default: ``layers['counts']`` if present, else
+    ``X``); ``read_nonzeros`` bounds one read from the source (memory ≈ 14 bytes × this, plus one shard
+    of ≈ 2 × 10 bytes × its non-zeros while it is permuted). ``on_shard_written(index)`` is called after
+    each shard is final (a test hook). A finished store with the same inputs is returned as is.
+    Raises NeurofmError for a non-.h5ad input, a matrix that is not CSR or dense, non-integer counts or
+    a selection that keeps nothing.
+    """
+    started = time.perf_counter()
+    selection = selection or Selection()
+    path = check_h5ad_path(in_h5ad)
+    if shard_size < 1:
+        raise NeurofmError(f"shard_size must be a positive number of cells, got {shard_size}")
+    out_dir = ensure_writable_dir(out_dir)
+    if any(out_dir.iterdir()) and not ((out_dir / MANIFEST).exists() or (out_dir / _PROGRESS).exists()):
+        raise NeurofmError(
+            f"{out_dir} is a non-empty directory that is not a cell store; choose an empty or new directory"
+        )
+    handle = _open_h5(path)
+    with handle:
+        obs = _read_frame(handle, "obs", path)
+        var = _read_frame(handle, "var", path)
+        element, source_name = _matrix_element(handle, layer, path)
+        if isinstance(element, h5py.Group) and element.attrs.get("encoding-type", "") != "csr_matrix":
+            raise NeurofmError(
+                f"{path.name} stores {source_name} as {element.attrs.get('encoding-type', 'unknown')}; "
+                "convert needs CSR rows — re-save it with adata.X = adata.X.tocsr()"
+            )
+        rows, kept_obs = _select_cells(obs, selection, path)
+        gene_columns = _select_genes(var, selection.genes, path)
+        kept_var = var if gene_columns is None else var.iloc[gene_columns]
+        n_genes = len(kept_var)
+        fingerprint = {
+            "path": str(path.resolve()),
+            "size": path.stat().st_size,
+            "sample_sha256": file_fingerprint(path),
+        }
+        describe = selection.describe()
+        plan_record = {
+            "source": fingerprint,
+            "selection": describe,
+            "layer": source_name,
+            "seed": int(seed),
+            "shard_size": int(shard_size),
+            "format": [STORE_FORMAT, STORE_VERSION],
+        }
+        plan = _Plan(
+            key=hashlib.sha256(json.dumps(plan_record, sort_keys=True).encode()).hexdigest(),
+            n_cells=int(rows.size),
+            shard_size=int(shard_size),
+        )
+        manifest_path = out_dir / MANIFEST
+        if manifest_path.is_file():
+            try:
+                existing = json.loads(manifest_path.read_text())
+            except ValueError:
+                existing = {}
+            if existing.get("plan") == plan.key:
+                try:
+                    CellStore(out_dir, verify=False)
+                except NeurofmError:
+                    pass
+                else:
+                    log.info("%s is already a finished store of %s; kept", out_dir, path.name)
+                    return existing
+            manifest_path.unlink()  # from here on the directory is not a store until the new manifest lands
+
+        permutation = np.random.default_rng(seed).permutation(rows.size)
+        destination = np.empty(rows.size, dtype=np.int64)  # store row of the i-th kept (sorted) source row
+        destination[permutation] = np.arange(rows.size)
+        progress_dir = out_dir / _PROGRESS
+        progress_dir.mkdir(exist_ok=True)
+        done = {}
+        for index in range(plan.n_shards):
+            record = _finished_shard(out_dir / _shard_name(index), plan.key)
+            if record is not None:
+                done[index] = record
+        for stale in out_dir.glob("shard-*"):
+            if stale.is_dir() and int(stale.name.split("-")[1]) not in done:
+                shutil.rmtree(stale)
+        if done:
+            log.info("resuming: %d of %d shards already written", len(done), plan.n_shards)
+        pending = [k for k in range(plan.n_shards) if k not in done]
+        if pending:
+            _scatter_to_temporaries(
+                element,
+                source_name,
+                rows,
+                destination,
+                gene_columns,
+                n_genes,
+                plan,
+                pending,
+                progress_dir,
+                path,
+                read_nonzeros,
+                progress,
+            )
+            for index in pending:
+                done[index] = _finish_shard(index, plan, progress_dir, out_dir, n_genes)
+                if on_shard_written is not None:
+                    on_shard_written(index)
+
+    # obs in store order; index = unique obs names
+    store_obs = kept_obs.iloc[permutation].copy()
+    store_obs.index = unique_names(pd.Index(store_obs.index.astype(str)))
+    store_obs.index.name = "obs_name"
+    store_obs[SOURCE_ROW] = rows[permutation]
+    for column in store_obs.columns:  # parquet wants one type per column
+        if store_obs[column].dtype == object:
+            store_obs[column] = store_obs[column].astype(str).where(store_obs[column].notna(), None)
+    with atomic_path(out_dir / OBS_FILE) as tmp:
+        store_obs.to_parquet(tmp)
+    gene_ids = np.asarray(kept_var.index.astype(str))
+    manifest = {
+        "format": STORE_FORMAT,
+        "format_version": STORE_VERSION,
+        "plan": plan.key,
+        "n_cells": plan.n_cells,
+        "n_genes": n_genes,
+        "shard_size": plan.shard_size,
+        "seed": int(seed),
+        "gene_ids": gene_ids.tolist(),
+        "gene_symbols": (
+            kept_var[keys.GENE_SYMBOL].astype(str).tolist() if keys.GENE_SYMBOL in kept_var.columns else None
+        ),
+        "obs_file": OBS_FILE,
+        "obs_columns": [c for c in store_obs.columns],
+        "obs_sha256": file_sha256(out_dir / OBS_FILE),
+        "shards": [{k: v for k, v in done[index].items() if k != "plan"} for index in range(plan.n_shards)],
+        "source": {**fingerprint, "layer": source_name, "n_cells": len(obs), "n_genes": len(var)},
+        "selection": describe,
+    }
+    write_json(manifest, manifest_path)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info(
+        "wrote cell store %s: %d cells × %d genes in %d shards (%.1f s, %.0f cells/s)",
+        out_dir,
+        plan.n_cells,
+        n_genes,
+        plan.n_shards,
+        seconds,
+        plan.n_cells / max(seconds, 1e-9),
+    )
+    return manifest
+
+
+def _read_blocks(rows: np.ndarray, indptr: np.ndarray, read_nonzeros: int):
+    """Split sorted ``rows`` into consecutive pieces of about ``read_nonzeros`` stored values each."""
+    lengths = indptr[rows + 1] - indptr[rows]
+    cumulative = np.cumsum(lengths)
+    start = 0
+    while start < rows.size:
+        base = cumulative[start - 1] if start else 0
+        stop = int(np.searchsorted(cumulative, base + read_nonzeros, side="right"))
+        stop = max(stop, start + 1)
+        yield start, min(stop, rows.size)
+        start = stop
+
+
+def _scatter_to_temporaries(
+    element,
+    source_name,
+    rows,
+    destination,
+    gene_columns,
+    n_genes,
+    plan,
+    pending,
+    progress_dir,
+    path,
+    read_nonzeros,
+    progress,
+) -> None:
+    """Phase 1: read the kept rows in source order and append each to its shard's temporaries."""
+    is_pending = np.zeros(plan.n_shards, dtype=bool)
+    is_pending[pending] = True
+    column_map = None
+    if gene_columns is not None:
+        n_source_genes = (
+            int(element.attrs["shape"][1]) if isinstance(element, h5py.Group) else int(element.shape[1])
+        )
+        column_map = np.full(n_source_genes, -1, dtype=np.int32)
+        column_map[gene_columns] = np.arange(gene_columns.size, dtype=np.int32)
+    files = {
+        k: (open(progress_dir / f"{k}.indices", "wb"), open(progress_dir / f"{k}.data", "wb"))
+        for k in pending
+    }
+    lengths_parts: dict[int, list] = {k: [] for k in pending}
+    slots_parts: dict[int, list] = {k: [] for k in pending}
+    try:
+        if isinstance(element, h5py.Group):
+            indptr = element["indptr"][:].astype(np.int64)
+            blocks = _read_blocks(rows, indptr, read_nonzeros)
+        else:
+            per_row = max(1, read_nonzeros // max(1, int(element.shape[1])))
+            blocks = ((s, min(s + per_row, rows.size)) for s in range(0, rows.size, per_row))
+        if progress:
+            from tqdm import tqdm
+
+            blocks = tqdm(blocks, desc="convert", unit="read")
+        for start, stop in blocks:
+            block_rows = rows[start:stop]
+            if isinstance(element, h5py.Group):
+                block = read_csr_rows(element, block_rows, max_rows_per_read=max(1, block_rows.size))
+            else:
+                block = sp.csr_matrix(element[block_rows[0] : block_rows[-1] + 1][block_rows - block_rows[0]])
+            data, indices = block.data, block.indices.astype(np.int32, copy=False)
+            _check_block_counts(data, path)
+            row_lengths = np.diff(block.indptr).astype(np.int64)
+            if column_map is not None:
+                new_columns = column_map[indices]
+                kept = new_columns >= 0
+                row_of_entry = np.repeat(np.arange(row_lengths.size), row_lengths)
+                row_lengths = np.bincount(row_of_entry[kept], minlength=row_lengths.size).astype(np.int64)
+                data, indices = data[kept], new_columns[kept]
+                if not np.all(np.diff(gene_columns) > 0):  # reordered genes: sort each row's indices
+                    order = np.lexsort((indices, row_of_entry[kept]))
+                    data, indices = data[order], indices[order]
+            store_rows = destination[start:stop]
+            shard_of_row = (store_rows // plan.shard_size).astype(
+                np.uint16 if plan.n_shards < 65536 else np.int64
+            )
+            row_order = np.argsort(shard_of_row, kind="stable")
+            shard_of_entry = np.repeat(shard_of_row, row_lengths)
+            entry_order = np.argsort(shard_of_entry, kind="stable")
+            data = data[entry_order].astype(np.uint32)
+            indices = indices[entry_order]
+            entry_bounds = np.concatenate(
+                [[0], np.cumsum(np.bincount(shard_of_entry, minlength=plan.n_shards))]
+            )
+            row_bounds = np.concatenate([[0], np.cumsum(np.bincount(shard_of_row, minlength=plan.n_shards))])
+            for k in np.flatnonzero(is_pending[: plan.n_shards] & (np.diff(row_bounds) > 0)):
+                e0, e1 = entry_bounds[k], entry_bounds[k + 1]
+                r = row_order[row_bounds[k] : row_bounds[k + 1]]
+                files[k][0].write(indices[e0:e1].tobytes())
+                files[k][1].write(data[e0:e1].tobytes())
+                lengths_parts[k].append(row_lengths[r])
+                slots_parts[k].append(store_rows[r] - k * plan.shard_size)
+    finally:
+        for first, second in files.values():
+            first.close()
+            second.close()
+    for k in pending:
+        np.save(
+            progress_dir / f"{k}.lengths.npy", np.concatenate(lengths_parts[k] or [np.zeros(0, np.int64)])
+        )
+        np.save(progress_dir / f"{k}.slots.npy", np.concatenate(slots_parts[k] or [np.zeros(0, np.int64)]))
+
+
+def _finish_shard(index: int, plan: _Plan, progress_dir: Path, out_dir: Path, n_genes: int) -> dict:
+    """Phase 2: permute one shard's temporaries into store order and write it under its final name."""
+    lengths = np.load(progress_dir / f"{index}.lengths.npy")
+    slots = np.load(progress_dir / f"{index}.slots.npy")
+    expected_rows = min(plan.shard_size, plan.n_cells - index * plan.shard_size)
+    if lengths.size != expected_rows or not np.array_equal(np.sort(slots), np.arange(expected_rows)):
+        raise NeurofmError(
+            f"shard {index} temporaries are inconsistent ({lengths.size} rows, expected {expected_rows}); "
+            "delete the output directory and convert again"
+        )
+    indices = np.fromfile(progress_dir / f"{index}.indices", dtype=np.int32)
+    data = np.fromfile(progress_dir / f"{index}.data", dtype=np.uint32)
+    source_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    order = np.argsort(slots)  # temporaries are in source order; the shard is in store order
+    new_lengths = lengths[order]
+    indptr = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64)
+    data_dtype = np.uint16 if data.size == 0 or int(data.max()) <= np.iinfo(np.uint16).max else np.uint32
+
+    def gathered(values: np.ndarray, rows_per_chunk: int = 8192):
+        for r0 in range(0, order.size, rows_per_chunk):
+            rows = order[r0 : r0 + rows_per_chunk]
+            counts = lengths[rows]
+            starts = source_offsets[rows]
+            offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+            yield values[offsets + np.arange(offsets.size)]
+
+    record = {
+        "name": _shard_name(index),
+        "rows": int(expected_rows),
+        "nnz": int(indptr[-1]),
+        "plan": plan.key,
+    }
+    files: dict[str, dict] = {}
+    with atomic_path(out_dir / _shard_name(index)) as tmp:
+        tmp.mkdir()
+        _write_npy_stream(tmp / "indptr.npy", np.int64, indptr.size, [indptr], files)
+        _write_npy_stream(tmp / "indices.npy", np.int32, indices.size, gathered(indices), files)
+        _write_npy_stream(tmp / "data.npy", data_dtype, data.size, gathered(data), files)
+        record["data_dtype"] = np.dtype(data_dtype).name
+        record["files"] = files
+        (tmp / _SHARD_RECORD).write_text(json.dumps(record, indent=2))
+    for suffix in ("indices", "data", "lengths.npy", "slots.npy"):
+        (progress_dir / f"{index}.{suffix}").unlink(missing_ok=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------------ reading
+class CellStore:
+    """A finished cell store, opened read-only; shards are memory-mapped lazily (per process).
+
+    ``CellStore(path)`` reads the manifest and checks each shard file's size (``verify=True``: also its
+    SHA-256); a missing manifest, another format or a changed shard raises NeurofmError. Pickling drops
+    the memory maps, so a store can be handed to DataLoader workers, which re-open the files themselves.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise NeurofmError(
+                f"{self.path} is not a finished cell store (no {MANIFEST}); run `neurofm convert IN.h5ad "
+                f"{self.path}` (again, if it was interrupted)"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            raise NeurofmError(f"{manifest_path} is not valid JSON; convert the store again") from None
+        if (
+            self.manifest.get("format") != STORE_FORMAT
+            or self.manifest.get("format_version") != STORE_VERSION
+        ):
+            raise NeurofmError(
+                f"{self.path} is not a {STORE_FORMAT} v{STORE_VERSION} store (found "
+                f"{self.manifest.get('format')} v{self.manifest.get('format_version')}); convert it again"
+            )
+        self.shards = self.manifest["shards"]
+        self.shard_rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        self.gene_ids = np.asarray(self.manifest["gene_ids"], dtype=str)
+        self._mapped: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.check(verify=verify)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.manifest["n_cells"])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.manifest["n_genes"])
+
+    @property
+    def manifest_sha256(self) -> str:
+        return file_sha256(self.path / MANIFEST)
+
+    def reference(self) -> dict:
+        """A small dataset reference for pipeline steps: ``{"uri", "manifest_sha256", "n_cells", "n_genes"}``."""
+        return {
+            "uri": str(self.path.resolve()),
+            "manifest_sha256": self.manifest_sha256,
+            "n_cells": self.n_cells,
+            "n_genes": self.n_genes,
+        }
+
+    def check(self, verify: bool = False) -> None:
+        """Raise NeurofmError (one line) when a shard file is missing, of the wrong size or (``verify``)
+        of the wrong SHA-256."""
+        for shard in self.shards:
+            for name, expected in shard["files"].items():
+                file = self.path / shard["name"] / name
+                problem = None
+                if not file.is_file():
+                    problem = "is missing"
+                elif file.stat().st_size != expected["size"]:
+                    problem = f"has {file.stat().st_size} bytes, the manifest says {expected['size']}"
+                elif verify and file_sha256(file) != expected["sha256"]:
+                    problem = "does not match its SHA-256 in the manifest"
+                if problem:
+                    raise NeurofmError(
+                        f"cell store shard file {file} {problem} (changed or corrupt); convert the store again"
+                    )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_mapped"] = {}
+        return state
+
+    def shard(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr, indices, data) of shard ``index``, memory-mapped read-only."""
+        if index not in self._mapped:
+            directory = self.path / self.shards[index]["name"]
+            try:
+                self._mapped[index] = tuple(
+                    np.load(directory / name, mmap_mode="r", allow_pickle=False) for name in SHARD_FILES
+                )
+            except (OSError, ValueError) as error:
+                raise NeurofmError(
+                    f"cannot read cell store shard {directory} ({error}); convert the store again"
+                ) from None
+        return self._mapped[index]
+
+    def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR pieces ``(indptr from 0, indices, data)`` of store rows ``[start, stop)`` (one shard)."""
+        index = int(np.searchsorted(self.shard_offsets, start, side="right") - 1)
+        local = start - int(self.shard_offsets[index])
+        if stop - int(self.shard_offsets[index]) > self.shard_rows[index]:
+            raise ValueError("read_range must stay inside one shard")
+        indptr, indices, data = self.shard(index)
+        pointers = np.asarray(indptr[local : local + (stop - start) + 1])
+        first, last = int(pointers[0]), int(pointers[-1])
+        return pointers - first, np.asarray(indices[first:last]), np.asarray(data[first:last])
+
+    def rows(self, store_rows: Sequence[int] | np.ndarray) -> sp.csr_matrix:
+        """Counts of ``store_rows`` (any order) as CSR float32 (cells × genes), in that order."""
+        store_rows = np.asarray(store_rows, dtype=np.int64)
+        if store_rows.size and (store_rows.min() < 0 or store_rows.max() >= self.n_cells):
+            raise NeurofmError(f"store rows must be in [0, {self.n_cells})")
+        order = np.argsort(store_rows, kind="stable")
+        pieces_data, pieces_indices, lengths = [], [], np.zeros(store_rows.size, dtype=np.int64)
+        sorted_rows = store_rows[order]
+        shard_of = np.searchsorted(self.shard_offsets, sorted_rows, side="right") - 1
+        for index in np.unique(shard_of):
+            chosen = np.flatnonzero(shard_of == index)
+            local = sorted_rows[chosen] - self.shard_offsets[index]
+            indptr, indices, data = self.shard(int(index))
+            starts, ends = np.asarray(indptr[local]), np.asarray(indptr[local + 1])
+            counts = ends - starts
+            offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+            positions = offsets + np.arange(offsets.size)
+            pieces_indices.append(np.asarray(indices[positions]))
+            pieces_data.append(np.asarray(data[positions]))
+            lengths[chosen] = counts
+        # pieces are in sorted-row order; put rows back in the order asked for
+        sorted_matrix = sp.csr_matrix(
+            (
+                np.concatenate(pieces_data or [np.zeros(0)]).astype(np.float32),
+                np.concatenate(pieces_indices or [np.zeros(0, np.int32)]),
+                np.concatenate([[0], np.cumsum(lengths)]),
+            ),
+            shape=(store_rows.size, self.n_genes),
+        )
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return sorted_matrix[inverse]
+
+    def read_obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The kept obs columns in store order (index: unique obs names; column ``source_row``)."""
+        return pd.read_parquet(self.path / OBS_FILE, columns=None if columns is None else list(columns))
+
+    def var(self) -> pd.DataFrame:
+        """Gene table in store order: index gene IDs, column ``gene_symbol`` when the source had one."""
+        var = pd.DataFrame(index=pd.Index(self.gene_ids, name=keys.GENE_ID_INDEX))
+        if self.manifest.get("gene_symbols") is not None:
+            var[keys.GENE_SYMBOL] = self.manifest["gene_symbols"]
+        return var
+
+    def to_anndata(self, store_rows: Sequence[int] | np.ndarray | None = None) -> ad.AnnData:
+        """Rows of the store (all if None) as an in-memory AnnData (CSR float32 counts, obs, var)."""
+        store_rows = np.arange(self.n_cells) if store_rows is None else np.asarray(store_rows)
+        obs = self.read_obs().iloc[store_rows]
+        return ad.AnnData(X=self.rows(store_rows), obs=obs, var=self.var())
+
+
+def open_store(path: str | os.PathLike, verify: bool = False) -> CellStore:
+    """Open the cell store at ``path`` (see :class:`CellStore`)."""
+    return CellStore(path, verify=verify)
