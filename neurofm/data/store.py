@@ -17,10 +17,13 @@ Store row ``r`` lives in shard ``r // shard_size`` at position ``r % shard_size`
 format name and version, gene IDs (+ symbols), the shards' rows, non-zeros and per-file size + SHA-256,
 the source's fingerprint, the selection and the seed.
 
-Conversion is two-phase: rows read in source order are appended to per-shard temporaries, then each shard
-is permuted in memory and written under its final name atomically. Killed midway, it leaves no manifest (a
-:class:`CellStore` refuses the directory); run again with the same arguments, it keeps every finished shard
-whose files still match their recorded SHA-256 and redoes the rest. Opening a store checks every shard
+Conversion is one pass over the source: every kept row's place in its shard is known up front (from the
+CSR row lengths), so rows read in source order are copied straight to their final offsets in shard files
+under ``OUT_DIR/.convert-progress/`` (memory-mapped, unmapped after each read block so resident memory
+stays flat); then each shard is fsync'ed, hashed and renamed to its final name, and the manifest is
+written last. Killed midway, it leaves no manifest (a :class:`CellStore` refuses the directory); run again
+with the same arguments, it keeps every finished shard whose files still match their recorded SHA-256
+and rewrites the rest (a kill during the pass itself means the pass is redone). Opening a store checks every shard
 file's size (cheap); ``verify=True`` also checks their SHA-256.
 """
 
@@ -258,26 +261,24 @@ def _finished_shard(directory: Path, plan_key: str) -> dict | None:
     return record
 
 
-def _write_npy_stream(path: Path, dtype: np.dtype, length: int, chunks, digest_into: dict) -> None:
-    """Write a 1-D ``.npy`` of ``length`` items from an iterable of arrays, hashing as it goes."""
-    digest = hashlib.sha256()
-    header = {
-        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-        "fortran_order": False,
-        "shape": (length,),
-    }
-    import io
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
-    header_buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header_buffer, header)
-    with open(path, "wb") as handle:
-        handle.write(header_buffer.getvalue())
-        digest.update(header_buffer.getvalue())
-        for chunk in chunks:
-            raw = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
-            digest.update(raw)
-            handle.write(raw)
-    digest_into[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+def _as_counts(values: np.ndarray, path: Path) -> np.ndarray:
+    """``values`` as uint32 counts; NeurofmError (naming the problem) unless they are raw UMI counts."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        counts = values.astype(np.uint32)
+    if np.issubdtype(values.dtype, np.unsignedinteger) and values.dtype.itemsize <= 4:
+        return counts
+    if not np.array_equal(counts, values):
+        _check_block_counts(values, path)  # names the problem
+        raise NeurofmError(f"{path.name} holds values that are not uint32 counts; pass raw UMI counts")
+    return counts
 
 
 def _check_block_counts(values: np.ndarray, path: Path) -> None:
@@ -315,8 +316,8 @@ def convert(
 
     ``shard_size`` cells per shard (the last holds the rest); ``seed`` draws the permutation of the kept
     cells; ``layer`` reads counts from ``layers[layer]`` (default: ``layers['counts']`` if present, else
-    ``X``); ``read_nonzeros`` bounds one read from the source (memory ≈ 14 bytes × this, plus one shard
-    of ≈ 2 × 10 bytes × its non-zeros while it is permuted). ``on_shard_written(index)`` is called after
+    ``X``); ``read_nonzeros`` bounds one read from the source (memory ≈ 20 bytes × this, plus ~24
+    bytes per kept cell for the plan). ``on_shard_written(index)`` is called after
     each shard is final (a test hook). A finished store with the same inputs is returned as is.
     Raises NeurofmError for a non-.h5ad input, a matrix that is not CSR or dense, non-integer counts or
     a selection that keeps nothing.
@@ -397,24 +398,24 @@ def convert(
             log.info("resuming: %d of %d shards already written", len(done), plan.n_shards)
         pending = [k for k in range(plan.n_shards) if k not in done]
         if pending:
-            _scatter_to_temporaries(
-                element,
-                source_name,
-                rows,
-                destination,
-                gene_columns,
-                n_genes,
-                plan,
-                pending,
-                progress_dir,
-                path,
-                read_nonzeros,
-                progress,
-            )
-            for index in pending:
-                done[index] = _finish_shard(index, plan, progress_dir, out_dir, n_genes)
-                if on_shard_written is not None:
-                    on_shard_written(index)
+            source = _Source(element, rows, gene_columns, path)
+            try:
+                _scatter_into_shards(
+                    source, destination, plan, pending, progress_dir, read_nonzeros, np.uint16, progress
+                )
+            except _WideCounts:
+                log.info("a count exceeds 65,535: writing the shards' counts as uint32")
+                _scatter_into_shards(
+                    source, destination, plan, pending, progress_dir, read_nonzeros, np.uint32, progress
+                )
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=2) as pool:  # hashing and fsync release the GIL
+                for index in pending:
+                    done[index] = _finalize_shard(index, plan, progress_dir, out_dir, pool)
+                    if on_shard_written is not None:
+                        on_shard_written(index)
+            _fsync_directory(out_dir)
 
     # obs in store order; index = unique obs names
     store_obs = kept_obs.iloc[permutation].copy()
@@ -461,152 +462,213 @@ def convert(
     return manifest
 
 
-def _read_blocks(rows: np.ndarray, indptr: np.ndarray, read_nonzeros: int):
-    """Split sorted ``rows`` into consecutive pieces of about ``read_nonzeros`` stored values each."""
-    lengths = indptr[rows + 1] - indptr[rows]
+def _read_blocks(rows: np.ndarray, lengths: np.ndarray, read_nonzeros: int):
+    """Split sorted ``rows`` (stored values per row: ``lengths``) into pieces of ~``read_nonzeros`` values."""
     cumulative = np.cumsum(lengths)
     start = 0
     while start < rows.size:
         base = cumulative[start - 1] if start else 0
-        stop = int(np.searchsorted(cumulative, base + read_nonzeros, side="right"))
-        stop = max(stop, start + 1)
+        stop = max(int(np.searchsorted(cumulative, base + read_nonzeros, side="right")), start + 1)
         yield start, min(stop, rows.size)
         start = stop
 
 
-def _scatter_to_temporaries(
-    element,
-    source_name,
-    rows,
-    destination,
-    gene_columns,
-    n_genes,
-    plan,
-    pending,
-    progress_dir,
-    path,
-    read_nonzeros,
-    progress,
+class _WideCounts(Exception):
+    """A count above 65,535 met while writing uint16 shards: convert again with uint32."""
+
+
+class _Source:
+    """The kept rows of the source matrix, read in row blocks (CSR group or dense dataset)."""
+
+    def __init__(self, element, rows: np.ndarray, gene_columns: np.ndarray | None, path: Path):
+        self.element, self.rows, self.path = element, rows, path
+        self.is_csr = isinstance(element, h5py.Group)
+        n_source_genes = int(element.attrs["shape"][1]) if self.is_csr else int(element.shape[1])
+        self.column_map = None
+        self.reordered = False
+        if gene_columns is not None:
+            self.column_map = np.full(n_source_genes, -1, dtype=np.int32)
+            self.column_map[gene_columns] = np.arange(gene_columns.size, dtype=np.int32)
+            self.reordered = not np.all(np.diff(gene_columns) > 0)
+        if self.is_csr:
+            self.indptr = element["indptr"][:].astype(np.int64)
+            self.stored = self.indptr[rows + 1] - self.indptr[rows]  # values per kept row in the file
+        else:
+            self.stored = np.full(rows.size, n_source_genes, dtype=np.int64)
+
+    def blocks(self, read_nonzeros: int):
+        """Yield ``(start, stop, data uint32, indices int32, row_lengths int64)`` for kept rows
+        ``rows[start:stop]``, genes already selected (and each row's genes sorted)."""
+        for start, stop in _read_blocks(self.rows, self.stored, read_nonzeros):
+            block_rows = self.rows[start:stop]
+            first, last = int(block_rows[0]), int(block_rows[-1])
+            if self.is_csr and last - first + 1 == block_rows.size:  # one contiguous slice
+                lo, hi = int(self.indptr[first]), int(self.indptr[last + 1])
+                data, indices = self.element["data"][lo:hi], self.element["indices"][lo:hi]
+                row_lengths = np.diff(self.indptr[first : last + 2])
+            else:
+                if self.is_csr:
+                    block = read_csr_rows(self.element, block_rows, max_rows_per_read=max(1, block_rows.size))
+                else:
+                    block = sp.csr_matrix(self.element[first : last + 1][block_rows - first])
+                data, indices, row_lengths = block.data, block.indices, np.diff(block.indptr)
+            data = _as_counts(data, self.path)
+            indices = indices.astype(np.int32, copy=False)
+            row_lengths = row_lengths.astype(np.int64, copy=False)
+            if self.column_map is not None:
+                new_columns = self.column_map[indices]
+                kept = new_columns >= 0
+                row_of_entry = np.repeat(np.arange(row_lengths.size), row_lengths)[kept]
+                row_lengths = np.bincount(row_of_entry, minlength=row_lengths.size).astype(np.int64)
+                data, indices = data[kept], new_columns[kept]
+                if self.reordered:
+                    order = np.lexsort((indices, row_of_entry))
+                    data, indices = data[order], indices[order]
+            yield start, stop, data, indices, row_lengths
+
+    def kept_lengths(self, read_nonzeros: int) -> np.ndarray:
+        """Stored values per kept row after the gene selection (a pass over the indices if genes are
+        selected or the matrix is dense; else straight from ``indptr``)."""
+        if self.is_csr and self.column_map is None:
+            return self.stored
+        lengths = np.empty(self.rows.size, dtype=np.int64)
+        for start, stop, _, _, row_lengths in self.blocks(read_nonzeros):
+            lengths[start:stop] = row_lengths
+        return lengths
+
+
+def _scatter_into_shards(
+    source: _Source,
+    destination: np.ndarray,
+    plan: _Plan,
+    pending: list[int],
+    progress_dir: Path,
+    read_nonzeros: int,
+    data_dtype: type,
+    progress: bool,
 ) -> None:
-    """Phase 1: read the kept rows in source order and append each to its shard's temporaries."""
+    """Write the pending shards under ``progress_dir`` in one pass over the source.
+
+    Every kept row's place in its shard is known up front (from the row lengths), so each row read in
+    source order is copied straight to its final offset in the shard files (memory-mapped, re-opened
+    per read block so that written pages leave this process's resident memory).
+    """
+    lengths = source.kept_lengths(read_nonzeros)
+    store_lengths = np.empty_like(lengths)
+    store_lengths[destination] = lengths
+    offsets = np.empty(lengths.size, dtype=np.int64)  # value offset of each kept row inside its shard
+    shard_values = np.zeros(plan.n_shards, dtype=np.int64)
+    for k in range(plan.n_shards):
+        first, last = k * plan.shard_size, min((k + 1) * plan.shard_size, plan.n_cells)
+        indptr = np.concatenate([[0], np.cumsum(store_lengths[first:last])]).astype(np.int64)
+        shard_values[k] = indptr[-1]
+        offsets_in_store_order = indptr[:-1]
+        offsets_sel = np.flatnonzero((destination >= first) & (destination < last))
+        offsets[offsets_sel] = offsets_in_store_order[destination[offsets_sel] - first]
+        if k in pending:
+            directory = progress_dir / _shard_name(k)
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            np.save(directory / "indptr.npy", indptr)
+            for name, dtype in (("indices.npy", np.int32), ("data.npy", data_dtype)):
+                np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=(int(indptr[-1]),))
     is_pending = np.zeros(plan.n_shards, dtype=bool)
     is_pending[pending] = True
-    column_map = None
-    if gene_columns is not None:
-        n_source_genes = (
-            int(element.attrs["shape"][1]) if isinstance(element, h5py.Group) else int(element.shape[1])
-        )
-        column_map = np.full(n_source_genes, -1, dtype=np.int32)
-        column_map[gene_columns] = np.arange(gene_columns.size, dtype=np.int32)
-    files = {
-        k: (open(progress_dir / f"{k}.indices", "wb"), open(progress_dir / f"{k}.data", "wb"))
-        for k in pending
-    }
-    lengths_parts: dict[int, list] = {k: [] for k in pending}
-    slots_parts: dict[int, list] = {k: [] for k in pending}
+    limit = np.iinfo(data_dtype).max
+    blocks = _prefetched(source.blocks(read_nonzeros))
+    if progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc="convert", unit="read")
+    for start, stop, data, indices, row_lengths in blocks:
+        if data.size and int(data.max()) > limit:
+            raise _WideCounts
+        shard_of_row = destination[start:stop] // plan.shard_size
+        entry_starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]]).tolist()
+        row_offsets, row_counts = offsets[start:stop].tolist(), row_lengths.tolist()
+        maps = {}
+        for k in np.unique(shard_of_row[is_pending[shard_of_row]]).tolist():
+            directory = progress_dir / _shard_name(k)
+            maps[k] = (  # plain views: memmap's per-slice bookkeeping costs more than the copy
+                np.load(directory / "indices.npy", mmap_mode="r+").view(np.ndarray),
+                np.load(directory / "data.npy", mmap_mode="r+").view(np.ndarray),
+            )
+        data = data.astype(data_dtype, copy=False)
+        for k, offset, count, entry in zip(
+            shard_of_row.tolist(), row_offsets, row_counts, entry_starts, strict=True
+        ):
+            if k in maps:
+                out_indices, out_data = maps[k]
+                out_indices[offset : offset + count] = indices[entry : entry + count]
+                out_data[offset : offset + count] = data[entry : entry + count]
+        del maps  # unmapped: the written pages stay in the page cache (fsync'ed when the shard is final)
+
+
+def _prefetched(iterator, depth: int = 1):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead (reads overlap the copying)."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as error:  # handed to the consumer
+            items.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
     try:
-        if isinstance(element, h5py.Group):
-            indptr = element["indptr"][:].astype(np.int64)
-            blocks = _read_blocks(rows, indptr, read_nonzeros)
-        else:
-            per_row = max(1, read_nonzeros // max(1, int(element.shape[1])))
-            blocks = ((s, min(s + per_row, rows.size)) for s in range(0, rows.size, per_row))
-        if progress:
-            from tqdm import tqdm
-
-            blocks = tqdm(blocks, desc="convert", unit="read")
-        for start, stop in blocks:
-            block_rows = rows[start:stop]
-            if isinstance(element, h5py.Group):
-                block = read_csr_rows(element, block_rows, max_rows_per_read=max(1, block_rows.size))
-            else:
-                block = sp.csr_matrix(element[block_rows[0] : block_rows[-1] + 1][block_rows - block_rows[0]])
-            data, indices = block.data, block.indices.astype(np.int32, copy=False)
-            _check_block_counts(data, path)
-            row_lengths = np.diff(block.indptr).astype(np.int64)
-            if column_map is not None:
-                new_columns = column_map[indices]
-                kept = new_columns >= 0
-                row_of_entry = np.repeat(np.arange(row_lengths.size), row_lengths)
-                row_lengths = np.bincount(row_of_entry[kept], minlength=row_lengths.size).astype(np.int64)
-                data, indices = data[kept], new_columns[kept]
-                if not np.all(np.diff(gene_columns) > 0):  # reordered genes: sort each row's indices
-                    order = np.lexsort((indices, row_of_entry[kept]))
-                    data, indices = data[order], indices[order]
-            store_rows = destination[start:stop]
-            shard_of_row = (store_rows // plan.shard_size).astype(
-                np.uint16 if plan.n_shards < 65536 else np.int64
-            )
-            row_order = np.argsort(shard_of_row, kind="stable")
-            shard_of_entry = np.repeat(shard_of_row, row_lengths)
-            entry_order = np.argsort(shard_of_entry, kind="stable")
-            data = data[entry_order].astype(np.uint32)
-            indices = indices[entry_order]
-            entry_bounds = np.concatenate(
-                [[0], np.cumsum(np.bincount(shard_of_entry, minlength=plan.n_shards))]
-            )
-            row_bounds = np.concatenate([[0], np.cumsum(np.bincount(shard_of_row, minlength=plan.n_shards))])
-            for k in np.flatnonzero(is_pending[: plan.n_shards] & (np.diff(row_bounds) > 0)):
-                e0, e1 = entry_bounds[k], entry_bounds[k + 1]
-                r = row_order[row_bounds[k] : row_bounds[k + 1]]
-                files[k][0].write(indices[e0:e1].tobytes())
-                files[k][1].write(data[e0:e1].tobytes())
-                lengths_parts[k].append(row_lengths[r])
-                slots_parts[k].append(store_rows[r] - k * plan.shard_size)
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
-        for first, second in files.values():
-            first.close()
-            second.close()
-    for k in pending:
-        np.save(
-            progress_dir / f"{k}.lengths.npy", np.concatenate(lengths_parts[k] or [np.zeros(0, np.int64)])
-        )
-        np.save(progress_dir / f"{k}.slots.npy", np.concatenate(slots_parts[k] or [np.zeros(0, np.int64)]))
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
-def _finish_shard(index: int, plan: _Plan, progress_dir: Path, out_dir: Path, n_genes: int) -> dict:
-    """Phase 2: permute one shard's temporaries into store order and write it under its final name."""
-    lengths = np.load(progress_dir / f"{index}.lengths.npy")
-    slots = np.load(progress_dir / f"{index}.slots.npy")
-    expected_rows = min(plan.shard_size, plan.n_cells - index * plan.shard_size)
-    if lengths.size != expected_rows or not np.array_equal(np.sort(slots), np.arange(expected_rows)):
-        raise NeurofmError(
-            f"shard {index} temporaries are inconsistent ({lengths.size} rows, expected {expected_rows}); "
-            "delete the output directory and convert again"
-        )
-    indices = np.fromfile(progress_dir / f"{index}.indices", dtype=np.int32)
-    data = np.fromfile(progress_dir / f"{index}.data", dtype=np.uint32)
-    source_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    order = np.argsort(slots)  # temporaries are in source order; the shard is in store order
-    new_lengths = lengths[order]
-    indptr = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64)
-    data_dtype = np.uint16 if data.size == 0 or int(data.max()) <= np.iinfo(np.uint16).max else np.uint32
+def _synced_digest(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
-    def gathered(values: np.ndarray, rows_per_chunk: int = 8192):
-        for r0 in range(0, order.size, rows_per_chunk):
-            rows = order[r0 : r0 + rows_per_chunk]
-            counts = lengths[rows]
-            starts = source_offsets[rows]
-            offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-            yield values[offsets + np.arange(offsets.size)]
 
+def _finalize_shard(index: int, plan: _Plan, progress_dir: Path, out_dir: Path, pool) -> dict:
+    """Hash a written shard, record it, and move it under its final name (one atomic rename)."""
+    directory = progress_dir / _shard_name(index)
+    files = dict(
+        zip(SHARD_FILES, pool.map(_synced_digest, [directory / n for n in SHARD_FILES]), strict=True)
+    )
+    data = np.load(directory / "data.npy", mmap_mode="r")
+    indptr = np.load(directory / "indptr.npy", mmap_mode="r")
     record = {
         "name": _shard_name(index),
-        "rows": int(expected_rows),
+        "rows": int(indptr.size - 1),
         "nnz": int(indptr[-1]),
+        "data_dtype": data.dtype.name,
+        "files": files,
         "plan": plan.key,
     }
-    files: dict[str, dict] = {}
-    with atomic_path(out_dir / _shard_name(index)) as tmp:
-        tmp.mkdir()
-        _write_npy_stream(tmp / "indptr.npy", np.int64, indptr.size, [indptr], files)
-        _write_npy_stream(tmp / "indices.npy", np.int32, indices.size, gathered(indices), files)
-        _write_npy_stream(tmp / "data.npy", data_dtype, data.size, gathered(data), files)
-        record["data_dtype"] = np.dtype(data_dtype).name
-        record["files"] = files
-        (tmp / _SHARD_RECORD).write_text(json.dumps(record, indent=2))
-    for suffix in ("indices", "data", "lengths.npy", "slots.npy"):
-        (progress_dir / f"{index}.{suffix}").unlink(missing_ok=True)
+    del data, indptr
+    (directory / _SHARD_RECORD).write_text(json.dumps(record, indent=2))
+    target = out_dir / _shard_name(index)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(directory, target)
     return record
 
 
