@@ -197,7 +197,7 @@ def fit_tokenizer(
             "every gene has zero variance across the sampled cells; the store carries no signal"
         )
     if constant.any() and binner_config.constant_genes == "error":
-        examples = list(store.gene_ids[constant][:3])
+        examples = store.gene_ids[constant][:3].tolist()
         raise NeurofmError(
             f"{int(constant.sum())} genes have zero variance across the sampled cells (e.g. {examples}); "
             "drop them (convert --genes) or set constant_genes='keep'"

@@ -706,6 +706,7 @@ class CellStore:
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
         self.gene_ids = np.asarray(self.manifest["gene_ids"], dtype=str)
         self._mapped: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._files: dict[tuple[int, str], tuple[int, int, np.dtype]] = {}  # (fd, data offset, dtype)
         self.check(verify=verify)
 
     @property
@@ -749,7 +750,7 @@ class CellStore:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_mapped"] = {}
+        state["_mapped"], state["_files"] = {}, {}
         return state
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -772,10 +773,53 @@ class CellStore:
         local = start - int(self.shard_offsets[index])
         if stop - int(self.shard_offsets[index]) > self.shard_rows[index]:
             raise ValueError("read_range must stay inside one shard")
-        indptr, indices, data = self.shard(index)
-        pointers = np.asarray(indptr[local : local + (stop - start) + 1])
+        pointers = self._pread(index, "indptr.npy", local, local + (stop - start) + 1)
         first, last = int(pointers[0]), int(pointers[-1])
-        return pointers - first, np.asarray(indices[first:last]), np.asarray(data[first:last])
+        return (
+            pointers - first,
+            self._pread(index, "indices.npy", first, last),
+            self._pread(index, "data.npy", first, last),
+        )
+
+    def _pread(self, index: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Items ``[start, stop)`` of one shard file, read with ``pread`` (no memory map: streaming an
+        epoch leaves resident memory flat however large the store)."""
+        key = (index, name)
+        if key not in self._files:
+            path = self.path / self.shards[index]["name"] / name
+            try:
+                with open(path, "rb") as handle:
+                    major, _ = np.lib.format.read_magic(handle)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    _, _, dtype = read_header(handle)
+                    offset = handle.tell()
+                descriptor = os.open(path, os.O_RDONLY)
+            except (OSError, ValueError) as error:
+                raise NeurofmError(
+                    f"cannot read cell store shard file {path} ({error}); convert the store again"
+                ) from None
+            self._files[key] = (descriptor, offset, np.dtype(dtype))
+        descriptor, offset, dtype = self._files[key]
+        out = np.empty(stop - start, dtype=dtype)
+        wanted = out.nbytes
+        got = os.preadv(descriptor, [memoryview(out).cast("B")], offset + start * dtype.itemsize)
+        if got != wanted:
+            raise NeurofmError(
+                f"cell store shard {self.shards[index]['name']}/{name} is shorter than its manifest says; "
+                "convert the store again"
+            )
+        return out
+
+    def close(self) -> None:
+        """Drop memory maps and close the file descriptors (they re-open on the next read)."""
+        self._mapped.clear()
+        for descriptor, _, _ in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
 
     def rows(self, store_rows: Sequence[int] | np.ndarray) -> sp.csr_matrix:
         """Counts of ``store_rows`` (any order) as CSR float32 (cells × genes), in that order."""
@@ -808,6 +852,7 @@ class CellStore:
         )
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
+        self._mapped.clear()  # unmap: resident memory stays what the caller keeps
         return sorted_matrix[inverse]
 
     def read_obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
