@@ -26,6 +26,10 @@ Batch format (a dict, what the training loop's ``make_batch`` consumes as its ``
 - ``"rows"``: ``torch.int64`` (cells,) — the cells' store rows (obs in ``store.read_obs()``);
 - ``"worker"``: ``torch.int64`` scalar — the logical worker that made it (the loader's position bookkeeping).
 
+With ``StreamConfig(output="sparse")`` a batch carries the non-zeros only — ``"indptr"`` int64 (cells + 1),
+``"genes"`` int32 and ``"nonzero_bins"`` int16 (one per non-zero) — about 30× less to move between worker
+processes or to the GPU for 20,000 genes; :func:`densify` turns either format into the dense bins.
+
 :class:`StreamLoader` wraps the DataLoader (workers, pinned memory) and keeps the position: its
 ``state_dict()`` is ``{"epoch", "batches_consumed", "seed", "world_size", "rank", "num_workers",
 "n_cells", "batch_size", "block_size", "buffer_blocks"}``; ``load_state_dict`` on a fresh loader continues
@@ -63,8 +67,11 @@ class StreamConfig:
     val_fraction: float = 0.1  # share of cells held out for validation…
     max_val_cells: int = 10_000  # …but at most this many (atlas scale)
     seed: int = 42  # seeds the validation set, the block order of every epoch and the buffer shuffles
+    output: str = "dense"  # "dense": (cells × genes) bins; "sparse": bins of the non-zeros only (densify())
 
     def validate(self) -> StreamConfig:
+        if self.output not in ("dense", "sparse"):
+            raise NeurofmError(f"stream output={self.output!r} is unknown; use 'dense' or 'sparse'")
         for name in ("batch_size", "block_size", "buffer_blocks", "max_val_cells"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NeurofmError(f"stream {name}={getattr(self, name)!r} must be a positive integer")
@@ -397,26 +404,50 @@ class CellStream(IterableDataset):
 
     def _batch(self, matrix: sp.csr_matrix, rows: np.ndarray, start: int, stop: int, worker_tag) -> dict:
         part = matrix[start:stop]
-        bins = self.binner.dense(part.indptr, part.indices, part.data)
-        return {
-            "bins": torch.from_numpy(bins),
-            "rows": torch.from_numpy(rows[start:stop].copy()),
-            "worker": worker_tag,
-        }
+        return self._format(part.indptr, part.indices, part.data, rows[start:stop], worker_tag)
 
-    # -------------------------------------------------------------------------------------- validation
+    def _format(self, indptr, indices, data, rows: np.ndarray, worker_tag) -> dict:
+        batch = {"rows": torch.from_numpy(np.array(rows, dtype=np.int64)), "worker": worker_tag}
+        if self.config.output == "dense":
+            batch["bins"] = torch.from_numpy(self.binner.dense(indptr, indices, data))
+            return batch
+        batch["indptr"] = torch.from_numpy(np.asarray(indptr, dtype=np.int64))
+        batch["genes"] = torch.from_numpy(np.asarray(indices, dtype=np.int32))
+        batch["nonzero_bins"] = torch.from_numpy(
+            self.binner.nonzero_bins(indices, self.binner.values(indptr, data))
+        )
+        return batch
+
+    @property
+    def zero_bins(self) -> torch.Tensor:
+        """int16 (n_genes,): each gene's bin for a zero count (what ``densify`` fills in)."""
+        return torch.from_numpy(self.binner.zero_bins)
+
     def validation_batches(self, batch_size: int | None = None) -> Iterator[dict]:
         """The fixed validation cells in store order, in batches of the same format (never shuffled)."""
         size = batch_size or self.config.batch_size
         for start in range(0, self.val_rows.size, size):
             rows = self.val_rows[start : start + size]
             part = self.store.rows(rows)
-            bins = self.binner.dense(part.indptr, part.indices, part.data)
-            yield {
-                "bins": torch.from_numpy(bins),
-                "rows": torch.from_numpy(rows.copy()),
-                "worker": torch.tensor(-1),
-            }
+            yield self._format(part.indptr, part.indices, part.data, rows, torch.tensor(-1))
+
+
+def densify(batch: dict, zero_bins: torch.Tensor) -> torch.Tensor:
+    """(cells × genes) int16 bins of a batch in either format, on the device of ``batch``'s tensors.
+
+    A sparse batch (``indptr``, ``genes``, ``nonzero_bins``) is expanded here — after a cheap transfer
+    of the non-zeros only, this can run on the GPU — with ``zero_bins`` (``CellStream.zero_bins``)
+    for the genes a cell did not express.
+    """
+    if "bins" in batch:
+        return batch["bins"]
+    indptr = batch["indptr"]
+    device = indptr.device
+    n_cells = indptr.numel() - 1
+    dense = zero_bins.to(device).expand(n_cells, -1).clone()
+    rows = torch.repeat_interleave(torch.arange(n_cells, device=device), indptr.diff())
+    dense[rows, batch["genes"].long()] = batch["nonzero_bins"]
+    return dense
 
 
 class StreamLoader:

@@ -12,6 +12,7 @@ from neurofm.stream import (
     CellStream,
     StreamConfig,
     StreamLoader,
+    densify,
     fit_tokenizer,
     validation_rows,
 )
@@ -127,3 +128,16 @@ def test_tokenizer_with_other_genes_is_refused(store, tokenizer):
     other.gene_ids, other.bin_edges = tokenizer.gene_ids[::-1].copy(), tokenizer.bin_edges
     with pytest.raises(NeurofmError, match="genes differ"):
         CellStream(store, other, SMALL)
+
+
+def test_sparse_batches_densify_to_the_dense_ones(store, tokenizer):
+    dense = list(CellStream(store, tokenizer, SMALL))
+    sparse_stream = CellStream(store, tokenizer, StreamConfig(**{**SMALL.__dict__, "output": "sparse"}))
+    sparse = list(sparse_stream)
+    assert len(dense) == len(sparse)
+    for d, s in zip(dense, sparse, strict=True):
+        assert set(s) >= {"indptr", "genes", "nonzero_bins"} and "bins" not in s
+        assert s["nonzero_bins"].numel() == s["indptr"][-1]
+        np.testing.assert_array_equal(densify(s, sparse_stream.zero_bins).numpy(), d["bins"].numpy())
+    with pytest.raises(NeurofmError, match="output"):
+        StreamConfig(output="csr").validate()
