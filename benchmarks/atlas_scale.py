@@ -7,9 +7,10 @@ genes (default 20,000; ~1,000–2,000 non-zeros per cell) is written once by the
 
 - ``convert``: ``neurofm.data.store.convert`` h5ad → store (cells/s, peak RSS);
 - ``fit``: ``neurofm.stream.fit_tokenizer`` on a seeded sample (seconds, peak RSS), saved for the next rows;
-- ``loader-1proc``: ``CellStream`` iterated in the process (counts → int16 bin batches), cells/s;
-- ``loader-2workers``: ``StreamLoader(num_workers=2)`` (two DataLoader worker processes), cells/s; peak
-  RSS of the main process and of the largest worker.
+- ``loader-1proc-{dense,sparse}``: ``CellStream`` iterated in the process (counts → bin batches: dense
+  int16 cells × genes, or the non-zeros' bins only), cells/s;
+- ``loader-2workers-{dense,sparse}``: ``StreamLoader(num_workers=2)`` (two DataLoader worker processes),
+  cells/s; peak RSS of the main process and of the largest worker.
 
 Targets (issue 12): convert ≥ 50,000 cells/s on 2 cores with peak RSS ≤ 2 GB; loader ≥ 5,000 cells/s in
 one process and ≥ 20,000 with workers; loader peak RSS flat from 100 k to 1 M cells.
@@ -97,7 +98,7 @@ def _worker(spec: dict) -> dict:
     from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 
     store = CellStore(spec["store_dir"])
-    config = StreamConfig(batch_size=spec["batch_size"], seed=0)
+    config = StreamConfig(batch_size=spec["batch_size"], seed=0, output=spec.get("output", "dense"))
     if kind == "fit":
         start = time.perf_counter()
         val = validation_rows(store.n_cells, config.val_fraction, config.seed, config.max_val_cells)
@@ -125,7 +126,7 @@ def _worker(spec: dict) -> dict:
             first_batch_s = time.perf_counter() - start
         n_cells += len(batch["rows"])
         n_batches += 1
-        checksum += int(batch["bins"][:, :50].sum())
+        checksum += int(batch["bins"][:, :50].sum() if "bins" in batch else batch["nonzero_bins"][:500].sum())
         if n_cells >= limit:
             break
     seconds = time.perf_counter() - start
@@ -133,6 +134,7 @@ def _worker(spec: dict) -> dict:
     return {
         **label,
         "workers": workers,
+        "output": config.output,
         "seconds": seconds,
         "cells": n_cells,
         "cells_per_s": n_cells / seconds,
@@ -155,13 +157,13 @@ def _row(kind: str, spec: dict, cwd: Path) -> dict:
 
 def _print_row(row: dict) -> None:
     if "error" in row:
-        print(f"{row['kind']:>16} {row['n_cells']:>9,}  ERROR {row['error']}", flush=True)
+        print(f"{row['kind']:>22} {row['n_cells']:>9,}  ERROR {row['error']}", flush=True)
         return
     rate = f"{row['cells_per_s']:>10,.0f}" if "cells_per_s" in row else " " * 10
     worker_rss = row.get("workers_peak_rss_bytes")
     extra = f"  workers' peak RSS {worker_rss / 2**30:.2f} GiB" if worker_rss else ""
     print(
-        f"{row['kind']:>16} {row['n_cells']:>9,} {row['seconds']:>9.1f} s {rate} cells/s "
+        f"{row['kind']:>22} {row['n_cells']:>9,} {row['seconds']:>9.1f} s {rate} cells/s "
         f"peak RSS {row['peak_rss_bytes'] / 2**30:5.2f} GiB{extra}",
         flush=True,
     )
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"{'row':>16} {'cells':>9} {'time':>11} {'rate':>10}", flush=True)
+    print(f"{'row':>22} {'cells':>9} {'time':>11} {'rate':>10}", flush=True)
     rows = []
     for n_cells in args.n_cells:
         atlas_dir = work / f"atlas_{n_cells}x{args.n_genes}"
@@ -206,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row("generate", spec, ROOT))
         rows.append(_row("convert", spec, ROOT))
         rows.append(_row("fit", spec, ROOT))
-        rows.append(_row("loader-1proc", {**spec, "workers": 0}, ROOT))
-        rows.append(_row("loader-2workers", {**spec, "workers": 2}, ROOT))
+        for workers in (0, 2):
+            for output in ("dense", "sparse"):
+                kind = f"loader-{'1proc' if workers == 0 else '2workers'}-{output}"
+                rows.append(_row(kind, {**spec, "workers": workers, "output": output}, ROOT))
         if not args.keep:
             shutil.rmtree(spec["store_dir"], ignore_errors=True)
     report = {

@@ -279,6 +279,7 @@ class CellStream(IterableDataset):
         self._is_val = is_val[:-1].astype(bool)
         self.block_ranges = _blocks(self.store, self.config.block_size)
         self.epoch = 0
+        self._numpy_batches = False  # StreamLoader sets it: workers send numpy, the loader converts
         self._skip = [0] * self.num_workers  # batches already consumed, per logical worker
         self._slots = list(range(self.num_workers))  # physical worker slot -> logical worker
 
@@ -370,7 +371,7 @@ class CellStream(IterableDataset):
         first_group = int(np.searchsorted(group_starts, skip_rows, side="right") - 1)
         carry: sp.csr_matrix | None = None
         carry_rows = np.zeros(0, dtype=np.int64)
-        worker_tag = torch.tensor(logical)
+        worker_tag = logical
         for g in range(max(first_group, 0), len(plan.groups)):
             order, matrix = self._read_group(plan.groups[g], g, logical)
             if g == first_group:
@@ -406,17 +407,17 @@ class CellStream(IterableDataset):
         part = matrix[start:stop]
         return self._format(part.indptr, part.indices, part.data, rows[start:stop], worker_tag)
 
-    def _format(self, indptr, indices, data, rows: np.ndarray, worker_tag) -> dict:
-        batch = {"rows": torch.from_numpy(np.array(rows, dtype=np.int64)), "worker": worker_tag}
+    def _format(self, indptr, indices, data, rows: np.ndarray, worker_tag: int) -> dict:
+        batch = {"rows": np.array(rows, dtype=np.int64), "worker": worker_tag}
         if self.config.output == "dense":
-            batch["bins"] = torch.from_numpy(self.binner.dense(indptr, indices, data))
-            return batch
-        batch["indptr"] = torch.from_numpy(np.asarray(indptr, dtype=np.int64))
-        batch["genes"] = torch.from_numpy(np.asarray(indices, dtype=np.int32))
-        batch["nonzero_bins"] = torch.from_numpy(
-            self.binner.nonzero_bins(indices, self.binner.values(indptr, data))
-        )
-        return batch
+            batch["bins"] = self.binner.dense(indptr, indices, data)
+        else:
+            batch["indptr"] = np.asarray(indptr, dtype=np.int64)
+            batch["genes"] = np.asarray(indices, dtype=np.int32)
+            batch["nonzero_bins"] = self.binner.nonzero_bins(indices, self.binner.values(indptr, data))
+        # numpy arrays cross from DataLoader workers in the pickle stream (one message); tensors would
+        # each need a shared-memory file and a descriptor handshake (StreamLoader picks per format)
+        return batch if self._numpy_batches else _as_tensors(batch)
 
     @property
     def zero_bins(self) -> torch.Tensor:
@@ -429,7 +430,22 @@ class CellStream(IterableDataset):
         for start in range(0, self.val_rows.size, size):
             rows = self.val_rows[start : start + size]
             part = self.store.rows(rows)
-            yield self._format(part.indptr, part.indices, part.data, rows, torch.tensor(-1))
+            yield _as_tensors(self._format(part.indptr, part.indices, part.data, rows, -1))
+
+
+def _as_tensors(batch: dict) -> dict:
+    return {
+        name: value
+        if isinstance(value, torch.Tensor)
+        else torch.from_numpy(value)
+        if isinstance(value, np.ndarray)
+        else torch.tensor(value)
+        for name, value in batch.items()
+    }
+
+
+def _keep_as_is(batch: dict) -> dict:
+    return batch
 
 
 def densify(batch: dict, zero_bins: torch.Tensor) -> torch.Tensor:
@@ -485,16 +501,21 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         self.stream.set_position(self.epoch, self.batches_consumed)
         kwargs = {} if self.num_workers == 0 else {"prefetch_factor": self.prefetch_factor or 2}
-        loader = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            **kwargs,
-        )
-        for batch in loader:
-            self.batches_consumed += 1
-            yield batch
+        # sparse batches are small: sent as numpy in the pickle stream (one message); dense ones are large:
+        # sent as tensors in shared memory
+        self.stream._numpy_batches = self.stream.config.output == "sparse"
+        try:
+            loader = DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_as_is, **kwargs
+            )
+            for batch in loader:
+                batch = _as_tensors(batch)
+                if self.pin_memory:
+                    batch = {name: value.pin_memory() for name, value in batch.items()}
+                self.batches_consumed += 1
+                yield batch
+        finally:
+            self.stream._numpy_batches = False
         self.epoch += 1
         self.batches_consumed = 0
 
