@@ -109,6 +109,9 @@ class SparseBinner:
         self.edges = np.ascontiguousarray(_round_up(tokenizer.bin_edges, np.dtype(np.float32)))
         zero_count = (self.edges <= 0).sum(axis=1) - 1
         self.zero_bins = np.clip(zero_count, 0, self.n_bins - 1).astype(np.int16)
+        # one contiguous row per edge position, trailing all-+inf positions dropped (they never count)
+        width = int(np.isfinite(self.edges).sum(axis=1).max()) if self.edges.size else 0
+        self.edge_columns = np.ascontiguousarray(self.edges[:, :width].T)
         self.n_genes = self.edges.shape[0]
 
     def values(self, indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
@@ -124,9 +127,12 @@ class SparseBinner:
         return values
 
     def nonzero_bins(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """int16 bin of each stored non-zero (gene ``indices``, normalised ``values``)."""
-        bins = (values[:, None] >= self.edges[indices]).sum(axis=1) - 1
-        return np.clip(bins, 0, self.n_bins - 1).astype(np.int16)
+        """int16 bin of each stored non-zero (gene ``indices``, normalised ``values``): the number of
+        the gene's edges <= the value, minus one, clipped to ``[0, n_bins)`` — as ``_apply_edges``."""
+        count = np.full(values.size, -1, dtype=np.int16)
+        for edge_column in self.edge_columns:  # one gather + compare per edge position, all non-zeros
+            count += values >= edge_column.take(indices)
+        return np.clip(count, 0, self.n_bins - 1, out=count)
 
     def dense(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
         """(cells × genes) int16 bins of a CSR batch."""
