@@ -179,3 +179,17 @@ def test_cli_convert_with_gene_list(tmp_path, atlas_files, capsys):
     )
     assert "1200 cells × 30 genes in 3 shards" in capsys.readouterr().out
     assert CellStore(out).gene_ids.tolist() == list(source.var_names[:30])
+
+
+def test_dense_matrix_and_wide_counts_and_in_memory_anndata(tmp_path, synthetic_adata):
+    from neurofm.data.store import convert_anndata
+
+    counts = synthetic_adata.X.toarray()
+    counts[5, 7] = 70_000  # above uint16: the store switches to uint32 counts
+    dense = ad.AnnData(X=counts, obs=synthetic_adata.obs, var=synthetic_adata.var)
+    manifest = convert_anndata(dense, tmp_path / "store", shard_size=500, seed=9)
+    assert {s["data_dtype"] for s in manifest["shards"]} == {"uint32"}
+    store = CellStore(tmp_path / "store", verify=True)
+    order = store.read_obs()["source_row"].to_numpy()
+    np.testing.assert_array_equal(_dense(store.rows(np.arange(store.n_cells))), counts[order])
+    assert not list(tmp_path.glob(".store.*"))  # the temporary h5ad is gone

@@ -672,6 +672,19 @@ def _finalize_shard(index: int, plan: _Plan, progress_dir: Path, out_dir: Path, 
     return record
 
 
+def convert_anndata(adata: ad.AnnData, out_dir: str | os.PathLike, **options) -> dict:
+    """:func:`convert` for an in-memory AnnData (small data takes the same path as an atlas): the
+    AnnData is written to a temporary ``.h5ad`` beside ``out_dir`` first. ``options`` go to convert."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    ensure_writable_dir(out_dir.parent)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as scratch:
+        source = Path(scratch) / "cells.h5ad"
+        adata.write_h5ad(source)
+        return convert(source, out_dir, **options)
+
+
 # ------------------------------------------------------------------------------------------ reading
 class CellStore:
     """A finished cell store, opened read-only; shards are memory-mapped lazily (per process).
