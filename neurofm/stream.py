@@ -298,10 +298,11 @@ class CellStream(IterableDataset):
             self._val_before[ranges[:, 1]] - self._val_before[ranges[:, 0]]
         )
 
-    def worker_plan(self, epoch: int, logical_worker: int) -> _WorkerPlan:
-        """Buffers (groups of blocks) of one logical worker of this rank in ``epoch``."""
+    def worker_plan(self, epoch: int, logical_worker: int, rank: int | None = None) -> _WorkerPlan:
+        """Buffers (groups of blocks) of one logical worker of ``rank`` (default: this rank) in ``epoch``."""
+        rank = self.rank if rank is None else rank
         order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.block_ranges))
-        mine = order[self.rank :: self.world_size][logical_worker :: self.num_workers]
+        mine = order[rank :: self.world_size][logical_worker :: self.num_workers]
         ranges = self.block_ranges[mine]
         groups = [
             ranges[i : i + self.config.buffer_blocks]
@@ -310,10 +311,16 @@ class CellStream(IterableDataset):
         group_rows = np.array([int(self._train_rows_in(g).sum()) for g in groups], dtype=np.int64)
         return _WorkerPlan(groups, group_rows)
 
-    def worker_batches(self, epoch: int) -> list[int]:
-        """Number of batches each logical worker of this rank yields in ``epoch``."""
+    def worker_batches(self, epoch: int, rank: int | None = None) -> list[int]:
+        """Number of batches each logical worker of ``rank`` (default: this rank) yields in ``epoch``."""
         size = self.config.batch_size
-        return [math.ceil(self.worker_plan(epoch, w).n_rows / size) for w in range(self.num_workers)]
+        return [math.ceil(self.worker_plan(epoch, w, rank).n_rows / size) for w in range(self.num_workers)]
+
+    def common_batches(self, epoch: int | None = None) -> int:
+        """The fewest batches any DDP rank gets in ``epoch``: ranks' counts can differ by a few (blocks
+        hold different numbers of training cells), so a DDP loop steps every rank this many times."""
+        epoch = self.epoch if epoch is None else epoch
+        return min(sum(self.worker_batches(epoch, rank)) for rank in range(self.world_size))
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         return sum(self.worker_batches(self.epoch if epoch is None else epoch))

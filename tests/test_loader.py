@@ -141,3 +141,10 @@ def test_sparse_batches_densify_to_the_dense_ones(store, tokenizer):
         np.testing.assert_array_equal(densify(s, sparse_stream.zero_bins).numpy(), d["bins"].numpy())
     with pytest.raises(NeurofmError, match="output"):
         StreamConfig(output="csr").validate()
+
+
+def test_common_batches_is_the_smallest_rank_count(store, tokenizer):
+    counts = [
+        CellStream(store, tokenizer, SMALL, rank=rank, world_size=3).batches_per_epoch(0) for rank in range(3)
+    ]
+    assert CellStream(store, tokenizer, SMALL, rank=1, world_size=3).common_batches(0) == min(counts)

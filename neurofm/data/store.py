@@ -108,11 +108,8 @@ class Selection:
 
 
 def _sha256_bytes(array: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for value in np.asarray(array).ravel():
-        digest.update(str(value).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
+    """SHA-256 of the values (as text, NUL-separated): one pass, fast for millions of row numbers."""
+    return hashlib.sha256("\0".join(np.asarray(array).ravel().tolist()).encode()).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
