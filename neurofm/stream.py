@@ -161,7 +161,7 @@ def fit_tokenizer(
     *,
     exclude_rows: np.ndarray | None = None,
     max_cells: int = 200_000,
-    max_nonzeros: int = 50_000_000,
+    max_nonzeros: int = 30_000_000,
     seed: int = 0,
     chunk_values: int = 1 << 24,
 ) -> ExpressionTokenizer:
@@ -188,15 +188,17 @@ def fit_tokenizer(
     rng = np.random.default_rng([seed, 11])
     sample = np.sort(rng.choice(candidates, size=n_sample, replace=False))
     counts = store.rows(sample)
+    counts.indptr = counts.indptr.astype(np.int64)
     binner_config = tokenizer.config
     library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
     scale = np.divide(
         np.float32(binner_config.target_sum), library, out=np.zeros_like(library), where=library > 0
     )
-    values = counts.data.astype(np.float32) * np.repeat(scale, np.diff(counts.indptr))
+    values = counts.data
+    values *= np.repeat(scale, np.diff(counts.indptr))
     if binner_config.log1p:
         np.log1p(values, out=values)
-    normalised = sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).tocsc()
+    normalised = counts.tocsc()
     del counts, values
     genes_per_chunk = max(1, chunk_values // n_sample)
     edges_parts, constant_parts = [], []

@@ -832,38 +832,36 @@ class CellStore:
         self._files.clear()
 
     def rows(self, store_rows: Sequence[int] | np.ndarray) -> sp.csr_matrix:
-        """Counts of ``store_rows`` (any order) as CSR float32 (cells × genes), in that order."""
+        """Counts of ``store_rows`` (any order, repeats allowed) as CSR float32 (cells × genes), in that
+        order. Runs of consecutive rows are read with one ``pread`` each (no memory map, so scattered
+        rows do not pull whole shard files into resident memory)."""
         store_rows = np.asarray(store_rows, dtype=np.int64)
         if store_rows.size and (store_rows.min() < 0 or store_rows.max() >= self.n_cells):
             raise NeurofmError(f"store rows must be in [0, {self.n_cells})")
-        order = np.argsort(store_rows, kind="stable")
-        pieces_data, pieces_indices, lengths = [], [], np.zeros(store_rows.size, dtype=np.int64)
-        sorted_rows = store_rows[order]
-        shard_of = np.searchsorted(self.shard_offsets, sorted_rows, side="right") - 1
-        for index in np.unique(shard_of):
-            chosen = np.flatnonzero(shard_of == index)
-            local = sorted_rows[chosen] - self.shard_offsets[index]
-            indptr, indices, data = self.shard(int(index))
-            starts, ends = np.asarray(indptr[local]), np.asarray(indptr[local + 1])
-            counts = ends - starts
-            offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-            positions = offsets + np.arange(offsets.size)
-            pieces_indices.append(np.asarray(indices[positions]))
-            pieces_data.append(np.asarray(data[positions]))
-            lengths[chosen] = counts
-        # pieces are in sorted-row order; put rows back in the order asked for
-        sorted_matrix = sp.csr_matrix(
+        unique_rows, inverse = np.unique(store_rows, return_inverse=True)
+        shard_of = np.searchsorted(self.shard_offsets, unique_rows, side="right") - 1
+        new_run = np.ones(unique_rows.size, dtype=bool)
+        new_run[1:] = (np.diff(unique_rows) != 1) | (np.diff(shard_of) != 0)
+        run_starts = np.flatnonzero(new_run)
+        run_stops = np.append(run_starts[1:], unique_rows.size)
+        data_parts, index_parts, length_parts = [], [], []
+        for first, last in zip(run_starts.tolist(), run_stops.tolist(), strict=True):
+            indptr, indices, data = self.read_range(int(unique_rows[first]), int(unique_rows[last - 1]) + 1)
+            data_parts.append(data)
+            index_parts.append(indices)
+            length_parts.append(np.diff(indptr))
+        lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
+        matrix = sp.csr_matrix(
             (
-                np.concatenate(pieces_data or [np.zeros(0)]).astype(np.float32),
-                np.concatenate(pieces_indices or [np.zeros(0, np.int32)]),
+                np.concatenate(data_parts).astype(np.float32) if data_parts else np.zeros(0, np.float32),
+                np.concatenate(index_parts) if index_parts else np.zeros(0, np.int32),
                 np.concatenate([[0], np.cumsum(lengths)]),
             ),
-            shape=(store_rows.size, self.n_genes),
+            shape=(unique_rows.size, self.n_genes),
         )
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        self._mapped.clear()  # unmap: resident memory stays what the caller keeps
-        return sorted_matrix[inverse]
+        if unique_rows.size == store_rows.size and np.array_equal(unique_rows, store_rows):
+            return matrix
+        return matrix[inverse.ravel()]
 
     def read_obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The kept obs columns in store order (index: unique obs names; column ``source_row``)."""
