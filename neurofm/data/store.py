@@ -36,6 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,18 +397,32 @@ def convert(
         pending = [k for k in range(plan.n_shards) if k not in done]
         if pending:
             source = _Source(element, rows, gene_columns, path)
-            try:
-                _scatter_into_shards(
-                    source, destination, plan, pending, progress_dir, read_nonzeros, np.uint16, progress
-                )
-            except _WideCounts:
-                log.info("a count exceeds 65,535: writing the shards' counts as uint32")
-                _scatter_into_shards(
-                    source, destination, plan, pending, progress_dir, read_nonzeros, np.uint32, progress
-                )
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=2) as pool:  # hashing and fsync release the GIL
+            with ThreadPoolExecutor(max_workers=2) as pool:  # copies, hashing and fsync release the GIL
+                try:
+                    _scatter_into_shards(
+                        source,
+                        destination,
+                        plan,
+                        pending,
+                        progress_dir,
+                        read_nonzeros,
+                        np.uint16,
+                        progress,
+                        pool,
+                    )
+                except _WideCounts:
+                    log.info("a count exceeds 65,535: writing the shards' counts as uint32")
+                    _scatter_into_shards(
+                        source,
+                        destination,
+                        plan,
+                        pending,
+                        progress_dir,
+                        read_nonzeros,
+                        np.uint32,
+                        progress,
+                        pool,
+                    )
                 for index in pending:
                     done[index] = _finalize_shard(index, plan, progress_dir, out_dir, pool)
                     if on_shard_written is not None:
@@ -543,6 +558,7 @@ def _scatter_into_shards(
     read_nonzeros: int,
     data_dtype: type,
     progress: bool,
+    pool,
 ) -> None:
     """Write the pending shards under ``progress_dir`` in one pass over the source.
 
@@ -591,13 +607,29 @@ def _scatter_into_shards(
                 np.load(directory / "data.npy", mmap_mode="r+").view(np.ndarray),
             )
         data = data.astype(data_dtype, copy=False)
-        for k, offset, count, entry in zip(
-            shard_of_row.tolist(), row_offsets, row_counts, entry_starts, strict=True
+        shards = shard_of_row.tolist()
+
+        def copy_rows(
+            part: slice,
+            data=data,
+            indices=indices,
+            maps=maps,
+            shards=shards,
+            row_offsets=row_offsets,
+            row_counts=row_counts,
+            entry_starts=entry_starts,
         ):
-            if k in maps:
-                out_indices, out_data = maps[k]
-                out_indices[offset : offset + count] = indices[entry : entry + count]
-                out_data[offset : offset + count] = data[entry : entry + count]
+            for k, offset, count, entry in zip(
+                shards[part], row_offsets[part], row_counts[part], entry_starts[part], strict=True
+            ):
+                if k in maps:
+                    out_indices, out_data = maps[k]
+                    out_indices[offset : offset + count] = indices[entry : entry + count]
+                    out_data[offset : offset + count] = data[entry : entry + count]
+
+        # two threads: the copies (and the page faults of fresh shard pages) run without the GIL
+        half = len(shards) // 2
+        list(pool.map(copy_rows, [slice(0, half), slice(half, None)]))
         del maps  # unmapped: the written pages stay in the page cache (fsync'ed when the shard is final)
 
 
