@@ -118,31 +118,45 @@ class SparseBinner:
         """float32 normalised (and log1p'd) values of the stored non-zeros."""
         counts = data.astype(np.float32)
         lengths = np.diff(indptr)
-        row_of_entry = np.repeat(np.arange(lengths.size), lengths)
-        library = np.bincount(row_of_entry, weights=counts, minlength=lengths.size).astype(np.float32)
+        # library sizes are sums of integers: exact in float64, then exactly the float32 the dense
+        # tokenizer path gets (below 2**24 UMIs per cell)
+        library = np.zeros(lengths.size, dtype=np.float64)
+        filled = lengths > 0
+        if counts.size:
+            library[filled] = np.add.reduceat(counts, indptr[:-1][filled], dtype=np.float64)
+        library = library.astype(np.float32)
         scale = np.divide(self.target_sum, library, out=np.zeros_like(library), where=library > 0)
-        values = counts * scale[row_of_entry]
+        values = counts * np.repeat(scale, lengths)
         if self.log1p:
             np.log1p(values, out=values)
         return values
 
-    def nonzero_bins(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def nonzero_bins(self, indices: np.ndarray, values: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
         """int16 bin of each stored non-zero (gene ``indices``, normalised ``values``): the number of
         the gene's edges <= the value, minus one, clipped to ``[0, n_bins)`` — as ``_apply_edges``."""
         count = np.full(values.size, -1, dtype=np.int16)
-        for edge_column in self.edge_columns:  # one gather + compare per edge position, all non-zeros
-            count += values >= edge_column.take(indices)
+        for start in range(0, values.size, chunk):  # cache-sized pieces: the gathers stay in L2
+            part_indices, part_values = indices[start : start + chunk], values[start : start + chunk]
+            part_count = count[start : start + chunk]
+            for edge_column in self.edge_columns:  # one gather + compare per edge position
+                part_count += part_values >= edge_column.take(part_indices)
         return np.clip(count, 0, self.n_bins - 1, out=count)
 
+    def binned(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """int16 bins of a CSR matrix's stored non-zeros (same layout as ``data``)."""
+        return self.nonzero_bins(indices, self.values(indptr, data))
+
     def dense(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
-        """(cells × genes) int16 bins of a CSR batch."""
+        """(cells × genes) int16 bins of a CSR batch of counts."""
+        return self.densify(indptr, indices, self.binned(indptr, indices, data))
+
+    def densify(self, indptr: np.ndarray, indices: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """(cells × genes) int16 bins from the non-zeros' ``bins`` (zeros get their gene's zero bin)."""
         n_cells = indptr.size - 1
         out = np.empty((n_cells, self.n_genes), dtype=np.int16)
         out[:] = self.zero_bins
-        if data.size:
-            bins = self.nonzero_bins(indices, self.values(indptr, data))
-            rows = np.repeat(np.arange(n_cells), np.diff(indptr))
-            out[rows, indices] = bins
+        if bins.size:
+            out[np.repeat(np.arange(n_cells), np.diff(indptr)), indices] = bins
         return out
 
 
@@ -405,7 +419,8 @@ class CellStream(IterableDataset):
             yield self._batch(carry, carry_rows, 0, carry.shape[0], worker_tag)
 
     def _read_group(self, ranges: np.ndarray, group: int, logical: int) -> tuple[np.ndarray, sp.csr_matrix]:
-        """(store rows, their counts) of one buffer: training rows of its blocks, shuffled."""
+        """(store rows, their bins as CSR) of one buffer: training rows of its blocks, shuffled and
+        binned together (per-cell normalisation makes this the same as binning batch by batch)."""
         pieces, rows = [], []
         for start, stop in ranges[np.argsort(ranges[:, 0])]:  # read in store order
             indptr, indices, data = self.store.read_range(int(start), int(stop))
@@ -416,20 +431,23 @@ class CellStream(IterableDataset):
         train = np.flatnonzero(~self._is_val[rows])
         rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, logical, group])
         pick = train[rng.permutation(train.size)]
-        return rows[pick], matrix[pick]
+        matrix = matrix[pick]
+        bins = self.binner.binned(matrix.indptr, matrix.indices, matrix.data)
+        return rows[pick], sp.csr_matrix((bins, matrix.indices, matrix.indptr), shape=matrix.shape)
 
     def _batch(self, matrix: sp.csr_matrix, rows: np.ndarray, start: int, stop: int, worker_tag) -> dict:
         part = matrix[start:stop]
         return self._format(part.indptr, part.indices, part.data, rows[start:stop], worker_tag)
 
-    def _format(self, indptr, indices, data, rows: np.ndarray, worker_tag: int) -> dict:
+    def _format(self, indptr, indices, bins, rows: np.ndarray, worker_tag: int) -> dict:
+        """A batch from the CSR of its cells' non-zero ``bins`` (already binned)."""
         batch = {"rows": np.array(rows, dtype=np.int64), "worker": worker_tag}
         if self.config.output == "dense":
-            batch["bins"] = self.binner.dense(indptr, indices, data)
+            batch["bins"] = self.binner.densify(indptr, indices, bins)
         else:
             batch["indptr"] = np.asarray(indptr, dtype=np.int64)
             batch["genes"] = np.asarray(indices, dtype=np.int32)
-            batch["nonzero_bins"] = self.binner.nonzero_bins(indices, self.binner.values(indptr, data))
+            batch["nonzero_bins"] = np.asarray(bins, dtype=np.int16)
         # numpy arrays cross from DataLoader workers in the pickle stream (one message); tensors would
         # each need a shared-memory file and a descriptor handshake (StreamLoader picks per format)
         return batch if self._numpy_batches else _as_tensors(batch)
@@ -445,7 +463,8 @@ class CellStream(IterableDataset):
         for start in range(0, self.val_rows.size, size):
             rows = self.val_rows[start : start + size]
             part = self.store.rows(rows)
-            yield _as_tensors(self._format(part.indptr, part.indices, part.data, rows, -1))
+            bins = self.binner.binned(part.indptr, part.indices, part.data)
+            yield _as_tensors(self._format(part.indptr, part.indices, bins, rows, -1))
 
 
 def _as_tensors(batch: dict) -> dict:
