@@ -1,7 +1,7 @@
 """Streaming training data from a cell store: sparse counts in, token-ready bin batches out.
 
 The atlas never sits in memory: a :class:`CellStream` (a ``torch.utils.data.IterableDataset``) reads a
-:class:`~neurofm.data.store.CellStore` in contiguous blocks and bins each batch on the fly, the same way
+:class:`~neurofm.data.store.CellStore` in contiguous blocks and bins each shuffle buffer on the fly, the same way
 :meth:`ExpressionTokenizer.transform <neurofm.tokenizer.ExpressionTokenizer.transform>` does (bit-identical
 bins: per-cell ``target_sum`` normalisation, ``log1p``, per-gene edges; only non-zero counts are binned,
 zeros take their gene's precomputed zero bin).
@@ -15,6 +15,10 @@ Order of one epoch (all seeded, so a run is reproducible and resumable):
 4. a worker reads ``buffer_blocks`` blocks at a time (its shuffle buffer), drops the validation rows,
    shuffles the remaining rows with ``(seed, epoch, rank, worker, group)`` and cuts its row stream into
    batches of ``batch_size`` (a batch may span two buffers; each worker's last batch may be smaller).
+
+Batches therefore depend on (store, seed, epoch, world size, rank, number of workers, batch, block and
+buffer sizes). Ranks can get a few batches more or fewer than each other in an epoch
+(:meth:`CellStream.common_batches` gives the count every rank reaches, for DDP step loops).
 
 The validation rows are a fixed seeded set (:func:`validation_rows`), never trained on. The store is
 pre-shuffled by ``neurofm convert``, so contiguous blocks are random cells.
@@ -30,7 +34,8 @@ With ``StreamConfig(output="sparse")`` a batch carries the non-zeros only — ``
 ``"genes"`` int32 and ``"nonzero_bins"`` int16 (one per non-zero) — about 30× less to move between worker
 processes or to the GPU for 20,000 genes; :func:`densify` turns either format into the dense bins.
 
-:class:`StreamLoader` wraps the DataLoader (workers, pinned memory) and keeps the position: its
+:class:`StreamLoader` wraps the DataLoader (workers, pinned memory) and keeps the position (a batch counts
+as consumed once it has been yielded): its
 ``state_dict()`` is ``{"epoch", "batches_consumed", "seed", "world_size", "rank", "num_workers",
 "n_cells", "batch_size", "block_size", "buffer_blocks"}``; ``load_state_dict`` on a fresh loader continues
 with exactly the batches an uninterrupted run would have produced.
