@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-cells", type=int, default=100_000, help="cells streamed per loader row")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "atlas_scale.json"))
     parser.add_argument("--keep", action="store_true", help="keep the stores (atlases are always cached)")
+    parser.add_argument("--reuse-store", action="store_true", help="skip convert where a kept store exists")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not (atlas_dir / "cluster_annotation_term.csv").is_file():  # written last by the generator
             rows.append(_row("generate", spec, ROOT))
-        rows.append(_row("convert", spec, ROOT))
+        if not (args.reuse_store and (Path(spec["store_dir"]) / "manifest.json").is_file()):
+            rows.append(_row("convert", spec, ROOT))
         rows.append(_row("fit", spec, ROOT))
         for workers in (0, 2):
             for output in ("dense", "sparse"):

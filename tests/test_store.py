@@ -97,6 +97,9 @@ def test_killed_convert_leaves_no_store_and_a_rerun_resumes(tmp_path, chunked_at
     assert json.loads((out / MANIFEST).read_text())["shards"] == clean["shards"]
     assert not (out / ".convert-progress").exists()
     CellStore(out, verify=True)
+    again = []  # a finished store with the same inputs is kept as is
+    convert(chunked_atlas_files.counts_h5ad, out, shard_size=500, seed=1, on_shard_written=again.append)
+    assert again == []
 
 
 def test_sigkilled_convert_subprocess_then_rerun(tmp_path, chunked_atlas_files):
