@@ -47,7 +47,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -592,7 +592,3 @@ class StreamLoader:
                 )
         self.stream.set_position(int(state["epoch"]), int(state["batches_consumed"]))
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
-
-
-def stream_config_dict(config: StreamConfig) -> dict:
-    return asdict(config)
