@@ -53,6 +53,12 @@ def _children_peak_rss_bytes() -> int:
 
 # ----------------------------------------------------------------------------------------------- worker
 def _worker(spec: dict) -> dict:
+    result = _measure(spec)
+    result["load_average_1min_after"] = os.getloadavg()[0]  # other processes share the cores
+    return result
+
+
+def _measure(spec: dict) -> dict:
     kind = spec["kind"]
     label = {"kind": kind, "n_cells": spec["n_cells"]}
     if kind == "generate":
@@ -162,6 +168,7 @@ def _print_row(row: dict) -> None:
     rate = f"{row['cells_per_s']:>10,.0f}" if "cells_per_s" in row else " " * 10
     worker_rss = row.get("workers_peak_rss_bytes")
     extra = f"  workers' peak RSS {worker_rss / 2**30:.2f} GiB" if worker_rss else ""
+    extra += f"  (load {row['load_average_1min_after']:.1f})" if "load_average_1min_after" in row else ""
     print(
         f"{row['kind']:>22} {row['n_cells']:>9,} {row['seconds']:>9.1f} s {rate} cells/s "
         f"peak RSS {row['peak_rss_bytes'] / 2**30:5.2f} GiB{extra}",
