@@ -5,6 +5,7 @@
     neurofm atlas-plot METADATA_CSV CLUSTER_CSV ANNOTATION_CSV --out PNG [--top-k K] [--highlight ID ...]
     neurofm make-synthetic OUT_DIR [--cells N] [--genes G] [--seed S]
     neurofm embed IN.h5ad --out OUT.h5ad [--model URI_OR_DIR] [--gene-col C] [--min-gene-overlap F]
+    neurofm convert IN.h5ad OUT_DIR [--genes FILE] [--shard-size N] [--seed S] [--metadata CSV --clusters ID ...]
 
 A user error prints one line, ``neurofm: error: <problem>; <fix>``, and exits with status 2 (``--debug``
 shows the traceback instead). ``check-ids`` exits 1 when no metadata column matches the obs_names.
@@ -121,6 +122,68 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- convert (cell store) ---------------------------------------------------------------------------------
+def _read_gene_list(value: str) -> list[str]:
+    """Gene IDs from a file (one per line) or a comma-separated list."""
+    from pathlib import Path
+
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if "," in value or not path.suffix:
+        return [gene.strip() for gene in value.split(",") if gene.strip()]
+    raise NeurofmError(f"gene list file {value} does not exist; pass a file of gene IDs or a comma list")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from neurofm.data.store import CellStore, Selection, convert
+
+    if args.clusters and not args.metadata:
+        raise NeurofmError("--clusters needs --metadata CELL_METADATA_CSV to look the cells' clusters up")
+    selection = Selection(
+        genes=_read_gene_list(args.genes) if args.genes else None,
+        metadata_csv=args.metadata,
+        cluster_ids=args.clusters or None,
+        region=args.region,
+    )
+    manifest = convert(
+        args.file,
+        args.out_dir,
+        selection=selection,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        layer=args.layer,
+        progress=True,
+    )
+    if args.verify:
+        CellStore(args.out_dir, verify=True)
+    print(
+        f"{args.out_dir}: {manifest['n_cells']} cells × {manifest['n_genes']} genes in "
+        f"{len(manifest['shards'])} shards"
+    )
+    return 0
+
+
+def _add_convert(commands) -> None:
+    convert = commands.add_parser(
+        "convert", help="write a pre-shuffled, sharded cell store for streaming pre-training"
+    )
+    convert.add_argument("file", help="input .h5ad (raw counts; read backed, in row blocks)")
+    convert.add_argument("out_dir", help="output store directory (new, empty, or an unfinished store)")
+    convert.add_argument("--genes", help="gene IDs to keep, in order: a file (one per line) or a comma list")
+    convert.add_argument("--shard-size", type=int, default=65536, help="cells per shard (default 65536)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the cell permutation (default 0)")
+    convert.add_argument("--layer", help="read counts from layers[LAYER] (default: layers['counts'] or X)")
+    convert.add_argument("--metadata", help="cell_metadata.csv for the cluster subset (joined on cell_label)")
+    convert.add_argument("--clusters", nargs="*", default=[], metavar="ID", help="cluster aliases to keep")
+    convert.add_argument("--region", help=f"keep cells whose obs['{keys.REGION}'] equals this value")
+    convert.add_argument("--verify", action="store_true", help="check every shard's SHA-256 afterwards")
+    convert.set_defaults(handler=_convert)
+
+
+# --- end convert -------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurofm", description="neurofm dataset reports and utilities.")
     parser.add_argument("--version", action="version", version=f"neurofm {__version__}")
@@ -183,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     embed.set_defaults(handler=_embed)
+    _add_convert(commands)
     return parser
 
 

@@ -1,0 +1,918 @@
+"""The cell store: an atlas written once, in one streaming pass, as pre-shuffled shards of sparse counts.
+
+``convert(in_h5ad, out_dir)`` reads an ``.h5ad`` with h5py in row blocks (never the whole ``X``), applies
+the prepare selection on the way (source rows, the cluster subset through the metadata join, a region
+filter, a gene selection; obs names made unique), draws a seeded permutation of the kept cells and writes
+
+    OUT_DIR/
+        manifest.json          # written last (atomically): a directory without it is not a store
+        obs.parquet            # kept obs columns in store order, + source_row; index = unique obs names
+        shard-00000/           # rows [0, shard_size) of the permuted cells, one memory-mapped CSR
+            indptr.npy         #   int64 (rows + 1)
+            indices.npy        #   int32 gene positions (in the store's gene order)
+            data.npy           #   integer counts, uint16 (uint32 when a count exceeds 65,535)
+        shard-00001/ …
+
+Store row ``r`` lives in shard ``r // shard_size`` at position ``r % shard_size``. The manifest holds the
+format name and version, gene IDs (+ symbols), the shards' rows, non-zeros and per-file size + SHA-256,
+the source's fingerprint, the selection and the seed.
+
+Conversion is one pass over the source: every kept row's place in its shard is known up front (from the
+CSR row lengths), so rows read in source order are copied straight to their final offsets in shard files
+under ``OUT_DIR/.convert-progress/`` (memory-mapped, unmapped after each read block so resident memory
+stays flat); then each shard is fsync'ed, hashed and renamed to its final name, and the manifest is
+written last. Killed midway, it leaves no manifest (a :class:`CellStore` refuses the directory); run again
+with the same arguments, it keeps every finished shard whose files still match their recorded SHA-256
+and rewrites the rest (a kill during the pass itself means the pass is redone). Opening a store checks every shard
+file's size (cheap); ``verify=True`` also checks their SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from neurofm import keys
+from neurofm.data.atlas import _matrix_element, _normalise_cluster_ids, read_cell_metadata, read_csr_rows
+from neurofm.data.dedupe import unique_names
+from neurofm.data.region import filter_region
+from neurofm.errors import NeurofmError
+from neurofm.io import atomic_path, check_h5ad_path, ensure_writable_dir, file_fingerprint, write_json
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "neurofm-cell-store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+OBS_FILE = "obs.parquet"
+SHARD_FILES = ("indptr.npy", "indices.npy", "data.npy")
+SOURCE_ROW = "source_row"  # obs.parquet column: the cell's row in the source .h5ad
+_PROGRESS = ".convert-progress"  # plan + temporaries of an unfinished conversion
+_SHARD_RECORD = "shard.json"  # inside a finished shard directory: what the manifest will say of it
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which cells and genes of the source a store keeps (the prepare selection, applied on the way).
+
+    Cells are kept when they pass every given filter: ``rows`` (source row positions), the cluster
+    subset (``cluster_ids`` looked up in ``metadata_csv``, joined on ``obs_name_column`` = the .h5ad
+    obs_names; writes ``obs['subtype']`` = ``f"{label_prefix}{id}"`` and the other metadata columns)
+    and the region filter (``obs[region_column] == region`` after the join). ``genes`` lists var_names to
+    keep, in that order (None: all). ``obs_columns`` limits the obs columns written (None: all).
+    """
+
+    rows: Sequence[int] | None = None
+    genes: Sequence[str] | None = None
+    metadata_csv: str | None = None
+    cluster_ids: Sequence[Any] | None = None
+    obs_name_column: str = keys.CELL_LABEL
+    cluster_column: str = keys.CLUSTER_ALIAS
+    label_prefix: str = "cluster_"
+    region: str | None = None
+    region_column: str = keys.REGION
+    obs_columns: Sequence[str] | None = None
+
+    def describe(self) -> dict:
+        """A JSON-able record for the manifest (row and gene lists as counts + SHA-256)."""
+        record = asdict(self)
+        for name in ("rows", "genes"):
+            values = record.pop(name)
+            if values is not None:
+                array = np.asarray(values)
+                record[name] = {"count": int(array.size), "sha256": _sha256_bytes(array.astype(str))}
+            else:
+                record[name] = None
+        if record["metadata_csv"] is not None:
+            record["metadata_fingerprint"] = file_fingerprint(record["metadata_csv"])
+            record["metadata_csv"] = str(record["metadata_csv"])
+        if record["cluster_ids"] is not None:
+            record["cluster_ids"] = [str(v) for v in record["cluster_ids"]]
+        if record["obs_columns"] is not None:
+            record["obs_columns"] = list(record["obs_columns"])
+        return record
+
+
+def _sha256_bytes(array: np.ndarray) -> str:
+    """SHA-256 of the values (as text, NUL-separated): one pass, fast for millions of row numbers."""
+    return hashlib.sha256("\0".join(np.asarray(array).ravel().tolist()).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ selection
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise NeurofmError(
+            f"cannot open {path} ({error}); the file is truncated or not an .h5ad — re-export it"
+        ) from None
+
+
+def _read_frame(handle: h5py.File, name: str, path: Path) -> pd.DataFrame:
+    try:
+        return ad.io.read_elem(handle[name])
+    except Exception as error:  # h5py/anndata raise many types for broken files
+        raise NeurofmError(
+            f"{path} has no readable {name} table ({type(error).__name__}); pass an AnnData .h5ad"
+        ) from None
+
+
+def _select_cells(obs: pd.DataFrame, selection: Selection, path: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """(sorted source rows kept, their obs after the metadata join), reusing the prepare rules."""
+    keep = np.ones(len(obs), dtype=bool)
+    if selection.rows is not None:
+        rows = np.asarray(selection.rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(obs)):
+            raise NeurofmError(
+                f"selection rows must be in [0, {len(obs)}) for {path.name}; got {rows.min()}..{rows.max()}"
+            )
+        keep[:] = False
+        keep[rows] = True
+    obs = obs.copy()
+    if selection.cluster_ids is not None:
+        if selection.metadata_csv is None:
+            raise NeurofmError("selection cluster_ids needs metadata_csv; pass the atlas cell_metadata.csv")
+        metadata = read_cell_metadata(
+            selection.metadata_csv, required_columns=(selection.obs_name_column, selection.cluster_column)
+        )
+        integer_column = pd.api.types.is_integer_dtype(metadata[selection.cluster_column])
+        wanted = _normalise_cluster_ids(selection.cluster_ids, integer_column)
+        if not integer_column:
+            metadata[selection.cluster_column] = metadata[selection.cluster_column].astype(str)
+        metadata = metadata.drop_duplicates(selection.obs_name_column).set_index(selection.obs_name_column)
+        matched = metadata.reindex(obs.index.astype(str))
+        in_clusters = matched[selection.cluster_column].isin(wanted).to_numpy()
+        if not (keep & in_clusters).any():
+            raise NeurofmError(
+                f"no cell of {path.name} belongs to clusters {wanted} through column "
+                f"'{selection.obs_name_column}' of {Path(selection.metadata_csv).name}; check the IDs and "
+                "obs_name_column (`neurofm check-ids` shows which column matches)"
+            )
+        keep &= in_clusters
+        for column in matched.columns:
+            if column not in obs.columns:
+                obs[column] = matched[column].to_numpy()
+        obs[keys.SUBTYPE] = [
+            f"{selection.label_prefix}{value}" if ok else None
+            for value, ok in zip(matched[selection.cluster_column], in_clusters, strict=True)
+        ]
+    if selection.region is not None:
+        kept = filter_region(
+            ad.AnnData(obs=obs[keep]), value=selection.region, column=selection.region_column
+        )
+        in_region = obs.index.isin(kept.obs_names)
+        keep &= in_region
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise NeurofmError(f"the selection keeps no cell of {path.name}; loosen the selection")
+    kept_obs = obs.iloc[rows]
+    if selection.obs_columns is not None:
+        absent = [c for c in selection.obs_columns if c not in kept_obs.columns]
+        if absent:
+            raise NeurofmError(
+                f"obs has no column(s) {absent} (columns: {list(kept_obs.columns)}); drop them from obs_columns"
+            )
+        kept_obs = kept_obs[list(selection.obs_columns)]
+    return rows, kept_obs
+
+
+def _select_genes(var: pd.DataFrame, genes: Sequence[str] | None, path: Path) -> np.ndarray | None:
+    """Source column of each kept gene (None: all genes in file order)."""
+    if genes is None:
+        return None
+    names = pd.Index(var.index.astype(str))
+    if not names.is_unique:
+        raise NeurofmError(
+            f"{path.name} has duplicate var_names; a gene selection needs unique gene IDs (dedupe first)"
+        )
+    wanted = pd.Index(np.asarray(genes, dtype=str))
+    if not wanted.is_unique:
+        raise NeurofmError("the gene selection lists a gene twice; list each gene ID once")
+    position = names.get_indexer(wanted)
+    if (position < 0).any():
+        missing = list(wanted[position < 0][:3])
+        raise NeurofmError(
+            f"{int((position < 0).sum())} selected genes are not var_names of {path.name} (e.g. {missing}); "
+            "list gene IDs as in the file's var index"
+        )
+    return position.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ conversion
+@dataclass
+class _Plan:
+    key: str  # hash of everything that decides the store's bytes
+    n_cells: int
+    shard_size: int
+    n_shards: int = field(init=False)
+
+    def __post_init__(self):
+        self.n_shards = max(1, -(-self.n_cells // self.shard_size))
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _finished_shard(directory: Path, plan_key: str) -> dict | None:
+    """The record of a finished shard written for ``plan_key`` whose files still match it, else None."""
+    record_path = directory / _SHARD_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("plan") != plan_key:
+        return None
+    for name, expected in record["files"].items():
+        path = directory / name
+        if (
+            not path.is_file()
+            or path.stat().st_size != expected["size"]
+            or file_sha256(path) != expected["sha256"]
+        ):
+            return None
+    return record
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _as_counts(values: np.ndarray, path: Path) -> np.ndarray:
+    """``values`` as uint32 counts; NeurofmError (naming the problem) unless they are raw UMI counts."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        counts = values.astype(np.uint32)
+    if np.issubdtype(values.dtype, np.unsignedinteger) and values.dtype.itemsize <= 4:
+        return counts
+    if not np.array_equal(counts, values):
+        _check_block_counts(values, path)  # names the problem
+        raise NeurofmError(f"{path.name} holds values that are not uint32 counts; pass raw UMI counts")
+    return counts
+
+
+def _check_block_counts(values: np.ndarray, path: Path) -> None:
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.integer):
+        if values.min() < 0:
+            raise NeurofmError(f"{path.name} holds negative counts; pass raw UMI counts")
+        return
+    if not np.isfinite(values).all():
+        raise NeurofmError(f"{path.name} holds NaN/infinite counts; pass raw UMI counts")
+    if values.min() < 0:
+        raise NeurofmError(f"{path.name} holds negative values (scaled or centred?); pass raw UMI counts")
+    if (values != np.floor(values)).any():
+        raise NeurofmError(
+            f"{path.name} holds non-integer values (log-normalised?); pass raw UMI counts (or layer='counts')"
+        )
+    if values.max() >= 2**32:
+        raise NeurofmError(f"{path.name} holds counts >= 2**32; these are not UMI counts")
+
+
+def convert(
+    in_h5ad: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    selection: Selection | None = None,
+    shard_size: int = 65536,
+    seed: int = 0,
+    layer: str | None = None,
+    read_nonzeros: int = 1 << 23,
+    progress: bool = False,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> dict:
+    """Convert ``in_h5ad`` into a cell store in ``out_dir`` (see the module docstring); return the manifest.
+
+    ``shard_size`` cells per shard (the last holds the rest); ``seed`` draws the permutation of the kept
+    cells; ``layer`` reads counts from ``layers[layer]`` (default: ``layers['counts']`` if present, else
+    ``X``); ``read_nonzeros`` bounds one read from the source (memory ≈ 20 bytes × this, plus ~24
+    bytes per kept cell for the plan). ``on_shard_written(index)`` is called after
+    each shard is final (a test hook). A finished store with the same inputs is returned as is.
+    Raises NeurofmError for a non-.h5ad input, a matrix that is not CSR or dense, non-integer counts or
+    a selection that keeps nothing.
+    """
+    started = time.perf_counter()
+    selection = selection or Selection()
+    path = check_h5ad_path(in_h5ad)
+    if shard_size < 1:
+        raise NeurofmError(f"shard_size must be a positive number of cells, got {shard_size}")
+    out_dir = ensure_writable_dir(out_dir)
+    if any(out_dir.iterdir()) and not ((out_dir / MANIFEST).exists() or (out_dir / _PROGRESS).exists()):
+        raise NeurofmError(
+            f"{out_dir} is a non-empty directory that is not a cell store; choose an empty or new directory"
+        )
+    handle = _open_h5(path)
+    with handle:
+        obs = _read_frame(handle, "obs", path)
+        var = _read_frame(handle, "var", path)
+        element, source_name = _matrix_element(handle, layer, path)
+        if isinstance(element, h5py.Group) and element.attrs.get("encoding-type", "") != "csr_matrix":
+            raise NeurofmError(
+                f"{path.name} stores {source_name} as {element.attrs.get('encoding-type', 'unknown')}; "
+                "convert needs CSR rows — re-save it with adata.X = adata.X.tocsr()"
+            )
+        rows, kept_obs = _select_cells(obs, selection, path)
+        gene_columns = _select_genes(var, selection.genes, path)
+        kept_var = var if gene_columns is None else var.iloc[gene_columns]
+        n_genes = len(kept_var)
+        fingerprint = {
+            "path": str(path.resolve()),
+            "size": path.stat().st_size,
+            "sample_sha256": file_fingerprint(path),
+        }
+        describe = selection.describe()
+        plan_record = {
+            "source": fingerprint,
+            "selection": describe,
+            "layer": source_name,
+            "seed": int(seed),
+            "shard_size": int(shard_size),
+            "format": [STORE_FORMAT, STORE_VERSION],
+        }
+        plan = _Plan(
+            key=hashlib.sha256(json.dumps(plan_record, sort_keys=True).encode()).hexdigest(),
+            n_cells=int(rows.size),
+            shard_size=int(shard_size),
+        )
+        manifest_path = out_dir / MANIFEST
+        if manifest_path.is_file():
+            try:
+                existing = json.loads(manifest_path.read_text())
+            except ValueError:
+                existing = {}
+            if existing.get("plan") == plan.key:
+                try:
+                    CellStore(out_dir, verify=False)
+                except NeurofmError:
+                    pass
+                else:
+                    log.info("%s is already a finished store of %s; kept", out_dir, path.name)
+                    return existing
+            manifest_path.unlink()  # from here on the directory is not a store until the new manifest lands
+
+        permutation = np.random.default_rng(seed).permutation(rows.size)
+        destination = np.empty(rows.size, dtype=np.int64)  # store row of the i-th kept (sorted) source row
+        destination[permutation] = np.arange(rows.size)
+        progress_dir = out_dir / _PROGRESS
+        progress_dir.mkdir(exist_ok=True)
+        done = {}
+        for index in range(plan.n_shards):
+            record = _finished_shard(out_dir / _shard_name(index), plan.key)
+            if record is not None:
+                done[index] = record
+        for stale in out_dir.glob("shard-*"):
+            if stale.is_dir() and int(stale.name.split("-")[1]) not in done:
+                shutil.rmtree(stale)
+        if done:
+            log.info("resuming: %d of %d shards already written", len(done), plan.n_shards)
+        pending = [k for k in range(plan.n_shards) if k not in done]
+        if pending:
+            source = _Source(element, rows, gene_columns, path)
+            with ThreadPoolExecutor(max_workers=2) as pool:  # copies, hashing and fsync release the GIL
+                try:
+                    _scatter_into_shards(
+                        source,
+                        destination,
+                        plan,
+                        pending,
+                        progress_dir,
+                        read_nonzeros,
+                        np.uint16,
+                        progress,
+                        pool,
+                    )
+                except _WideCounts:
+                    log.info("a count exceeds 65,535: writing the shards' counts as uint32")
+                    _scatter_into_shards(
+                        source,
+                        destination,
+                        plan,
+                        pending,
+                        progress_dir,
+                        read_nonzeros,
+                        np.uint32,
+                        progress,
+                        pool,
+                    )
+                for index in pending:
+                    done[index] = _finalize_shard(index, plan, progress_dir, out_dir, pool)
+                    if on_shard_written is not None:
+                        on_shard_written(index)
+            _fsync_directory(out_dir)
+
+    # obs in store order; index = unique obs names
+    store_obs = kept_obs.iloc[permutation].copy()
+    store_obs.index = unique_names(pd.Index(store_obs.index.astype(str)))
+    store_obs.index.name = "obs_name"
+    store_obs[SOURCE_ROW] = rows[permutation]
+    for column in store_obs.columns:  # parquet wants one type per column
+        if store_obs[column].dtype == object:
+            store_obs[column] = store_obs[column].astype(str).where(store_obs[column].notna(), None)
+    with atomic_path(out_dir / OBS_FILE) as tmp:
+        store_obs.to_parquet(tmp)
+    gene_ids = np.asarray(kept_var.index.astype(str))
+    manifest = {
+        "format": STORE_FORMAT,
+        "format_version": STORE_VERSION,
+        "plan": plan.key,
+        "n_cells": plan.n_cells,
+        "n_genes": n_genes,
+        "shard_size": plan.shard_size,
+        "seed": int(seed),
+        "gene_ids": gene_ids.tolist(),
+        "gene_symbols": (
+            kept_var[keys.GENE_SYMBOL].astype(str).tolist() if keys.GENE_SYMBOL in kept_var.columns else None
+        ),
+        "obs_file": OBS_FILE,
+        "obs_columns": [c for c in store_obs.columns],
+        "obs_sha256": file_sha256(out_dir / OBS_FILE),
+        "shards": [{k: v for k, v in done[index].items() if k != "plan"} for index in range(plan.n_shards)],
+        "source": {**fingerprint, "layer": source_name, "n_cells": len(obs), "n_genes": len(var)},
+        "selection": describe,
+    }
+    write_json(manifest, manifest_path)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info(
+        "wrote cell store %s: %d cells × %d genes in %d shards (%.1f s, %.0f cells/s)",
+        out_dir,
+        plan.n_cells,
+        n_genes,
+        plan.n_shards,
+        seconds,
+        plan.n_cells / max(seconds, 1e-9),
+    )
+    return manifest
+
+
+def _read_blocks(rows: np.ndarray, lengths: np.ndarray, read_nonzeros: int):
+    """Split sorted ``rows`` (stored values per row: ``lengths``) into pieces of ~``read_nonzeros`` values."""
+    cumulative = np.cumsum(lengths)
+    start = 0
+    while start < rows.size:
+        base = cumulative[start - 1] if start else 0
+        stop = max(int(np.searchsorted(cumulative, base + read_nonzeros, side="right")), start + 1)
+        yield start, min(stop, rows.size)
+        start = stop
+
+
+class _WideCounts(Exception):
+    """A count above 65,535 met while writing uint16 shards: convert again with uint32."""
+
+
+class _Source:
+    """The kept rows of the source matrix, read in row blocks (CSR group or dense dataset)."""
+
+    def __init__(self, element, rows: np.ndarray, gene_columns: np.ndarray | None, path: Path):
+        self.element, self.rows, self.path = element, rows, path
+        self.is_csr = isinstance(element, h5py.Group)
+        n_source_genes = int(element.attrs["shape"][1]) if self.is_csr else int(element.shape[1])
+        self.column_map = None
+        self.reordered = False
+        if gene_columns is not None:
+            self.column_map = np.full(n_source_genes, -1, dtype=np.int32)
+            self.column_map[gene_columns] = np.arange(gene_columns.size, dtype=np.int32)
+            self.reordered = not np.all(np.diff(gene_columns) > 0)
+        if self.is_csr:
+            self.indptr = element["indptr"][:].astype(np.int64)
+            self.stored = self.indptr[rows + 1] - self.indptr[rows]  # values per kept row in the file
+        else:
+            self.stored = np.full(rows.size, n_source_genes, dtype=np.int64)
+
+    def blocks(self, read_nonzeros: int):
+        """Yield ``(start, stop, data uint32, indices int32, row_lengths int64)`` for kept rows
+        ``rows[start:stop]``, genes already selected (and each row's genes sorted)."""
+        for start, stop in _read_blocks(self.rows, self.stored, read_nonzeros):
+            block_rows = self.rows[start:stop]
+            first, last = int(block_rows[0]), int(block_rows[-1])
+            if self.is_csr and last - first + 1 == block_rows.size:  # one contiguous slice
+                lo, hi = int(self.indptr[first]), int(self.indptr[last + 1])
+                data, indices = self.element["data"][lo:hi], self.element["indices"][lo:hi]
+                row_lengths = np.diff(self.indptr[first : last + 2])
+            else:
+                if self.is_csr:
+                    block = read_csr_rows(self.element, block_rows, max_rows_per_read=max(1, block_rows.size))
+                else:
+                    block = sp.csr_matrix(self.element[first : last + 1][block_rows - first])
+                data, indices, row_lengths = block.data, block.indices, np.diff(block.indptr)
+            data = _as_counts(data, self.path)
+            indices = indices.astype(np.int32, copy=False)
+            row_lengths = row_lengths.astype(np.int64, copy=False)
+            if self.column_map is not None:
+                new_columns = self.column_map[indices]
+                kept = new_columns >= 0
+                row_of_entry = np.repeat(np.arange(row_lengths.size), row_lengths)[kept]
+                row_lengths = np.bincount(row_of_entry, minlength=row_lengths.size).astype(np.int64)
+                data, indices = data[kept], new_columns[kept]
+                if self.reordered:
+                    order = np.lexsort((indices, row_of_entry))
+                    data, indices = data[order], indices[order]
+            yield start, stop, data, indices, row_lengths
+
+    def kept_lengths(self, read_nonzeros: int) -> np.ndarray:
+        """Stored values per kept row after the gene selection (a pass over the indices if genes are
+        selected or the matrix is dense; else straight from ``indptr``)."""
+        if self.is_csr and self.column_map is None:
+            return self.stored
+        lengths = np.empty(self.rows.size, dtype=np.int64)
+        for start, stop, _, _, row_lengths in self.blocks(read_nonzeros):
+            lengths[start:stop] = row_lengths
+        return lengths
+
+
+def _scatter_into_shards(
+    source: _Source,
+    destination: np.ndarray,
+    plan: _Plan,
+    pending: list[int],
+    progress_dir: Path,
+    read_nonzeros: int,
+    data_dtype: type,
+    progress: bool,
+    pool,
+) -> None:
+    """Write the pending shards under ``progress_dir`` in one pass over the source.
+
+    Every kept row's place in its shard is known up front (from the row lengths), so each row read in
+    source order is copied straight to its final offset in the shard files (memory-mapped, re-opened
+    per read block so that written pages leave this process's resident memory).
+    """
+    lengths = source.kept_lengths(read_nonzeros)
+    store_lengths = np.empty_like(lengths)
+    store_lengths[destination] = lengths
+    offsets = np.empty(lengths.size, dtype=np.int64)  # value offset of each kept row inside its shard
+    shard_values = np.zeros(plan.n_shards, dtype=np.int64)
+    for k in range(plan.n_shards):
+        first, last = k * plan.shard_size, min((k + 1) * plan.shard_size, plan.n_cells)
+        indptr = np.concatenate([[0], np.cumsum(store_lengths[first:last])]).astype(np.int64)
+        shard_values[k] = indptr[-1]
+        offsets_in_store_order = indptr[:-1]
+        offsets_sel = np.flatnonzero((destination >= first) & (destination < last))
+        offsets[offsets_sel] = offsets_in_store_order[destination[offsets_sel] - first]
+        if k in pending:
+            directory = progress_dir / _shard_name(k)
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            np.save(directory / "indptr.npy", indptr)
+            for name, dtype in (("indices.npy", np.int32), ("data.npy", data_dtype)):
+                np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=(int(indptr[-1]),))
+    is_pending = np.zeros(plan.n_shards, dtype=bool)
+    is_pending[pending] = True
+    limit = np.iinfo(data_dtype).max
+    blocks = _prefetched(source.blocks(read_nonzeros))
+    if progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc="convert", unit="read")
+    for start, stop, data, indices, row_lengths in blocks:
+        if data.size and int(data.max()) > limit:
+            raise _WideCounts
+        shard_of_row = destination[start:stop] // plan.shard_size
+        entry_starts = np.concatenate([[0], np.cumsum(row_lengths)[:-1]]).tolist()
+        row_offsets, row_counts = offsets[start:stop].tolist(), row_lengths.tolist()
+        maps = {}
+        for k in np.unique(shard_of_row[is_pending[shard_of_row]]).tolist():
+            directory = progress_dir / _shard_name(k)
+            maps[k] = (  # plain views: memmap's per-slice bookkeeping costs more than the copy
+                np.load(directory / "indices.npy", mmap_mode="r+").view(np.ndarray),
+                np.load(directory / "data.npy", mmap_mode="r+").view(np.ndarray),
+            )
+        data = data.astype(data_dtype, copy=False)
+        shards = shard_of_row.tolist()
+
+        def copy_rows(
+            part: slice,
+            data=data,
+            indices=indices,
+            maps=maps,
+            shards=shards,
+            row_offsets=row_offsets,
+            row_counts=row_counts,
+            entry_starts=entry_starts,
+        ):
+            for k, offset, count, entry in zip(
+                shards[part], row_offsets[part], row_counts[part], entry_starts[part], strict=True
+            ):
+                if k in maps:
+                    out_indices, out_data = maps[k]
+                    out_indices[offset : offset + count] = indices[entry : entry + count]
+                    out_data[offset : offset + count] = data[entry : entry + count]
+
+        # two threads: the copies (and the page faults of fresh shard pages) run without the GIL
+        half = len(shards) // 2
+        list(pool.map(copy_rows, [slice(0, half), slice(half, None)]))
+        del maps  # unmapped: the written pages stay in the page cache (fsync'ed when the shard is final)
+
+
+def _prefetched(iterator, depth: int = 1):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead (reads overlap the copying)."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as error:  # handed to the consumer
+            items.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+def _synced_digest(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _finalize_shard(index: int, plan: _Plan, progress_dir: Path, out_dir: Path, pool) -> dict:
+    """Hash a written shard, record it, and move it under its final name (one atomic rename)."""
+    directory = progress_dir / _shard_name(index)
+    files = dict(
+        zip(SHARD_FILES, pool.map(_synced_digest, [directory / n for n in SHARD_FILES]), strict=True)
+    )
+    data = np.load(directory / "data.npy", mmap_mode="r")
+    indptr = np.load(directory / "indptr.npy", mmap_mode="r")
+    record = {
+        "name": _shard_name(index),
+        "rows": int(indptr.size - 1),
+        "nnz": int(indptr[-1]),
+        "data_dtype": data.dtype.name,
+        "files": files,
+        "plan": plan.key,
+    }
+    del data, indptr
+    (directory / _SHARD_RECORD).write_text(json.dumps(record, indent=2))
+    target = out_dir / _shard_name(index)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(directory, target)
+    return record
+
+
+def convert_anndata(adata: ad.AnnData, out_dir: str | os.PathLike, **options) -> dict:
+    """:func:`convert` for an in-memory AnnData (small data takes the same path as an atlas): the
+    AnnData is written to a temporary ``.h5ad`` beside ``out_dir`` first. ``options`` go to convert."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    ensure_writable_dir(out_dir.parent)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as scratch:
+        source = Path(scratch) / "cells.h5ad"
+        adata.write_h5ad(source)
+        return convert(source, out_dir, **options)
+
+
+# ------------------------------------------------------------------------------------------ reading
+class CellStore:
+    """A finished cell store, opened read-only; shards are memory-mapped lazily (per process).
+
+    ``CellStore(path)`` reads the manifest and checks each shard file's size (``verify=True``: also its
+    SHA-256); a missing manifest, another format or a changed shard raises NeurofmError. Pickling drops
+    the memory maps, so a store can be handed to DataLoader workers, which re-open the files themselves.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise NeurofmError(
+                f"{self.path} is not a finished cell store (no {MANIFEST}); run `neurofm convert IN.h5ad "
+                f"{self.path}` (again, if it was interrupted)"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            raise NeurofmError(f"{manifest_path} is not valid JSON; convert the store again") from None
+        if (
+            self.manifest.get("format") != STORE_FORMAT
+            or self.manifest.get("format_version") != STORE_VERSION
+        ):
+            raise NeurofmError(
+                f"{self.path} is not a {STORE_FORMAT} v{STORE_VERSION} store (found "
+                f"{self.manifest.get('format')} v{self.manifest.get('format_version')}); convert it again"
+            )
+        self.shards = self.manifest["shards"]
+        self.shard_rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        self.gene_ids = np.asarray(self.manifest["gene_ids"], dtype=str)
+        self._mapped: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._files: dict[tuple[int, str], tuple[int, int, np.dtype]] = {}  # (fd, data offset, dtype)
+        self.check(verify=verify)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.manifest["n_cells"])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.manifest["n_genes"])
+
+    @property
+    def manifest_sha256(self) -> str:
+        return file_sha256(self.path / MANIFEST)
+
+    def reference(self) -> dict:
+        """A small dataset reference for pipeline steps: ``{"uri", "manifest_sha256", "n_cells", "n_genes"}``."""
+        return {
+            "uri": str(self.path.resolve()),
+            "manifest_sha256": self.manifest_sha256,
+            "n_cells": self.n_cells,
+            "n_genes": self.n_genes,
+        }
+
+    def check(self, verify: bool = False) -> None:
+        """Raise NeurofmError (one line) when a shard file is missing, of the wrong size or (``verify``)
+        of the wrong SHA-256."""
+        for shard in self.shards:
+            for name, expected in shard["files"].items():
+                file = self.path / shard["name"] / name
+                problem = None
+                if not file.is_file():
+                    problem = "is missing"
+                elif file.stat().st_size != expected["size"]:
+                    problem = f"has {file.stat().st_size} bytes, the manifest says {expected['size']}"
+                elif verify and file_sha256(file) != expected["sha256"]:
+                    problem = "does not match its SHA-256 in the manifest"
+                if problem:
+                    raise NeurofmError(
+                        f"cell store shard file {file} {problem} (changed or corrupt); convert the store again"
+                    )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_mapped"], state["_files"] = {}, {}
+        return state
+
+    def shard(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr, indices, data) of shard ``index``, memory-mapped read-only."""
+        if index not in self._mapped:
+            directory = self.path / self.shards[index]["name"]
+            try:
+                self._mapped[index] = tuple(
+                    np.load(directory / name, mmap_mode="r", allow_pickle=False) for name in SHARD_FILES
+                )
+            except (OSError, ValueError) as error:
+                raise NeurofmError(
+                    f"cannot read cell store shard {directory} ({error}); convert the store again"
+                ) from None
+        return self._mapped[index]
+
+    def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR pieces ``(indptr from 0, indices, data)`` of store rows ``[start, stop)`` (one shard)."""
+        index = int(np.searchsorted(self.shard_offsets, start, side="right") - 1)
+        local = start - int(self.shard_offsets[index])
+        if stop - int(self.shard_offsets[index]) > self.shard_rows[index]:
+            raise ValueError("read_range must stay inside one shard")
+        pointers = self._pread(index, "indptr.npy", local, local + (stop - start) + 1)
+        first, last = int(pointers[0]), int(pointers[-1])
+        return (
+            pointers - first,
+            self._pread(index, "indices.npy", first, last),
+            self._pread(index, "data.npy", first, last),
+        )
+
+    def _pread(self, index: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Items ``[start, stop)`` of one shard file, read with ``pread`` (no memory map: streaming an
+        epoch leaves resident memory flat however large the store)."""
+        key = (index, name)
+        if key not in self._files:
+            path = self.path / self.shards[index]["name"] / name
+            try:
+                with open(path, "rb") as handle:
+                    major, _ = np.lib.format.read_magic(handle)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    _, _, dtype = read_header(handle)
+                    offset = handle.tell()
+                descriptor = os.open(path, os.O_RDONLY)
+            except (OSError, ValueError) as error:
+                raise NeurofmError(
+                    f"cannot read cell store shard file {path} ({error}); convert the store again"
+                ) from None
+            self._files[key] = (descriptor, offset, np.dtype(dtype))
+        descriptor, offset, dtype = self._files[key]
+        out = np.empty(stop - start, dtype=dtype)
+        wanted = out.nbytes
+        got = os.preadv(descriptor, [memoryview(out).cast("B")], offset + start * dtype.itemsize)
+        if got != wanted:
+            raise NeurofmError(
+                f"cell store shard {self.shards[index]['name']}/{name} is shorter than its manifest says; "
+                "convert the store again"
+            )
+        return out
+
+    def close(self) -> None:
+        """Drop memory maps and close the file descriptors (they re-open on the next read)."""
+        self._mapped.clear()
+        for descriptor, _, _ in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
+
+    def rows(self, store_rows: Sequence[int] | np.ndarray) -> sp.csr_matrix:
+        """Counts of ``store_rows`` (any order, repeats allowed) as CSR float32 (cells × genes), in that
+        order. Runs of consecutive rows are read with one ``pread`` each (no memory map, so scattered
+        rows do not pull whole shard files into resident memory)."""
+        store_rows = np.asarray(store_rows, dtype=np.int64)
+        if store_rows.size and (store_rows.min() < 0 or store_rows.max() >= self.n_cells):
+            raise NeurofmError(f"store rows must be in [0, {self.n_cells})")
+        unique_rows, inverse = np.unique(store_rows, return_inverse=True)
+        shard_of = np.searchsorted(self.shard_offsets, unique_rows, side="right") - 1
+        new_run = np.ones(unique_rows.size, dtype=bool)
+        new_run[1:] = (np.diff(unique_rows) != 1) | (np.diff(shard_of) != 0)
+        run_starts = np.flatnonzero(new_run)
+        run_stops = np.append(run_starts[1:], unique_rows.size)
+        data_parts, index_parts, length_parts = [], [], []
+        for first, last in zip(run_starts.tolist(), run_stops.tolist(), strict=True):
+            indptr, indices, data = self.read_range(int(unique_rows[first]), int(unique_rows[last - 1]) + 1)
+            data_parts.append(data)
+            index_parts.append(indices)
+            length_parts.append(np.diff(indptr))
+        lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
+        matrix = sp.csr_matrix(
+            (
+                np.concatenate(data_parts).astype(np.float32) if data_parts else np.zeros(0, np.float32),
+                np.concatenate(index_parts) if index_parts else np.zeros(0, np.int32),
+                np.concatenate([[0], np.cumsum(lengths)]),
+            ),
+            shape=(unique_rows.size, self.n_genes),
+        )
+        if unique_rows.size == store_rows.size and np.array_equal(unique_rows, store_rows):
+            return matrix
+        return matrix[inverse.ravel()]
+
+    def read_obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The kept obs columns in store order (index: unique obs names; column ``source_row``)."""
+        return pd.read_parquet(self.path / OBS_FILE, columns=None if columns is None else list(columns))
+
+    def var(self) -> pd.DataFrame:
+        """Gene table in store order: index gene IDs, column ``gene_symbol`` when the source had one."""
+        var = pd.DataFrame(index=pd.Index(self.gene_ids, name=keys.GENE_ID_INDEX))
+        if self.manifest.get("gene_symbols") is not None:
+            var[keys.GENE_SYMBOL] = self.manifest["gene_symbols"]
+        return var
+
+    def to_anndata(self, store_rows: Sequence[int] | np.ndarray | None = None) -> ad.AnnData:
+        """Rows of the store (all if None) as an in-memory AnnData (CSR float32 counts, obs, var)."""
+        store_rows = np.arange(self.n_cells) if store_rows is None else np.asarray(store_rows)
+        obs = self.read_obs().iloc[store_rows]
+        return ad.AnnData(X=self.rows(store_rows), obs=obs, var=self.var())
+
+
+def open_store(path: str | os.PathLike, verify: bool = False) -> CellStore:
+    """Open the cell store at ``path`` (see :class:`CellStore`)."""
+    return CellStore(path, verify=verify)

@@ -1,0 +1,594 @@
+"""Streaming training data from a cell store: sparse counts in, token-ready bin batches out.
+
+The atlas never sits in memory: a :class:`CellStream` (a ``torch.utils.data.IterableDataset``) reads a
+:class:`~neurofm.data.store.CellStore` in contiguous blocks and bins each shuffle buffer on the fly, the same way
+:meth:`ExpressionTokenizer.transform <neurofm.tokenizer.ExpressionTokenizer.transform>` does (bit-identical
+bins: per-cell ``target_sum`` normalisation, ``log1p``, per-gene edges; only non-zero counts are binned,
+zeros take their gene's precomputed zero bin).
+
+Order of one epoch (all seeded, so a run is reproducible and resumable):
+
+1. the store's rows are cut into blocks of ``block_size`` consecutive rows (never across shards);
+2. the blocks are permuted with ``(seed, epoch)``;
+3. DDP rank ``r`` of ``world_size`` takes blocks ``r::world_size``; DataLoader worker ``w`` of ``W`` takes
+   ``w::W`` of those (a "logical worker"; files are opened lazily inside each worker);
+4. a worker reads ``buffer_blocks`` blocks at a time (its shuffle buffer), drops the validation rows,
+   shuffles the remaining rows with ``(seed, epoch, rank, worker, group)`` and cuts its row stream into
+   batches of ``batch_size`` (a batch may span two buffers; each worker's last batch may be smaller).
+
+Batches therefore depend on (store, seed, epoch, world size, rank, number of workers, batch, block and
+buffer sizes). Ranks can get a few batches more or fewer than each other in an epoch
+(:meth:`CellStream.common_batches` gives the count every rank reaches, for DDP step loops).
+
+The validation rows are a fixed seeded set (:func:`validation_rows`), never trained on. The store is
+pre-shuffled by ``neurofm convert``, so contiguous blocks are random cells.
+
+Batch format (a dict, what the training loop's ``make_batch`` consumes as its ``bins``):
+
+- ``"bins"``: ``torch.int16`` (cells × n_genes) — every gene's bin in the tokenizer's gene order (zeros
+  included, as the model samples ``max_tokens_per_cell`` genes among all genes of a cell);
+- ``"rows"``: ``torch.int64`` (cells,) — the cells' store rows (obs in ``store.read_obs()``);
+- ``"worker"``: ``torch.int64`` scalar — the logical worker that made it (the loader's position bookkeeping).
+
+With ``StreamConfig(output="sparse")`` a batch carries the non-zeros only — ``"indptr"`` int64 (cells + 1),
+``"genes"`` int32 and ``"nonzero_bins"`` int16 (one per non-zero) — about 30× less to move between worker
+processes or to the GPU for 20,000 genes; :func:`densify` turns either format into the dense bins.
+
+:class:`StreamLoader` wraps the DataLoader (workers, pinned memory) and keeps the position (a batch counts
+as consumed once it has been yielded): its
+``state_dict()`` is ``{"epoch", "batches_consumed", "seed", "world_size", "rank", "num_workers",
+"n_cells", "batch_size", "block_size", "buffer_blocks"}``; ``load_state_dict`` on a fresh loader continues
+with exactly the batches an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from neurofm.data.store import CellStore
+from neurofm.errors import NeurofmError
+from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer, TokenizerConfig, _round_up
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamConfig:
+    """How a store becomes batches."""
+
+    batch_size: int = 64  # cells per batch (per rank)
+    block_size: int = 64  # consecutive store rows read as one piece (the unit of shuffling and splitting)
+    buffer_blocks: int = 64  # blocks read and shuffled together (shuffle buffer = buffer_blocks × block_size)
+    val_fraction: float = 0.1  # share of cells held out for validation…
+    max_val_cells: int = 10_000  # …but at most this many (atlas scale)
+    seed: int = 42  # seeds the validation set, the block order of every epoch and the buffer shuffles
+    output: str = "dense"  # "dense": (cells × genes) bins; "sparse": bins of the non-zeros only (densify())
+
+    def validate(self) -> StreamConfig:
+        if self.output not in ("dense", "sparse"):
+            raise NeurofmError(f"stream output={self.output!r} is unknown; use 'dense' or 'sparse'")
+        for name in ("batch_size", "block_size", "buffer_blocks", "max_val_cells"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise NeurofmError(f"stream {name}={getattr(self, name)!r} must be a positive integer")
+        if not 0 <= self.val_fraction < 1:
+            raise NeurofmError(f"stream val_fraction={self.val_fraction!r} must be in [0, 1)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ validation
+def validation_rows(n_cells: int, val_fraction: float, seed: int, max_val_cells: int = 10_000) -> np.ndarray:
+    """The fixed validation store rows (sorted): ``min(int(n_cells * val_fraction), max_val_cells)``
+    rows drawn without replacement with ``numpy.random.default_rng([seed, 7])``."""
+    n_val = min(int(n_cells * val_fraction), max_val_cells)
+    if n_cells - n_val < MIN_CELLS:
+        raise NeurofmError(
+            f"{n_cells} cells leave fewer than {MIN_CELLS} training cells after {n_val} validation cells; "
+            "pass more cells or lower val_fraction"
+        )
+    rng = np.random.default_rng([seed, 7])
+    return np.sort(rng.choice(n_cells, size=n_val, replace=False))
+
+
+# ------------------------------------------------------------------------------------------ binning
+class SparseBinner:
+    """Bins of sparse counts, equal to ``tokenizer.transform`` on the same cells (store gene order =
+    tokenizer gene order is required)."""
+
+    def __init__(self, tokenizer: ExpressionTokenizer):
+        tokenizer._require_fitted()
+        config = tokenizer.config
+        self.n_bins = config.n_bins
+        self.target_sum = np.float32(config.target_sum)
+        self.log1p = config.log1p
+        # (genes, edges) float32 edges rounded up, as _apply_edges compares them
+        self.edges = np.ascontiguousarray(_round_up(tokenizer.bin_edges, np.dtype(np.float32)))
+        zero_count = (self.edges <= 0).sum(axis=1) - 1
+        self.zero_bins = np.clip(zero_count, 0, self.n_bins - 1).astype(np.int16)
+        # one contiguous row per edge position, trailing all-+inf positions dropped (they never count)
+        width = int(np.isfinite(self.edges).sum(axis=1).max()) if self.edges.size else 0
+        self.edge_columns = np.ascontiguousarray(self.edges[:, :width].T)
+        self.n_genes = self.edges.shape[0]
+
+    def values(self, indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """float32 normalised (and log1p'd) values of the stored non-zeros."""
+        counts = data.astype(np.float32)
+        lengths = np.diff(indptr)
+        # library sizes are sums of integers: exact in float64, then exactly the float32 the dense
+        # tokenizer path gets (below 2**24 UMIs per cell)
+        library = np.zeros(lengths.size, dtype=np.float64)
+        filled = lengths > 0
+        if counts.size:
+            library[filled] = np.add.reduceat(counts, indptr[:-1][filled], dtype=np.float64)
+        library = library.astype(np.float32)
+        scale = np.divide(self.target_sum, library, out=np.zeros_like(library), where=library > 0)
+        values = counts * np.repeat(scale, lengths)
+        if self.log1p:
+            np.log1p(values, out=values)
+        return values
+
+    def nonzero_bins(self, indices: np.ndarray, values: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+        """int16 bin of each stored non-zero (gene ``indices``, normalised ``values``): the number of
+        the gene's edges <= the value, minus one, clipped to ``[0, n_bins)`` — as ``_apply_edges``."""
+        count = np.full(values.size, -1, dtype=np.int16)
+        for start in range(0, values.size, chunk):  # cache-sized pieces: the gathers stay in L2
+            part_indices, part_values = indices[start : start + chunk], values[start : start + chunk]
+            part_count = count[start : start + chunk]
+            for edge_column in self.edge_columns:  # one gather + compare per edge position
+                part_count += part_values >= edge_column.take(part_indices)
+        return np.clip(count, 0, self.n_bins - 1, out=count)
+
+    def binned(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """int16 bins of a CSR matrix's stored non-zeros (same layout as ``data``)."""
+        return self.nonzero_bins(indices, self.values(indptr, data))
+
+    def dense(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """(cells × genes) int16 bins of a CSR batch of counts."""
+        return self.densify(indptr, indices, self.binned(indptr, indices, data))
+
+    def densify(self, indptr: np.ndarray, indices: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """(cells × genes) int16 bins from the non-zeros' ``bins`` (zeros get their gene's zero bin)."""
+        n_cells = indptr.size - 1
+        out = np.empty((n_cells, self.n_genes), dtype=np.int16)
+        out[:] = self.zero_bins
+        if bins.size:
+            out[np.repeat(np.arange(n_cells), np.diff(indptr)), indices] = bins
+        return out
+
+
+def _check_genes(store: CellStore, tokenizer: ExpressionTokenizer) -> None:
+    if not np.array_equal(store.gene_ids, tokenizer.gene_ids):
+        raise NeurofmError(
+            f"the store's {store.n_genes} genes differ from the tokenizer's {tokenizer.n_genes}; fit the "
+            "tokenizer on this store (neurofm.stream.fit_tokenizer) or convert with --genes in its order"
+        )
+
+
+# ------------------------------------------------------------------------------------------ fitting
+def fit_tokenizer(
+    store: CellStore,
+    config: TokenizerConfig | None = None,
+    *,
+    exclude_rows: np.ndarray | None = None,
+    max_cells: int = 200_000,
+    max_nonzeros: int = 30_000_000,
+    seed: int = 0,
+    chunk_values: int = 1 << 24,
+) -> ExpressionTokenizer:
+    """Fit per-gene bin edges on a seeded sample of the store's cells, never the whole atlas in memory.
+
+    The sample is ``min(max_cells, max_nonzeros / mean non-zeros per cell)`` cells drawn with
+    ``default_rng([seed, 11])`` among the rows not in ``exclude_rows`` (pass the validation rows). The
+    edges are exactly those of ``ExpressionTokenizer.fit`` on the sampled cells, computed ``chunk_values``
+    dense values at a time (genes in column chunks). Returns a fitted tokenizer in the store's gene order.
+    """
+    tokenizer = ExpressionTokenizer((config or TokenizerConfig()).validate())
+    if tokenizer.config.counts_layer is not None:
+        raise NeurofmError("a cell store holds one counts matrix; set counts_layer to None")
+    candidates = np.arange(store.n_cells)
+    if exclude_rows is not None and len(exclude_rows):
+        candidates = np.setdiff1d(candidates, exclude_rows, assume_unique=True)
+    total_nonzeros = sum(shard["nnz"] for shard in store.shards)
+    mean_nonzeros = max(1.0, total_nonzeros / max(1, store.n_cells))
+    n_sample = int(min(max_cells, candidates.size, max(MIN_CELLS, max_nonzeros // mean_nonzeros)))
+    if n_sample < MIN_CELLS:
+        raise NeurofmError(
+            f"only {candidates.size} training cells; fitting bin edges needs at least {MIN_CELLS}"
+        )
+    rng = np.random.default_rng([seed, 11])
+    sample = np.sort(rng.choice(candidates, size=n_sample, replace=False))
+    counts = store.rows(sample)
+    counts.indptr = counts.indptr.astype(np.int64)
+    binner_config = tokenizer.config
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
+    scale = np.divide(
+        np.float32(binner_config.target_sum), library, out=np.zeros_like(library), where=library > 0
+    )
+    values = counts.data
+    values *= np.repeat(scale, np.diff(counts.indptr))
+    if binner_config.log1p:
+        np.log1p(values, out=values)
+    normalised = counts.tocsc()
+    del counts, values
+    genes_per_chunk = max(1, chunk_values // n_sample)
+    edges_parts, constant_parts = [], []
+    for g0 in range(0, store.n_genes, genes_per_chunk):
+        dense = normalised[:, g0 : g0 + genes_per_chunk].toarray()
+        constant_parts.append(np.ptp(dense, axis=0) == 0)
+        edges_parts.append(tokenizer._fit_edges(dense))
+    constant = np.concatenate(constant_parts)
+    if constant.all():
+        raise NeurofmError(
+            "every gene has zero variance across the sampled cells; the store carries no signal"
+        )
+    if constant.any() and binner_config.constant_genes == "error":
+        examples = store.gene_ids[constant][:3].tolist()
+        raise NeurofmError(
+            f"{int(constant.sum())} genes have zero variance across the sampled cells (e.g. {examples}); "
+            "drop them (convert --genes) or set constant_genes='keep'"
+        )
+    width = max(part.shape[1] for part in edges_parts)
+    edges = np.full((store.n_genes, width), np.inf)
+    row = 0
+    for part in edges_parts:
+        edges[row : row + part.shape[0], : part.shape[1]] = part
+        row += part.shape[0]
+    tokenizer.bin_edges = edges
+    tokenizer.gene_ids = store.gene_ids.copy()
+    log.info("fit bin edges on %d sampled cells of %d", n_sample, store.n_cells)
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def _blocks(store: CellStore, block_size: int) -> np.ndarray:
+    """(n_blocks, 2) [start, stop) store-row ranges, ``block_size`` rows, never across shards."""
+    ranges = []
+    for offset, rows in zip(store.shard_offsets[:-1], store.shard_rows, strict=True):
+        starts = np.arange(offset, offset + rows, block_size)
+        ranges.append(np.stack([starts, np.minimum(starts + block_size, offset + rows)], axis=1))
+    return np.concatenate(ranges).astype(np.int64)
+
+
+@dataclass
+class _WorkerPlan:
+    groups: list[np.ndarray]  # per buffer: (k, 2) block ranges
+    group_rows: np.ndarray  # training rows per buffer
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.group_rows.sum())
+
+
+class CellStream(IterableDataset):
+    """Token-ready batches streamed from a cell store (see the module docstring for order and format).
+
+    ``rank``/``world_size`` default to ``torch.distributed``'s when it is initialised (else 0/1);
+    ``num_workers`` must equal the DataLoader's (``StreamLoader`` passes it). Iterating yields the rest of
+    epoch ``self.epoch`` from the position set by :meth:`set_position`.
+    """
+
+    def __init__(
+        self,
+        store: CellStore | str | os.PathLike,
+        tokenizer: ExpressionTokenizer,
+        config: StreamConfig | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.store = store if isinstance(store, CellStore) else CellStore(Path(store))
+        self.config = (config or StreamConfig()).validate()
+        _check_genes(self.store, tokenizer)
+        self.binner = SparseBinner(tokenizer)
+        if world_size is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            world_size = torch.distributed.get_world_size() if distributed else 1
+            rank = torch.distributed.get_rank() if distributed else 0
+        self.rank, self.world_size = int(rank or 0), int(world_size)
+        self.num_workers = max(1, int(num_workers))
+        self.val_rows = validation_rows(
+            self.store.n_cells, self.config.val_fraction, self.config.seed, self.config.max_val_cells
+        )
+        is_val = np.zeros(self.store.n_cells + 1, dtype=np.int64)
+        is_val[self.val_rows] = 1
+        self._val_before = np.concatenate([[0], np.cumsum(is_val[:-1])])  # val rows before each row
+        self._is_val = is_val[:-1].astype(bool)
+        self.block_ranges = _blocks(self.store, self.config.block_size)
+        self.epoch = 0
+        self._numpy_batches = False  # StreamLoader sets it: workers send numpy, the loader converts
+        self._skip = [0] * self.num_workers  # batches already consumed, per logical worker
+        self._slots = list(range(self.num_workers))  # physical worker slot -> logical worker
+
+    @property
+    def n_train_cells(self) -> int:
+        return self.store.n_cells - self.val_rows.size
+
+    def _train_rows_in(self, ranges: np.ndarray) -> np.ndarray:
+        return (ranges[:, 1] - ranges[:, 0]) - (
+            self._val_before[ranges[:, 1]] - self._val_before[ranges[:, 0]]
+        )
+
+    def worker_plan(self, epoch: int, logical_worker: int, rank: int | None = None) -> _WorkerPlan:
+        """Buffers (groups of blocks) of one logical worker of ``rank`` (default: this rank) in ``epoch``."""
+        rank = self.rank if rank is None else rank
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.block_ranges))
+        mine = order[rank :: self.world_size][logical_worker :: self.num_workers]
+        ranges = self.block_ranges[mine]
+        groups = [
+            ranges[i : i + self.config.buffer_blocks]
+            for i in range(0, len(ranges), self.config.buffer_blocks)
+        ]
+        group_rows = np.array([int(self._train_rows_in(g).sum()) for g in groups], dtype=np.int64)
+        return _WorkerPlan(groups, group_rows)
+
+    def worker_batches(self, epoch: int, rank: int | None = None) -> list[int]:
+        """Number of batches each logical worker of ``rank`` (default: this rank) yields in ``epoch``."""
+        size = self.config.batch_size
+        return [math.ceil(self.worker_plan(epoch, w, rank).n_rows / size) for w in range(self.num_workers)]
+
+    def common_batches(self, epoch: int | None = None) -> int:
+        """The fewest batches any DDP rank gets in ``epoch``: ranks' counts can differ by a few (blocks
+        hold different numbers of training cells), so a DDP loop steps every rank this many times."""
+        epoch = self.epoch if epoch is None else epoch
+        return min(sum(self.worker_batches(epoch, rank)) for rank in range(self.world_size))
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        return sum(self.worker_batches(self.epoch if epoch is None else epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, batches_consumed: int) -> None:
+        """Continue ``epoch`` after its first ``batches_consumed`` batches (as the DataLoader delivers
+        them: round-robin over the logical workers, skipping those that ran out)."""
+        counts = self.worker_batches(epoch)
+        if not 0 <= batches_consumed <= sum(counts):
+            raise NeurofmError(
+                f"loader position {batches_consumed} is outside epoch {epoch}'s {sum(counts)} batches; "
+                "resume with the same store, seed, world size and workers"
+            )
+        consumed = [0] * self.num_workers
+        turn = 0
+        for _ in range(batches_consumed):
+            while consumed[turn] >= counts[turn]:
+                turn = (turn + 1) % self.num_workers
+            consumed[turn] += 1
+            turn = (turn + 1) % self.num_workers
+        active = [(turn + i) % self.num_workers for i in range(self.num_workers)]
+        active = [w for w in active if consumed[w] < counts[w]] + [
+            w for w in active if consumed[w] >= counts[w]
+        ]
+        self.epoch, self._skip, self._slots = int(epoch), consumed, active
+
+    # -------------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.num_workers:
+            raise NeurofmError(
+                f"the DataLoader has {info.num_workers} workers but the stream was built for "
+                f"{self.num_workers}; pass the same num_workers to both (StreamLoader does)"
+            )
+        if info is None and self.num_workers > 1:  # one process plays every worker in DataLoader order
+            return self._interleaved()
+        logical = self._slots[slot]
+        return self._worker_iter(logical, self._skip[logical])
+
+    def _interleaved(self) -> Iterator[dict]:
+        iterators = {w: self._worker_iter(w, self._skip[w]) for w in self._slots}
+        while iterators:
+            for w in list(self._slots):
+                if w not in iterators:
+                    continue
+                batch = next(iterators[w], None)
+                if batch is None:
+                    del iterators[w]
+                else:
+                    yield batch
+
+    def _worker_iter(self, logical: int, skip_batches: int) -> Iterator[dict]:
+        size = self.config.batch_size
+        plan = self.worker_plan(self.epoch, logical)
+        skip_rows = skip_batches * size
+        group_starts = np.concatenate([[0], np.cumsum(plan.group_rows)])
+        first_group = int(np.searchsorted(group_starts, skip_rows, side="right") - 1)
+        carry: sp.csr_matrix | None = None
+        carry_rows = np.zeros(0, dtype=np.int64)
+        worker_tag = logical
+        for g in range(max(first_group, 0), len(plan.groups)):
+            order, matrix = self._read_group(plan.groups[g], g, logical)
+            if g == first_group:
+                drop = skip_rows - int(group_starts[g])
+                order, matrix = order[drop:], matrix[drop:]
+            if carry is not None:
+                matrix = sp.vstack([carry, matrix], format="csr")
+                order = np.concatenate([carry_rows, order])
+                carry = None
+            n_full = (matrix.shape[0] // size) * size
+            for start in range(0, n_full, size):
+                yield self._batch(matrix, order, start, start + size, worker_tag)
+            if n_full < matrix.shape[0]:
+                carry, carry_rows = matrix[n_full:], order[n_full:]
+        if carry is not None and carry.shape[0]:
+            yield self._batch(carry, carry_rows, 0, carry.shape[0], worker_tag)
+
+    def _read_group(self, ranges: np.ndarray, group: int, logical: int) -> tuple[np.ndarray, sp.csr_matrix]:
+        """(store rows, their bins as CSR) of one buffer: training rows of its blocks, shuffled and
+        binned together (per-cell normalisation makes this the same as binning batch by batch)."""
+        pieces, rows = [], []
+        for start, stop in ranges[np.argsort(ranges[:, 0])]:  # read in store order
+            indptr, indices, data = self.store.read_range(int(start), int(stop))
+            pieces.append(sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.store.n_genes)))
+            rows.append(np.arange(start, stop))
+        matrix = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
+        rows = np.concatenate(rows)
+        train = np.flatnonzero(~self._is_val[rows])
+        rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, logical, group])
+        pick = train[rng.permutation(train.size)]
+        matrix = matrix[pick]
+        bins = self.binner.binned(matrix.indptr, matrix.indices, matrix.data)
+        return rows[pick], sp.csr_matrix((bins, matrix.indices, matrix.indptr), shape=matrix.shape)
+
+    def _batch(self, matrix: sp.csr_matrix, rows: np.ndarray, start: int, stop: int, worker_tag) -> dict:
+        part = matrix[start:stop]
+        return self._format(part.indptr, part.indices, part.data, rows[start:stop], worker_tag)
+
+    def _format(self, indptr, indices, bins, rows: np.ndarray, worker_tag: int) -> dict:
+        """A batch from the CSR of its cells' non-zero ``bins`` (already binned)."""
+        batch = {"rows": np.array(rows, dtype=np.int64), "worker": worker_tag}
+        if self.config.output == "dense":
+            batch["bins"] = self.binner.densify(indptr, indices, bins)
+        else:
+            batch["indptr"] = np.asarray(indptr, dtype=np.int64)
+            batch["genes"] = np.asarray(indices, dtype=np.int32)
+            batch["nonzero_bins"] = np.asarray(bins, dtype=np.int16)
+        # numpy arrays cross from DataLoader workers in the pickle stream (one message); tensors would
+        # each need a shared-memory file and a descriptor handshake (StreamLoader picks per format)
+        return batch if self._numpy_batches else _as_tensors(batch)
+
+    @property
+    def zero_bins(self) -> torch.Tensor:
+        """int16 (n_genes,): each gene's bin for a zero count (what ``densify`` fills in)."""
+        return torch.from_numpy(self.binner.zero_bins)
+
+    def validation_batches(self, batch_size: int | None = None) -> Iterator[dict]:
+        """The fixed validation cells in store order, in batches of the same format (never shuffled)."""
+        size = batch_size or self.config.batch_size
+        for start in range(0, self.val_rows.size, size):
+            rows = self.val_rows[start : start + size]
+            part = self.store.rows(rows)
+            bins = self.binner.binned(part.indptr, part.indices, part.data)
+            yield _as_tensors(self._format(part.indptr, part.indices, bins, rows, -1))
+
+
+def _as_tensors(batch: dict) -> dict:
+    return {
+        name: value
+        if isinstance(value, torch.Tensor)
+        else torch.from_numpy(value)
+        if isinstance(value, np.ndarray)
+        else torch.tensor(value)
+        for name, value in batch.items()
+    }
+
+
+def _keep_as_is(batch: dict) -> dict:
+    return batch
+
+
+def densify(batch: dict, zero_bins: torch.Tensor) -> torch.Tensor:
+    """(cells × genes) int16 bins of a batch in either format, on the device of ``batch``'s tensors.
+
+    A sparse batch (``indptr``, ``genes``, ``nonzero_bins``) is expanded here — after a cheap transfer
+    of the non-zeros only, this can run on the GPU — with ``zero_bins`` (``CellStream.zero_bins``)
+    for the genes a cell did not express.
+    """
+    if "bins" in batch:
+        return batch["bins"]
+    indptr = batch["indptr"]
+    device = indptr.device
+    n_cells = indptr.numel() - 1
+    dense = zero_bins.to(device).expand(n_cells, -1).clone()
+    rows = torch.repeat_interleave(torch.arange(n_cells, device=device), indptr.diff())
+    dense[rows, batch["genes"].long()] = batch["nonzero_bins"]
+    return dense
+
+
+class StreamLoader:
+    """A DataLoader over a :class:`CellStream` that knows its position (epoch, batches consumed).
+
+    Iterating yields the rest of the current epoch and then moves to the next epoch; ``state_dict()``
+    taken between batches and given to ``load_state_dict`` of a fresh loader (same store, config, world
+    size and ``num_workers``) continues with exactly the batches of an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        stream: CellStream,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
+        if max(1, num_workers) != stream.num_workers:
+            raise NeurofmError(
+                f"StreamLoader num_workers={num_workers} but the stream was built for {stream.num_workers}; "
+                "build both with the same number"
+            )
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.epoch = stream.epoch
+        self.batches_consumed = 0
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return self.stream.batches_per_epoch(self.epoch) - self.batches_consumed
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.set_position(self.epoch, self.batches_consumed)
+        kwargs = {} if self.num_workers == 0 else {"prefetch_factor": self.prefetch_factor or 2}
+        # sparse batches are small: sent as numpy in the pickle stream (one message); dense ones are large:
+        # sent as tensors in shared memory
+        self.stream._numpy_batches = self.stream.config.output == "sparse"
+        try:
+            loader = DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_as_is, **kwargs
+            )
+            for batch in loader:
+                batch = _as_tensors(batch)
+                if self.pin_memory:
+                    batch = {name: value.pin_memory() for name, value in batch.items()}
+                self.batches_consumed += 1
+                yield batch
+        finally:
+            self.stream._numpy_batches = False
+        self.epoch += 1
+        self.batches_consumed = 0
+
+    def state_dict(self) -> dict:
+        config = self.stream.config
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "seed": config.seed,
+            "world_size": self.stream.world_size,
+            "rank": self.stream.rank,
+            "num_workers": self.stream.num_workers,
+            "n_cells": self.stream.store.n_cells,
+            "batch_size": config.batch_size,
+            "block_size": config.block_size,
+            "buffer_blocks": config.buffer_blocks,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in (
+            "seed",
+            "world_size",
+            "rank",
+            "num_workers",
+            "n_cells",
+            "batch_size",
+            "block_size",
+            "buffer_blocks",
+        ):
+            if state.get(key) != mine[key]:
+                raise NeurofmError(
+                    f"the saved loader position was made with {key}={state.get(key)!r}, this loader has "
+                    f"{mine[key]!r}; resume with the same settings"
+                )
+        self.stream.set_position(int(state["epoch"]), int(state["batches_consumed"]))
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
