@@ -175,13 +175,8 @@ def test_a_fitted_tokenizer_can_be_passed_in(tmp_path):
     adata = synthetic_counts(n_cells=60, n_genes=24)
     train, _ = split_cells(adata.n_obs, 0.2, 42)
     tokenizer = ExpressionTokenizer(TokenizerConfig(n_bins=6)).fit(adata, train)
-    result = pretrain(
-        adata,
-        model_config=SMALL_MODEL,
-        train_config=small_train_config(epochs=1),
-        out_dir=tmp_path,
-        tokenizer=tokenizer,
-    )
+    result = pretrain(adata, model_config=SMALL_MODEL, train_config=small_train_config(epochs=1),
+                      out_dir=tmp_path, tokenizer=tokenizer)
     model, saved = load_pretrained(result.last_dir)
     assert model.config.n_bins == 6 and np.array_equal(saved.bin_edges, tokenizer.bin_edges)
 
