@@ -81,6 +81,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "pooling": "mean",
         "batch_size": 256,
         "pca_components": 50,
+        "baselines": ["pca", "scvi", "random"],  # scVI trains on the evaluation cells (minutes on a CPU)
+        "scvi_latent": 10,  # scvi-tools' default latent size
+        "scvi_max_epochs": None,  # None → scvi-tools' rule min(round(20000 / n_cells * 400), 400), early stop
+        "max_cells_cluster": 20000,  # kNN-Leiden on a seeded sample above this many cells (null: all)
+        "max_cells_visualize": 10000,  # t-SNE/UMAP on a seeded sample above this many cells (null: all)
         "probe": {},  # ProbeConfig overrides
         "cluster": {},  # clustering overrides (n_neighbors, metric, resolution…)
         "label_efficiency_shots": [5, 10, 25, 50, "all"],
@@ -217,7 +222,33 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
             raise NeurofmError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
         instance = dataclass_from_dict(_dataclass_for(section), values, section)
         full[section] = dataclasses.asdict(instance)
+    _check_evaluate(full["evaluate"])
     return full
+
+
+EVALUATE_BASELINES = ("pca", "scvi", "random")
+
+
+def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
+    baselines = evaluate["baselines"]
+    if (
+        not isinstance(baselines, list)
+        or not set(baselines) <= set(EVALUATE_BASELINES)
+        or "pca" not in baselines
+    ):
+        raise NeurofmError(
+            f"evaluate.baselines={baselines!r} must be a list drawn from {list(EVALUATE_BASELINES)} that holds "
+            "pca (the champion rule needs it); e.g. [pca, scvi, random]"
+        )
+    for key in ("max_cells_cluster", "max_cells_visualize"):
+        value = evaluate[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 100):
+            raise NeurofmError(f"evaluate.{key}={value!r} must be an integer >= 100 or null (all cells)")
+    epochs, latent = evaluate["scvi_max_epochs"], evaluate["scvi_latent"]
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise NeurofmError(f"evaluate.scvi_max_epochs={epochs!r} must be a positive integer or null")
+    if not isinstance(latent, int) or latent < 2:
+        raise NeurofmError(f"evaluate.scvi_latent={latent!r} must be an integer >= 2, e.g. 10")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -38,5 +38,6 @@ DROPPED_EMPTY = "dropped_empty"  # uns: all-zero cells/genes the prepare step le
 EMBEDDING = "X_neurofm"  # obsm: cell embeddings from the frozen encoder
 EMBEDDING_PARAMS = "neurofm"  # uns: model source + pooling used for X_neurofm
 PCA_BASELINE = "X_pca_baseline"  # obsm: PCA of log-normalised counts (baseline)
+SCVI_BASELINE = "X_scvi_baseline"  # obsm: scVI latent means, trained on the evaluation cells (baseline)
 RANDOM_BASELINE = "X_random_encoder"  # obsm: embeddings from the untrained encoder (baseline)
 EVALUATED_EMBEDDING = "X_embedding"  # obsm of the scratch AnnData neurofm.evaluate builds its kNN graph on

@@ -7,6 +7,7 @@ for two baselines: PCA of log-normalised counts and the same architecture with r
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from neurofm import io, keys, tracking
 from neurofm.config import dataclass_from_dict
 from neurofm.embed import embed, embed_matrix, random_encoder_like
 from neurofm.evaluate import compare
-from neurofm.evaluate.baselines import pca_baseline
+from neurofm.evaluate.baselines import pca_baseline, scvi_baseline
 from neurofm.evaluate.cluster import ClusterConfig
 from neurofm.evaluate.labels import resolve_labels
 from neurofm.evaluate.probe import ProbeConfig
@@ -31,7 +32,12 @@ from steps._cache import depends_on
 
 log = logging.getLogger(__name__)
 
-METHOD_KEYS = {"model": keys.EMBEDDING, "pca": keys.PCA_BASELINE, "random": keys.RANDOM_BASELINE}
+METHOD_KEYS = {
+    "model": keys.EMBEDDING,
+    "pca": keys.PCA_BASELINE,
+    "scvi": keys.SCVI_BASELINE,
+    "random": keys.RANDOM_BASELINE,
+}
 EVALUATION_DIR = "evaluation"
 
 
@@ -66,11 +72,12 @@ def resolve_model(
 def embed_cells(
     adata: ad.AnnData, model_dir: Path, evaluate: dict[str, Any], out_dir: str
 ) -> Annotated[ad.AnnData, "embedded_cells"]:
-    """Embed every cell with the frozen model and with both baselines.
+    """Embed every cell with the frozen model and compute the baselines ``evaluate.baselines`` names.
 
-    Writes ``obsm['X_neurofm']`` (model), ``obsm['X_pca_baseline']`` (PCA of log-normalised counts),
-    ``obsm['X_random_encoder']`` (same architecture, random weights), ``uns['neurofm']`` (model source,
-    pooling, cells/s) and, under ``<out_dir>/evaluation``, ``embeddings.npy``, ``labels.npy``, ``cells.tsv``.
+    Writes ``obsm['X_neurofm']`` (model), ``obsm['X_pca_baseline']`` (PCA on scanpy's recipe),
+    ``obsm['X_scvi_baseline']`` (scVI trained on these cells), ``obsm['X_random_encoder']`` (same
+    architecture, random weights), ``uns['neurofm']`` (model source, gene match, pooling, cells/s) and,
+    under ``<out_dir>/evaluation``, ``embeddings.npy``, ``labels.npy``, ``cells.tsv``.
     """
     labels = resolve_labels(adata, evaluate["label_column"], evaluate["label_mapping"])
     model, tokenizer = load_pretrained(model_dir)
@@ -85,10 +92,24 @@ def embed_cells(
         gene_col=genes["gene_col"],
         min_overlap=genes["min_gene_overlap"],
     )
-    adata.obsm[keys.RANDOM_BASELINE] = embed_matrix(
-        random_encoder_like(model.config, seed=0), tokenizer, adata, match=match, progress=False, **options
-    )
-    adata.obsm[keys.PCA_BASELINE] = pca_baseline(adata, n_components=evaluate["pca_components"])
+    baselines = evaluate["baselines"]
+    if "random" in baselines:
+        adata.obsm[keys.RANDOM_BASELINE] = embed_matrix(
+            random_encoder_like(model.config, seed=0),
+            tokenizer,
+            adata,
+            match=match,
+            progress=False,
+            **options,
+        )
+    if "pca" in baselines:
+        adata.obsm[keys.PCA_BASELINE] = pca_baseline(adata, n_components=evaluate["pca_components"])
+    if "scvi" in baselines:
+        started = time.perf_counter()
+        adata.obsm[keys.SCVI_BASELINE] = scvi_baseline(
+            adata, n_latent=evaluate["scvi_latent"], max_epochs=evaluate["scvi_max_epochs"]
+        )
+        log.info("scVI baseline trained in %.0f s", time.perf_counter() - started)
     seconds = adata.n_obs / adata.uns[keys.EMBEDDING_PARAMS]["cells_per_second"]
     out = io.ensure_writable_dir(Path(out_dir) / EVALUATION_DIR)
     with io.atomic_path(out / "embeddings.npy") as tmp:
@@ -136,17 +157,22 @@ def _embeddings(adata: ad.AnnData) -> dict[str, np.ndarray]:
 def visualize_cells(
     adata: ad.AnnData, evaluate: dict[str, Any], out_dir: str
 ) -> Annotated[HTMLString, "tsne_views"]:
-    """t-SNE of every embedding (model, PCA, random) coloured by label, seeded; ``<method>/tsne.png``.
+    """t-SNE of every embedding (model and baselines) coloured by label, seeded; ``<method>/tsne.png``.
 
-    (UMAPs are drawn by ``probe_cells``, which reuses each method's kNN graph for them.)
+    Above ``evaluate.max_cells_visualize`` cells, on a seeded sample of that many (the same for every
+    method). (UMAPs are drawn by ``probe_cells``, which reuses each method's kNN graph for them.)
     """
     import base64
 
     labels = resolve_labels(adata, evaluate["label_column"], evaluate["label_mapping"])
     out = Path(out_dir) / EVALUATION_DIR
+    cells = compare.subsample_cells(len(labels), evaluate["max_cells_visualize"], seed=0)
+    rows = slice(None) if cells is None else cells
     images = []
     for method, embedding in _embeddings(adata).items():
-        figure = visualize(embedding, labels, out / method, seed=0, name=method, methods=("tsne",))
+        figure = visualize(
+            embedding[rows], labels[rows], out / method, seed=0, name=method, methods=("tsne",)
+        )
         encoded = base64.b64encode(figure.paths["tsne"].read_bytes()).decode()
         images.append(
             f"<figure style='display:inline-block;width:32%'><img src='data:image/png;base64,{encoded}' "
@@ -193,6 +219,8 @@ def probe_cells(
         label_efficiency_shots=evaluate["label_efficiency_shots"],
         label_efficiency_draws=evaluate["label_efficiency_draws"],
         views=("umap",),
+        max_cells_cluster=evaluate["max_cells_cluster"],
+        max_cells_visualize=evaluate["max_cells_visualize"],
     )
     for method, method_result in result.methods.items():
         tsne = out / method / "tsne.png"

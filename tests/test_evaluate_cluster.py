@@ -19,11 +19,31 @@ def blobs(n_cells: int = 300, n_classes: int = 3, dims: int = 10, separation: fl
 
 def test_separated_blobs_are_recovered():
     embedding, labels = blobs()
-    result = cluster_embedding(embedding, labels, resolution=0.3)
+    result = cluster_embedding(embedding, labels, resolution=0.3, match_n_classes=True)
     assert result.ari > 0.95 and result.nmi > 0.95
     assert result.homogeneity > 0.95 and result.completeness > 0.95
     assert result.majority_accuracy > 0.98
     assert result.matched["n_clusters"] == 3 and result.matched["ari"] > 0.95
+    metrics = result.metrics()
+    assert metrics["ari_optimised"] > 0.95 and metrics["nmi_optimised"] > 0.95
+    assert metrics["silhouette"] > 0.3
+
+
+def test_clustering_is_reported_as_a_distribution_over_seeds_and_resolutions():
+    embedding, labels = blobs(separation=2.5)
+    result = cluster_embedding(embedding, labels, seeds=(0, 1, 2))
+    metrics = result.metrics()
+    assert list(result.seed_scores["seed"]) == [0, 1, 2]
+    assert metrics["ari_res1_mean"] == pytest.approx(result.seed_scores["ari"].mean())
+    assert metrics["ari_res1_sd"] == pytest.approx(result.seed_scores["ari"].std(ddof=1))
+    # the optimised ARI is the best of the scib sweep, so never below the resolution-1 draw of that seed
+    assert list(result.optimised["resolution"]) == [round(0.1 * k, 1) for k in range(1, 21)]
+    assert metrics["ari_optimised"] == pytest.approx(result.optimised["ari"].max())
+    assert metrics["ari_optimised"] >= result.ari - 1e-12
+    assert metrics["nmi_optimised"] == pytest.approx(result.optimised["nmi"].max())
+    shuffled = np.random.default_rng(0).permutation(labels)
+    noise = cluster_embedding(embedding, shuffled, seeds=(0,)).metrics()
+    assert noise["ari_optimised"] < 0.05 and noise["silhouette"] < 0.05
 
 
 def test_same_seed_same_clusters_and_cosine_metric_works():

@@ -49,7 +49,15 @@ def evaluation(tmp_path_factory):
 def test_baselines_table_has_one_row_per_method(evaluation):
     result, _, _ = evaluation
     table = pd.read_csv(result.out_dir / "baselines.csv")
-    assert list(table.columns) == BASELINE_COLUMNS
+    assert list(table.columns) == BASELINE_COLUMNS + [
+        "fewshot5_f1",
+        "fewshot5_f1_sd",
+        "fewshot20_f1",
+        "fewshot20_f1_sd",
+        "fewshotall_f1",
+        "fewshotall_f1_sd",
+    ]
+    assert table["probe_classifier"].str.match(r"^(logistic C=|knn k=)").all()
     assert table["method"].tolist() == ["model", "pca", "random"]
     by_method = table.set_index("method")
     assert by_method.loc["model", "probe_accuracy"] > 0.95
@@ -59,7 +67,7 @@ def test_baselines_table_has_one_row_per_method(evaluation):
         > by_method.loc["random", "probe_auc"]
     )
     assert abs(by_method.loc["random", "probe_auc"] - 0.5) < 0.2
-    assert by_method.loc["model", "ari_matched"] > 0.9
+    assert by_method.loc["model", "ari_optimised"] > 0.9
 
 
 def test_every_method_uses_the_same_split(evaluation):
@@ -143,7 +151,8 @@ def test_report_has_the_baselines_table_and_figure_links(evaluation):
     result, _, _ = evaluation
     report = write_report(result, result.out_dir, extra={"model_uri": "models:/neurofm/3", "perplexity": 6.2})
     text = report.read_text()
-    assert "| method | dims | accuracy | macro-F1 | ROC-AUC |" in text
+    assert "| method | dims | probe picked | macro-F1 | accuracy | ROC-AUC |" in text
+    assert "The model against the strongest baseline" in text and "| 5-shot macro-F1 |" in text
     for name in ("model", "pca", "random"):
         assert f"| {name} |" in text
     assert "models:/neurofm/3" in text

@@ -19,7 +19,7 @@ from neurofm.evaluate.probe import (
     save_probe,
 )
 
-FAST = ProbeConfig(n_splits=3, n_repeats=2)
+FAST = ProbeConfig(n_splits=3, n_repeats=2, C_grid=(0.1, 10.0), k_grid=(3, 15))
 
 
 def blobs(n_cells: int = 400, n_classes: int = 2, dims: int = 16, separation: float = 4.0, seed: int = 0):
@@ -128,11 +128,56 @@ def test_probe_json_round_trip_predicts_identically(tmp_path, n_classes):
     assert b"pickle" not in (tmp_path / "probe.json").read_bytes()
 
 
-def test_unstandardised_probe_round_trips():
-    embedding, labels = blobs()
-    probe = run_probe(embedding, labels, ProbeConfig(standardize=False, n_splits=0)).probe
-    rebuilt = probe_from_json(probe_to_json(probe))
-    np.testing.assert_array_equal(rebuilt.predict_proba(embedding), probe.predict_proba(embedding))
+@pytest.mark.parametrize(
+    ("config", "kind"),
+    [
+        (ProbeConfig(n_splits=0, k_grid=()), "logistic"),
+        (ProbeConfig(n_splits=0, C_grid=(), k_grid=(5,)), "knn"),
+    ],
+)
+def test_each_kind_of_probe_round_trips_through_json(config, kind):
+    embedding, labels = blobs(separation=1.5)
+    result = run_probe(embedding, labels, config)
+    data = json.loads(json.dumps(probe_to_json(result.probe)))
+    assert data["kind"] == kind and data["classifier"] == result.classifier
+    rebuilt = probe_from_json(data)
+    np.testing.assert_array_equal(rebuilt.predict_proba(embedding), result.probe.predict_proba(embedding))
+
+
+def test_the_menu_picks_the_classifier_the_geometry_needs():
+    """Two noise-free informative dimensions among many noisy ones: a z-scoring probe would weigh the
+    noise like the signal; rings need a neighbour vote, which no linear probe can draw."""
+    rng = np.random.default_rng(0)
+    n = 300
+    radius = np.where(rng.random(n) < 0.5, 1.0, 3.0)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    rings = np.column_stack([radius * np.cos(angle), radius * np.sin(angle)]) + rng.normal(0, 0.1, (n, 2))
+    labels = np.where(radius > 2, "outer", "inner")
+    result = run_probe(rings, labels, ProbeConfig(n_splits=0))
+    assert result.classifier.startswith("knn") and result.f1_macro > 0.95
+    linear_only = run_probe(rings, labels, ProbeConfig(n_splits=0, k_grid=()))
+    assert linear_only.f1_macro < 0.8  # what a fixed logistic probe would report
+
+
+def test_the_choice_never_sees_the_test_cells():
+    embedding, labels = blobs(n_classes=3, separation=1.0)
+    split = make_split(labels, ProbeConfig(n_splits=0))
+    shuffled = labels.copy()
+    shuffled[split.test_indices] = np.random.default_rng(1).permutation(shuffled[split.test_indices])
+    first = run_probe(embedding, labels, ProbeConfig(n_splits=0), split=split)
+    second = run_probe(embedding, shuffled, ProbeConfig(n_splits=0), split=split)
+    assert first.classifier == second.classifier
+    np.testing.assert_array_equal(first.test_predictions, second.test_predictions)
+
+
+def test_few_labels_are_chosen_by_leave_one_out():
+    from sklearn.model_selection import LeaveOneOut
+
+    from neurofm.evaluate.probe import _inner_splitter
+
+    labels = np.array(["a"] * 5 + ["b"] * 5)
+    assert isinstance(_inner_splitter(labels, ProbeConfig()), LeaveOneOut)
+    assert not isinstance(_inner_splitter(np.array(["a", "b"] * 100), ProbeConfig()), LeaveOneOut)
 
 
 def test_bad_embeddings_and_labels_are_refused():

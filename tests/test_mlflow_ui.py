@@ -81,6 +81,7 @@ def _store_from_pipeline(tmp: Path) -> tuple[str, str, str]:
         "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
         "--set", "train.epochs=10",  # 2 epochs stay behind PCA on the probe, so no champion
         "--set", "evaluate.label_efficiency_draws=2",
+        "--set", "evaluate.scvi_max_epochs=20",
     ]  # fmt: skip
     status = entry_point.main(["--pipeline", "full", "--out", str(tmp / "out"), "--no-cache", *small])
     assert status == 0, "run.py --pipeline full failed; see the log above"

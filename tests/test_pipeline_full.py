@@ -25,6 +25,7 @@ SMALL = [
     "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
     "--set", "train.epochs=2",
     "--set", "evaluate.label_efficiency_draws=2",
+    "--set", "evaluate.scvi_max_epochs=20",
 ]  # fmt: skip
 MODEL_NAME = "neurofm-encoder"
 
@@ -55,7 +56,9 @@ def test_full_run_writes_checkpoints_report_and_baselines(full_run):
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (out / "pretrain" / "best" / name).is_file()
     metrics = pd.read_csv(out / "pretrain" / "metrics.csv")
-    assert len(metrics) == 2 and {"val_perplexity", "baseline_perplexity", "val_masked_accuracy"} <= set(metrics)
+    assert len(metrics) == 2 and {"val_perplexity", "baseline_perplexity", "val_masked_accuracy"} <= set(
+        metrics
+    )
     evaluation = out / "evaluation"
     baselines = pd.read_csv(evaluation / "baselines.csv")
     assert list(baselines["method"]) == ["model", "pca", "random"]
@@ -127,9 +130,16 @@ def test_champion_alias_moves_only_for_a_better_model_that_keeps_up_with_pca(ful
     versions = []
     for _ in range(2):
         with tracking.start_run("neurofm-tests", run_name="promotion"):
-            versions.append(tracking.log_and_register_model(full_run["out"] / "pretrain" / "best", name).version)
+            versions.append(
+                tracking.log_and_register_model(full_run["out"] / "pretrain" / "best", name).version
+            )
     first, second = versions
-    good = {"model/probe_auc": 0.99, "model/probe_accuracy": 0.97, "pca/probe_auc": 0.99, "pca/probe_accuracy": 0.97}
+    good = {
+        "model/probe_auc": 0.99,
+        "model/probe_accuracy": 0.97,
+        "pca/probe_auc": 0.99,
+        "pca/probe_accuracy": 0.97,
+    }
     behind_pca = {**good, "pca/probe_auc": 1.0}
     better = {**good, "model/probe_auc": 0.999, "pca/probe_auc": 0.99}
     client = MlflowClient()
@@ -160,7 +170,12 @@ def test_registered_model_reloads_to_the_same_directory_contents(tmp_path):
     with tracking.start_run("neurofm-tests", run_name="reload"):
         registered = tracking.log_and_register_model(model_dir, "neurofm-reload-test")
     fetched = tracking.resolve_model_dir(f"models:/neurofm-reload-test@{tracking.NEWEST_ALIAS}", "unused")
-    assert (fetched / "model.safetensors").read_bytes() == (Path(model_dir) / "model.safetensors").read_bytes()
+    assert (fetched / "model.safetensors").read_bytes() == (
+        Path(model_dir) / "model.safetensors"
+    ).read_bytes()
     reloaded, _ = load_pretrained(fetched)
-    assert all((a == b).all() for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True))
+    assert all(
+        (a == b).all()
+        for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True)
+    )
     assert registered.version == "1"

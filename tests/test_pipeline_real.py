@@ -28,7 +28,17 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cortex_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cortex") / "out"
-    assert run.main(["--pipeline", "full", "--data", str(CORTEX), "--out", str(out)]) == 0
+    argv = [
+        "--pipeline",
+        "full",
+        "--data",
+        str(CORTEX),
+        "--out",
+        str(out),
+        "--set",
+        "evaluate.scvi_max_epochs=20",
+    ]
+    assert run.main(argv) == 0
     return out
 
 
@@ -51,6 +61,6 @@ def test_probe_meets_the_targets_and_beats_random_weights(cortex_run):
 
 def test_report_puts_the_baselines_beside_the_model(cortex_run):
     report = (cortex_run / "evaluation" / "report.md").read_text()
-    for row in ("| model |", "| pca |", "| random |"):
+    for row in ("| model |", "| pca |", "| scvi |", "| random |"):
         assert row in report
     assert "pre-training validation perplexity" in report

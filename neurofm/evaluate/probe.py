@@ -1,8 +1,17 @@
-"""Linear probe: logistic regression on frozen embeddings, on a split every method shares.
+"""Probes on frozen embeddings: one classifier menu for every method, picked on labelled cells only.
 
-A probe is ``StandardScaler → LogisticRegression`` (scikit-learn). :func:`make_split` draws the
-hold-out split and the cross-validation folds once; pass the returned :class:`ProbeSplit` to
-:func:`run_probe` for every embedding (model, PCA, random weights) so all are scored on the very
+A probe is chosen from the same menu for every embedding (model, PCA, scVI, random weights), by
+inner cross-validation on the *training* cells alone (never the test cells): logistic regression on
+the raw embedding and on the z-scored embedding over a grid of ``C``, and k-nearest neighbours over a
+grid of ``k`` (:data:`ProbeConfig.C_grid`, :data:`ProbeConfig.k_grid`). The inner split is
+leave-one-out when there are few labelled cells (the few-shot draws) and stratified k-fold otherwise;
+candidates are ranked by the macro-F1 of their pooled inner predictions, ties going to the simpler
+(earlier) one. A fixed probe would favour one geometry: z-scoring 50 PCA components lets ~48 noise
+dimensions weigh as much as the informative ones, while an unscaled probe or kNN does not — so no
+method is judged through a classifier that suits another.
+
+:func:`make_split` draws the hold-out split and the outer cross-validation folds once; pass the
+returned :class:`ProbeSplit` to :func:`run_probe` for every embedding so all are scored on the very
 same cells. With ``groups`` (e.g. Zeisel's ``c1_chip``) no group is ever on both sides of a split.
 The fitted probe is exported as plain JSON (:func:`probe_to_json`), never pickled.
 """
@@ -20,7 +29,15 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
-from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import (
+    LeaveOneOut,
+    RepeatedStratifiedKFold,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    cross_val_predict,
+    train_test_split,
+)
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -32,20 +49,23 @@ from neurofm.io import write_json
 logger = logging.getLogger(__name__)
 
 PROBE_FORMAT = "neurofm-linear-probe"
-PROBE_FORMAT_VERSION = 1
+PROBE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Settings of the linear probe and of its splits."""
+    """Settings of the probe menu and of its splits."""
 
     test_size: float = 0.2  # hold-out share of cells (the original: 0.2)
-    seed: int = 42  # seeds the hold-out split, the CV folds and the solver (the original: 42)
-    n_splits: int = 5  # folds of the repeated (group) k-fold; < 2 turns cross-validation off
-    n_repeats: int = 3  # repeats of the k-fold, each reshuffled
-    C: float = 1.0  # inverse L2 regularisation strength of the logistic regression
+    seed: int = 42  # seeds the hold-out split, the CV folds, the inner folds and the solver
+    n_splits: int = 5  # folds of the outer (group) k-fold; < 2 turns cross-validation off
+    n_repeats: int = 1  # repeats of the outer k-fold, each reshuffled
+    C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # logistic regression, raw and z-scored
+    k_grid: tuple[int, ...] = (1, 3, 5, 15)  # k-nearest neighbours (Euclidean), capped by the labels
+    inner_folds: int = 5  # stratified inner folds choosing the classifier (leave-one-out if few cells)
+    loo_max_cells: int = 60  # at most this many labelled cells: leave-one-out inner selection
+    select_max_cells: int = 5000  # the choice is made on a seeded stratified sample of this many cells
     max_iter: int = 2000  # lbfgs iterations
-    standardize: bool = True  # z-score each embedding dimension (fit on the training cells)
     group_aware: bool = True  # when groups are given, keep each group on one side of every split
 
 
@@ -81,7 +101,8 @@ class ProbeResult:
     ``confusion`` rows are true classes, columns predicted classes, both in ``classes`` order.
     ``test_probabilities`` are the probe's class probabilities on ``split.test_indices``.
     ``cv_*`` hold one value per fold (empty when cross-validation is off). ROC-AUC is binary for two
-    classes and the macro one-vs-rest mean for more.
+    classes and the macro one-vs-rest mean for more. ``classifier`` names the menu entry picked on the
+    training cells (e.g. ``"knn k=5"``, ``"logistic C=1 z-scored"``).
     """
 
     classes: list[str]
@@ -99,6 +120,7 @@ class ProbeResult:
     split: ProbeSplit
     config: ProbeConfig
     n_convergence_warnings: int = 0
+    classifier: str = ""
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics named as in ``summary.json`` (without the method prefix)."""
@@ -118,12 +140,63 @@ class ProbeResult:
         return out
 
 
-def make_probe(config: ProbeConfig | None = None) -> Pipeline:
-    """An unfitted ``StandardScaler → LogisticRegression`` pipeline (identity scaler if not standardising)."""
-    config = config or ProbeConfig()
-    scaler = StandardScaler() if config.standardize else StandardScaler(with_mean=False, with_std=False)
-    logistic = LogisticRegression(C=config.C, max_iter=config.max_iter, random_state=config.seed)
-    return Pipeline([("scaler", scaler), ("logistic", logistic)])
+def probe_menu(config: ProbeConfig, n_train: int) -> list[tuple[str, Pipeline]]:
+    """The unfitted candidates, simplest first: logistic (raw, then z-scored) per C, then kNN per k.
+
+    ``k`` values of at least ``n_train - 1`` are left out (a neighbour vote over every cell)."""
+    candidates: list[tuple[str, Pipeline]] = []
+    for standardize in (False, True):
+        for c in config.C_grid:
+            scaler = StandardScaler() if standardize else StandardScaler(with_mean=False, with_std=False)
+            logistic = LogisticRegression(C=float(c), max_iter=config.max_iter, random_state=config.seed)
+            name = f"logistic C={c:g}{' z-scored' if standardize else ''}"
+            candidates.append((name, Pipeline([("scaler", scaler), ("logistic", logistic)])))
+    for k in config.k_grid:
+        if k < max(2, n_train - 1):
+            identity = StandardScaler(with_mean=False, with_std=False)
+            candidates.append(
+                (f"knn k={k}", Pipeline([("scaler", identity), ("knn", KNeighborsClassifier(k))]))
+            )
+    if not candidates:
+        raise NeurofmError("the probe menu is empty; give ProbeConfig a C_grid or a k_grid")
+    return candidates
+
+
+def _inner_splitter(labels: np.ndarray, config: ProbeConfig):
+    counts = np.unique(labels, return_counts=True)[1]
+    if len(labels) <= config.loo_max_cells or counts.min() < 2:
+        return LeaveOneOut()
+    return StratifiedKFold(
+        n_splits=int(min(config.inner_folds, counts.min())), shuffle=True, random_state=config.seed
+    )
+
+
+def select_probe(embedding: np.ndarray, labels: np.ndarray, config: ProbeConfig) -> tuple[str, Pipeline]:
+    """The menu entry with the best inner-CV macro-F1 on these (training) cells, unfitted.
+
+    Only ``embedding``/``labels`` — the labelled cells — are seen. Above ``select_max_cells`` the choice
+    is made on a seeded stratified sample of them.
+    """
+    if len(labels) > config.select_max_cells:
+        sample, _ = train_test_split(
+            np.arange(len(labels)),
+            train_size=config.select_max_cells,
+            stratify=labels if np.unique(labels, return_counts=True)[1].min() >= 2 else None,
+            random_state=config.seed,
+        )
+        embedding, labels = embedding[np.sort(sample)], labels[np.sort(sample)]
+    menu = probe_menu(config, len(labels))
+    if len(np.unique(labels)) < 2 or len(menu) == 1:
+        return menu[0]
+    splitter = _inner_splitter(labels, config)
+    best: tuple[float, str, Pipeline] | None = None
+    for name, candidate in menu:
+        predicted = cross_val_predict(candidate, embedding, labels, cv=splitter)
+        score = f1_score(labels, predicted, average="macro", zero_division=0)
+        if best is None or score > best[0] + 1e-12:
+            best = (score, name, candidate)
+    assert best is not None
+    return best[1], best[2]
 
 
 def make_split(
@@ -247,14 +320,18 @@ def roc_auc(true_labels: np.ndarray, probabilities: np.ndarray, classes: list[st
 def fit_probe(
     embedding: np.ndarray, labels: np.ndarray, train: np.ndarray, config: ProbeConfig
 ) -> tuple[Pipeline, int]:
-    """A probe fitted on the cells ``train``, and how many convergence warnings the fit raised."""
-    probe = make_probe(config)
+    """A probe chosen from the menu on the cells ``train`` (:func:`select_probe`) and fitted on them, and
+    how many convergence warnings the fits raised. ``probe.classifier_name`` names the choice."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)  # tiny inner folds lacking a class
+        name, probe = select_probe(embedding[train], labels[train], config)
         probe.fit(embedding[train], labels[train])
-    logistic = probe.named_steps["logistic"]
-    # one memory layout for fitted and JSON-loaded probes, so both predict bit for bit alike
-    logistic.coef_ = np.ascontiguousarray(logistic.coef_)
+    if "logistic" in probe.named_steps:
+        logistic = probe.named_steps["logistic"]
+        # one memory layout for fitted and JSON-loaded probes, so both predict bit for bit alike
+        logistic.coef_ = np.ascontiguousarray(logistic.coef_)
+    probe.classifier_name = name
     n_warnings = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     return probe, n_warnings
 
@@ -326,6 +403,7 @@ def run_probe(
         split=split,
         config=config,
         n_convergence_warnings=n_warnings,
+        classifier=probe.classifier_name,
     )
 
 
@@ -348,21 +426,39 @@ def check_embedding(embedding: np.ndarray) -> np.ndarray:
 
 
 def probe_to_json(probe: Pipeline) -> dict[str, Any]:
-    """The fitted probe as a JSON-ready dict: classes, coefficients, intercepts, scaler mean/scale.
+    """The fitted probe as a JSON-ready dict, exact to full precision (no pickle).
 
-    Floats are kept at full precision, so :func:`probe_from_json` predicts exactly as ``probe`` does.
+    Logistic probes keep classes, coefficients, intercepts and the scaler's mean/scale; kNN probes keep
+    ``k`` and their training embedding and labels (a kNN classifier *is* its training set).
     """
     scaler: StandardScaler = probe.named_steps["scaler"]
-    logistic: LogisticRegression = probe.named_steps["logistic"]
-    return {
+    data: dict[str, Any] = {
         "format": PROBE_FORMAT,
         "format_version": PROBE_FORMAT_VERSION,
+        "classifier": getattr(probe, "classifier_name", ""),
+        "scaler_mean": None if getattr(scaler, "mean_", None) is None else scaler.mean_.tolist(),
+        "scaler_scale": None if getattr(scaler, "scale_", None) is None else scaler.scale_.tolist(),
+    }
+    if "knn" in probe.named_steps:
+        knn: KNeighborsClassifier = probe.named_steps["knn"]
+        return {
+            **data,
+            "kind": "knn",
+            "classes": [str(c) for c in knn.classes_],
+            "n_features": int(knn.n_features_in_),
+            "params": {"k": int(knn.n_neighbors)},
+            "train_embedding": np.asarray(knn._fit_X).tolist(),
+            "train_labels": [str(knn.classes_[i]) for i in np.asarray(knn._y)],
+            "model": "KNeighborsClassifier (scikit-learn, Euclidean, uniform votes)",
+        }
+    logistic: LogisticRegression = probe.named_steps["logistic"]
+    return {
+        **data,
+        "kind": "logistic",
         "classes": [str(c) for c in logistic.classes_],
         "n_features": int(logistic.n_features_in_),
         "coef": logistic.coef_.tolist(),
         "intercept": logistic.intercept_.tolist(),
-        "scaler_mean": None if scaler.mean_ is None else scaler.mean_.tolist(),
-        "scaler_scale": None if scaler.scale_ is None else scaler.scale_.tolist(),
         "params": {"C": float(logistic.C), "max_iter": int(logistic.max_iter)},
         "model": "StandardScaler -> LogisticRegression (scikit-learn); binary: sigmoid, multiclass: softmax",
     }
@@ -384,13 +480,23 @@ def probe_from_json(data: dict[str, Any]) -> Pipeline:
     scaler.n_features_in_ = n_features
     scaler.n_samples_seen_ = 0
     params = data.get("params", {})
-    logistic = LogisticRegression(C=params.get("C", 1.0), max_iter=params.get("max_iter", 100))
-    logistic.classes_ = np.asarray(data["classes"], dtype=object)
-    logistic.coef_ = np.ascontiguousarray(data["coef"], dtype=np.float64)
-    logistic.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
-    logistic.n_features_in_ = n_features
-    logistic.n_iter_ = np.zeros(1, dtype=np.int32)
-    return Pipeline([("scaler", scaler), ("logistic", logistic)])
+    if data.get("kind") == "knn":
+        knn = KNeighborsClassifier(n_neighbors=int(params["k"]))
+        knn.fit(
+            np.asarray(data["train_embedding"], dtype=np.float64),
+            np.asarray(data["train_labels"], dtype=object),
+        )
+        pipeline = Pipeline([("scaler", scaler), ("knn", knn)])
+    else:
+        logistic = LogisticRegression(C=params.get("C", 1.0), max_iter=params.get("max_iter", 100))
+        logistic.classes_ = np.asarray(data["classes"], dtype=object)
+        logistic.coef_ = np.ascontiguousarray(data["coef"], dtype=np.float64)
+        logistic.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
+        logistic.n_features_in_ = n_features
+        logistic.n_iter_ = np.zeros(1, dtype=np.int32)
+        pipeline = Pipeline([("scaler", scaler), ("logistic", logistic)])
+    pipeline.classifier_name = data.get("classifier", "")
+    return pipeline
 
 
 def save_probe(probe: Pipeline, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
