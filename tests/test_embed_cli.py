@@ -97,8 +97,7 @@ def test_embed_command_refuses_non_h5ad_and_writing_over_its_input(model_dir, ce
 
 
 def test_registered_pyfunc_has_a_signature_and_predicts_the_embed_numbers(model_dir, tmp_path):
-    mlflow.set_experiment("pyfunc-signature")
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment("pyfunc-signature")):
         registered = tracking.log_and_register_model(model_dir, "neurofm-signature-test")
     info = mlflow.models.get_model_info(registered.uri)
     assert info.signature is not None
@@ -127,8 +126,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_same_embeddings(model_dir, tmp_path):
-    mlflow.set_experiment("pyfunc-serve")
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment("pyfunc-serve")):
         registered = tracking.log_and_register_model(model_dir, "neurofm-serve-test")
     example = _input_example(registered.uri)
     port = _free_port()
