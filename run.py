@@ -32,6 +32,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from neurofm.errors import NeurofmError  # noqa: E402
+from neurofm.runs import (  # noqa: E402
+    check_labels_early,
+    check_model_early,
+    resolve_inputs,
+)
 
 log = logging.getLogger("neurofm")
 
@@ -108,206 +113,6 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
-    """Decide what the pipeline reads: the user's .h5ad, or the built-in atlas (written once).
-
-    Returns plain values (paths, fingerprints, cluster IDs, region, crop) for the pipeline, and, for
-    the built-in atlas, fills ``evaluate.label_mapping`` with the generator's class mapping.
-    """
-    from neurofm import io
-
-    data = config["data"]
-    if data["path"] is None:
-        defaults = config["default_data"]
-        files = _default_atlas(defaults)
-        if defaults["label_mapping"] is not None:
-            config["evaluate"]["label_mapping"] = defaults["label_mapping"]
-        return {
-            "path": str(files.counts_h5ad),
-            "fingerprint": io.file_fingerprint(files.counts_h5ad),
-            "metadata_csv": str(files.cell_metadata_csv),
-            "cluster_csv": str(files.cluster_csv),
-            "annotation_csv": str(files.cluster_annotation_term_csv),
-            "cluster_ids": list(defaults["cluster_ids"]),
-            "region": defaults["region"],
-            "crop": {**config["crop"], **(defaults["crop"] or {})},
-            "default_data": True,
-            "name": f"synthetic-atlas-seed{defaults['seed']}",
-        }
-    path = io.check_h5ad_path(data["path"])
-    for key in ("metadata_csv", "cluster_csv", "annotation_csv"):
-        if data[key] is not None and not Path(data[key]).is_file():
-            raise NeurofmError(f"data.{key} file {data[key]} does not exist; fix the path or set it to null")
-    if config["subset"]["cluster_ids"] and data["metadata_csv"] is None:
-        raise NeurofmError(
-            "subset.cluster_ids is set but data.metadata_csv is not; pass --metadata cell_metadata.csv "
-            "or clear subset.cluster_ids"
-        )
-    _check_inputs_early(path, config)
-    return {
-        "path": str(path.resolve()),
-        "fingerprint": io.file_fingerprint(path),
-        "metadata_csv": data["metadata_csv"],
-        "cluster_csv": data["cluster_csv"],
-        "annotation_csv": data["annotation_csv"],
-        "cluster_ids": list(config["subset"]["cluster_ids"] or []),
-        "region": config["region"]["value"],
-        "crop": dict(config["crop"]),
-        "default_data": False,
-        "name": path.stem,
-    }
-
-
-def _check_inputs_early(path: Path, config: dict[str, Any]) -> None:
-    """Cheap checks of the user's files before ZenML starts, so mistakes end in one line, not a failed
-    step: the .h5ad opens as HDF5 (not truncated), the metadata CSV has the columns the config names,
-    and the region column exists in the .h5ad's obs or (with a cluster subset) in the metadata."""
-    import h5py
-
-    from neurofm.data.atlas import metadata_header
-
-    try:
-        with h5py.File(path, "r") as handle:
-            obs = handle.get("obs")
-            obs_columns = list(obs.attrs.get("column-order", [])) if isinstance(obs, h5py.Group) else None
-    except OSError as error:
-        reason = str(error).splitlines()[0][:160]
-        raise NeurofmError(
-            f"cannot open {path} as HDF5 ({reason}); the file is truncated or not an .h5ad — re-export it"
-        ) from None
-    subset, metadata_csv = config["subset"], config["data"]["metadata_csv"]
-    header: list[str] = []
-    if metadata_csv is not None:
-        header = metadata_header(metadata_csv)
-        needed = [subset["obs_name_column"]] + ([subset["cluster_column"]] if subset["cluster_ids"] else [])
-        if missing := [column for column in needed if column not in header]:
-            raise NeurofmError(
-                f"metadata {Path(metadata_csv).name} lacks column(s) {missing} (columns: {header[:20]}); "
-                "name the right columns with --set subset.obs_name_column=… / subset.cluster_column=…"
-            )
-    region = config["region"]
-    if region["value"] is not None and obs_columns is not None:
-        available = obs_columns + (header if subset["cluster_ids"] else [])
-        if region["column"] not in available:
-            where = " nor in the metadata" if subset["cluster_ids"] else ""
-            raise NeurofmError(
-                f"region column '{region['column']}' is neither in the obs of {path.name} (obs columns: "
-                f"{obs_columns}){where}; name one of them with --set region.column=…, or keep every "
-                "region with --set region.value=null"
-            )
-
-
-def _check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
-    """Before ZenML starts (so before preparing, or training): the evaluation's label column exists in the
-    input files and can hold two classes. Only what the inputs settle is refused — a label the mapping does
-    not cover may still be filtered out by the region or crop, so the evaluation step judges that."""
-    import anndata as ad
-    import h5py
-    import pandas as pd
-
-    from neurofm import keys
-    from neurofm.data.atlas import metadata_header
-
-    column, mapping = config["evaluate"]["label_column"], config["evaluate"]["label_mapping"]
-    if mapping is not None and not isinstance(mapping, dict):
-        raise NeurofmError(
-            f"evaluate.label_mapping must map labels to classes, got {mapping!r}; "
-            "e.g. --set 'evaluate.label_mapping={cluster_2523: excitatory, cluster_210: inhibitory}'"
-        )
-    path, cluster_ids = Path(inputs["path"]), inputs["cluster_ids"]
-    with h5py.File(path, "r") as handle:
-        obs = handle.get("obs")
-        if not isinstance(obs, h5py.Group):  # an old AnnData layout: leave it to the evaluation step
-            return
-        obs_columns = [str(name) for name in obs.attrs.get("column-order", [])]
-        values: set[str] | None = None
-        if cluster_ids and column == keys.SUBTYPE:  # written by the subset step: prefix + cluster ID
-            values = {f"{config['subset']['label_prefix']}{cluster_id}" for cluster_id in cluster_ids}
-        elif column in obs_columns:
-            try:
-                values = set(pd.Series(ad.io.read_elem(obs[column])).dropna().astype(str))
-            except (OSError, KeyError, TypeError, ValueError):  # unreadable here: the step will say why
-                values = None
-    available = obs_columns + (
-        [keys.SUBTYPE, *metadata_header(inputs["metadata_csv"])] if cluster_ids else []
-    )
-    if column not in available:
-        raise NeurofmError(
-            f"label column {column!r} is not in the obs of {path.name}{' nor in the metadata' if cluster_ids else ''}; "
-            f"pick one of: {', '.join(dict.fromkeys(available)) or '(none)'} (set --label-col)"
-        )
-    if values is None or (mapping is not None and not values <= {str(key) for key in mapping}):
-        return
-    classes = {str(mapping[value]) for value in values} if mapping is not None else values
-    if len(classes) < 2:
-        raise NeurofmError(
-            f"label column {column!r} has a single class ({', '.join(sorted(classes)) or 'none'}) in "
-            f"{path.name}{' after the label mapping' if mapping is not None else ''}; the probe needs two or "
-            "more classes — choose another --label-col or a label mapping that keeps classes apart"
-        )
-
-
-def _check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
-    """Before ZenML starts: an ``evaluate.model`` directory is a complete, readable checkpoint whose genes
-    are all in the input .h5ad (registry and MLflow URIs are fetched, and checked, by the pipeline)."""
-    import anndata as ad
-    import h5py
-    import pandas as pd
-
-    from neurofm import tracking
-    from neurofm.data.dedupe import unique_names
-    from neurofm.model import load_pretrained
-
-    spec = config["evaluate"]["model"]
-    if spec is None or ":/" in str(spec):
-        return
-    tracking_config = config["tracking"]
-    model_dir = tracking.resolve_model_dir(
-        spec, tracking_config["registered_model_name"], tracking_config["tracking_uri"]
-    )
-    _, tokenizer = load_pretrained(model_dir)
-    path = Path(inputs["path"])
-    with h5py.File(path, "r") as handle:
-        var = handle.get("var")
-        try:
-            genes = pd.Index(ad.io.read_elem(var[var.attrs.get("_index", "_index")]).astype(str))
-        except (OSError, KeyError, TypeError, ValueError, AttributeError):  # the step will say why
-            return
-    dedupe = config["dedupe"]
-    if dedupe["genes"] == "make_unique" and dedupe["gene_column"] is None:  # as the dedupe step renames
-        genes = unique_names(genes)
-    present = set(genes)
-    missing = [gene for gene in tokenizer.gene_ids if gene not in present]
-    if missing:
-        raise NeurofmError(
-            f"the model in {model_dir} was trained on other genes: {len(missing)} of its {tokenizer.n_genes} "
-            f"genes are not in {path.name} (e.g. {', '.join(missing[:3])}); evaluate it on data with the "
-            "genes it was trained on (same var_names), or pass the model trained on this data with --model"
-        )
-
-
-def _default_atlas(defaults: dict[str, Any]):
-    """The built-in synthetic atlas under $NEUROFM_HOME, written once per (size, seed)."""
-    from neurofm.data.synthetic import AtlasFiles, write_synthetic_atlas
-    from neurofm.tracking import neurofm_home
-
-    name = f"default_atlas_{defaults['n_cells']}x{defaults['n_genes']}_seed{defaults['seed']}"
-    out_dir = neurofm_home() / name
-    names = {
-        "counts_h5ad": "counts.h5ad",
-        "cell_metadata_csv": "cell_metadata.csv",
-        "cluster_csv": "cluster.csv",
-        "cluster_annotation_term_csv": "cluster_annotation_term.csv",
-    }
-    existing = AtlasFiles(**{key: out_dir / file for key, file in names.items()})
-    if all(path.is_file() for path in existing.as_dict().values()):
-        return existing
-    log.info("writing the built-in synthetic atlas to %s", out_dir)
-    return write_synthetic_atlas(
-        out_dir, n_cells=defaults["n_cells"], n_genes=defaults["n_genes"], seed=defaults["seed"]
-    )
-
-
 def _initialise_stores(config: dict[str, Any], tracking: bool) -> None:
     """Create or migrate the ZenML (and MLflow) stores under a file lock.
 
@@ -344,9 +149,9 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
         return 0
     inputs = resolve_inputs(config)
     if args.pipeline in ("evaluate", "full"):
-        _check_labels_early(config, inputs)
+        check_labels_early(config, inputs)
     if args.pipeline == "evaluate":
-        _check_model_early(config, inputs)
+        check_model_early(config, inputs)
     _initialise_stores(config, tracking=args.pipeline != "prepare")
     from pipelines import get_pipeline
 

@@ -1,4 +1,4 @@
-"""Embedding speed: the per-token reference path against ``neurofm.embed.embed``, from raw counts.
+"""Embedding speed: the per-token reference path against ``neurofm.embedding.embed``, from raw counts.
 
 Usage (from the repository root, CPU threads default to 2 like the project's machines)::
 
@@ -15,7 +15,7 @@ every cell and every gene:
 - ``reference``: the straightforward path the package took before, written out here (not in the
   package): binning that compares every value with all its gene's edges at once in float64, then
   ``model.cell_embedding`` over every (cell, gene) token, ``batch_size`` cells at a time;
-- ``embed()``: ``neurofm.embed.embed(..., pooling="mean")`` as shipped.
+- ``embed()``: ``neurofm.embedding.embed(..., pooling="mean")`` as shipped.
 
 Each round runs every row in its own subprocess, one after the other (so each peak RSS is its own and
 load changes on a shared machine hit both rows alike); a subprocess warms up, then times ``repeats``
@@ -60,7 +60,7 @@ def _peak_rss_mb() -> float:
 
 def _load(spec: dict):
     """(adata, model, tokenizer) as the spec asks: data file or synthetic, model directory or default."""
-    from neurofm.embed import random_encoder_like
+    from neurofm.embedding import random_encoder_like
     from neurofm.io import read_h5ad
     from neurofm.model import ModelConfig, load_pretrained
     from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
@@ -120,7 +120,7 @@ def _worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from neurofm.embed import embed_matrix
+    from neurofm.embedding import embed_matrix
 
     torch.set_num_threads(spec["threads"])
     adata, model, tokenizer = _load(spec)

@@ -13,7 +13,7 @@ Each row runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own. 
   batch 16 (batch 64 is killed for memory at 24 GB), a few steps only: it is slow;
 - ``neurofm default``: ``ModelConfig()`` / ``TrainConfig()`` as shipped, sampled genes per cell;
 - ``neurofm batch 64``: the default at batch 64 (its peak RSS is the ≤ 2 GB target);
-- ``embed``: ``neurofm.embed.embed`` over every cell and every gene, default model (weights do not change
+- ``embed``: ``neurofm.embedding.embed`` over every cell and every gene, default model (weights do not change
   the speed);
 - GPU rows (bf16 autocast) only when CUDA is present; otherwise the table says they were skipped.
 
@@ -65,7 +65,7 @@ def _worker(spec: dict) -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
-    from neurofm.embed import embed_matrix, random_encoder_like
+    from neurofm.embedding import embed_matrix, random_encoder_like
     from neurofm.io import read_h5ad
     from neurofm.model import GeneEncoder, ModelConfig
     from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig

@@ -1,18 +1,58 @@
 """neurofm: a neuron-type foundation model for single-cell RNA-seq.
 
-The science lives here, importable and testable without ZenML:
+The user API, scanpy style (loaded lazily, so ``import neurofm`` stays fast)::
 
-- :mod:`neurofm.data` — atlas files, subset, region, dedupe, crop, the synthetic atlas generator
-- :mod:`neurofm.tokenizer` — normalisation + per-gene expression binning
-- :mod:`neurofm.model` — the one model definition
-- :mod:`neurofm.train` — masking, the training loop, checkpoints, resume
-- :mod:`neurofm.embed` — frozen-model embeddings into ``obsm['X_neurofm']``
-- :mod:`neurofm.evaluate` — probe, clustering, baselines, label efficiency
-- :mod:`neurofm.plots` — every figure
-- :mod:`neurofm.tracking` — MLflow calls in one place
+    import scanpy as sc, neurofm
+    adata = sc.read_h5ad("my_cells.h5ad")                                # raw counts
+    neurofm.embed(adata, model="models:/neurofm-encoder@champion")      # obsm['X_neurofm'], uns['neurofm']
+    model, tokenizer = neurofm.load_pretrained("outputs/pretrain/best")
+
+- :func:`embed` (:mod:`neurofm.embedding`) — cell embeddings into ``obsm['X_neurofm']``
+- :func:`load_pretrained` (:mod:`neurofm.model`) — a model directory → ``(model, tokenizer)``
+- :func:`pretrain` (:mod:`neurofm.train`) — masked-bin pre-training on raw counts
+- :func:`evaluate_embeddings` (:mod:`neurofm.evaluate.compare`) — the fair protocol against baselines
+- the settings: :class:`TokenizerConfig`, :class:`ModelConfig`, :class:`TrainConfig`,
+  :class:`ProbeConfig`, :class:`ClusterConfig`
+
+The science lives here, importable and testable without ZenML: :mod:`neurofm.data` (atlas files,
+subset, region, dedupe, crop, the cell store, the synthetic atlas), :mod:`neurofm.tokenizer`,
+:mod:`neurofm.genes` (gene matching), :mod:`neurofm.model` (the one model definition),
+:mod:`neurofm.stream` (the streaming loader), :mod:`neurofm.train`, :mod:`neurofm.embedding`,
+:mod:`neurofm.evaluate`, :mod:`neurofm.plots`, :mod:`neurofm.registry` (finding models) and
+:mod:`neurofm.tracking` (MLflow runs and the registry, in one place).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from neurofm.errors import NeurofmError
 
 __version__ = "0.1.0"
-__all__ = ["NeurofmError", "__version__"]
+
+_LAZY = {
+    "embed": ("neurofm.embedding", "embed"),
+    "load_pretrained": ("neurofm.model", "load_pretrained"),
+    "pretrain": ("neurofm.train", "pretrain"),
+    "evaluate_embeddings": ("neurofm.evaluate.compare", "evaluate_embeddings"),
+    "TokenizerConfig": ("neurofm.tokenizer", "TokenizerConfig"),
+    "ModelConfig": ("neurofm.model", "ModelConfig"),
+    "TrainConfig": ("neurofm.train", "TrainConfig"),
+    "ProbeConfig": ("neurofm.evaluate.probe", "ProbeConfig"),
+    "ClusterConfig": ("neurofm.evaluate.cluster", "ClusterConfig"),
+}
+__all__ = ["NeurofmError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'neurofm' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

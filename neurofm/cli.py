@@ -96,7 +96,7 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 
 # ---- embed: a released model applied to the user's own cells ------------------------------------
 def _embed(args: argparse.Namespace) -> int:
-    from neurofm.embed import embed_file
+    from neurofm.embedding import embed_file
 
     record = embed_file(
         args.file,

@@ -12,7 +12,7 @@ its genes by ``var_names`` or by a var column (``gene_col``). Matching rules, ap
 
 The model side is matched by its IDs and by its symbols; whichever finds more of the model's genes
 is used (IDs win a tie). Model genes absent from the data are *unobserved*: they are left out of
-tokenisation, library size and pooling (see :mod:`neurofm.embed`), never filled in as zero counts.
+tokenisation, library size and pooling (see :mod:`neurofm.embedding`), never filled in as zero counts.
 """
 
 from __future__ import annotations

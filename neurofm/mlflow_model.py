@@ -2,7 +2,7 @@
 
 ``mlflow.pyfunc.load_model(uri)`` gives an object whose ``predict`` takes a DataFrame of raw counts
 (cells × genes, columns = the model's gene IDs, as the registered signature and input example show)
-and returns the cell embeddings — the same numbers as ``neurofm embed`` / :func:`neurofm.embed.embed`.
+and returns the cell embeddings — the same numbers as ``neurofm embed`` / :func:`neurofm.embedding.embed`.
 ``mlflow models serve -m models:/neurofm-encoder@champion --env-manager local`` serves it over REST.
 neurofm itself
 loads the model directory (``artifacts/neurofm_model``) directly with
@@ -26,7 +26,7 @@ class NeurofmEncoder(PythonModel):
         self.model, self.tokenizer = load_pretrained(context.artifacts["neurofm_model"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from neurofm.embed import embed_matrix, frame_to_anndata
+        from neurofm.embedding import embed_matrix, frame_to_anndata
         from neurofm.genes import match_adata
 
         cells = frame_to_anndata(model_input)

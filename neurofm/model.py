@@ -7,7 +7,7 @@ lets cells with different numbers of tokens share a batch. A linear head predict
 
 Each token also carries a gene × bin term (``gene_embedding ⊙ bin_scale``), so a token says which gene
 has which bin on its own. The cell embedding is the mean of the layer-normalised token embeddings over a
-cell's (real, unmasked) tokens (:meth:`GeneEncoder.cell_embedding`) — the vector ``neurofm.embed``
+cell's (real, unmasked) tokens (:meth:`GeneEncoder.cell_embedding`) — the vector ``neurofm.embed()``
 writes out. A second head (after scGPT's "MVC" objective) predicts the bins of the cell's genes from
 the cell vector and each gene's query vector only: ``logits = cell_head(LayerNorm((cell +
 histogram_proj(histogram)) ⊙ gene_query(gene_embedding)))`` plus the per-gene bias, where

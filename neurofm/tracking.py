@@ -16,11 +16,19 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neurofm.errors import NeurofmError
+from neurofm.registry import (  # noqa: F401  (the registry's names, reached through tracking by steps)
+    CHAMPION_ALIAS,
+    NEWEST_ALIAS,
+    RegisteredModel,
+    configure,
+    default_tracking_uri,
+    model_version_for,
+    neurofm_home,
+    resolve_model_dir,
+)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -30,32 +38,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-NEWEST_ALIAS = "newest"  # set on every freshly registered version
-CHAMPION_ALIAS = "champion"  # set by evaluation when a version beats the current champion
 MODEL_ARTIFACT_PATH = "model"  # where the pyfunc model lives inside a run
 MODEL_DIR_ARTIFACT = "neurofm_model"  # the pyfunc artifact key holding the neurofm directory
-
-
-def neurofm_home() -> Path:
-    """The project's data dir: ``$NEUROFM_HOME`` or ``./.neurofm`` (stores, default data)."""
-    return Path(os.environ.get("NEUROFM_HOME", Path.cwd() / ".neurofm")).resolve()
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{neurofm_home() / 'mlflow.db'}"
-
-
-def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow at ``tracking_uri`` (or ``$MLFLOW_TRACKING_URI``, or the embedded SQLite store).
-
-    Returns the URI in use. The registry uses the same store.
-    """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
 
 
 def _artifact_root() -> str | None:
@@ -149,16 +133,6 @@ def log_artifacts(paths: Mapping[str, str | os.PathLike] | list, artifact_path: 
             mlflow.log_artifact(str(path), artifact_path=sub_path)
 
 
-@dataclass(frozen=True)
-class RegisteredModel:
-    """A registered model version."""
-
-    name: str
-    version: str
-    run_id: str
-    uri: str  # models:/name/version
-
-
 def log_and_register_model(
     model_dir: str | os.PathLike,
     registered_name: str,
@@ -206,7 +180,7 @@ def pyfunc_signature(model_dir: str | os.PathLike, n_cells: int = 3, seed: int =
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from neurofm.embed import embed_matrix, frame_to_anndata
+    from neurofm.embedding import embed_matrix, frame_to_anndata
     from neurofm.model import load_pretrained
 
     model, tokenizer = load_pretrained(model_dir)
@@ -225,59 +199,6 @@ def _create_version(client: MlflowClient, name: str, source: str, run_id: str):
             break
         time.sleep(0.2)
     return version
-
-
-def resolve_model_dir(
-    spec: str | os.PathLike | None, registered_name: str, tracking_uri: str | None = None
-) -> Path:
-    """Turn ``spec`` into a local neurofm model directory.
-
-    ``spec`` may be a model directory, an MLflow URI (``models:/name@alias``, ``models:/name/3``,
-    ``runs:/id/model``) or ``None`` for the newest registered version of ``registered_name``.
-    """
-    if spec is not None and Path(spec).exists():
-        return Path(spec)
-    configure(tracking_uri)
-    uri = str(spec) if spec is not None else f"models:/{registered_name}@{NEWEST_ALIAS}"
-    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "file:", "s3:", "gs:")):
-        raise NeurofmError(
-            f"model {uri!r} is neither an existing directory nor an MLflow model URI; "
-            "pass a checkpoint directory or e.g. models:/neurofm-encoder@champion"
-        )
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except MlflowException as error:
-        message = str(error).splitlines()[0][:200]
-        raise NeurofmError(
-            f"cannot fetch model {uri} from {mlflow.get_tracking_uri()} ({message}); "
-            "run the pretrain pipeline first or pass --model"
-        ) from None
-    for config_file in sorted(local.rglob("config.json")):  # the pyfunc keeps it under artifacts/<name>/
-        if (config_file.parent / "model.safetensors").exists():
-            return config_file.parent
-    raise NeurofmError(f"{uri} holds no neurofm model directory; register it with the pretrain pipeline")
-
-
-def model_version_for(spec: str | None, registered_name: str) -> RegisteredModel | None:
-    """The registered version ``spec`` names (``None`` → newest), or ``None`` for a plain directory."""
-    client = MlflowClient()
-    try:
-        if spec is None:
-            version = client.get_model_version_by_alias(registered_name, NEWEST_ALIAS)
-        elif spec.startswith("models:/"):
-            name, _, ref = spec.removeprefix("models:/").partition("/")
-            if "@" in name:
-                name, alias = name.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                version = client.get_model_version(name, ref)
-        else:
-            return None
-    except MlflowException:
-        return None
-    return RegisteredModel(
-        version.name, str(version.version), version.run_id or "", f"models:/{version.name}/{version.version}"
-    )
 
 
 def alias_version_tags(registered_name: str, alias: str) -> tuple[str, dict[str, str]] | None:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from neurofm import distributed
+from neurofm import runtime
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, ensure_writable_dir, write_json, write_text
 from neurofm.model import GeneEncoder, ModelConfig
@@ -282,7 +282,7 @@ def _epoch_batches(n_train: int, batch_size: int, generator: torch.Generator) ->
     """Shuffled positions into the training cells, cut into global batches (the last may be smaller).
 
     Under DDP every rank draws the same order from its identically seeded generator and takes its
-    share of each batch's rows (``neurofm.distributed.shard``), so the global batches are exactly the
+    share of each batch's rows (``neurofm.runtime.shard``), so the global batches are exactly the
     single-process ones."""
     order = torch.randperm(n_train, generator=generator)
     return list(order.split(batch_size))
@@ -360,7 +360,7 @@ def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, co
     """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
     cell head's loss (``cell_loss``, token-weighted mean NLL). Under DDP each rank scores its share of
     the batches and the sums are all-reduced, so every rank returns the same metrics."""
-    context = distributed.current()
+    context = runtime.current()
     model.eval()
     total_nll, total_cell_nll, total_correct, total_masked, total_cell = 0.0, 0.0, 0, 0, 0
     for batch in batches[context.rank :: context.world_size]:
@@ -371,7 +371,7 @@ def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, co
         total_correct += (logits[scored].float().argmax(-1) == batch.labels[scored]).sum().item()
         total_masked += int(scored.sum())
         total_cell += int((batch.cell_labels != IGNORE_INDEX).sum())
-    total_nll, total_cell_nll, total_correct, total_masked, total_cell = distributed.all_reduce_sums(
+    total_nll, total_cell_nll, total_correct, total_masked, total_cell = runtime.all_reduce_sums(
         [total_nll, total_cell_nll, total_correct, total_masked, total_cell], context
     )
     loss = total_nll / max(1, total_masked)
@@ -442,7 +442,7 @@ def pretrain(
         model_config or ModelConfig(), n_genes=tokenizer.n_genes, n_bins=n_bins, max_tokens=n_tokens
     ).validate()
     out_dir = ensure_writable_dir(out_dir)
-    context = distributed.current()
+    context = runtime.current()
     device = resolve_device(train_config.device)
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
@@ -484,7 +484,7 @@ def _pretrain(
     out_dir: Path,
     on_epoch_end: Callable[[int, dict], None] | None,
     resume: bool,
-    context: distributed.DistContext,
+    context: runtime.DistContext,
     device: torch.device,
     n_tokens: int,
     split: tuple[np.ndarray, np.ndarray],
@@ -553,7 +553,7 @@ def _pretrain(
             )
             n_masked, n_cell_scored = batch.n_scored  # over the global batch
             if context.enabled:
-                batch = batch.rows(distributed.shard(len(positions), context))
+                batch = batch.rows(runtime.shard(len(positions), context))
             token_sum, cell_sum, _ = _losses(trainable, batch, device, train_config, reduction="sum")
             # this rank's share of the global-batch means; DDP averages gradients over the ranks, so
             # the world-size factor makes the applied gradient the single-process one
@@ -570,7 +570,7 @@ def _pretrain(
             state["step"] += 1
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{token_loss.item():.3f}", cell=f"{cell_loss.item():.3f}")
-        running, running_cell = distributed.all_reduce_sums([running, running_cell], context)
+        running, running_cell = runtime.all_reduce_sums([running, running_cell], context)
         val = evaluate(model, val_batches, device, train_config)
         row = {
             "epoch": epoch,

@@ -323,7 +323,7 @@ def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[s
     mapped through ``evaluate.label_mapping``; the probe uses ``evaluate.probe`` settings. Returns the
     mean cross-validated AUC (the hold-out AUC when CV is off or undefined).
     """
-    from neurofm.embed import embed_matrix
+    from neurofm.embedding import embed_matrix
     from neurofm.evaluate.labels import resolve_labels
     from neurofm.evaluate.probe import ProbeConfig, run_probe
     from neurofm.model import load_pretrained

@@ -13,7 +13,7 @@ from steps.reports import atlas_plot, check_barcodes, dataset_summary
 def prepare_steps(config: dict[str, Any], inputs: dict[str, Any]):
     """Wire the preparation steps; returns the prepared AnnData artifact.
 
-    ``inputs`` comes from :func:`run.resolve_inputs`: the data path, its fingerprint, the metadata
+    ``inputs`` comes from :func:`neurofm.runs.resolve_inputs`: the data path, its fingerprint, the metadata
     files, the cluster IDs to keep, the region and the crop (for the built-in atlas, those of
     ``default_data``).
     """

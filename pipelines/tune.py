@@ -16,6 +16,7 @@ import anndata as ad
 
 from neurofm import tune
 from neurofm.data.atlas import load_counts
+from neurofm.runs import resolve_inputs
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,12 @@ def load_tune_data(config: dict[str, Any]) -> ad.AnnData:
         return load_counts(data["path"], layer=data["layer"])
     prepared = Path(data["out_dir"]) / "prepared.h5ad"
     if not prepared.is_file():
-        import run
         from pipelines.prepare import prepare
 
         log.info("no %s yet: running the prepare pipeline (cached)", prepared)
-        prepare.with_options(enable_cache=True)(config=config, inputs=run.resolve_inputs(config))
+        prepare.with_options(enable_cache=True)(config=config, inputs=resolve_inputs(config))
     else:
-        import run
-
-        run.resolve_inputs(config)  # fills evaluate.label_mapping for the built-in atlas
+        resolve_inputs(config)  # fills evaluate.label_mapping for the built-in atlas
     return load_counts(prepared)
 
 

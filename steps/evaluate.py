@@ -19,7 +19,7 @@ from zenml.types import HTMLString
 
 from neurofm import io, keys, tracking
 from neurofm.config import dataclass_from_dict
-from neurofm.embed import embed, embed_matrix, random_encoder_like
+from neurofm.embedding import embed, embed_matrix, random_encoder_like
 from neurofm.evaluate import compare
 from neurofm.evaluate.baselines import pca_baseline, scvi_baseline
 from neurofm.evaluate.cluster import ClusterConfig

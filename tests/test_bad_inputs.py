@@ -36,7 +36,7 @@ import scipy.sparse as sp
 pytest.importorskip("zenml")
 
 import run  # noqa: E402
-from neurofm import cli, keys, tracking  # noqa: E402
+from neurofm import cli, keys, runs, tracking  # noqa: E402
 from neurofm.data.synthetic import make_synthetic_counts  # noqa: E402
 from neurofm.model import WEIGHTS_FILE, ModelConfig  # noqa: E402
 from neurofm.train import TrainConfig, pretrain  # noqa: E402
@@ -577,9 +577,9 @@ def test_the_evaluate_cases_start_from_valid_inputs(evaluation_inputs, tmp_path)
     """Without the case's change the inputs pass every check made before ZenML starts."""
     args = run.build_parser().parse_args([*_evaluate_argv(evaluation_inputs), "--out", str(tmp_path / "out")])
     config = run.load_run_config(args)
-    inputs = run.resolve_inputs(config)
-    run._check_labels_early(config, inputs)
-    run._check_model_early(config, inputs)
+    inputs = runs.resolve_inputs(config)
+    runs.check_labels_early(config, inputs)
+    runs.check_model_early(config, inputs)
 
 
 @pytest.mark.parametrize("case", list(CONSOLE))

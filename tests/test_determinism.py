@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from neurofm.data.synthetic import make_synthetic_counts
-from neurofm.embed import embed_matrix
+from neurofm.embedding import embed_matrix
 from neurofm.model import WEIGHTS_FILE, ModelConfig, load_pretrained
 from neurofm.tokenizer import TokenizerConfig
 from neurofm.train import METRIC_COLUMNS, TrainConfig, pretrain

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neurofm import keys
-from neurofm.embed import embed, embed_bins, embed_matrix, feature_table, random_encoder_like
+from neurofm.embedding import embed, embed_bins, embed_matrix, feature_table, random_encoder_like
 from neurofm.errors import NeurofmError
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
@@ -62,7 +62,7 @@ def test_embed_equals_the_per_token_reference_on_raw_counts(setup, pooling):
 def test_feature_table_built_in_blocks_is_every_gene_and_bin(setup, monkeypatch):
     model, _, _ = setup
     whole = feature_table(model)
-    monkeypatch.setattr("neurofm.embed._TABLE_TOKENS", 50)  # 2 genes of 21 bin ids per block
+    monkeypatch.setattr("neurofm.embedding._TABLE_TOKENS", 50)  # 2 genes of 21 bin ids per block
     blocks = feature_table(model)
     assert whole.shape == (50 * 21, 32)
     torch.testing.assert_close(blocks, whole, atol=0, rtol=0)

@@ -19,7 +19,7 @@ import pytest
 
 from neurofm import keys, tracking
 from neurofm.cli import main
-from neurofm.embed import embed, embed_matrix, random_encoder_like
+from neurofm.embedding import embed, embed_matrix, random_encoder_like
 from neurofm.model import ModelConfig, load_pretrained
 from neurofm.tokenizer import ExpressionTokenizer
 from tests.test_tokenizer import synthetic_counts

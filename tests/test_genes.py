@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurofm.embed import embed, embed_bins, embed_matrix, feature_table, random_encoder_like
+from neurofm.embedding import embed, embed_bins, embed_matrix, feature_table, random_encoder_like
 from neurofm.errors import NeurofmError
 from neurofm.genes import match_adata, match_genes, normalise_gene_name
 from neurofm.model import ModelConfig

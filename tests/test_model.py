@@ -116,7 +116,7 @@ def test_config_out_of_range_is_refused():
 
 
 def test_random_init_is_seeded():
-    from neurofm.embed import random_encoder_like
+    from neurofm.embedding import random_encoder_like
 
     first, second = random_encoder_like(CONFIG, seed=3), random_encoder_like(CONFIG, seed=3)
     pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)

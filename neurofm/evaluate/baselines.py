@@ -8,7 +8,7 @@
   default epoch rule ``min(round(20,000 / n_cells × 400), 400)``; 2,000 Seurat-v3 variable genes when
   there are more; ``n_latent`` 10, scvi-tools' default). It sees the evaluation cells (not labels)
   during training, as PCA does — the usual transductive practice.
-- The random-weights encoder (the same architecture, untrained) comes from :mod:`neurofm.embed`.
+- The random-weights encoder (the same architecture, untrained) comes from :mod:`neurofm.embedding`.
 
 Every baseline is scored by the same probe menu, split and clustering as the model.
 """

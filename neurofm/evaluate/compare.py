@@ -28,7 +28,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,13 @@ from neurofm import plots
 from neurofm.errors import NeurofmError
 from neurofm.evaluate import cluster as cluster_module
 from neurofm.evaluate import probe as probe_module
-from neurofm.evaluate.cluster import ClusterConfig, ClusterResult, cluster_embedding
+from neurofm.evaluate.cluster import ClusterConfig, cluster_embedding
 from neurofm.evaluate.label_efficiency import DEFAULT_SHOTS, Shot, label_efficiency
 from neurofm.evaluate.labels import check_labels
-from neurofm.evaluate.probe import ProbeConfig, ProbeResult, ProbeSplit, make_split, run_probe, save_probe
+from neurofm.evaluate.probe import ProbeConfig, ProbeSplit, make_split, run_probe, save_probe
 from neurofm.evaluate.report import write_report
-from neurofm.evaluate.visualize import TSNE_ANGLE, TSNE_MAX_ITER, Visualization, pca_2d_coordinates, visualize
+from neurofm.evaluate.results import EvaluationResult, MethodResult
+from neurofm.evaluate.visualize import TSNE_ANGLE, TSNE_MAX_ITER, pca_2d_coordinates, visualize
 from neurofm.io import atomic_path, ensure_writable_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -92,36 +93,6 @@ HEADLINE_METRICS = (
 )
 MODEL = "model"
 CONTROLS = ("random",)  # controls: shown, never the "strongest baseline"
-
-
-@dataclass
-class MethodResult:
-    """Everything computed for one embedding; ``metrics`` are un-prefixed summary names."""
-
-    name: str
-    embedding_dim: int
-    probe: ProbeResult
-    clusters: ClusterResult
-    visualization: Visualization | None
-    metrics: dict[str, float]
-    paths: dict[str, Path] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluationResult:
-    """The outcome of :func:`evaluate_embeddings`: per-method results, tables, metrics and paths."""
-
-    out_dir: Path
-    methods: dict[str, MethodResult]
-    baselines: pd.DataFrame
-    label_efficiency: pd.DataFrame
-    summary: dict[str, float]
-    split: ProbeSplit
-    classes: list[str]
-    class_counts: dict[str, int]
-    settings: dict[str, Any]
-    timings: dict[str, float]
-    paths: dict[str, Path] = field(default_factory=dict)
 
 
 def evaluate_embeddings(

@@ -18,7 +18,7 @@ import pandas as pd
 from neurofm.io import ensure_writable_dir, write_text
 
 if TYPE_CHECKING:
-    from neurofm.evaluate.compare import EvaluationResult
+    from neurofm.evaluate.results import EvaluationResult
 
 Block = tuple  # ("heading", level, text) | ("paragraph", text) | ("bullets", [text]) |
 # ("table", header, rows) | ("images", [(path, caption)])

@@ -164,7 +164,7 @@ def resolve_model(
         if tokenizer is None:
             raise NeurofmError("a loaded model needs its tokenizer: pass tokenizer=, or a model directory")
         return model, tokenizer, {"model": "in-memory GeneEncoder"}
-    from neurofm.tracking import model_version_for, resolve_model_dir
+    from neurofm.registry import model_version_for, resolve_model_dir
 
     spec = DEFAULT_MODEL_URI if model is None else str(model)
     directory = resolve_model_dir(spec, REGISTERED_MODEL_NAME, tracking_uri)
@@ -328,7 +328,7 @@ def embed_file(
     finally:
         adata.file.close()
     if options:
-        raise NeurofmError(f"unknown embed option(s) {sorted(options)}; see neurofm.embed.embed")
+        raise NeurofmError(f"unknown embed option(s) {sorted(options)}; see neurofm.embedding.embed")
     record["input"] = str(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
