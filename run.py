@@ -143,9 +143,9 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
 
     io.ensure_writable_dir(config["data"]["out_dir"])
     if args.pipeline == "tune":
-        from pipelines.tune import run_study
+        from pipelines.tune import tune_from_config
 
-        run_study(config, resume=True)
+        tune_from_config(config, resume=True)
         return 0
     inputs = resolve_inputs(config)
     if args.pipeline in ("evaluate", "full"):

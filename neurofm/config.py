@@ -117,7 +117,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "requirements": None,
         "steps": ["pretrain_model", "embed_cells"],
     },
-    "ddp": {"nproc_per_node": 1, "backend": "auto"},
 }
 
 KNOWN_SECTIONS = set(DEFAULTS) | set(DATACLASS_SECTIONS) | {"extends"}

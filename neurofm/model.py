@@ -221,7 +221,9 @@ class GeneEncoder(nn.Module):
     def cell_embedding(
         self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(batch, d_model) cell vectors: final hidden states mean-pooled over the non-padding tokens."""
+        """(batch, d_model) cell vectors: the cell features of the tokens (:meth:`cell_features`: the
+        layer-normalised gene × bin token embeddings, no transformer layer) mean-pooled over the
+        non-padding tokens — what ``neurofm.embed`` computes for every gene of a cell."""
         keep = None if padding_mask is None else ~padding_mask
         return self.pool(self.cell_features(gene_ids, bin_ids), keep)
 

@@ -1,7 +1,7 @@
 """The tuning entry: the data the other pipelines train on → an Optuna study (``neurofm.tune``).
 
 Not a ZenML pipeline: a study is one long, resumable loop whose state lives in Optuna's storage and
-in MLflow, so ``run.py --pipeline tune`` calls :func:`run_study` directly. Only the default data goes
+in MLflow, so ``run.py --pipeline tune`` calls :func:`tune_from_config` directly. Only the default data goes
 through ZenML — the prepare pipeline (cached) when ``<data.out_dir>/prepared.h5ad`` is not there yet.
 """
 
@@ -46,7 +46,7 @@ def best_config_path(config: dict[str, Any]) -> Path:
     return path if path.is_absolute() else ROOT / path
 
 
-def run_study(config: dict[str, Any], resume: bool = True) -> tune.StudyResult:
+def tune_from_config(config: dict[str, Any], resume: bool = True) -> tune.StudyResult:
     """Run (or resume) the study named by ``config['tune']`` and print its summary.
 
     Trials and the journal land in ``<data.out_dir>/tune/<study_name>/``; the best configuration in
