@@ -61,13 +61,20 @@ def test_full_run_writes_checkpoints_report_and_baselines(full_run):
     )
     evaluation = out / "evaluation"
     baselines = pd.read_csv(evaluation / "baselines.csv")
-    assert list(baselines["method"]) == ["model", "pca", "random"]
+    assert list(baselines["method"]) == ["model", "pca", "scvi", "random"]
     summary = json.loads((evaluation / "summary.json").read_text())
-    for method in ("model", "pca", "random"):
+    for method in ("model", "pca", "scvi", "random"):
         assert 0.0 <= summary[f"{method}/probe_auc"] <= 1.0
-        assert f"{method}/ari" in summary
+        for metric in ("ari_optimised", "ari_res1_mean", "ari_res1_sd", "fewshot5_f1", "silhouette"):
+            assert f"{method}/{metric}" in summary
+    for metric in ("probe_f1", "fewshot5_f1", "ari_optimised", "ari_res1_mean"):
+        assert f"strongest/{metric}" in summary
+        assert summary[f"margin/{metric}"] == pytest.approx(
+            summary[f"model/{metric}"] - summary[f"strongest/{metric}"]
+        )
     report = (evaluation / "report.md").read_text()
-    assert "pre-training validation perplexity" in report and "| pca |" in report
+    assert "pre-training validation perplexity" in report and "| pca |" in report and "| scvi |" in report
+    assert "The model against the strongest baseline" in report
     assert (evaluation / "report.html").stat().st_size > 10_000  # figures embedded
     for name in ("embeddings.npy", "labels.npy", "cells.tsv"):
         assert (evaluation / name).is_file()
@@ -85,7 +92,9 @@ def test_full_run_logs_mlflow_runs_and_registers_a_version(full_run):
     history = client.get_metric_history(pretrain_runs[-1].info.run_id, "val_perplexity")
     assert len(history) == 2  # one point per epoch
     assert "baseline_perplexity" in pretrain_runs[-1].data.metrics
-    assert {"model/probe_auc", "pca/probe_auc", "random/probe_auc"} <= set(evaluate_runs[-1].data.metrics)
+    logged = set(evaluate_runs[-1].data.metrics)
+    assert {"model/probe_auc", "pca/probe_auc", "scvi/probe_auc", "random/probe_auc"} <= logged
+    assert {"model/ari_optimised", "model/ari_res1_mean", "model/probe_f1", "model/fewshot5_f1"} <= logged
     versions = _versions()
     assert versions
     newest = client.get_model_version_by_alias(MODEL_NAME, tracking.NEWEST_ALIAS)
