@@ -20,6 +20,8 @@ def depends_on(*modules: str) -> CachePolicy:
         path = PACKAGE / module.replace(".", "/")
         if path.is_dir():
             files.extend(str(p) for p in sorted(path.glob("*.py")))
-        else:
+        elif path.with_suffix(".py").is_file():
             files.append(str(path.with_suffix(".py")))
+        else:  # a renamed module would otherwise fail only when a pipeline runs
+            raise ValueError(f"depends_on: no module neurofm.{module}")
     return CachePolicy(file_dependencies=sorted(set(files)))

@@ -68,7 +68,7 @@ def resolve_model(
     return model_dir, info
 
 
-@step(cache_policy=depends_on("model", "tokenizer", "embed", "evaluate"))
+@step(cache_policy=depends_on("model", "tokenizer", "genes", "registry", "embedding", "evaluate"))
 def embed_cells(
     adata: ad.AnnData, model_dir: Path, evaluate: dict[str, Any], out_dir: str
 ) -> Annotated[ad.AnnData, "embedded_cells"]:
