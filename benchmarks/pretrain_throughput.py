@@ -89,7 +89,7 @@ def _worker(spec: dict) -> dict:
 
     if spec["kind"] == "embed":
         model = random_encoder_like(model_config, seed=0)
-        embed(model, tokenizer, adata[:64], device=str(device), progress=False)  # warm-up
+        embed_matrix(model, tokenizer, adata[:64], device=str(device), progress=False)  # warm-up
         started = time.perf_counter()
         embed_matrix(model, tokenizer, adata, device=str(device), progress=False)
         seconds = time.perf_counter() - started
