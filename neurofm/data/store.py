@@ -916,3 +916,15 @@ class CellStore:
 def open_store(path: str | os.PathLike, verify: bool = False) -> CellStore:
     """Open the cell store at ``path`` (see :class:`CellStore`)."""
     return CellStore(path, verify=verify)
+
+
+def open_reference(reference: dict, verify: bool = False) -> CellStore:
+    """The store a ``CellStore.reference()`` dict names (what pipeline steps pass instead of an AnnData),
+    checked to be the very store referenced (same manifest SHA-256)."""
+    store = CellStore(reference["uri"], verify=verify)
+    if store.manifest_sha256 != reference["manifest_sha256"]:
+        raise NeurofmError(
+            f"the cell store at {reference['uri']} changed since it was referenced (manifest SHA-256 "
+            f"differs); rerun the pipeline without the cache (--no-cache) to convert it again"
+        )
+    return store
