@@ -83,7 +83,13 @@ def _tiny_configs() -> dict:
         "tokenizer_config": TokenizerConfig(),
         "model_config": ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_dim=32, dropout=0.1),
         "train_config": train.TrainConfig(
-            epochs=EPOCHS, batch_size=16, max_tokens_per_cell=32, warmup_steps=5, seed=3, device="cpu", progress=False
+            epochs=EPOCHS,
+            batch_size=16,
+            max_tokens_per_cell=32,
+            warmup_steps=5,
+            seed=3,
+            device="cpu",
+            progress=False,
         ),
     }
 
