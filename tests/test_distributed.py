@@ -22,9 +22,8 @@ from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train import TrainConfig, pretrain
 from tests.conftest import REAL_SUBSET
 
-TOLERANCE = (
-    0.03  # relative, on the final validation loss (measured difference on the cortex data: see the test)
-)
+# relative, on the final validation loss; measured on the cortex data: 1 process 1.7125, 2 processes 1.7129
+TOLERANCE = 0.01
 TINY = {
     "train.epochs": 2,
     "train.batch_size": 30,
