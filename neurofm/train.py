@@ -724,6 +724,11 @@ def _pretrain(
             epoch_steps[epoch] = stream.common_batches(epoch)
         return epoch_steps[epoch]
 
+    if steps_in(0) == 0:
+        raise NeurofmError(
+            f"{len(train_rows)} training cells give no batch to one of {context.world_size} processes; "
+            "use fewer processes (train.nproc_per_node) or smaller train.block_size"
+        )
     if train_config.max_steps is not None:
         total_steps = train_config.max_steps
     else:
