@@ -1,32 +1,46 @@
 """Masked-bin pre-training: the split, masking, the training loop, checkpoints and resume.
 
-``pretrain`` takes raw counts in an AnnData and writes, under ``out_dir``:
+``pretrain`` takes raw counts in a cell store (``neurofm.data.store``; an AnnData is converted to a
+temporary one first, so small data and an atlas take the same path), streams the training cells with
+``neurofm.stream`` (``CellStream``/``StreamLoader``: blocks, shuffle buffers, bins made on the fly) and
+writes, under ``out_dir``:
 
 - ``best/`` and ``last/`` — model directories (``model.safetensors`` + ``config.json`` + tokenizer), the
   best by validation objective (``val_total_loss`` = masked-token loss + ``cell_loss_weight`` × cell
-  loss) and the newest epoch;
-- ``resume_state.pt`` — optimizer, learning-rate step, epoch, RNG states and metrics so far (tensors and
-  plain containers only, read back with ``torch.load(weights_only=True)``);
-- ``metrics.csv``, ``curves.png`` (loss / perplexity / masked accuracy per epoch) and ``demo.txt`` (top-k
-  predicted bins against the truth for one validation cell).
+  loss) and the newest validation;
+- ``resume_state.pt`` — weights, optimizer, step, the loader's position (epoch, batches consumed) and
+  metrics so far (tensors and plain containers only, read back with ``torch.load(weights_only=True)``);
+  gene samples, masks and dropout are seeded per (seed, step, rank), so no RNG state is needed;
+- ``metrics.csv``, ``curves.png`` (loss / perplexity / masked accuracy per validation) and ``demo.txt``
+  (top-k predicted bins against the truth for one validation cell).
+
+Training runs ``epochs`` epochs or ``max_steps`` steps and validates at each epoch end or every
+``val_every_steps`` steps (and at the last step); checkpoints and the resume state are written at each
+validation, so a resumed run continues mid-epoch exactly.
 
 Each step samples ``max_tokens_per_cell`` genes per cell (all of them when the cap is larger than the gene
 count) and masks ``mask_ratio`` of those tokens, ``nonzero_mask_share`` of the masked ones on non-zero bins
 (bin > 0), as the original did — all with tensor ops on the batch. The loss is the masked-token
 cross-entropy plus ``cell_loss_weight`` × the cell head's cross-entropy (bins predicted from the pooled
-cell vector alone, see ``neurofm.model``; at the masked or at all tokens, ``cell_loss_tokens``). Validation uses gene samples and masks
-drawn once, so the per-gene frequency-table baseline is scored on exactly the same positions every epoch.
+cell vector alone, see ``neurofm.model``; at the masked or at all tokens, ``cell_loss_tokens``).
+Validation is the store's fixed validation rows (never trained on) with gene samples and masks drawn
+once, so the per-gene frequency-table baseline is scored on exactly the same positions every time; that
+table counts the training rows' bins streamed once (all of them, or a seeded sample of
+``BASELINE_MAX_CELLS`` = 200,000 when there are more), sparsely with ``np.bincount``.
 
-The same loop runs data-parallel under ``torchrun`` (see ``neurofm.distributed``): every rank draws the
-same global batch and masks and trains on its share of the rows with the loss scaled so that DDP's
-gradient average equals the single-process gradient; validation sums are all-reduced; rank 0 alone
-writes outputs and calls ``on_epoch_end``. ``nproc_per_node > 1`` makes the pretrain step launch it.
+The same loop runs data-parallel under ``torchrun`` (see ``neurofm.distributed``): each rank streams its
+own blocks of the store (``CellStream`` splits them by rank) and every rank steps
+``CellStream.common_batches`` times per epoch; DDP averages the gradients; validation sums are
+all-reduced; rank 0 alone writes outputs and calls ``on_epoch_end``. ``nproc_per_node > 1`` makes the
+pretrain step launch it.
 
 Run on the shared data::
 
     python -c "from neurofm.io import read_h5ad; from neurofm.train import *; \\
         pretrain(read_h5ad('../shared/data/subset_2523_210_Cerebral-cortex.screened.h5ad'), \\
         TokenizerConfig(), ModelConfig(), TrainConfig(), 'runs/pretrain')"
+
+or on a store made by ``neurofm convert IN.h5ad STORE``: ``pretrain(CellStore('STORE'), ...)``.
 """
 
 from __future__ import annotations
