@@ -239,7 +239,8 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- data
 def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The original's split: shuffle ``arange(n_cells)`` with ``RandomState(seed)``; the last
+    """The original's in-memory split (``pretrain`` now uses the store's rows, ``split_store``): shuffle
+    ``arange(n_cells)`` with ``RandomState(seed)``; the last
     ``int(n_cells * val_fraction)`` cells are validation. Raises NeurofmError when either side is too
     small."""
     n_val = int(n_cells * val_fraction)
