@@ -344,6 +344,11 @@ def convert(
         gene_columns = _select_genes(var, selection.genes, path)
         kept_var = var if gene_columns is None else var.iloc[gene_columns]
         n_genes = len(kept_var)
+        if n_genes == 0 or len(var) == 0 or len(obs) == 0:
+            raise NeurofmError(
+                f"{path} holds an empty matrix ({len(obs)} cells × {len(var)} genes, {n_genes} genes "
+                "kept); pass an .h5ad with counts"
+            )
         fingerprint = {
             "path": str(path.resolve()),
             "size": path.stat().st_size,
