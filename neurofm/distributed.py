@@ -3,19 +3,24 @@
 ``neurofm.train.pretrain`` is the one training loop. Under ``torchrun`` it finds the process group
 (``current()``) and becomes data-parallel without other changes:
 
-- every rank draws the same global batch of ``batch_size`` cells (same seed, same generator) with its
-  gene samples and masks, and trains on its contiguous share of the rows (``shard``);
-- each rank's loss is its sum over its scored tokens divided by the *global* count, times the world
-  size, so DDP's gradient average is exactly the single-process gradient of the same global batch;
+- each rank streams its own cells: the cell store's blocks are split between the ranks
+  (``neurofm.stream.CellStream``: rank ``r`` of ``W`` reads blocks ``r::W`` of each epoch's block
+  order), each rank draws ``batch_size`` cells per step (the global batch is ``W × batch_size``) with gene
+  samples and masks seeded by (seed, step, rank), and every rank steps ``CellStream.common_batches``
+  times per epoch (the fewest any rank gets; the few extra batches a rank may have are skipped). This
+  replaced the older "every rank draws the same global batch" scheme, which needed every cell on every
+  rank: a W-process run is therefore no longer numerically the single-process run (it sees each cell
+  once per epoch in different batches, with W× the batch) — the tests check that it learns as well;
+- each rank's loss is the mean over its own batch; DDP averages the gradients over the ranks;
 - validation batches are split between ranks and the sums are all-reduced;
 - rank 0 alone writes checkpoints, the resume state, the metrics and the final outputs, and calls
-  ``on_epoch_end`` (MLflow logging, Optuna pruning).
+  ``on_epoch_end`` (MLflow logging, Optuna pruning) with each validation's step.
 
 Two ways to run it:
 
-- ``launch_pretrain(...)`` (what the pretrain step calls when ``train.nproc_per_node > 1``) writes the
-  data and tokenizer to a work directory, starts ``python -m torch.distributed.run --standalone
-  --nproc_per_node N -m neurofm.distributed JOB.json``, forwards each epoch's metrics to
+- ``launch_pretrain(...)`` (what the pretrain step calls when ``train.nproc_per_node > 1``) converts an
+  AnnData to a cell store in a work directory (a store is used in place) and writes the tokenizer there, starts ``python -m torch.distributed.run --standalone
+  --nproc_per_node N -m neurofm.distributed JOB.json``, forwards each validation's metrics to
   ``on_epoch_end`` as rank 0 writes them, and returns the same :class:`~neurofm.train.TrainResult`
   as ``pretrain`` — one MLflow run and one registered version, made by the calling process;
 - by hand on a multi-GPU or multi-node machine::
@@ -33,6 +38,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -77,7 +83,7 @@ def write_job(
 
 
 def launch_pretrain(
-    adata,
+    data,
     tokenizer,
     model_config,
     train_config,
@@ -90,19 +96,28 @@ def launch_pretrain(
     """``neurofm.train.pretrain`` in ``train_config.nproc_per_node`` processes under torchrun (called
     directly, in this process, when that is 1).
 
+    ``data``: an AnnData, a :class:`~neurofm.data.store.CellStore` or a store directory (see ``pretrain``).
     Returns the rank-0 :class:`~neurofm.train.TrainResult`. ``on_epoch_end`` runs here, in the calling
-    process, once per epoch as rank 0 finishes it. ``tokenizer=None`` fits one from ``tokenizer_config``
-    on the training split, as ``pretrain`` does. ``on_epoch_end`` runs once per epoch as rank 0 finishes it; an exception it raises (e.g. an Optuna prune) stops
+    process, as ``on_epoch_end(step, metrics)`` once per validation as rank 0 writes it.
+    ``tokenizer=None`` fits one from ``tokenizer_config`` on the training rows, as ``pretrain`` does.
+    An exception the callback raises (e.g. an Optuna prune) stops
     the workers and propagates. A failed worker raises NeurofmError naming the launcher log.
     """
+    from neurofm.data.store import CellStore
     from neurofm.io import ensure_writable_dir
-    from neurofm.tokenizer import ExpressionTokenizer
-    from neurofm.train import METRICS_FILE, TrainResult, pretrain, read_metrics_csv, split_cells
+    from neurofm.train import (
+        METRICS_FILE,
+        TrainResult,
+        fit_training_tokenizer,
+        pretrain,
+        read_metrics_csv,
+        store_from_anndata,
+    )
 
     train_config = train_config.validate()
     if train_config.nproc_per_node == 1:
         return pretrain(
-            adata,
+            data,
             tokenizer_config,
             tokenizer=tokenizer,
             model_config=model_config,
@@ -111,16 +126,23 @@ def launch_pretrain(
             on_epoch_end=on_epoch_end,
             resume=resume,
         )
-    if tokenizer is None:
-        train_idx, _ = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
-        tokenizer = ExpressionTokenizer(tokenizer_config.validate()).fit(adata, train_idx)
     out_dir = ensure_writable_dir(out_dir)
     work_dir = out_dir / WORK_DIR
     work_dir.mkdir(exist_ok=True)
     for stale in (work_dir / RESULT_FILE, work_dir / LOG_FILE):
         stale.unlink(missing_ok=True)
-    data_path = work_dir / "data.h5ad"
-    adata.write_h5ad(data_path)
+    converted = None
+    if isinstance(data, CellStore):
+        store = data
+    elif isinstance(data, (str, os.PathLike)):
+        store = CellStore(data)
+    else:  # an AnnData: converted once here, read by every rank
+        converted = work_dir / "cells"
+        shutil.rmtree(converted, ignore_errors=True)
+        store = store_from_anndata(data, converted)
+    data_path = store.path
+    if tokenizer is None:
+        tokenizer = fit_training_tokenizer(store, tokenizer_config, train_config)
     tokenizer_dir = tokenizer.save(work_dir / "tokenizer")
     job = write_job(
         work_dir, data_path, tokenizer_dir, asdict(model_config), asdict(train_config), out_dir, resume
@@ -146,7 +168,7 @@ def launch_pretrain(
                 rows = read_metrics_csv(out_dir / METRICS_FILE)
                 for row in rows[seen:]:
                     if on_epoch_end is not None:
-                        on_epoch_end(int(row["epoch"]), row)
+                        on_epoch_end(int(row["step"]), row)
                 seen = max(seen, len(rows))
                 if finished:
                     break
@@ -159,7 +181,8 @@ def launch_pretrain(
                 process.kill()
             raise
         finally:
-            data_path.unlink(missing_ok=True)  # a copy of the input; the job and log stay for the record
+            if converted is not None:  # a copy of the input; the job and log stay for the record
+                shutil.rmtree(converted, ignore_errors=True)
     result_path = work_dir / RESULT_FILE
     if process.returncode != 0 or not result_path.is_file():
         raise NeurofmError(
@@ -193,7 +216,8 @@ def _last_error(log_path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- worker
 def _worker(job_path: str) -> None:
-    from neurofm.io import read_h5ad, write_json
+    from neurofm.data.store import CellStore
+    from neurofm.io import write_json
     from neurofm.model import ModelConfig
     from neurofm.tokenizer import ExpressionTokenizer
     from neurofm.train import TrainConfig, pretrain
@@ -212,7 +236,7 @@ def _worker(job_path: str) -> None:
             format=f"[rank {context.rank}] %(levelname)s %(name)s: %(message)s",
         )
         result = pretrain(
-            read_h5ad(job["data"]),
+            CellStore(job["data"]),
             tokenizer=ExpressionTokenizer.load(job["tokenizer"]),
             model_config=ModelConfig(**job["model"]),
             train_config=TrainConfig(**{**job["train"], "progress": False}),

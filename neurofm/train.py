@@ -1,32 +1,46 @@
 """Masked-bin pre-training: the split, masking, the training loop, checkpoints and resume.
 
-``pretrain`` takes raw counts in an AnnData and writes, under ``out_dir``:
+``pretrain`` takes raw counts in a cell store (``neurofm.data.store``; an AnnData is converted to a
+temporary one first, so small data and an atlas take the same path), streams the training cells with
+``neurofm.stream`` (``CellStream``/``StreamLoader``: blocks, shuffle buffers, bins made on the fly) and
+writes, under ``out_dir``:
 
 - ``best/`` and ``last/`` — model directories (``model.safetensors`` + ``config.json`` + tokenizer), the
   best by validation objective (``val_total_loss`` = masked-token loss + ``cell_loss_weight`` × cell
-  loss) and the newest epoch;
-- ``resume_state.pt`` — optimizer, learning-rate step, epoch, RNG states and metrics so far (tensors and
-  plain containers only, read back with ``torch.load(weights_only=True)``);
-- ``metrics.csv``, ``curves.png`` (loss / perplexity / masked accuracy per epoch) and ``demo.txt`` (top-k
-  predicted bins against the truth for one validation cell).
+  loss) and the newest validation;
+- ``resume_state.pt`` — weights, optimizer, step, the loader's position (epoch, batches consumed) and
+  metrics so far (tensors and plain containers only, read back with ``torch.load(weights_only=True)``);
+  gene samples, masks and dropout are seeded per (seed, step, rank), so no RNG state is needed;
+- ``metrics.csv``, ``curves.png`` (loss / perplexity / masked accuracy per validation) and ``demo.txt``
+  (top-k predicted bins against the truth for one validation cell).
+
+Training runs ``epochs`` epochs or ``max_steps`` steps and validates at each epoch end or every
+``val_every_steps`` steps (and at the last step); checkpoints and the resume state are written at each
+validation, so a resumed run continues mid-epoch exactly.
 
 Each step samples ``max_tokens_per_cell`` genes per cell (all of them when the cap is larger than the gene
 count) and masks ``mask_ratio`` of those tokens, ``nonzero_mask_share`` of the masked ones on non-zero bins
 (bin > 0), as the original did — all with tensor ops on the batch. The loss is the masked-token
 cross-entropy plus ``cell_loss_weight`` × the cell head's cross-entropy (bins predicted from the pooled
-cell vector alone, see ``neurofm.model``; at the masked or at all tokens, ``cell_loss_tokens``). Validation uses gene samples and masks
-drawn once, so the per-gene frequency-table baseline is scored on exactly the same positions every epoch.
+cell vector alone, see ``neurofm.model``; at the masked or at all tokens, ``cell_loss_tokens``).
+Validation is the store's fixed validation rows (never trained on) with gene samples and masks drawn
+once, so the per-gene frequency-table baseline is scored on exactly the same positions every time; that
+table counts the training rows' bins streamed once (all of them, or a seeded sample of
+``BASELINE_MAX_CELLS`` = 200,000 when there are more), sparsely with ``np.bincount``.
 
-The same loop runs data-parallel under ``torchrun`` (see ``neurofm.distributed``): every rank draws the
-same global batch and masks and trains on its share of the rows with the loss scaled so that DDP's
-gradient average equals the single-process gradient; validation sums are all-reduced; rank 0 alone
-writes outputs and calls ``on_epoch_end``. ``nproc_per_node > 1`` makes the pretrain step launch it.
+The same loop runs data-parallel under ``torchrun`` (see ``neurofm.distributed``): each rank streams its
+own blocks of the store (``CellStream`` splits them by rank) and every rank steps
+``CellStream.common_batches`` times per epoch; DDP averages the gradients; validation sums are
+all-reduced; rank 0 alone writes outputs and calls ``on_epoch_end``. ``nproc_per_node > 1`` makes the
+pretrain step launch it.
 
 Run on the shared data::
 
     python -c "from neurofm.io import read_h5ad; from neurofm.train import *; \\
         pretrain(read_h5ad('../shared/data/subset_2523_210_Cerebral-cortex.screened.h5ad'), \\
         TokenizerConfig(), ModelConfig(), TrainConfig(), 'runs/pretrain')"
+
+or on a store made by ``neurofm convert IN.h5ad STORE``: ``pretrain(CellStore('STORE'), ...)``.
 """
 
 from __future__ import annotations
@@ -48,9 +62,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from neurofm import runtime
+from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, ensure_writable_dir, write_json, write_text
 from neurofm.model import GeneEncoder, ModelConfig
+from neurofm.stream import (
+    CellStream,
+    SparseBinner,
+    StreamConfig,
+    StreamLoader,
+    densify,
+    fit_tokenizer,
+    validation_rows,
+)
 from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -60,13 +84,17 @@ BEST_DIR, LAST_DIR = "best", "last"
 RESUME_FILE = "resume_state.pt"
 METRICS_FILE, CURVES_FILE, DEMO_FILE = "metrics.csv", "curves.png", "demo.txt"
 BASELINE_SMOOTHING = 0.5  # add-½ counts in the per-gene frequency table (never a zero probability)
+BASELINE_MAX_CELLS = 200_000  # the frequency table counts at most this many training cells (a seeded sample)
 
 
 @dataclass
 class TrainConfig:
     """How to train; every field is a plain value so it can live in YAML and be logged."""
 
-    epochs: int = 30  # passes over the training cells
+    epochs: int = 30  # passes over the training cells (when max_steps is None)
+    max_steps: int | None = None  # optimisation steps to run (None: epochs × steps per epoch)
+    val_every_steps: int | None = None  # validate + checkpoint + resume state every this many steps
+    #                                     (None: at each epoch end); always at the last step too
     batch_size: int = 32  # cells per optimisation step
     lr: float = 4e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
@@ -79,7 +107,8 @@ class TrainConfig:
     cell_loss_tokens: str = "all"  # which tokens the cell head predicts: "masked" or "all" real tokens
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
-    val_fraction: float = 0.2  # share of cells held out for validation
+    val_fraction: float = 0.2  # share of cells held out for validation…
+    max_val_cells: int = 10_000  # …but at most this many (atlas scale)
     val_draws: int = 2  # independent gene samples + masks per validation cell (fixed for the whole run)
     seed: int = 42  # seeds the split, sampling, masking and initial weights
     device: str = "auto"  # "auto" (cuda > mps > cpu), "cpu", "cuda", "cuda:1", "mps"
@@ -88,11 +117,42 @@ class TrainConfig:
     nproc_per_node: int = 1  # data-parallel processes (>1: the pretrain step launches them with torchrun)
     dist_backend: str = "auto"  # process-group backend: "auto" (nccl on CUDA, else gloo), "gloo", "nccl"
     demo_top_k: int = 3  # predicted bins shown per masked gene in demo.txt
+    # the streaming loader (neurofm.stream): the store is read in blocks, shuffled in buffers
+    block_size: int = 64  # consecutive store rows read as one piece (the unit of shuffling / rank split)
+    buffer_blocks: int = 64  # blocks shuffled together (buffer = block_size × buffer_blocks cells)
+    num_workers: int = 0  # DataLoader worker processes reading + binning (0: in the training process)
+    pin_memory: bool = False  # pinned host memory for faster copies to CUDA (ignored elsewhere)
+    stream_output: str = (
+        "dense"  # "dense" bins from the workers, or "sparse" (non-zeros; densified on the device)
+    )
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> TrainConfig:
         checks = [
             (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
+            (
+                self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+                "max_steps must be an integer >= 1 or None",
+            ),
+            (
+                self.val_every_steps is None
+                or (isinstance(self.val_every_steps, int) and self.val_every_steps >= 1),
+                "val_every_steps must be an integer >= 1 or None",
+            ),
+            (
+                isinstance(self.max_val_cells, int) and self.max_val_cells >= 1,
+                "max_val_cells must be an integer >= 1",
+            ),
+            (isinstance(self.block_size, int) and self.block_size >= 1, "block_size must be an integer >= 1"),
+            (
+                isinstance(self.buffer_blocks, int) and self.buffer_blocks >= 1,
+                "buffer_blocks must be an integer >= 1",
+            ),
+            (
+                isinstance(self.num_workers, int) and self.num_workers >= 0,
+                "num_workers must be an integer >= 0",
+            ),
+            (self.stream_output in ("dense", "sparse"), "stream_output must be 'dense' or 'sparse'"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
             (0 < self.lr <= 1, "lr must be in (0, 1]"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
@@ -125,9 +185,9 @@ class TrainConfig:
 class TrainResult:
     """What ``pretrain`` produced: per-epoch metrics and where the artifacts are."""
 
-    metrics: list[dict]  # one dict per epoch (see METRIC_COLUMNS)
+    metrics: list[dict]  # one dict per validation (see METRIC_COLUMNS)
     best_dir: Path  # model directory with the lowest validation objective (val_total_loss)
-    last_dir: Path  # model directory of the final epoch
+    last_dir: Path  # model directory of the final validation
     baseline_perplexity: float  # per-gene frequency table on the fixed validation masks
     baseline_masked_accuracy: float
     artifacts: dict[str, Path] = field(
@@ -143,6 +203,7 @@ class TrainResult:
 
 METRIC_COLUMNS = (
     "epoch",
+    "step",
     "train_loss",
     "train_cell_loss",
     "val_loss",
@@ -178,7 +239,8 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- data
 def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The original's split: shuffle ``arange(n_cells)`` with ``RandomState(seed)``; the last
+    """The original's in-memory split (``pretrain`` now uses the store's rows, ``split_store``): shuffle
+    ``arange(n_cells)`` with ``RandomState(seed)``; the last
     ``int(n_cells * val_fraction)`` cells are validation. Raises NeurofmError when either side is too
     small."""
     n_val = int(n_cells * val_fraction)
@@ -278,16 +340,6 @@ def make_batch(
     )
 
 
-def _epoch_batches(n_train: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled positions into the training cells, cut into global batches (the last may be smaller).
-
-    Under DDP every rank draws the same order from its identically seeded generator and takes its
-    share of each batch's rows (``neurofm.runtime.shard``), so the global batches are exactly the
-    single-process ones."""
-    order = torch.randperm(n_train, generator=generator)
-    return list(order.split(batch_size))
-
-
 # ---------------------------------------------------------------------------------------------- baseline
 def frequency_table(train_bins: np.ndarray, n_bins: int, smoothing: float = BASELINE_SMOOTHING) -> np.ndarray:
     """(genes, n_bins) probability of each bin per gene over the training cells, add-``smoothing``."""
@@ -383,17 +435,6 @@ def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, co
     }
 
 
-def _fixed_val_batches(
-    val_bins: torch.Tensor, n_tokens: int, mask_token: int, config: TrainConfig, eval_batch_size: int = 256
-) -> list[_Batch]:
-    generator = torch.Generator(device=val_bins.device).manual_seed(config.seed + 1)
-    repeated = val_bins.repeat(config.val_draws, 1)
-    return [
-        make_batch(chunk, n_tokens, mask_token, config, generator)
-        for chunk in repeated.split(eval_batch_size)
-    ]
-
-
 def _baseline_scores(table: np.ndarray, batches: list[_Batch]) -> tuple[float, float]:
     table = torch.from_numpy(table)
     log_table = table.log()
@@ -407,8 +448,124 @@ def _baseline_scores(table: np.ndarray, batches: list[_Batch]) -> tuple[float, f
     return math.exp(nll / masked), correct / masked
 
 
+def stream_config_for(config: TrainConfig) -> StreamConfig:
+    """The :class:`~neurofm.stream.StreamConfig` a training run reads its store with."""
+    return StreamConfig(
+        batch_size=config.batch_size,
+        block_size=config.block_size,
+        buffer_blocks=config.buffer_blocks,
+        val_fraction=config.val_fraction,
+        max_val_cells=config.max_val_cells,
+        seed=config.seed,
+        output=config.stream_output,
+    ).validate()
+
+
+def split_store(store: CellStore, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of ``store``: the stream's fixed seeded validation rows
+    (:func:`neurofm.stream.validation_rows`, ``val_fraction`` capped at ``max_val_cells``) and the rest.
+    Raises NeurofmError when either side is too small."""
+    n_val = min(int(store.n_cells * config.val_fraction), config.max_val_cells)
+    if n_val < 1:
+        raise NeurofmError(
+            f"{store.n_cells} cells are too few for a {config.val_fraction:.0%} validation split (need >= 1 "
+            "validation cell); pass more cells or raise val_fraction"
+        )
+    val_rows = validation_rows(store.n_cells, config.val_fraction, config.seed, config.max_val_cells)
+    return np.setdiff1d(np.arange(store.n_cells), val_rows, assume_unique=True), val_rows
+
+
+def fit_training_tokenizer(
+    store: CellStore, tokenizer_config: TokenizerConfig | None, config: TrainConfig
+) -> ExpressionTokenizer:
+    """The tokenizer ``pretrain`` fits: bin edges on the training rows only (the validation rows of
+    :func:`split_store` excluded), a seeded sample of at most 200,000 of them (``fit_tokenizer``)."""
+    _, val_rows = split_store(store, config)
+    return fit_tokenizer(store, tokenizer_config, exclude_rows=val_rows, seed=config.seed)
+
+
+def store_from_anndata(adata: ad.AnnData, out_dir: str | os.PathLike) -> CellStore:
+    """Small data takes the atlas path: ``adata`` written as a cell store in ``out_dir`` (seed 0, one
+    shard), deterministic for the same cells — a resumed run re-creates the same store rows."""
+    convert_anndata(adata, out_dir, seed=0)
+    return CellStore(out_dir)
+
+
+def validation_source_rows(adata: ad.AnnData, config: TrainConfig) -> np.ndarray:
+    """Positions in ``adata`` of the cells ``pretrain(adata, ...)`` validates on (never trains on), in
+    store order (for probes that score held-out cells)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".neurofm-cells-") as scratch:
+        store = store_from_anndata(adata, Path(scratch) / "cells")
+        _, val_rows = split_store(store, config)
+        source = store.read_obs([SOURCE_ROW])[SOURCE_ROW].to_numpy()
+        store.close()
+    return source[val_rows].astype(np.int64)
+
+
+def _open_data(data, scratch_parent: Path) -> tuple[CellStore, Callable[[], None]]:
+    """A CellStore for ``data`` (AnnData → a temporary store under ``scratch_parent``) and its cleanup."""
+    if isinstance(data, CellStore):
+        return data, lambda: None
+    if isinstance(data, ad.AnnData):
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix=".cells-", dir=scratch_parent))
+        store = store_from_anndata(data, scratch / "cells")
+
+        def cleanup() -> None:
+            store.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        return store, cleanup
+    if isinstance(data, (str, os.PathLike)):
+        return CellStore(data), lambda: None
+    raise NeurofmError(
+        f"pretrain takes an AnnData, a CellStore or a store directory, not {type(data).__name__}; "
+        "convert the data first (neurofm convert)"
+    )
+
+
+def stream_frequency_table(
+    store: CellStore,
+    tokenizer: ExpressionTokenizer,
+    exclude_rows: np.ndarray,
+    *,
+    max_cells: int = BASELINE_MAX_CELLS,
+    seed: int = 0,
+    chunk_cells: int = 4096,
+    smoothing: float = BASELINE_SMOOTHING,
+) -> tuple[np.ndarray, int]:
+    """``frequency_table`` of the training rows' bins, streamed: (table, cells counted).
+
+    All training rows (those not in ``exclude_rows``) when there are at most ``max_cells``, else a
+    seeded sample of ``max_cells`` of them (``default_rng([seed, 13])``). Each chunk of ``chunk_cells``
+    rows is binned sparsely (only non-zeros; a gene's zeros all fall in its zero bin) and counted with
+    ``np.bincount`` — never a dense (cells × genes) matrix. Equal to ``frequency_table`` of the dense
+    bins of the same cells."""
+    binner = SparseBinner(tokenizer)
+    rows = np.setdiff1d(np.arange(store.n_cells), exclude_rows, assume_unique=True)
+    if rows.size > max_cells:
+        rows = np.sort(np.random.default_rng([seed, 13]).choice(rows, size=max_cells, replace=False))
+    n_genes, n_bins = binner.n_genes, binner.n_bins
+    counts = np.zeros(n_genes * n_bins, dtype=np.int64)
+    nonzero_per_gene = np.zeros(n_genes, dtype=np.int64)
+    for start in range(0, rows.size, chunk_cells):
+        part = store.rows(rows[start : start + chunk_cells])
+        bins = binner.binned(part.indptr, part.indices, part.data).astype(np.int64)
+        genes = part.indices.astype(np.int64)
+        counts += np.bincount(genes * n_bins + bins, minlength=n_genes * n_bins)
+        nonzero_per_gene += np.bincount(genes, minlength=n_genes)
+    counts = counts.reshape(n_genes, n_bins)
+    counts[np.arange(n_genes), binner.zero_bins.astype(np.int64)] += rows.size - nonzero_per_gene
+    table = counts + smoothing
+    return table / table.sum(axis=1, keepdims=True), int(rows.size)
+
+
 def pretrain(
-    adata: ad.AnnData,
+    data: ad.AnnData | CellStore | str | os.PathLike,
     tokenizer_config: TokenizerConfig | None = None,
     model_config: ModelConfig | None = None,
     train_config: TrainConfig | None = None,
@@ -418,48 +575,58 @@ def pretrain(
     *,
     tokenizer: ExpressionTokenizer | None = None,
 ) -> TrainResult:
-    """Pre-train a :class:`GeneEncoder` on the raw counts in ``adata`` to predict masked expression bins.
+    """Pre-train a :class:`GeneEncoder` on raw counts to predict masked expression bins.
 
-    The split is seeded (``split_cells``); the tokenizer is fit on the training cells only — or pass an
-    already fitted ``tokenizer`` (fit on the same ``split_cells`` training cells; its config then wins
-    over ``tokenizer_config``). The model's ``n_genes``/``n_bins``/``max_tokens`` are taken from the
-    tokenizer and ``max_tokens_per_cell``. After every epoch the metrics dict (keys ``METRIC_COLUMNS``)
-    goes to ``on_epoch_end(epoch, metrics)`` once checkpoints are written; an exception raised there
-    (e.g. an Optuna prune) stops training and propagates. ``resume=True`` continues from
-    ``out_dir/resume_state.pt`` (bit-identical to an uninterrupted run on CPU). Returns a
-    :class:`TrainResult`.
+    ``data`` is a :class:`~neurofm.data.store.CellStore` (or its directory), or an AnnData — small data,
+    converted to a temporary store under ``out_dir`` first, so both take the same streaming path.
+    The split is the store's fixed validation rows (``split_store``); the tokenizer is fit on the
+    training rows only (``fit_training_tokenizer``) — or pass an already fitted ``tokenizer`` (fit the
+    same way; its config then wins over ``tokenizer_config``). The model's
+    ``n_genes``/``n_bins``/``max_tokens`` are taken from the tokenizer and ``max_tokens_per_cell``.
+
+    Training runs ``max_steps`` steps (None: ``epochs`` epochs) and validates every ``val_every_steps``
+    steps (None: at each epoch end) and at the last step; after each validation, once checkpoints and
+    the resume state are written, the metrics dict (keys ``METRIC_COLUMNS``) goes to
+    ``on_epoch_end(step, metrics)``; an exception raised there (e.g. an Optuna prune) stops training and
+    propagates. ``resume=True`` continues from ``out_dir/resume_state.pt`` — mid-epoch, with the loader
+    position — bit-identical to an uninterrupted run on CPU. Returns a :class:`TrainResult`.
     """
     train_config = (train_config or TrainConfig()).validate()
-    train_idx, val_idx = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
-    if tokenizer is None:
-        tokenizer = ExpressionTokenizer((tokenizer_config or TokenizerConfig()).validate())
-        tokenizer.fit(adata, train_idx)
-    elif not tokenizer.is_fitted:
-        raise NeurofmError("the tokenizer passed to pretrain is not fitted; fit it or pass tokenizer_config")
-    n_bins = tokenizer.config.n_bins
-    n_tokens = min(train_config.max_tokens_per_cell, tokenizer.n_genes)
-    model_config = replace(
-        model_config or ModelConfig(), n_genes=tokenizer.n_genes, n_bins=n_bins, max_tokens=n_tokens
-    ).validate()
     out_dir = ensure_writable_dir(out_dir)
-    context = runtime.current()
-    device = resolve_device(train_config.device)
-    if context.enabled and device.type == "cuda":
-        device = torch.device("cuda", context.local_rank)
-    with _torch_threads(train_config.num_threads):
-        return _pretrain(
-            adata,
-            tokenizer,
-            model_config,
-            train_config,
-            out_dir,
-            on_epoch_end,
-            resume,
-            context,
-            device,
-            n_tokens,
-            (train_idx, val_idx),
-        )
+    store, cleanup = _open_data(data, out_dir)
+    try:
+        train_rows, val_rows = split_store(store, train_config)
+        if tokenizer is None:
+            tokenizer = fit_training_tokenizer(store, tokenizer_config, train_config)
+        elif not tokenizer.is_fitted:
+            raise NeurofmError(
+                "the tokenizer passed to pretrain is not fitted; fit it or pass tokenizer_config"
+            )
+        n_bins = tokenizer.config.n_bins
+        n_tokens = min(train_config.max_tokens_per_cell, tokenizer.n_genes)
+        model_config = replace(
+            model_config or ModelConfig(), n_genes=tokenizer.n_genes, n_bins=n_bins, max_tokens=n_tokens
+        ).validate()
+        context = runtime.current()
+        device = resolve_device(train_config.device)
+        if context.enabled and device.type == "cuda":
+            device = torch.device("cuda", context.local_rank)
+        with _torch_threads(train_config.num_threads):
+            return _pretrain(
+                store,
+                tokenizer,
+                model_config,
+                train_config,
+                out_dir,
+                on_epoch_end,
+                resume,
+                context,
+                device,
+                n_tokens,
+                (train_rows, val_rows),
+            )
+    finally:
+        cleanup()
 
 
 @contextmanager
@@ -476,8 +643,38 @@ def _torch_threads(n_threads: int | None):
         torch.set_num_threads(before)
 
 
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's gene samples, masks and dropout: a function of (seed, step, rank) only, so a
+    resumed run needs no generator state."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for name, value in batch.items()
+    }
+
+
+def _validation_batches(
+    stream: CellStream, n_tokens: int, mask_token: int, config: TrainConfig, device: torch.device,
+    eval_batch_size: int = 256,
+) -> list[_Batch]:  # fmt: skip
+    """The fixed validation batches: the stream's validation rows, ``val_draws`` gene samples + masks
+    each, drawn once from a generator seeded ``seed + 1``."""
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    zero_bins = stream.zero_bins.to(device)
+    batches = []
+    for part in stream.validation_batches(eval_batch_size):
+        bins = densify(_to_device(part, device), zero_bins)
+        batches.extend(
+            make_batch(bins, n_tokens, mask_token, config, generator) for _ in range(config.val_draws)
+        )
+    return batches
+
+
 def _pretrain(
-    adata: ad.AnnData,
+    store: CellStore,
     tokenizer: ExpressionTokenizer,
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -490,24 +687,34 @@ def _pretrain(
     split: tuple[np.ndarray, np.ndarray],
 ) -> TrainResult:
     started = time.perf_counter()
-    train_idx, val_idx = split
-    n_bins = tokenizer.config.n_bins
-
-    # data: all bins (tokenizer gene order) on the device once
-    bins = tokenizer.transform(adata)
-    train_bins = torch.from_numpy(bins[train_idx]).to(device)
-    val_bins = torch.from_numpy(bins[val_idx]).to(device)
+    train_rows, val_rows = split
     mask_token = model_config.mask_token
 
-    val_batches = _fixed_val_batches(val_bins, n_tokens, mask_token, train_config)
-    table = frequency_table(bins[train_idx], n_bins)
+    stream = CellStream(
+        store,
+        tokenizer,
+        stream_config_for(train_config),
+        rank=context.rank,
+        world_size=context.world_size,
+        num_workers=train_config.num_workers,
+    )
+    loader = StreamLoader(
+        stream,
+        num_workers=train_config.num_workers,
+        pin_memory=train_config.pin_memory and device.type == "cuda",
+    )
+    zero_bins = stream.zero_bins.to(device)
+    val_batches = _validation_batches(stream, n_tokens, mask_token, train_config, device)
+    table, n_baseline = stream_frequency_table(store, tokenizer, val_rows, seed=train_config.seed)
     baseline_ppl, baseline_acc = _baseline_scores(table, val_batches)
     log.info(
-        "%d train / %d validation cells, %d genes, %d tokens per cell; frequency baseline perplexity %.3f",
-        len(train_idx),
-        len(val_idx),
+        "%d train / %d validation cells, %d genes, %d tokens per cell; frequency baseline (%d cells) "
+        "perplexity %.3f",
+        len(train_rows),
+        len(val_rows),
         tokenizer.n_genes,
         n_tokens,
+        n_baseline,
         baseline_ppl,
     )
 
@@ -523,14 +730,28 @@ def _pretrain(
             _PretrainForward(model), device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = _make_optimizer(model, train_config)
-    generator = torch.Generator(device=device).manual_seed(train_config.seed)
-    steps_per_epoch = math.ceil(len(train_idx) / train_config.batch_size)
-    total_steps = steps_per_epoch * train_config.epochs
-    state = {"epoch": 0, "step": 0, "best_val_loss": math.inf, "metrics": []}  # best: val_total_loss
-    if resume:
-        state = _load_resume_state(
-            out_dir, model, optimizer, generator, model_config, tokenizer, train_config
+    generator = torch.Generator(device=device)
+    # every rank steps the same number of times per epoch: the fewest batches any rank gets
+    epoch_steps: dict[int, int] = {}
+
+    def steps_in(epoch: int) -> int:
+        if epoch not in epoch_steps:
+            epoch_steps[epoch] = stream.common_batches(epoch)
+        return epoch_steps[epoch]
+
+    if steps_in(0) == 0:
+        raise NeurofmError(
+            f"{len(train_rows)} training cells give no batch to one of {context.world_size} processes; "
+            "use fewer processes (train.nproc_per_node) or smaller train.block_size"
         )
+    if train_config.max_steps is not None:
+        total_steps = train_config.max_steps
+    else:
+        total_steps = sum(steps_in(epoch) for epoch in range(train_config.epochs))
+    state = {"step": 0, "best_val_loss": math.inf, "metrics": []}  # best: val_total_loss
+    if resume:
+        state = _load_resume_state(out_dir, model, optimizer, model_config, tokenizer, train_config)
+        loader.load_state_dict({**state["loader"], "rank": context.rank})
 
     metrics_rows: list[dict] = state["metrics"]
     progress = tqdm(
@@ -540,72 +761,74 @@ def _pretrain(
         unit="step",
         disable=not (train_config.progress and context.is_main),
     )
-    for epoch in range(state["epoch"] + 1, train_config.epochs + 1):
-        epoch_started = time.perf_counter()
-        model.train()
-        running, running_cell, n_steps = 0.0, 0.0, 0
-        for positions in _epoch_batches(len(train_idx), train_config.batch_size, generator):
-            lr = _lr_at(state["step"], total_steps, train_config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = make_batch(
-                train_bins[positions.to(device)], n_tokens, mask_token, train_config, generator
-            )
-            n_masked, n_cell_scored = batch.n_scored  # over the global batch
-            if context.enabled:
-                batch = batch.rows(runtime.shard(len(positions), context))
-            token_sum, cell_sum, _ = _losses(trainable, batch, device, train_config, reduction="sum")
-            # this rank's share of the global-batch means; DDP averages gradients over the ranks, so
-            # the world-size factor makes the applied gradient the single-process one
-            token_loss, cell_loss = token_sum / max(1, n_masked), cell_sum / max(1, n_cell_scored)
-            loss = (token_loss + train_config.cell_loss_weight * cell_loss) * context.world_size
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-            optimizer.step()
-            running += token_loss.item()
-            running_cell += cell_loss.item()
-            n_steps += 1
-            state["step"] += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{token_loss.item():.3f}", cell=f"{cell_loss.item():.3f}")
-        running, running_cell = runtime.all_reduce_sums([running, running_cell], context)
-        val = evaluate(model, val_batches, device, train_config)
-        row = {
-            "epoch": epoch,
-            "train_loss": running / max(1, n_steps),
-            "train_cell_loss": running_cell / max(1, n_steps),
-            "val_loss": val["loss"],
-            "val_cell_loss": val["cell_loss"],
-            "val_total_loss": val["loss"] + train_config.cell_loss_weight * val["cell_loss"],
-            "val_perplexity": val["perplexity"],
-            "val_masked_accuracy": val["masked_accuracy"],
-            "baseline_perplexity": baseline_ppl,
-            "perplexity_ratio": val["perplexity"] / baseline_ppl,
-            "lr": lr,
-            "epoch_time_s": time.perf_counter() - epoch_started,
-        }
-        metrics_rows.append(row)
-        state["epoch"] = epoch
-        is_best = row["val_total_loss"] < state["best_val_loss"]
-        state["best_val_loss"] = min(state["best_val_loss"], row["val_total_loss"])
-        if not context.is_main:
+    running, running_cell, n_steps = 0.0, 0.0, 0
+    since = time.perf_counter()
+    lr = _lr_at(state["step"], total_steps, train_config)
+    while state["step"] < total_steps:
+        epoch = loader.epoch
+        n_epoch = steps_in(epoch)
+        if loader.batches_consumed >= n_epoch:  # this epoch is done (a rank-uneven tail is skipped)
+            loader.epoch, loader.batches_consumed = epoch + 1, 0
             continue
-        _write_epoch_outputs(out_dir, model, tokenizer, optimizer, generator, state, is_best, train_config)
-        log.info(
-            "epoch %d: train %.4f  val %.4f  cell %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  acc %.3f",
-            epoch,
-            row["train_loss"],
-            row["val_loss"],
-            row["val_cell_loss"],
-            row["val_perplexity"],
-            baseline_ppl,
-            row["perplexity_ratio"],
-            row["val_masked_accuracy"],
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, dict(row))
+        model.train()
+        batches = iter(loader)
+        try:
+            for raw in batches:
+                step = state["step"]
+                lr = _lr_at(step, total_steps, train_config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_seed = _step_seed(train_config.seed, step, context.rank)
+                generator.manual_seed(step_seed)
+                torch.manual_seed(step_seed)  # dropout
+                bins = densify(_to_device(raw, device), zero_bins)
+                batch = make_batch(bins, n_tokens, mask_token, train_config, generator)
+                # each rank's mean over its own cells; DDP averages the gradients over the ranks
+                token_loss, cell_loss, _ = _losses(trainable, batch, device, train_config)
+                loss = token_loss + train_config.cell_loss_weight * cell_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if train_config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+                optimizer.step()
+                running += token_loss.item()
+                running_cell += cell_loss.item()
+                n_steps += 1
+                state["step"] = step + 1
+                progress.update(1)
+                progress.set_postfix(
+                    epoch=epoch + 1, loss=f"{token_loss.item():.3f}", cell=f"{cell_loss.item():.3f}"
+                )
+                epoch_done = loader.batches_consumed >= n_epoch
+                last = state["step"] >= total_steps
+                every = train_config.val_every_steps
+                if last or (epoch_done if every is None else state["step"] % every == 0):
+                    position = loader.state_dict()
+                    if epoch_done:
+                        position.update(epoch=epoch + 1, batches_consumed=0)
+                    row = _validate(
+                        model, val_batches, device, train_config, context, epoch + 1, state["step"],
+                        (running, running_cell, n_steps), baseline_ppl, lr, time.perf_counter() - since,
+                    )  # fmt: skip
+                    running, running_cell, n_steps = 0.0, 0.0, 0
+                    metrics_rows.append(row)
+                    is_best = row["val_total_loss"] < state["best_val_loss"]
+                    state["best_val_loss"] = min(state["best_val_loss"], row["val_total_loss"])
+                    state["loader"] = position
+                    if context.is_main:
+                        _write_checkpoint_outputs(
+                            out_dir, model, tokenizer, optimizer, state, is_best, train_config
+                        )
+                        _log_row(row)
+                        if on_epoch_end is not None:
+                            on_epoch_end(state["step"], dict(row))
+                    since = time.perf_counter()
+                if epoch_done or last:
+                    break
+        finally:
+            batches.close()
+        if loader.batches_consumed >= n_epoch:
+            loader.epoch, loader.batches_consumed = epoch + 1, 0
     progress.close()
 
     demo, artifacts = "", {}
@@ -627,32 +850,72 @@ def _pretrain(
     )
 
 
+def _validate(
+    model, val_batches, device, config, context, epoch, step, running, baseline_ppl, lr, elapsed
+) -> dict:
+    """One metrics row: the fixed validation batches scored, the training losses since the last one
+    (averaged over the steps and the ranks)."""
+    total, total_cell, n_steps = running
+    total, total_cell = runtime.all_reduce_sums([total, total_cell], context)
+    denominator = max(1, n_steps) * context.world_size
+    val = evaluate(model, val_batches, device, config)
+    model.train()
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": total / denominator,
+        "train_cell_loss": total_cell / denominator,
+        "val_loss": val["loss"],
+        "val_cell_loss": val["cell_loss"],
+        "val_total_loss": val["loss"] + config.cell_loss_weight * val["cell_loss"],
+        "val_perplexity": val["perplexity"],
+        "val_masked_accuracy": val["masked_accuracy"],
+        "baseline_perplexity": baseline_ppl,
+        "perplexity_ratio": val["perplexity"] / baseline_ppl,
+        "lr": lr,
+        "epoch_time_s": elapsed,
+    }
+
+
+def _log_row(row: dict) -> None:
+    log.info(
+        "step %d (epoch %d): train %.4f  val %.4f  cell %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  acc %.3f",
+        row["step"],
+        row["epoch"],
+        row["train_loss"],
+        row["val_loss"],
+        row["val_cell_loss"],
+        row["val_perplexity"],
+        row["baseline_perplexity"],
+        row["perplexity_ratio"],
+        row["val_masked_accuracy"],
+    )
+
+
 # ---------------------------------------------------------------------------------------------- outputs
-def _write_epoch_outputs(
+def _write_checkpoint_outputs(
     out_dir: Path,
     model: GeneEncoder,
     tokenizer: ExpressionTokenizer,
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
     state: dict,
     is_best: bool,
     config: TrainConfig,
 ) -> None:
-    """Checkpoints, resume state and the metrics CSV after one epoch. DDP: call on rank 0 only."""
+    """Checkpoints, resume state and the metrics CSV after one validation. DDP: call on rank 0 only."""
     model.save_pretrained(out_dir / LAST_DIR, tokenizer)
     if is_best:
         model.save_pretrained(out_dir / BEST_DIR, tokenizer)
     resume_state = {
-        "epoch": state["epoch"],
         "step": state["step"],
         "best_val_loss": state["best_val_loss"],
         "metrics": [dict(row) for row in state["metrics"]],
         "optimizer": optimizer.state_dict(),
         # the weights too, so the resume state is one self-consistent file: a crash between writing
-        # last/ and this file can never pair epoch-k weights with an epoch-(k-1) optimizer
+        # last/ and this file can never pair step-k weights with a step-(k-1) optimizer
         "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
+        # the loader's position (rank 0's; every rank has consumed as many batches of the epoch)
+        "loader": dict(state["loader"]),
         "train_config": asdict(config),
     }
     with atomic_path(out_dir / RESUME_FILE) as tmp:
@@ -660,11 +923,15 @@ def _write_epoch_outputs(
     _write_metrics_csv(out_dir / METRICS_FILE, state["metrics"])
 
 
+# settings a resumed run may change: they do not change which batches or updates it makes
+RESUMABLE_CHANGES = ("epochs", "max_steps", "progress", "num_threads", "device", "nproc_per_node",
+                     "dist_backend", "pin_memory")  # fmt: skip
+
+
 def _load_resume_state(
     out_dir: Path,
     model: GeneEncoder,
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
     model_config: ModelConfig,
     tokenizer: ExpressionTokenizer,
     config: TrainConfig,
@@ -682,11 +949,14 @@ def _load_resume_state(
         raise NeurofmError(
             f"{path} is not a readable resume state ({type(error).__name__}); start a fresh run"
         ) from None
+    if "loader" not in saved:
+        raise NeurofmError(
+            f"{path} was written by an older neurofm (no loader position); start a fresh out_dir"
+        )
     changed = {
         k
         for k, v in saved["train_config"].items()
-        if k not in ("epochs", "progress", "num_threads", "device", "nproc_per_node", "dist_backend")
-        and asdict(config).get(k) != v
+        if k not in RESUMABLE_CHANGES and asdict(config).get(k) != v
     }
     if changed:
         raise NeurofmError(
@@ -699,16 +969,14 @@ def _load_resume_state(
             f"the checkpoint in {out_dir / LAST_DIR} was trained with another model config or "
             "data; resume with the same settings and data or start a fresh out_dir"
         )
-    model.load_state_dict(saved["model"] if "model" in saved else last_model.state_dict())
+    model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    generator.set_state(saved["generator"])
-    torch.set_rng_state(saved["torch_rng"])
-    log.info("resuming after epoch %d (step %d)", saved["epoch"], saved["step"])
+    log.info("resuming after step %d (epoch %d)", saved["step"], saved["loader"]["epoch"])
     return {
-        "epoch": saved["epoch"],
         "step": saved["step"],
         "best_val_loss": saved["best_val_loss"],
         "metrics": list(saved["metrics"]),
+        "loader": dict(saved["loader"]),
     }
 
 
@@ -727,7 +995,8 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     return [
-        {key: int(value) if key == "epoch" else float(value) for key, value in row.items()} for row in rows
+        {key: int(value) if key in ("epoch", "step") else float(value) for key, value in row.items()}
+        for row in rows
     ]
 
 

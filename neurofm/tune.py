@@ -73,7 +73,7 @@ from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir, write_json, write_text
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import TokenizerConfig
-from neurofm.train import TrainConfig, TrainResult, split_cells
+from neurofm.train import TrainConfig, TrainResult, validation_source_rows
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,8 @@ def count_finished(study: optuna.Study) -> int:
 def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]) -> float:
     """ROC-AUC of a logistic-regression probe on the embeddings of the validation cells.
 
-    The validation cells are ``split_cells`` ' (``train.seed``/``train.val_fraction``), embedded with the
+    The validation cells are those ``pretrain`` held out (``validation_source_rows``: the cell store's
+    validation rows for ``train.seed``/``train.val_fraction``/``train.max_val_cells``), embedded with the
     model in ``model_dir`` (``evaluate.pooling``/``batch_size``); labels are ``evaluate.label_column``
     mapped through ``evaluate.label_mapping``; the probe uses ``evaluate.probe`` settings. Returns the
     mean cross-validated AUC (the hold-out AUC when CV is off or undefined).
@@ -329,7 +330,8 @@ def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[s
     from neurofm.model import load_pretrained
 
     evaluate = config["evaluate"]
-    _, val_idx = split_cells(adata.n_obs, config["train"]["val_fraction"], config["train"]["seed"])
+    train_config = dataclass_from_dict(TrainConfig, config["train"], "train")
+    val_idx = validation_source_rows(adata, train_config)
     cells = adata[val_idx].copy()
     labels = resolve_labels(cells, evaluate["label_column"], evaluate["label_mapping"])
     model, tokenizer = load_pretrained(model_dir)
@@ -421,12 +423,12 @@ class _Study:
                 f"invalid combination {params}: {str(error).split(' (got')[0]}"
             ) from None
 
-        def on_epoch_end(epoch: int, metrics: dict) -> None:
-            tracking.log_metrics(metrics, step=epoch)
-            trial.report(_intermediate(metrics, self.objective), epoch)
+        def on_epoch_end(step: int, metrics: dict) -> None:  # once per validation
+            tracking.log_metrics(metrics, step=step)
+            trial.report(_intermediate(metrics, self.objective), step)
             if trial.should_prune():
                 raise optuna.TrialPruned(
-                    f"epoch {epoch}: val_loss {metrics['val_loss']:.4f} (ratio "
+                    f"step {step}: val_loss {metrics['val_loss']:.4f} (ratio "
                     f"{metrics['val_perplexity'] / metrics['baseline_perplexity']:.4f}) worse than the "
                     "median of earlier trials"
                 )

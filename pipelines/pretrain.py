@@ -1,4 +1,13 @@
-"""The pre-training pipeline: prepare (cached) → tokenize → pretrain (MLflow run + registered model)."""
+"""The pre-training pipeline: data → cell store (cached) → tokenize → pretrain (MLflow run + registered model).
+
+The tokenize and pretrain steps get the store's reference (uri + manifest hash), never an AnnData:
+
+- ``--data X.h5ad`` (no crop): ``convert_cells`` converts the file once into a store, the cluster subset
+  and region filter applied on the way — cached on the file's fingerprint and the selection, so no
+  step ever holds the atlas in memory;
+- the built-in data, or a crop: the prepare steps (synthetic atlas, subset, crop) make the small
+  AnnData as before and ``store_cells`` writes it as a store.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +17,56 @@ from zenml import pipeline
 
 from pipelines.prepare import prepare_steps
 from pipelines.settings import step_settings
+from steps.data import convert_cells, store_cells
 from steps.train import pretrain_model, tokenize
 
 
-def pretrain_steps(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False):
-    """Wire prepare → tokenize → pretrain; returns (prepared cells, model dir, pretrain summary)."""
+def uses_direct_conversion(config: dict[str, Any], inputs: dict[str, Any]) -> bool:
+    """Whether the store is converted straight from the user's .h5ad (no prepared AnnData): a user file
+    and no crop (a crop samples cells and genes from the whole matrix, a small-data step)."""
+    crop = inputs["crop"]
+    return not inputs["default_data"] and crop["n_cells"] is None and crop["n_genes"] is None
+
+
+def store_steps(config: dict[str, Any], inputs: dict[str, Any], need_cells: bool = True):
+    """(prepared AnnData or None, cell store reference). ``need_cells=False`` lets a user .h5ad skip the
+    prepare steps (see the module docstring)."""
+    out_dir = config["data"]["out_dir"]
+    if not need_cells and uses_direct_conversion(config, inputs):
+        subset = config["subset"]
+        selection = {
+            "metadata_csv": inputs["metadata_csv"] if inputs["cluster_ids"] else None,
+            "cluster_ids": list(inputs["cluster_ids"]) or None,
+            "obs_name_column": subset["obs_name_column"],
+            "cluster_column": subset["cluster_column"],
+            "label_prefix": subset["label_prefix"],
+            "region": inputs["region"],
+            "region_column": config["region"]["column"],
+        }
+        reference = convert_cells(
+            path=inputs["path"],
+            fingerprint=inputs["fingerprint"],
+            selection=selection,
+            out_dir=out_dir,
+            layer=config["data"]["layer"],
+        )
+        return None, reference
     cells = prepare_steps(config, inputs)
+    return cells, store_cells(cells, out_dir=out_dir)
+
+
+def pretrain_steps(
+    config: dict[str, Any], inputs: dict[str, Any], resume: bool = False, need_cells: bool = True
+):
+    """Wire data → store → tokenize → pretrain; returns (prepared cells or None, model dir, pretrain
+    summary). ``need_cells`` (the full pipeline evaluates on the prepared cells) keeps the prepare steps."""
+    cells, reference = store_steps(config, inputs, need_cells)
     tokenizer_dir = tokenize(
-        cells, tokenizer=config["tokenizer"], train=config["train"], out_dir=config["data"]["out_dir"]
+        reference, tokenizer=config["tokenizer"], train=config["train"], out_dir=config["data"]["out_dir"]
     )
     settings = step_settings(config).get("pretrain_model", {})
     model_dir, summary = pretrain_model.with_options(settings=settings)(
-        cells,
+        reference,
         tokenizer_dir,
         model=config["model"],
         train=config["train"],
@@ -33,5 +80,5 @@ def pretrain_steps(config: dict[str, Any], inputs: dict[str, Any], resume: bool 
 
 @pipeline(enable_cache=True)
 def pretrain(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False) -> None:
-    """Prepare the data, fit the tokenizer, pre-train and register the encoder."""
-    pretrain_steps(config, inputs, resume)
+    """Convert (or prepare) the data into a cell store, fit the tokenizer, pre-train and register the encoder."""
+    pretrain_steps(config, inputs, resume, need_cells=False)

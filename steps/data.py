@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anndata as ad
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from zenml import step
 
 from neurofm import io, keys
@@ -95,3 +97,63 @@ def save_prepared(
     subtypes = adata.obs[keys.SUBTYPE].value_counts().to_dict() if keys.SUBTYPE in adata.obs else {}
     log.info("prepared %d cells × %d genes → %s %s", adata.n_obs, adata.n_vars, path, subtypes)
     return str(Path(path).resolve())
+
+
+@step(cache_policy=depends_on("data"))
+def convert_cells(
+    path: str,
+    fingerprint: str,
+    selection: dict[str, Any],
+    out_dir: str,
+    shard_size: int = 65536,
+    seed: int = 0,
+    layer: str | None = None,
+) -> Annotated[dict, "cell_store"]:
+    """Convert an .h5ad once into a cell store (``neurofm.data.store.convert``: one streaming pass,
+    the cluster subset and region filter applied on the way) and return its reference
+    (``{"uri", "manifest_sha256", "n_cells", "n_genes"}``) — never the cells themselves.
+
+    Cached on the source's ``fingerprint`` (``neurofm.io.file_fingerprint``) and the selection; the store
+    lives in ``<out_dir>/stores/<key>`` with the key a hash of both, so a changed input gets a new store.
+    """
+    import hashlib
+    import json
+
+    from neurofm.data.store import CellStore, Selection, convert
+
+    key = hashlib.sha256(
+        json.dumps([fingerprint, selection, shard_size, seed, layer], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    target = Path(out_dir) / "stores" / f"{Path(path).stem}-{key}"
+    convert(path, target, selection=Selection(**selection), shard_size=shard_size, seed=seed, layer=layer)
+    store = CellStore(target)
+    log.info("cell store %s: %d cells × %d genes", target, store.n_cells, store.n_genes)
+    return store.reference()
+
+
+@step(cache_policy=depends_on("data"))
+def store_cells(adata: ad.AnnData, out_dir: str) -> Annotated[dict, "cell_store"]:
+    """Small prepared data onto the same path as an atlas: ``adata`` written as a cell store under
+    ``<out_dir>/stores/`` (``convert_anndata``); returns its reference (see ``convert_cells``)."""
+    import hashlib
+
+    from neurofm.data.store import CellStore, convert_anndata
+
+    digest = hashlib.sha256()
+    digest.update(np.asarray(adata.obs_names).astype(str).tobytes())
+    digest.update(np.asarray(adata.var_names).astype(str).tobytes())
+    matrix = adata.X
+    if sp.issparse(matrix):
+        matrix = matrix.tocsr()
+        for part in (matrix.indptr, matrix.indices, matrix.data):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    else:
+        digest.update(np.ascontiguousarray(matrix).tobytes())
+    if "counts" in adata.layers:
+        digest.update(str(adata.layers["counts"].sum()).encode())
+    target = Path(out_dir) / "stores" / f"prepared-{digest.hexdigest()[:16]}"
+    if not (target / "manifest.json").is_file():  # the same cells were stored before: reuse them
+        convert_anndata(adata, target, seed=0)
+    store = CellStore(target)
+    log.info("cell store %s: %d cells × %d genes", target, store.n_cells, store.n_genes)
+    return store.reference()

@@ -1,6 +1,9 @@
 """Pre-training steps: tokenize, then pretrain + track + register.
 
-``pretrain_model`` logs one MLflow run per training (parameters, per-epoch metrics, curves, CSV,
+Both take the cell store's reference (``{"uri", "manifest_sha256", "n_cells", "n_genes"}``, from
+``steps.data.convert_cells`` or ``store_cells``), never a whole AnnData: the cells stream from the store.
+
+``pretrain_model`` logs one MLflow run per training (parameters, metrics per validation step, curves, CSV,
 demo) and registers the best checkpoint as a new version of the registered model. When ZenML serves
 it from the cache no new run is logged; its output then names the run and version it came from and
 ``run.py`` says so.
@@ -12,40 +15,41 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-import anndata as ad
 from zenml import step
 
 from neurofm import tracking
 from neurofm.config import dataclass_from_dict
+from neurofm.data.store import open_reference
 from neurofm.distributed import launch_pretrain
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
-from neurofm.train import TrainConfig, split_cells
+from neurofm.train import TrainConfig, fit_training_tokenizer
 from steps._cache import depends_on
 
 log = logging.getLogger(__name__)
 
 
-@step(cache_policy=depends_on("tokenizer", "train"))
+@step(cache_policy=depends_on("tokenizer", "train", "stream", "data.store"))
 def tokenize(
-    adata: ad.AnnData, tokenizer: dict[str, Any], train: dict[str, Any], out_dir: str
+    cells: dict[str, Any], tokenizer: dict[str, Any], train: dict[str, Any], out_dir: str
 ) -> Annotated[Path, "tokenizer"]:
-    """Fit the tokenizer (normalise, log1p, per-gene quantile bin edges) on the training split only.
+    """Fit the tokenizer (normalise, log1p, per-gene quantile bin edges) on the training rows only.
 
-    The split is the one ``pretrain`` uses (seeded by ``train.seed``/``train.val_fraction``); the
+    ``cells`` is a cell store reference. The split is the one ``pretrain`` uses (the store's validation
+    rows, seeded by ``train.seed``/``train.val_fraction``/``train.max_val_cells``); edges are fit on a
+    seeded sample of at most 200,000 training cells (``neurofm.train.fit_training_tokenizer``); the
     tokenizer directory (JSON + npz, no pickle) is the step's artifact and is re-applied exactly by
     training, embedding and evaluation.
     """
     config = dataclass_from_dict(TokenizerConfig, tokenizer, "tokenizer").validate()
     train_config = dataclass_from_dict(TrainConfig, train, "train").validate()
-    train_idx, _ = split_cells(adata.n_obs, train_config.val_fraction, train_config.seed)
-    fitted = ExpressionTokenizer(config).fit(adata, train_idx)
+    fitted = fit_training_tokenizer(open_reference(cells), config, train_config)
     return fitted.save(Path(out_dir) / "tokenizer")
 
 
-@step(cache_policy=depends_on("tokenizer", "model", "train", "tracking", "plots"))
+@step(cache_policy=depends_on("tokenizer", "model", "train", "stream", "data.store", "tracking", "plots"))
 def pretrain_model(
-    adata: ad.AnnData,
+    cells: dict[str, Any],
     tokenizer_dir: Path,
     model: dict[str, Any],
     train: dict[str, Any],
@@ -54,7 +58,8 @@ def pretrain_model(
     data_name: str,
     resume: bool = False,
 ) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "pretrain_summary"]]:
-    """Train the masked-bin encoder; log the run to MLflow and register the best checkpoint.
+    """Train the masked-bin encoder on the cell store ``cells`` (a reference); log the run to MLflow
+    (metrics by step, one point per validation) and register the best checkpoint.
 
     Returns the best model directory (weights + config + tokenizer) and a summary with the final
     metrics, the frequency-baseline perplexity, the MLflow run id and the registered version.
@@ -62,6 +67,7 @@ def pretrain_model(
     model_config = dataclass_from_dict(ModelConfig, model, "model")
     train_config = dataclass_from_dict(TrainConfig, train, "train")
     tokenizer = ExpressionTokenizer.load(tokenizer_dir)
+    store = open_reference(cells)
     run_dir = Path(out_dir) / "pretrain"
     with tracking.start_run(
         tracking_config["experiment"],
@@ -74,16 +80,22 @@ def pretrain_model(
                 "tokenizer": tokenizer.config.__dict__,
                 "model": model,
                 "train": train,
-                "data": {"name": data_name, "n_cells": adata.n_obs, "n_genes": adata.n_vars},
+                "data": {
+                    "name": data_name,
+                    "n_cells": store.n_cells,
+                    "n_genes": store.n_genes,
+                    "store": cells["uri"],
+                    "store_manifest_sha256": cells["manifest_sha256"],
+                },
             }
         )
         result = launch_pretrain(  # torchrun when train.nproc_per_node > 1, else in this process
-            adata,
+            store,
             tokenizer,
             model_config,
             train_config,
             run_dir,
-            on_epoch_end=lambda epoch, metrics: tracking.log_metrics(metrics, step=epoch),
+            on_epoch_end=lambda step, metrics: tracking.log_metrics(metrics, step=step),
             resume=resume,
         )
         final = {
@@ -108,7 +120,8 @@ def pretrain_model(
             )
     summary: dict[str, Any] = {
         **final,
-        "epochs": len(result.metrics),
+        "epochs": result.metrics[-1]["epoch"],
+        "steps": result.metrics[-1]["step"],
         "mlflow_run_id": run.info.run_id,
         "model_name": registered.name if registered else None,
         "model_version": registered.version if registered else None,

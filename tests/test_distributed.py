@@ -2,9 +2,10 @@
 
 The integration test runs ``python run.py --pipeline pretrain --set train.nproc_per_node=2`` on the
 shared real data and checks that it trains, that one checkpoint pair, one MLflow run (with every
-epoch's metrics) and one registered version appear, and that the validation loss equals a
-single-process run of the same global batch: every rank draws the same batch, masks and gene samples,
-so the two differ only by floating-point summation order (tolerance: 1e-5 relative).
+validation's metrics, by step) and one registered version appear. Each rank streams its own cells (the
+store's blocks are split between the ranks), so two processes no longer reproduce one process
+numerically (they take half the steps per epoch, each over twice the cells); instead both must beat the
+frequency baseline and reach the same validation loss within ``TOLERANCE`` (measured: see the test).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from mlflow.tracking import MlflowClient
 
 import run
 from neurofm import tracking
+from neurofm.data.store import CellStore
 from neurofm.distributed import DistContext, all_reduce_sums, shard
-from neurofm.io import read_h5ad
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train import TrainConfig, pretrain
 from tests.conftest import REAL_SUBSET
 
-TOLERANCE = 1e-5  # relative, on each epoch's validation loss
+# relative, on the final validation loss; measured on the cortex data: 1 process 1.7125, 2 processes 1.7129
+TOLERANCE = 0.01
 TINY = {
     "train.epochs": 2,
     "train.batch_size": 30,
@@ -62,7 +64,7 @@ def test_nproc_and_backend_are_validated():
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_SUBSET.exists(), reason=f"{REAL_SUBSET} is not present")
-def test_two_gloo_processes_train_like_one_process(tmp_path):
+def test_two_gloo_processes_learn_as_well_as_one_process(tmp_path):
     tracking.configure()
     client = MlflowClient()
     model_name = "neurofm-encoder"
@@ -88,13 +90,16 @@ def test_two_gloo_processes_train_like_one_process(tmp_path):
     newest = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"], max_results=1
     )[0]
-    history = client.get_metric_history(newest.info.run_id, "val_loss")
-    assert sorted(m.step for m in history) == [1, 2]
+    history = sorted(client.get_metric_history(newest.info.run_id, "val_loss"), key=lambda m: m.step)
+    assert len(history) == 2 and 0 < history[0].step < history[1].step  # one per epoch, by step
     assert newest.data.params["train.nproc_per_node"] == "2"
+    baseline = client.get_metric_history(newest.info.run_id, "perplexity_ratio")
+    assert max(baseline, key=lambda m: m.step).value < 1.0  # two processes beat the frequency table
 
-    # the same global batches in one process: the same validation loss
+    # one process on the same store (the .h5ad was converted once, no prepared AnnData on this path)
+    (store_dir,) = (out / "stores").iterdir()
     single = pretrain(
-        read_h5ad(out / "prepared.h5ad"),
+        CellStore(store_dir),
         tokenizer=ExpressionTokenizer.load(out / "tokenizer"),
         model_config=ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64),
         train_config=TrainConfig(
@@ -102,10 +107,12 @@ def test_two_gloo_processes_train_like_one_process(tmp_path):
         ),
         out_dir=tmp_path / "single",
     )
-    distributed_rows = {int(m.step): m.value for m in history}
-    for row in single.metrics:
-        assert row["val_loss"] == pytest.approx(distributed_rows[row["epoch"]], rel=TOLERANCE)
-    assert single.metrics[-1]["val_loss"] < single.metrics[0]["baseline_perplexity"]  # it trains
+    # one process: twice the steps per epoch (half the batch): the same cells, the same validation rows
+    assert single.metrics[-1]["step"] > history[-1].step
+    difference = abs(single.metrics[-1]["val_loss"] - history[-1].value) / single.metrics[-1]["val_loss"]
+    print(f"final val loss: 1 process {single.metrics[-1]['val_loss']:.4f}, 2 processes "
+          f"{history[-1].value:.4f}; relative difference {difference:.4f}")  # fmt: skip
+    assert difference < TOLERANCE
     assert single.metrics[-1]["perplexity_ratio"] < 1.0
 
 
@@ -113,11 +120,9 @@ def test_launcher_reports_a_failed_worker_in_one_line(tmp_path, synthetic_adata)
     from neurofm.distributed import LOG_FILE, WORK_DIR, launch_pretrain
     from neurofm.errors import NeurofmError
     from neurofm.tokenizer import TokenizerConfig
-    from neurofm.train import split_cells
 
     config = TrainConfig(epochs=1, batch_size=30, max_tokens_per_cell=32, progress=False, nproc_per_node=2)
-    train_idx, _ = split_cells(synthetic_adata.n_obs, config.val_fraction, config.seed)
-    tokenizer = ExpressionTokenizer(TokenizerConfig()).fit(synthetic_adata, train_idx)
+    tokenizer = ExpressionTokenizer(TokenizerConfig()).fit(synthetic_adata)
     # resume with nothing to resume: the workers fail with a neurofm error, the launcher names it
     with pytest.raises(NeurofmError, match="distributed training failed .*nothing to resume") as error:
         launch_pretrain(
@@ -130,5 +135,5 @@ def test_launcher_reports_a_failed_worker_in_one_line(tmp_path, synthetic_adata)
         )
     assert "\n" not in str(error.value)
     assert (tmp_path / "run" / WORK_DIR / LOG_FILE).is_file()
-    assert not (tmp_path / "run" / WORK_DIR / "data.h5ad").exists()  # the input copy is removed
+    assert not (tmp_path / "run" / WORK_DIR / "cells").exists()  # the input's store copy is removed
     assert not list((tmp_path / "run").glob("*/model.safetensors"))

@@ -44,19 +44,17 @@ from neurofm.tokenizer import TokenizerConfig
 
 data, out_dir, epochs, resume = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "resume"
 
-epoch_batches, make_batch = train._epoch_batches, train.make_batch
-state = {"epoch": 0}
+loader_iter, make_batch = train.StreamLoader.__iter__, train.make_batch
 
-def announce_epoch(*args, **kwargs):  # called once at the start of every epoch
-    state["epoch"] += 1
-    print("epoch", state["epoch"], flush=True)
-    return epoch_batches(*args, **kwargs)
+def announce_epoch(self):  # the loop iterates the loader once per epoch (from its start, or mid-epoch)
+    print("epoch", self.epoch + 1, flush=True)
+    return loader_iter(self)
 
 def announce_batch(*args, **kwargs):
     print("batch", flush=True)
     return make_batch(*args, **kwargs)
 
-train._epoch_batches, train.make_batch = announce_epoch, announce_batch
+train.StreamLoader.__iter__, train.make_batch = announce_epoch, announce_batch
 try:
     result = train.pretrain(
         read_h5ad(data),
@@ -85,7 +83,13 @@ def _tiny_configs() -> dict:
         "tokenizer_config": TokenizerConfig(),
         "model_config": ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_dim=32, dropout=0.1),
         "train_config": train.TrainConfig(
-            epochs=EPOCHS, batch_size=16, max_tokens_per_cell=32, warmup_steps=5, seed=3, device="cpu", progress=False
+            epochs=EPOCHS,
+            batch_size=16,
+            max_tokens_per_cell=32,
+            warmup_steps=5,
+            seed=3,
+            device="cpu",
+            progress=False,
         ),
     }
 

@@ -344,6 +344,11 @@ def convert(
         gene_columns = _select_genes(var, selection.genes, path)
         kept_var = var if gene_columns is None else var.iloc[gene_columns]
         n_genes = len(kept_var)
+        if n_genes == 0 or len(var) == 0 or len(obs) == 0:
+            raise NeurofmError(
+                f"{path} holds an empty matrix ({len(obs)} cells × {len(var)} genes, {n_genes} genes "
+                "kept); pass an .h5ad with counts"
+            )
         fingerprint = {
             "path": str(path.resolve()),
             "size": path.stat().st_size,
@@ -916,3 +921,15 @@ class CellStore:
 def open_store(path: str | os.PathLike, verify: bool = False) -> CellStore:
     """Open the cell store at ``path`` (see :class:`CellStore`)."""
     return CellStore(path, verify=verify)
+
+
+def open_reference(reference: dict, verify: bool = False) -> CellStore:
+    """The store a ``CellStore.reference()`` dict names (what pipeline steps pass instead of an AnnData),
+    checked to be the very store referenced (same manifest SHA-256)."""
+    store = CellStore(reference["uri"], verify=verify)
+    if store.manifest_sha256 != reference["manifest_sha256"]:
+        raise NeurofmError(
+            f"the cell store at {reference['uri']} changed since it was referenced (manifest SHA-256 "
+            f"differs); rerun the pipeline without the cache (--no-cache) to convert it again"
+        )
+    return store
