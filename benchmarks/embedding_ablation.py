@@ -34,11 +34,12 @@ DATASETS = {
     "zeisel550": ("zeisel2015_550cells_gpsfish.h5ad", "class_label", None),
     "allen": ("allen_m1_10x_donor1_141markers.h5ad", "subclass_approx", None),
 }
-# variant name -> (TrainConfig overrides, embed pooling)
+# variant name -> (TrainConfig overrides, ModelConfig overrides, embed pooling)
 VARIANTS = {
-    "default": ({}, "mean"),
-    "mean_nonzero": ({}, "mean_nonzero"),
-    "no_cell_loss": ({"cell_loss_weight": 0.0}, "mean"),
+    "default": ({}, {}, "mean"),
+    "mean_nonzero": ({}, {}, "mean_nonzero"),
+    "no_cell_loss": ({"cell_loss_weight": 0.0}, {}, "mean"),
+    "nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero"),
 }
 
 
@@ -160,15 +161,16 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
     import torch
 
     from neurofm.embed import embed, random_encoder_like
-    from neurofm.model import load_pretrained
+    from neurofm.model import ModelConfig, load_pretrained
     from neurofm.train import TrainConfig, pretrain
 
-    overrides, pooling = VARIANTS[variant]
+    overrides, model_overrides, pooling = VARIANTS[variant]
     config = replace(
         TrainConfig(), epochs=epochs, seed=seed, num_threads=1, progress=False, device="cpu", **overrides
     )
     with tempfile.TemporaryDirectory() as tmp:
-        result = pretrain(adata, train_config=config, out_dir=tmp)
+        model_config = ModelConfig(**model_overrides)
+        result = pretrain(adata, model_config=model_config, train_config=config, out_dir=tmp)
         model, tokenizer = load_pretrained(result.best_dir)
         if random_weights:
             model = random_encoder_like(model.config, seed=seed)
