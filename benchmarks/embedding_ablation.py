@@ -184,7 +184,7 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["cortex"])
-    parser.add_argument("--variants", nargs="+", default=["default"])
+    parser.add_argument("--variants", nargs="*", default=["default"])
     parser.add_argument("--baselines", nargs="*", default=["pca"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=10)
