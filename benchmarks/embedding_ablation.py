@@ -34,12 +34,13 @@ DATASETS = {
     "zeisel550": ("zeisel2015_550cells_gpsfish.h5ad", "class_label", None),
     "allen": ("allen_m1_10x_donor1_141markers.h5ad", "subclass_approx", None),
 }
-# variant name -> (TrainConfig overrides, ModelConfig overrides, embed pooling)
+# variant name -> (TrainConfig overrides, ModelConfig overrides, embed pooling, tokenizer binning)
 VARIANTS = {
-    "default": ({}, {}, "mean"),
-    "mean_nonzero": ({}, {}, "mean_nonzero"),
-    "no_cell_loss": ({"cell_loss_weight": 0.0}, {}, "mean"),
-    "nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero"),
+    "default": ({}, {}, "mean", "quantile"),
+    "mean_nonzero": ({}, {}, "mean_nonzero", "quantile"),
+    "no_cell_loss": ({"cell_loss_weight": 0.0}, {}, "mean", "quantile"),
+    "nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile"),
+    "qnz_nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile_nonzero"),
 }
 
 
@@ -162,15 +163,22 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
 
     from neurofm.embed import embed, random_encoder_like
     from neurofm.model import ModelConfig, load_pretrained
+    from neurofm.tokenizer import TokenizerConfig
     from neurofm.train import TrainConfig, pretrain
 
-    overrides, model_overrides, pooling = VARIANTS[variant]
+    overrides, model_overrides, pooling, binning = VARIANTS[variant]
     config = replace(
         TrainConfig(), epochs=epochs, seed=seed, num_threads=1, progress=False, device="cpu", **overrides
     )
     with tempfile.TemporaryDirectory() as tmp:
         model_config = ModelConfig(**model_overrides)
-        result = pretrain(adata, model_config=model_config, train_config=config, out_dir=tmp)
+        result = pretrain(
+            adata,
+            tokenizer_config=TokenizerConfig(binning=binning),
+            model_config=model_config,
+            train_config=config,
+            out_dir=tmp,
+        )
         model, tokenizer = load_pretrained(result.best_dir)
         if random_weights:
             model = random_encoder_like(model.config, seed=seed)
