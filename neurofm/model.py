@@ -57,6 +57,8 @@ class ModelConfig:
     gene_bin_interaction: bool = True  # add gene_embedding ⊙ bin_scale to each token, so that a token
     #                                   carries which gene has which bin even before any attention
     dropout: float = 0.0  # dropout on attention weights and residual branches during training
+    cell_pooling: str = "all"  # tokens the cell vector pools in pre-training: "all" visible tokens, or
+    #                            "nonzero" (visible tokens with bin > 0: the count of zeros, i.e. depth, stays out)
     max_tokens: int = 256  # context length of the transformer: tokens per sequence (pretrain sets it to the
     #                        per-cell token cap; embedding pools every gene and is not bound by it)
 
@@ -74,6 +76,7 @@ class ModelConfig:
             (self.ffn_dim >= 1, "ffn_dim must be >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.cell_pooling in ("all", "nonzero"), "cell_pooling must be 'all' or 'nonzero'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -248,6 +251,8 @@ class GeneEncoder(nn.Module):
         keep = bin_ids != self.config.mask_token
         if padding_mask is not None:
             keep = keep & ~padding_mask
+        if self.config.cell_pooling == "nonzero":
+            keep = keep & (bin_ids > 0)
         cell = self.pool(self.cell_features(gene_ids, bin_ids), keep)
         histogram = self.pool(self.bin_embedding(bin_ids), keep)  # the cell's bin mix: depth, sparsity
         return self._with_bias(self.head(hidden), gene_ids), self.cell_logits(cell, gene_ids, histogram)

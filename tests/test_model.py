@@ -172,3 +172,23 @@ def test_cell_head_sees_only_the_cell_vector_and_gets_gradients():
         first = model.pretrain_logits(gene_ids, visible)[1][:, 3:]
         second = model.pretrain_logits(moved, visible)[1][:, 3:]
     torch.testing.assert_close(first, second)
+
+
+def test_nonzero_cell_pooling_ignores_zero_bin_tokens():
+    from dataclasses import replace
+
+    torch.manual_seed(4)
+    model = GeneEncoder(replace(CONFIG, cell_pooling="nonzero")).eval()
+    gene_ids, bin_ids = torch.randint(0, 40, (2, 10)), torch.randint(1, 20, (2, 10))
+    extra_genes = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        alone = model.pretrain_logits(gene_ids, bin_ids)[1]
+        # five more genes at bin 0 (undetected): the cell vector, hence the cell logits of the first ten
+        # genes, must not move
+        with_zeros = model.pretrain_logits(
+            torch.cat([gene_ids, extra_genes], 1),
+            torch.cat([bin_ids, torch.zeros(2, 5, dtype=torch.long)], 1),
+        )[1][:, :10]
+    torch.testing.assert_close(alone, with_zeros)
+    with pytest.raises(NeurofmError, match="cell_pooling"):
+        GeneEncoder(replace(CONFIG, cell_pooling="median"))

@@ -1,0 +1,230 @@
+"""Embedding ablation: neurofm variants vs PCA-50 / scVI / random encoder under ONE fair protocol.
+
+Protocol (the same for every method): a stratified 80/20 split (group-aware on Zeisel's chips); the full
+probe picks its classifier on the training cells by inner 5-fold CV from logistic regression (unscaled and
+standardised, C in 0.01..100) and kNN (k in 1, 3, 5, 15), scored by macro-F1 on the test cells; 5-shot
+macro-F1 is the mean over 10 draws of 5 training cells per class (leave-one-out inner CV); Leiden on a
+15-neighbour scanpy graph: ARI at resolution 1 (mean of seeds 0-2) and the best ARI over resolutions
+0.1..2.0 (cluster-optimised).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/embedding_ablation.py \
+        --datasets cortex --variants default mean_nonzero --seeds 0 --epochs 10 --baselines pca scvi random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._bench import write_report  # noqa: E402
+
+DATA = Path("/work/shared/data")
+DATASETS = {
+    "cortex": ("subset_2523_210_Cerebral-cortex.screened.h5ad", "subtype", None),
+    "zeisel": ("zeisel2015_1464cells_1000genes.h5ad", "label", "c1_chip"),
+    "zeisel550": ("zeisel2015_550cells_gpsfish.h5ad", "class_label", None),
+    "allen": ("allen_m1_10x_donor1_141markers.h5ad", "subclass_approx", None),
+}
+# variant name -> (TrainConfig overrides, ModelConfig overrides, embed pooling, tokenizer binning)
+VARIANTS = {
+    "default": ({}, {}, "mean", "quantile"),
+    "mean_nonzero": ({}, {}, "mean_nonzero", "quantile"),
+    "no_cell_loss": ({"cell_loss_weight": 0.0}, {}, "mean", "quantile"),
+    "nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile"),
+    "qnz_nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile_nonzero"),
+}
+
+
+def load(name: str, max_cells: int = 10000):
+    import anndata as ad
+
+    file, label, group = DATASETS[name]
+    adata = ad.read_h5ad(DATA / file)
+    if adata.n_obs > max_cells:
+        keep = np.random.default_rng(0).choice(adata.n_obs, max_cells, replace=False)
+        adata = adata[np.sort(keep)].copy()
+    return adata, label, group
+
+
+def split(labels, groups, seed: int = 0):
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
+
+    idx = np.arange(len(labels))
+    if groups is not None:
+        return next(GroupShuffleSplit(1, test_size=0.2, random_state=seed).split(idx, labels, groups))
+    return next(StratifiedShuffleSplit(1, test_size=0.2, random_state=seed).split(idx, labels))
+
+
+def classifier_menu():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    menu = []
+    for c in (0.01, 0.1, 1, 10, 100):
+        menu.append((f"lr C={c}", lambda c=c: LogisticRegression(C=c, max_iter=2000)))
+        menu.append(
+            (
+                f"lr-std C={c}",
+                lambda c=c: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)),
+            )
+        )
+    for k in (1, 3, 5, 15):
+        menu.append((f"knn k={k}", lambda k=k: KNeighborsClassifier(k)))
+    return menu
+
+
+def pick_and_score(x_train, y_train, x_test, y_test, leave_one_out: bool):
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import LeaveOneOut, StratifiedKFold, cross_val_predict
+
+    cv = LeaveOneOut() if leave_one_out else StratifiedKFold(5, shuffle=True, random_state=0)
+    best, best_score = None, -1.0
+    for name, make in classifier_menu():
+        if name.startswith("knn") and int(name.split("=")[1]) >= len(y_train) - 1:
+            continue
+        predicted = cross_val_predict(make(), x_train, y_train, cv=cv)
+        score = f1_score(y_train, predicted, average="macro")
+        if score > best_score:
+            best, best_score = (name, make), score
+    model = best[1]().fit(x_train, y_train)
+    return f1_score(y_test, model.predict(x_test), average="macro"), best[0]
+
+
+def score_embedding(x: np.ndarray, labels: np.ndarray, groups) -> dict:
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score
+
+    warnings.filterwarnings("ignore")
+    train, test = split(labels, groups)
+    probe, probe_clf = pick_and_score(x[train], labels[train], x[test], labels[test], leave_one_out=False)
+    rng = np.random.default_rng(0)
+    shots = []
+    for _ in range(10):
+        chosen = np.concatenate(
+            [rng.choice(train[labels[train] == c], 5, replace=False) for c in np.unique(labels[train])]
+        )
+        shots.append(pick_and_score(x[chosen], labels[chosen], x[test], labels[test], leave_one_out=True)[0])
+    adata = sc.AnnData(np.zeros((len(x), 1), dtype=np.float32))
+    adata.obsm["X"] = x.astype(np.float32)
+    sc.pp.neighbors(adata, n_neighbors=15, use_rep="X", random_state=0)
+    ari_res1 = []
+    for seed in range(3):
+        sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2)
+        ari_res1.append(adjusted_rand_score(labels, adata.obs["leiden"]))
+    best = 0.0
+    for resolution in np.arange(0.1, 2.01, 0.1):
+        sc.tl.leiden(adata, resolution=resolution, random_state=0, flavor="igraph", n_iterations=2)
+        best = max(best, adjusted_rand_score(labels, adata.obs["leiden"]))
+    return {
+        "probe_f1": probe,
+        "probe_classifier": probe_clf,
+        "shot5_f1": float(np.mean(shots)),
+        "ari_res1": float(np.mean(ari_res1)),
+        "ari_best": float(best),
+    }
+
+
+def pca_embedding(adata) -> np.ndarray:
+    import scanpy as sc
+
+    a = adata.copy()
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    if a.n_vars > 2000:
+        sc.pp.highly_variable_genes(a, n_top_genes=2000, subset=True)
+    sc.pp.pca(a, n_comps=min(50, a.n_vars - 1, a.n_obs - 1))
+    return a.obsm["X_pca"]
+
+
+def scvi_embedding(adata) -> np.ndarray:
+    import scvi
+
+    scvi.settings.seed = 0
+    a = adata.copy()
+    scvi.model.SCVI.setup_anndata(a)
+    model = scvi.model.SCVI(a, n_latent=10)
+    model.train(accelerator="cpu", enable_progress_bar=False)
+    return model.get_latent_representation()
+
+
+def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights: bool = False):
+    import torch
+
+    from neurofm.embed import embed, random_encoder_like
+    from neurofm.model import ModelConfig, load_pretrained
+    from neurofm.tokenizer import TokenizerConfig
+    from neurofm.train import TrainConfig, pretrain
+
+    overrides, model_overrides, pooling, binning = VARIANTS[variant]
+    config = replace(
+        TrainConfig(), epochs=epochs, seed=seed, num_threads=1, progress=False, device="cpu", **overrides
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model_config = ModelConfig(**model_overrides)
+        result = pretrain(
+            adata,
+            tokenizer_config=TokenizerConfig(binning=binning),
+            model_config=model_config,
+            train_config=config,
+            out_dir=tmp,
+        )
+        model, tokenizer = load_pretrained(result.best_dir)
+        if random_weights:
+            model = random_encoder_like(model.config, seed=seed)
+        torch.set_num_threads(1)
+        x = embed(model, tokenizer, adata, pooling=pooling, device="cpu", progress=False)
+        best = result.best
+        ratio = best.get("val_perplexity", float("nan")) / result.baseline_perplexity
+    return x, ratio
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["cortex"])
+    parser.add_argument("--variants", nargs="*", default=["default"])
+    parser.add_argument("--baselines", nargs="*", default=["pca"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results/embedding_ablation.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for dataset in args.datasets:
+        adata, label, group = load(dataset)
+        labels = adata.obs[label].astype(str).to_numpy()
+        groups = None if group is None else adata.obs[group].astype(str).to_numpy()
+        jobs = [(b, None) for b in args.baselines] + [(v, s) for v in args.variants for s in args.seeds]
+        for method, seed in jobs:
+            start = time.time()
+            if method == "pca":
+                x = pca_embedding(adata)
+            elif method == "scvi":
+                x = scvi_embedding(adata)
+            elif method == "random":
+                x, _ = model_embedding(adata, "default", 0, 1, random_weights=True)
+            else:
+                x, ratio = model_embedding(adata, method, seed, args.epochs)
+            row = {"dataset": dataset, "method": method, "seed": seed, **score_embedding(x, labels, groups)}
+            if method not in ("pca", "scvi", "random"):
+                row["perplexity_ratio"] = round(ratio, 4)
+            row["seconds"] = round(time.time() - start, 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    write_report({"args": vars(args), "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
