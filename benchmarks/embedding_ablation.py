@@ -161,7 +161,7 @@ def scvi_embedding(adata) -> np.ndarray:
 def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights: bool = False):
     import torch
 
-    from neurofm.embed import embed, random_encoder_like
+    from neurofm.embedding import embed_matrix, random_encoder_like
     from neurofm.model import ModelConfig, load_pretrained
     from neurofm.tokenizer import TokenizerConfig
     from neurofm.train import TrainConfig, pretrain
@@ -183,7 +183,7 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
         if random_weights:
             model = random_encoder_like(model.config, seed=seed)
         torch.set_num_threads(1)
-        x = embed(model, tokenizer, adata, pooling=pooling, device="cpu", progress=False)
+        x = embed_matrix(model, tokenizer, adata, pooling=pooling, device="cpu", progress=False)
         best = result.best
         ratio = best.get("val_perplexity", float("nan")) / result.baseline_perplexity
     return x, ratio
