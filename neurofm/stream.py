@@ -242,8 +242,17 @@ def fit_tokenizer(
     for part in edges_parts:
         edges[row : row + part.shape[0], : part.shape[1]] = part
         row += part.shape[0]
+    if constant.any():  # a streamed vocabulary keeps every stored gene: constant ones always share a bin
+        log.warning(
+            "%d of %d genes have one value in every sampled cell (e.g. %s); they always fall in one bin",
+            int(constant.sum()),
+            store.n_genes,
+            store.gene_ids[constant][:3].tolist(),
+        )
     tokenizer.bin_edges = edges
     tokenizer.gene_ids = store.gene_ids.copy()
+    symbols = store.manifest.get("gene_symbols")
+    tokenizer.gene_symbols = None if symbols is None else np.asarray(symbols, dtype=str)  # gene matching
     log.info("fit bin edges on %d sampled cells of %d", n_sample, store.n_cells)
     return tokenizer
 

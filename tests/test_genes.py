@@ -111,3 +111,20 @@ def test_matching_through_a_var_column(trained):
         data.obsm["X_neurofm"], embed_matrix(model, tokenizer, adata, device="cpu", progress=False), atol=1e-6
     )
     assert data.uns["neurofm"]["gene_match"]["data_key"] == "var['ensembl']"
+
+
+def test_a_tokenizer_fit_on_a_cell_store_keeps_the_gene_symbols_for_matching(tmp_path):
+    """Models pre-trained through the streaming path must still match data named by symbol."""
+    from neurofm.data.store import CellStore, convert_anndata
+    from neurofm.stream import fit_tokenizer
+
+    adata = synthetic_counts(n_cells=60, n_genes=20)
+    adata.var["gene_symbol"] = [f"Sym{i}" for i in range(20)]
+    adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+    adata.X[:, 4] = 0  # an all-zero gene: kept in a streamed vocabulary (it always falls in one bin)
+    convert_anndata(adata, tmp_path / "store")
+    tokenizer = fit_tokenizer(CellStore(tmp_path / "store"))
+    assert list(tokenizer.gene_symbols) == [f"Sym{i}" for i in range(20)]
+    data = adata.copy()
+    data.var_names = [name.upper() for name in data.var["gene_symbol"]]
+    assert match_adata(data, tokenizer.gene_ids, tokenizer.gene_symbols).n_found == 20
