@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 import run
 from neurofm import tracking
 from neurofm.data.store import CellStore
-from neurofm.distributed import DistContext, all_reduce_sums, shard
+from neurofm.runtime import DistContext, all_reduce_sums, shard
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train import TrainConfig, pretrain
