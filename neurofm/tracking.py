@@ -221,6 +221,45 @@ def set_version_tags(registered_name: str, version: str, tags: Mapping[str, Any]
         client.set_model_version_tag(registered_name, version, key, str(value))
 
 
+def promote_if_better(name: str, version: str, metrics: dict[str, float], data_name: str, run_id: str) -> str:
+    """Move the ``champion`` alias of ``name`` to ``version`` when the champion rule
+    (:func:`neurofm.evaluate.compare.should_promote`) allows it, judged against the current champion's
+    metrics recorded on the same data (``data_name``); tags the version with its probe metrics, the data
+    and the evaluation run. Returns one sentence saying what happened and why."""
+    from neurofm.evaluate.compare import should_promote
+
+    set_version_tags(
+        name,
+        version,
+        {
+            **{
+                key: f"{metrics[key]:.6f}"
+                for key in ("model/probe_auc", "model/probe_accuracy")
+                if key in metrics
+            },
+            "eval_data": data_name,
+            "eval_run_id": run_id,
+        },
+    )
+    current = alias_version_tags(name, CHAMPION_ALIAS)
+    champion = None
+    if current is not None:
+        champion_version, champion_tags = current
+        if champion_version == version:
+            return f"version {version} already holds '{CHAMPION_ALIAS}'"
+        if champion_tags.get("eval_data") != data_name:
+            return (
+                f"champion v{champion_version} was evaluated on {champion_tags.get('eval_data')!r}, not {data_name!r}; "
+                "metrics are not comparable, alias left in place (evaluate it on this data first)"
+            )
+        champion = {key: float(value) for key, value in champion_tags.items() if key.startswith("model/")}
+    promote, reason = should_promote(metrics, champion)
+    if promote:
+        set_alias(name, CHAMPION_ALIAS, version)
+        return f"v{version} → '{CHAMPION_ALIAS}': {reason}"
+    return f"v{version} not promoted: {reason}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Studies (neurofm.tune): a study run that survives restarts, nested trial runs, mutable tags.
 

@@ -246,7 +246,7 @@ def track_evaluation(
 ) -> Annotated[dict, "evaluation_summary"]:
     """Log the evaluation to MLflow (metrics ``model/…``, ``pca/…``, ``random/…``; figures, tables,
     report) in a run linked to the model version, and move the ``champion`` alias when
-    :func:`neurofm.evaluate.compare.should_promote` allows it. Never cached."""
+    :func:`neurofm.tracking.promote_if_better` allows it. Never cached."""
     metrics = evaluation["metrics"]
     name, version = model_info.get("model_name"), model_info.get("model_version")
     tags = {
@@ -272,43 +272,9 @@ def track_evaluation(
         tracking.log_artifacts([evaluation["out_dir"]], artifact_path="evaluation")
         promotion = "not a registered model version; no alias moved"
         if version is not None and evaluate["promote"]:
-            promotion = _promote(name, str(version), metrics, data_name, run.info.run_id)
+            promotion = tracking.promote_if_better(name, str(version), metrics, data_name, run.info.run_id)
         elif version is not None:
             promotion = "evaluate.promote is false; no alias moved"
         tracking.set_tags({"neurofm.promotion": promotion})
     log.info("promotion: %s", promotion)
     return {**evaluation, "promotion": promotion, "mlflow_run_id": run.info.run_id, "model": model_info}
-
-
-def _promote(name: str, version: str, metrics: dict[str, float], data_name: str, run_id: str) -> str:
-    """Apply the champion rule against the current champion's recorded metrics on the same data."""
-    tracking.set_version_tags(
-        name,
-        version,
-        {
-            **{
-                key: f"{metrics[key]:.6f}"
-                for key in ("model/probe_auc", "model/probe_accuracy")
-                if key in metrics
-            },
-            "eval_data": data_name,
-            "eval_run_id": run_id,
-        },
-    )
-    current = tracking.alias_version_tags(name, tracking.CHAMPION_ALIAS)
-    champion = None
-    if current is not None:
-        champion_version, champion_tags = current
-        if champion_version == version:
-            return f"version {version} already holds '{tracking.CHAMPION_ALIAS}'"
-        if champion_tags.get("eval_data") != data_name:
-            return (
-                f"champion v{champion_version} was evaluated on {champion_tags.get('eval_data')!r}, not {data_name!r}; "
-                "metrics are not comparable, alias left in place (evaluate it on this data first)"
-            )
-        champion = {key: float(value) for key, value in champion_tags.items() if key.startswith("model/")}
-    promote, reason = compare.should_promote(metrics, champion)
-    if promote:
-        tracking.set_alias(name, tracking.CHAMPION_ALIAS, version)
-        return f"v{version} → '{tracking.CHAMPION_ALIAS}': {reason}"
-    return f"v{version} not promoted: {reason}"

@@ -68,3 +68,32 @@ def test_registered_versions_are_found_by_alias_and_number(store, tmp_path):
         registry.resolve_model_dir("models:/tracking-test-model@nope", "tracking-test-model")
     with pytest.raises(NeurofmError, match="neither an existing directory"):
         registry.resolve_model_dir(str(tmp_path / "missing"), "tracking-test-model")
+
+
+def test_the_champion_alias_moves_only_when_the_rule_allows_and_says_why(store, tmp_path):
+    adata = synthetic_counts(n_cells=40, n_genes=12)
+    tokenizer = ExpressionTokenizer().fit(adata)
+    config = ModelConfig(n_genes=12, n_bins=20, d_model=8, n_heads=2, n_layers=1, ffn_dim=16, max_tokens=4)
+    model_dir = random_encoder_like(config).save_pretrained(tmp_path / "best", tokenizer)
+    versions = []
+    for index in range(3):
+        with tracking.start_run("tracking-test", run_name=f"register-{index}"):
+            versions.append(tracking.log_and_register_model(model_dir, "promo-model").version)
+    baselines = {
+        "pca/probe_auc": 0.95,
+        "pca/probe_accuracy": 0.90,
+        "scvi/probe_auc": 0.96,
+        "scvi/probe_accuracy": 0.91,
+    }
+    behind_scvi = {"model/probe_auc": 0.955, "model/probe_accuracy": 0.95, **baselines}
+    message = tracking.promote_if_better("promo-model", versions[0], behind_scvi, "toy", "run-0")
+    assert "not promoted" in message and "scVI" in message
+    assert tracking.alias_version_tags("promo-model", registry.CHAMPION_ALIAS) is None
+    ahead = {"model/probe_auc": 0.97, "model/probe_accuracy": 0.92, **baselines}
+    message = tracking.promote_if_better("promo-model", versions[1], ahead, "toy", "run-1")
+    champion, tags = tracking.alias_version_tags("promo-model", registry.CHAMPION_ALIAS)
+    assert champion == versions[1] and tags["eval_data"] == "toy" and "→" in message
+    # a later version evaluated on other data is not compared with it: the alias stays
+    message = tracking.promote_if_better("promo-model", versions[2], ahead, "other", "run-2")
+    assert "not comparable" in message
+    assert tracking.alias_version_tags("promo-model", registry.CHAMPION_ALIAS)[0] == versions[1]
