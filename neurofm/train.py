@@ -72,6 +72,7 @@ from neurofm.stream import (
     StreamConfig,
     StreamLoader,
     densify,
+    densify_counts,
     fit_tokenizer,
     validation_rows,
 )
@@ -105,6 +106,9 @@ class TrainConfig:
     cell_loss_weight: float = 1.0  # weight of the cell-embedding loss (bins predicted from the pooled cell
     #                                vector alone) beside the masked-token loss; 0 trains tokens only
     cell_loss_tokens: str = "all"  # which tokens the cell head predicts: "masked" or "all" real tokens
+    count_loss_weight: float = 1.0  # weight of the count head's loss (model.latent_dim > 0): its negative-
+    #                                 binomial NLL of every gene's raw count + the latent's KL, per gene
+    kl_warmup: float = 0.5  # share of the steps over which the KL weight rises linearly from 0 to 1
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
@@ -161,6 +165,8 @@ class TrainConfig:
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (0 < self.mask_ratio < 1, "mask_ratio must be in (0, 1)"),
             (self.cell_loss_weight >= 0, "cell_loss_weight must be >= 0"),
+            (self.count_loss_weight >= 0, "count_loss_weight must be >= 0"),
+            (0 <= self.kl_warmup <= 1, "kl_warmup must be in [0, 1]"),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
@@ -208,6 +214,7 @@ METRIC_COLUMNS = (
     "train_cell_loss",
     "val_loss",
     "val_cell_loss",
+    "val_count_loss",
     "val_total_loss",
     "val_perplexity",
     "val_masked_accuracy",
@@ -306,6 +313,7 @@ class _Batch:
     labels: torch.Tensor  # true bin at masked tokens, IGNORE_INDEX elsewhere
     cell_labels: torch.Tensor  # what the cell head is scored on: labels, or the true bin of every token
     padding_mask: torch.Tensor | None
+    counts: torch.Tensor | None = None  # (cells, all genes) raw counts, for the count head
 
     def rows(self, part: slice) -> _Batch:
         """The cells ``part`` of the batch (a rank's share under DDP)."""
@@ -315,6 +323,7 @@ class _Batch:
             self.labels[part],
             self.cell_labels[part],
             None if self.padding_mask is None else self.padding_mask[part],
+            None if self.counts is None else self.counts[part],
         )
 
     @property
@@ -324,9 +333,15 @@ class _Batch:
 
 
 def make_batch(
-    bins: torch.Tensor, n_tokens: int, mask_token: int, config: TrainConfig, generator: torch.Generator
+    bins: torch.Tensor,
+    n_tokens: int,
+    mask_token: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+    counts: torch.Tensor | None = None,
 ) -> _Batch:
-    """Sample genes and masks for the cells in ``bins`` (cells × all genes)."""
+    """Sample genes and masks for the cells in ``bins`` (cells × all genes); ``counts`` (the same cells'
+    raw counts) ride along for the count head."""
     gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device)
     token_bins = torch.gather(bins, 1, gene_ids).long()
     masked = mask_tokens(token_bins, config.mask_ratio, config.nonzero_mask_share, generator)
@@ -337,6 +352,7 @@ def make_batch(
         labels=labels,
         cell_labels=labels if config.cell_loss_tokens == "masked" else token_bins,
         padding_mask=None,
+        counts=counts,
     )
 
 
@@ -378,23 +394,27 @@ def _autocast(device: torch.device, config: TrainConfig):
 
 
 class _PretrainForward(torch.nn.Module):
-    """``GeneEncoder.pretrain_logits`` as a module's ``forward``, which DistributedDataParallel wraps."""
+    """``GeneEncoder.pretrain_outputs`` as a module's ``forward``, which DistributedDataParallel wraps."""
 
     def __init__(self, model: GeneEncoder):
         super().__init__()
         self.model = model
 
-    def forward(self, gene_ids, bin_ids, padding_mask=None):
-        return self.model.pretrain_logits(gene_ids, bin_ids, padding_mask)
+    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None):
+        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts)
 
 
 def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
-    """(masked-token loss, cell loss, token logits): cross-entropy of the token head at the masked tokens
-    and of the cell head (bins from the pooled cell vector alone) at ``batch.cell_labels``. ``model`` is a
-    GeneEncoder or its DDP-wrapped ``_PretrainForward``."""
-    forward = model.pretrain_logits if isinstance(model, GeneEncoder) else model
+    """(masked-token loss, cell loss, count NLL, count KL, token logits): cross-entropy of the token head
+    at the masked tokens and of the cell head (bins from the pooled cell vector alone) at
+    ``batch.cell_labels``; with a count head and ``batch.counts``, its negative-binomial NLL and KL per
+    gene (mean or sum over the cells; zeros otherwise). ``model`` is a GeneEncoder or its DDP-wrapped
+    ``_PretrainForward``."""
+    forward = model.pretrain_outputs if isinstance(model, GeneEncoder) else model
     with _autocast(device, config):
-        logits, cell_logits = forward(batch.gene_ids, batch.input_bins, batch.padding_mask)
+        logits, cell_logits, count_nll, count_kl = forward(
+            batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts
+        )
     token_loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
     )
@@ -404,32 +424,55 @@ def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, red
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
-    return token_loss, cell_loss, logits
+    if count_nll is None:
+        count_nll = count_kl = torch.zeros((), device=token_loss.device)
+    elif reduction == "mean":
+        count_nll, count_kl = count_nll.mean(), count_kl.mean()
+    else:
+        count_nll, count_kl = count_nll.sum(), count_kl.sum()
+    return token_loss, cell_loss, count_nll, count_kl, logits
+
+
+def kl_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The count head's KL weight at ``step``: linear from 0 to 1 over the first ``kl_warmup`` share of
+    the steps (scVI's warm-up, so the latent learns the profile before it is pulled to the prior)."""
+    ramp = config.kl_warmup * total_steps
+    return 1.0 if ramp <= 0 else min(1.0, step / ramp)
 
 
 @torch.no_grad()
 def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
     """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
-    cell head's loss (``cell_loss``, token-weighted mean NLL). Under DDP each rank scores its share of
-    the batches and the sums are all-reduced, so every rank returns the same metrics."""
+    cell head's loss (``cell_loss``, token-weighted mean NLL) and, with a count head, its loss per cell
+    and gene (``count_loss``: negative-binomial NLL + KL, the negative ELBO; 0 without one). Under DDP
+    each rank scores its share of the batches and the sums are all-reduced, so every rank returns the
+    same metrics."""
     context = runtime.current()
     model.eval()
-    total_nll, total_cell_nll, total_correct, total_masked, total_cell = 0.0, 0.0, 0, 0, 0
+    total_nll, total_cell_nll, total_count, total_correct, total_masked, total_cell, n_cells = (
+        0.0, 0.0, 0.0, 0, 0, 0, 0
+    )  # fmt: skip
     for batch in batches[context.rank :: context.world_size]:
-        nll, cell_nll, logits = _losses(model, batch, device, config, reduction="sum")
+        nll, cell_nll, count_nll, count_kl, logits = _losses(model, batch, device, config, reduction="sum")
         scored = batch.labels != IGNORE_INDEX
         total_nll += nll.item()
         total_cell_nll += cell_nll.item()
+        total_count += count_nll.item() + count_kl.item()
         total_correct += (logits[scored].float().argmax(-1) == batch.labels[scored]).sum().item()
         total_masked += int(scored.sum())
         total_cell += int((batch.cell_labels != IGNORE_INDEX).sum())
-    total_nll, total_cell_nll, total_correct, total_masked, total_cell = runtime.all_reduce_sums(
-        [total_nll, total_cell_nll, total_correct, total_masked, total_cell], context
+        n_cells += batch.gene_ids.shape[0]
+    total_nll, total_cell_nll, total_count, total_correct, total_masked, total_cell, n_cells = (
+        runtime.all_reduce_sums(
+            [total_nll, total_cell_nll, total_count, total_correct, total_masked, total_cell, n_cells],
+            context,
+        )
     )
     loss = total_nll / max(1, total_masked)
     return {
         "loss": loss,
         "cell_loss": total_cell_nll / max(1, total_cell),
+        "count_loss": total_count / max(1, n_cells),
         "perplexity": math.exp(loss),
         "masked_accuracy": total_correct / max(1, total_masked),
     }
@@ -448,8 +491,9 @@ def _baseline_scores(table: np.ndarray, batches: list[_Batch]) -> tuple[float, f
     return math.exp(nll / masked), correct / masked
 
 
-def stream_config_for(config: TrainConfig) -> StreamConfig:
-    """The :class:`~neurofm.stream.StreamConfig` a training run reads its store with."""
+def stream_config_for(config: TrainConfig, counts: bool = False) -> StreamConfig:
+    """The :class:`~neurofm.stream.StreamConfig` a training run reads its store with (``counts``: the
+    raw counts too, for a model with a count head)."""
     return StreamConfig(
         batch_size=config.batch_size,
         block_size=config.block_size,
@@ -458,6 +502,7 @@ def stream_config_for(config: TrainConfig) -> StreamConfig:
         max_val_cells=config.max_val_cells,
         seed=config.seed,
         output=config.stream_output,
+        counts=counts,
     ).validate()
 
 
@@ -666,9 +711,11 @@ def _validation_batches(
     zero_bins = stream.zero_bins.to(device)
     batches = []
     for part in stream.validation_batches(eval_batch_size):
-        bins = densify(_to_device(part, device), zero_bins)
+        part = _to_device(part, device)
+        bins = densify(part, zero_bins)
+        counts = densify_counts(part, bins.shape[1]) if stream.config.counts else None
         batches.extend(
-            make_batch(bins, n_tokens, mask_token, config, generator) for _ in range(config.val_draws)
+            make_batch(bins, n_tokens, mask_token, config, generator, counts) for _ in range(config.val_draws)
         )
     return batches
 
@@ -689,11 +736,17 @@ def _pretrain(
     started = time.perf_counter()
     train_rows, val_rows = split
     mask_token = model_config.mask_token
+    with_counts = model_config.latent_dim > 0  # the count head needs every gene's raw count
+    if with_counts and train_config.count_loss_weight <= 0:
+        raise NeurofmError(
+            "the model has a count head (latent_dim > 0) but train.count_loss_weight is 0, so its latent "
+            "would never be trained; set count_loss_weight > 0 or model.latent_dim: 0"
+        )
 
     stream = CellStream(
         store,
         tokenizer,
-        stream_config_for(train_config),
+        stream_config_for(train_config, counts=with_counts),
         rank=context.rank,
         world_size=context.world_size,
         num_workers=train_config.num_workers,
@@ -781,11 +834,18 @@ def _pretrain(
                 step_seed = _step_seed(train_config.seed, step, context.rank)
                 generator.manual_seed(step_seed)
                 torch.manual_seed(step_seed)  # dropout
-                bins = densify(_to_device(raw, device), zero_bins)
-                batch = make_batch(bins, n_tokens, mask_token, train_config, generator)
+                raw = _to_device(raw, device)
+                bins = densify(raw, zero_bins)
+                counts = densify_counts(raw, bins.shape[1]) if with_counts else None
+                batch = make_batch(bins, n_tokens, mask_token, train_config, generator, counts)
                 # each rank's mean over its own cells; DDP averages the gradients over the ranks
-                token_loss, cell_loss, _ = _losses(trainable, batch, device, train_config)
+                token_loss, cell_loss, count_nll, count_kl, _ = _losses(
+                    trainable, batch, device, train_config
+                )
                 loss = token_loss + train_config.cell_loss_weight * cell_loss
+                if with_counts:
+                    kl_weight = kl_weight_at(step, total_steps, train_config)
+                    loss = loss + train_config.count_loss_weight * (count_nll + kl_weight * count_kl)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if train_config.grad_clip > 0:
@@ -867,7 +927,10 @@ def _validate(
         "train_cell_loss": total_cell / denominator,
         "val_loss": val["loss"],
         "val_cell_loss": val["cell_loss"],
-        "val_total_loss": val["loss"] + config.cell_loss_weight * val["cell_loss"],
+        "val_count_loss": val["count_loss"],
+        "val_total_loss": val["loss"]
+        + config.cell_loss_weight * val["cell_loss"]
+        + (config.count_loss_weight * val["count_loss"] if model.latent_encoder is not None else 0.0),
         "val_perplexity": val["perplexity"],
         "val_masked_accuracy": val["masked_accuracy"],
         "baseline_perplexity": baseline_ppl,
