@@ -101,7 +101,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "tune": {
         "n_trials": 20,
-        "objective": "val_loss",  # or perplexity_ratio, probe_auc (see neurofm.tune)
+        "objective": "val_loss",  # or perplexity_ratio, probe_auc, fewshot5_f1, ari_optimised (neurofm.tune)
         "storage": None,  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
         "study_name": "neurofm-pretrain",
         "seed": 42,
