@@ -282,10 +282,13 @@ class GeneEncoder(nn.Module):
         bin_ids: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         counts: torch.Tensor | None = None,
+        full_bins: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """:meth:`pretrain_logits` plus, with a count head and the cells' raw ``counts`` (batch, n_genes),
         the count head's per-cell negative-binomial NLL and KL divergence, each divided by n_genes
-        (``None, None`` otherwise). The latent is sampled (reparameterised) in training mode."""
+        (``None, None`` otherwise). The count head reads the cell vector of ``full_bins`` (batch,
+        n_genes: every gene's bin, as at embedding time) when given, else that of the visible tokens.
+        The latent is sampled (reparameterised) in training mode."""
         hidden = self.encode(gene_ids, bin_ids, padding_mask)
         keep = bin_ids != self.config.mask_token
         if padding_mask is not None:
@@ -298,13 +301,28 @@ class GeneEncoder(nn.Module):
         cell_logits = self.cell_logits(cell, gene_ids, histogram)
         if self.latent_encoder is None or counts is None:
             return logits, cell_logits, None, None
+        nll, kl = self.count_loss(cell if full_bins is None else self.pooled_cell(full_bins), counts)
+        return logits, cell_logits, nll, kl
+
+    def pooled_cell(self, bins: torch.Tensor) -> torch.Tensor:
+        """(batch, d_model) cell vectors of whole cells: ``bins`` (batch, n_genes) holds every gene's bin;
+        pooled over every gene, or over the genes with bin > 0 for ``cell_pooling="nonzero"`` — the
+        cell vector ``neurofm.embed`` pools (pooling ``"auto"``)."""
+        genes = torch.arange(bins.shape[1], device=bins.device).expand(bins.shape[0], -1)
+        keep = bins > 0 if self.config.cell_pooling == "nonzero" else None
+        return self.pool(self.cell_features(genes, bins.long()), keep)
+
+    def count_loss(self, cell: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL, KL), each (batch,) and divided by n_genes: the count head's negative-binomial NLL of the
+        raw ``counts`` (batch, n_genes) from the latent of the cell vectors ``cell`` (sampled in
+        training mode, its mean otherwise) and the latent's KL divergence from N(0, I)."""
         mean, log_var = self.latent(cell)
         latent = mean
         if self.training:
             latent = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
         nll = self.count_nll(latent, counts)
         kl = 0.5 * (mean.float().pow(2) + log_var.float().exp() - 1.0 - log_var.float()).sum(1)
-        return logits, cell_logits, nll / self.config.n_genes, kl / self.config.n_genes
+        return nll / self.config.n_genes, kl / self.config.n_genes
 
     def latent(self, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log-variance), each (batch, latent_dim), of the count head's latent for cell vectors."""

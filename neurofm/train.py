@@ -109,6 +109,8 @@ class TrainConfig:
     count_loss_weight: float = 1.0  # weight of the count head's loss (model.latent_dim > 0): its negative-
     #                                 binomial NLL of every gene's raw count + the latent's KL, per gene
     kl_warmup: float = 0.5  # share of the steps over which the KL weight rises linearly from 0 to 1
+    count_input: str = "all_genes"  # the count head's cell vector: of "all_genes" of the cell (as embedded)
+    #                                 or of the "sampled" visible tokens only
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
@@ -167,6 +169,7 @@ class TrainConfig:
             (self.cell_loss_weight >= 0, "cell_loss_weight must be >= 0"),
             (self.count_loss_weight >= 0, "count_loss_weight must be >= 0"),
             (0 <= self.kl_warmup <= 1, "kl_warmup must be in [0, 1]"),
+            (self.count_input in ("all_genes", "sampled"), "count_input must be 'all_genes' or 'sampled'"),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
@@ -314,6 +317,7 @@ class _Batch:
     cell_labels: torch.Tensor  # what the cell head is scored on: labels, or the true bin of every token
     padding_mask: torch.Tensor | None
     counts: torch.Tensor | None = None  # (cells, all genes) raw counts, for the count head
+    full_bins: torch.Tensor | None = None  # (cells, all genes) bins the count head reads ("all_genes")
 
     def rows(self, part: slice) -> _Batch:
         """The cells ``part`` of the batch (a rank's share under DDP)."""
@@ -324,6 +328,7 @@ class _Batch:
             self.cell_labels[part],
             None if self.padding_mask is None else self.padding_mask[part],
             None if self.counts is None else self.counts[part],
+            None if self.full_bins is None else self.full_bins[part],
         )
 
     @property
@@ -353,6 +358,7 @@ def make_batch(
         cell_labels=labels if config.cell_loss_tokens == "masked" else token_bins,
         padding_mask=None,
         counts=counts,
+        full_bins=bins if counts is not None and config.count_input == "all_genes" else None,
     )
 
 
@@ -400,8 +406,8 @@ class _PretrainForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None):
-        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts)
+    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None, full_bins=None):
+        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts, full_bins)
 
 
 def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
@@ -413,7 +419,7 @@ def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, red
     forward = model.pretrain_outputs if isinstance(model, GeneEncoder) else model
     with _autocast(device, config):
         logits, cell_logits, count_nll, count_kl = forward(
-            batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts
+            batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts, batch.full_bins
         )
     token_loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
@@ -441,38 +447,64 @@ def kl_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
-    """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
-    cell head's loss (``cell_loss``, token-weighted mean NLL) and, with a count head, its loss per cell
-    and gene (``count_loss``: negative-binomial NLL + KL, the negative ELBO; 0 without one). Under DDP
-    each rank scores its share of the batches and the sums are all-reduced, so every rank returns the
-    same metrics."""
+def validation_count_loss(
+    model: GeneEncoder, stream: CellStream, device: torch.device, config: TrainConfig, batch_size: int = 256
+) -> float:
+    """The count head's loss per cell and gene on the validation cells (negative-binomial NLL of every
+    gene's raw count from the latent mean + the latent's KL: the negative ELBO per gene), read from the
+    store batch by batch (nothing is kept, so memory does not grow with the validation cells). Under
+    DDP each rank scores every world_size-th batch and the sums are all-reduced."""
     context = runtime.current()
     model.eval()
-    total_nll, total_cell_nll, total_count, total_correct, total_masked, total_cell, n_cells = (
-        0.0, 0.0, 0.0, 0, 0, 0, 0
-    )  # fmt: skip
+    zero_bins = stream.zero_bins.to(device)
+    total, n_cells = 0.0, 0
+    for index, part in enumerate(stream.validation_batches(batch_size)):
+        if index % context.world_size != context.rank:
+            continue
+        part = _to_device(part, device)
+        bins = densify(part, zero_bins)
+        counts = densify_counts(part, bins.shape[1])
+        cell = model.pooled_cell(bins) if config.count_input == "all_genes" else None
+        if cell is None:  # "sampled": the visible tokens of a fixed draw, as in training
+            generator = torch.Generator(device=device).manual_seed(config.seed + 2 + index)
+            batch = make_batch(bins, config.max_tokens_per_cell, model.config.mask_token, config, generator)
+            keep = batch.input_bins != model.config.mask_token
+            if model.config.cell_pooling == "nonzero":
+                keep = keep & (batch.input_bins > 0)
+            cell = model.pool(model.cell_features(batch.gene_ids, batch.input_bins), keep)
+        with _autocast(device, config):
+            nll, kl = model.count_loss(cell, counts)
+        total += float((nll + kl).sum())
+        n_cells += bins.shape[0]
+    total, n_cells = runtime.all_reduce_sums([total, n_cells], context)
+    return total / max(1, n_cells)
+
+
+@torch.no_grad()
+def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
+    """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
+    cell head's loss (``cell_loss``, token-weighted mean NLL); ``count_loss`` is 0 here (see
+    :func:`validation_count_loss`). Under DDP each rank scores its share of the batches and the sums
+    are all-reduced, so every rank returns the same metrics."""
+    context = runtime.current()
+    model.eval()
+    total_nll, total_cell_nll, total_correct, total_masked, total_cell = 0.0, 0.0, 0, 0, 0
     for batch in batches[context.rank :: context.world_size]:
-        nll, cell_nll, count_nll, count_kl, logits = _losses(model, batch, device, config, reduction="sum")
+        nll, cell_nll, _, _, logits = _losses(model, batch, device, config, reduction="sum")
         scored = batch.labels != IGNORE_INDEX
         total_nll += nll.item()
         total_cell_nll += cell_nll.item()
-        total_count += count_nll.item() + count_kl.item()
         total_correct += (logits[scored].float().argmax(-1) == batch.labels[scored]).sum().item()
         total_masked += int(scored.sum())
         total_cell += int((batch.cell_labels != IGNORE_INDEX).sum())
-        n_cells += batch.gene_ids.shape[0]
-    total_nll, total_cell_nll, total_count, total_correct, total_masked, total_cell, n_cells = (
-        runtime.all_reduce_sums(
-            [total_nll, total_cell_nll, total_count, total_correct, total_masked, total_cell, n_cells],
-            context,
-        )
+    total_nll, total_cell_nll, total_correct, total_masked, total_cell = runtime.all_reduce_sums(
+        [total_nll, total_cell_nll, total_correct, total_masked, total_cell], context
     )
     loss = total_nll / max(1, total_masked)
     return {
         "loss": loss,
         "cell_loss": total_cell_nll / max(1, total_cell),
-        "count_loss": total_count / max(1, n_cells),
+        "count_loss": 0.0,
         "perplexity": math.exp(loss),
         "masked_accuracy": total_correct / max(1, total_masked),
     }
@@ -711,11 +743,9 @@ def _validation_batches(
     zero_bins = stream.zero_bins.to(device)
     batches = []
     for part in stream.validation_batches(eval_batch_size):
-        part = _to_device(part, device)
-        bins = densify(part, zero_bins)
-        counts = densify_counts(part, bins.shape[1]) if stream.config.counts else None
+        bins = densify(_to_device(part, device), zero_bins)
         batches.extend(
-            make_batch(bins, n_tokens, mask_token, config, generator, counts) for _ in range(config.val_draws)
+            make_batch(bins, n_tokens, mask_token, config, generator) for _ in range(config.val_draws)
         )
     return batches
 
@@ -869,6 +899,7 @@ def _pretrain(
                     row = _validate(
                         model, val_batches, device, train_config, context, epoch + 1, state["step"],
                         (running, running_cell, n_steps), baseline_ppl, lr, time.perf_counter() - since,
+                        stream if with_counts else None,
                     )  # fmt: skip
                     running, running_cell, n_steps = 0.0, 0.0, 0
                     metrics_rows.append(row)
@@ -911,14 +942,18 @@ def _pretrain(
 
 
 def _validate(
-    model, val_batches, device, config, context, epoch, step, running, baseline_ppl, lr, elapsed
-) -> dict:
-    """One metrics row: the fixed validation batches scored, the training losses since the last one
-    (averaged over the steps and the ranks)."""
+    model, val_batches, device, config, context, epoch, step, running, baseline_ppl, lr, elapsed,
+    count_stream=None,
+) -> dict:  # fmt: skip
+    """One metrics row: the fixed validation batches scored (and, with ``count_stream``, the count head's
+    loss on the stream's validation cells), the training losses since the last one (averaged over the
+    steps and the ranks)."""
     total, total_cell, n_steps = running
     total, total_cell = runtime.all_reduce_sums([total, total_cell], context)
     denominator = max(1, n_steps) * context.world_size
     val = evaluate(model, val_batches, device, config)
+    if count_stream is not None:
+        val["count_loss"] = validation_count_loss(model, count_stream, device, config)
     model.train()
     return {
         "epoch": epoch,

@@ -4,6 +4,7 @@ stream carries for it, training with it, and the embedding it defines (the laten
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -54,8 +55,13 @@ def test_the_embedding_is_the_latent_mean_and_equals_the_table_lookup():
     assert direct.shape == (6, 5)
     torch.testing.assert_close(embed_bins(model, bins, "mean"), direct, rtol=1e-5, atol=1e-5)
     assert resolve_pooling(model, "auto") == "mean"
-    nonzero = GeneEncoder(ModelConfig(n_genes=30, d_model=16, cell_pooling="nonzero"))
+    # what the count head reads in training ("all_genes") is what embedding pools, for both poolings
+    torch.testing.assert_close(model.latent(model.pooled_cell(bins))[0], direct, rtol=1e-5, atol=1e-5)
+    nonzero = GeneEncoder(replace(config, cell_pooling="nonzero")).eval()
     assert resolve_pooling(nonzero, "auto") == "mean_nonzero"
+    torch.testing.assert_close(
+        nonzero.latent(nonzero.pooled_cell(bins))[0], embed_bins(nonzero, bins, "auto"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_the_stream_carries_each_cells_raw_counts_in_both_formats(tmp_path):
