@@ -1,4 +1,5 @@
-"""Masked-bin pre-training: the split, masking, the training loop, checkpoints and resume.
+"""Masked-bin pre-training: the training loop (the task is ``neurofm.masking``, the run directory
+``neurofm.checkpoints``).
 
 ``pretrain`` takes raw counts in a cell store (``neurofm.data.store``; an AnnData is converted to a
 temporary one first, so small data and an atlas take the same path), streams the training cells with
@@ -45,14 +46,13 @@ or on a store made by ``neurofm convert IN.h5ad STORE``: ``pretrain(CellStore('S
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -62,13 +62,33 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from neurofm import runtime
+from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re-exported)
+    BEST_DIR,
+    LAST_DIR,
+    METRIC_COLUMNS,
+    RESUME_FILE,
+    load_resume_state,
+    read_metrics_csv,
+    write_checkpoint,
+    write_final_outputs,
+)
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.errors import NeurofmError
-from neurofm.io import atomic_path, ensure_writable_dir, write_json, write_text
+from neurofm.io import ensure_writable_dir
+from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported for callers of train)
+    IGNORE_INDEX,
+    MaskedBatch,
+    baseline_scores,
+    frequency_table,
+    make_batch,
+    mask_tokens,
+    sample_genes,
+    split_cells,
+    stream_frequency_table,
+)
 from neurofm.model import GeneEncoder, ModelConfig
 from neurofm.stream import (
     CellStream,
-    SparseBinner,
     StreamConfig,
     StreamLoader,
     densify,
@@ -76,16 +96,9 @@ from neurofm.stream import (
     fit_tokenizer,
     validation_rows,
 )
-from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer, TokenizerConfig
+from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of tokens that are not scored
-BEST_DIR, LAST_DIR = "best", "last"
-RESUME_FILE = "resume_state.pt"
-METRICS_FILE, CURVES_FILE, DEMO_FILE = "metrics.csv", "curves.png", "demo.txt"
-BASELINE_SMOOTHING = 0.5  # add-½ counts in the per-gene frequency table (never a zero probability)
-BASELINE_MAX_CELLS = 200_000  # the frequency table counts at most this many training cells (a seeded sample)
 
 
 @dataclass
@@ -210,24 +223,6 @@ class TrainResult:
         return min(self.metrics, key=lambda row: row["val_total_loss"])
 
 
-METRIC_COLUMNS = (
-    "epoch",
-    "step",
-    "train_loss",
-    "train_cell_loss",
-    "val_loss",
-    "val_cell_loss",
-    "val_count_loss",
-    "val_total_loss",
-    "val_perplexity",
-    "val_masked_accuracy",
-    "baseline_perplexity",
-    "perplexity_ratio",
-    "lr",
-    "epoch_time_s",
-)
-
-
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → cuda if available, else mps, else cpu; other names are checked for availability."""
     if name == "auto":
@@ -245,130 +240,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise NeurofmError(f"device {name!r} asked for but MPS is not available; use device='auto' or 'cpu'")
     return device
-
-
-# ---------------------------------------------------------------------------------------------- data
-def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The original's in-memory split (``pretrain`` now uses the store's rows, ``split_store``): shuffle
-    ``arange(n_cells)`` with ``RandomState(seed)``; the last
-    ``int(n_cells * val_fraction)`` cells are validation. Raises NeurofmError when either side is too
-    small."""
-    n_val = int(n_cells * val_fraction)
-    if n_val < 1 or n_cells - n_val < MIN_CELLS:
-        raise NeurofmError(
-            f"{n_cells} cells are too few for a {val_fraction:.0%} validation split (need >= 1 "
-            "validation and "
-            f">= {MIN_CELLS} training cells); pass more cells or change val_fraction"
-        )
-    order = np.arange(n_cells)
-    np.random.RandomState(seed).shuffle(order)
-    return order[: n_cells - n_val], order[n_cells - n_val :]
-
-
-def sample_genes(
-    n_cells: int, n_genes: int, n_tokens: int, generator: torch.Generator, device: torch.device | None = None
-) -> torch.Tensor:
-    """(n_cells, n_tokens) gene indices, a uniform sample without replacement per cell, sorted."""
-    if n_tokens >= n_genes:
-        return torch.arange(n_genes, device=device).expand(n_cells, n_genes).clone()
-    keys = torch.rand(n_cells, n_genes, generator=generator, device=generator.device)
-    return keys.topk(n_tokens, dim=1).indices.sort(dim=1).values.to(device)
-
-
-def mask_tokens(
-    bins: torch.Tensor,
-    mask_ratio: float,
-    nonzero_share: float,
-    generator: torch.Generator,
-    padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boolean (cells, tokens) mask: ``max(1, int(mask_ratio * n_real))`` tokens per cell, of which
-    ``round(nonzero_share * k)`` sit on non-zero bins (fewer if the cell lacks them, the rest on zeros,
-    and vice versa) — the original's rule, vectorised over the batch."""
-    if padding_mask is None:
-        padding_mask = torch.zeros_like(bins, dtype=torch.bool)
-    real = ~padding_mask
-    nonzero = (bins > 0) & real
-    zero = (bins == 0) & real
-    n_real = real.sum(1)
-    n_nonzero, n_zero = nonzero.sum(1), zero.sum(1)
-    k_total = torch.clamp((n_real.double() * mask_ratio).floor().long(), min=1)
-    k_nonzero = torch.minimum(torch.round(k_total.double() * nonzero_share).long(), n_nonzero)
-    k_zero = torch.minimum(k_total - k_nonzero, n_zero)
-    k_nonzero = torch.minimum(k_total - k_zero, n_nonzero)  # zeros ran short: take more non-zeros
-
-    keys = torch.rand(bins.shape, generator=generator, device=generator.device).to(bins.device)
-
-    def first_k(candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        ranked = torch.where(candidates, keys, torch.full_like(keys, 2.0)).argsort(dim=1)
-        rank = torch.empty_like(ranked).scatter_(
-            1, ranked, torch.arange(bins.shape[1], device=bins.device).expand_as(ranked).contiguous()
-        )
-        return candidates & (rank < k[:, None])
-
-    return first_k(nonzero, k_nonzero) | first_k(zero, k_zero)
-
-
-@dataclass
-class _Batch:
-    gene_ids: torch.Tensor  # (cells, tokens)
-    input_bins: torch.Tensor  # bins with masked tokens replaced by the mask token
-    labels: torch.Tensor  # true bin at masked tokens, IGNORE_INDEX elsewhere
-    cell_labels: torch.Tensor  # what the cell head is scored on: labels, or the true bin of every token
-    padding_mask: torch.Tensor | None
-    counts: torch.Tensor | None = None  # (cells, all genes) raw counts, for the count head
-    full_bins: torch.Tensor | None = None  # (cells, all genes) bins the count head reads ("all_genes")
-
-    def rows(self, part: slice) -> _Batch:
-        """The cells ``part`` of the batch (a rank's share under DDP)."""
-        return _Batch(
-            self.gene_ids[part],
-            self.input_bins[part],
-            self.labels[part],
-            self.cell_labels[part],
-            None if self.padding_mask is None else self.padding_mask[part],
-            None if self.counts is None else self.counts[part],
-            None if self.full_bins is None else self.full_bins[part],
-        )
-
-    @property
-    def n_scored(self) -> tuple[int, int]:
-        """(masked tokens, tokens the cell head is scored on)."""
-        return int((self.labels != IGNORE_INDEX).sum()), int((self.cell_labels != IGNORE_INDEX).sum())
-
-
-def make_batch(
-    bins: torch.Tensor,
-    n_tokens: int,
-    mask_token: int,
-    config: TrainConfig,
-    generator: torch.Generator,
-    counts: torch.Tensor | None = None,
-) -> _Batch:
-    """Sample genes and masks for the cells in ``bins`` (cells × all genes); ``counts`` (the same cells'
-    raw counts) ride along for the count head."""
-    gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device)
-    token_bins = torch.gather(bins, 1, gene_ids).long()
-    masked = mask_tokens(token_bins, config.mask_ratio, config.nonzero_mask_share, generator)
-    labels = torch.where(masked, token_bins, torch.full_like(token_bins, IGNORE_INDEX))
-    return _Batch(
-        gene_ids=gene_ids,
-        input_bins=torch.where(masked, torch.full_like(token_bins, mask_token), token_bins),
-        labels=labels,
-        cell_labels=labels if config.cell_loss_tokens == "masked" else token_bins,
-        padding_mask=None,
-        counts=counts,
-        full_bins=bins if counts is not None and config.count_input == "all_genes" else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- baseline
-def frequency_table(train_bins: np.ndarray, n_bins: int, smoothing: float = BASELINE_SMOOTHING) -> np.ndarray:
-    """(genes, n_bins) probability of each bin per gene over the training cells, add-``smoothing``."""
-    n_cells, n_genes = train_bins.shape
-    flat = (np.arange(n_genes)[None, :] * n_bins + train_bins.astype(np.int64)).ravel()
-    counts = np.bincount(flat, minlength=n_genes * n_bins).reshape(n_genes, n_bins) + smoothing
-    return counts / counts.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -410,7 +281,7 @@ class _PretrainForward(torch.nn.Module):
         return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts, full_bins)
 
 
-def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
+def _losses(model, batch: MaskedBatch, device: torch.device, config: TrainConfig, reduction="mean"):
     """(masked-token loss, cell loss, count NLL, count KL, token logits): cross-entropy of the token head
     at the masked tokens and of the cell head (bins from the pooled cell vector alone) at
     ``batch.cell_labels``; with a count head and ``batch.counts``, its negative-binomial NLL and KL per
@@ -481,7 +352,9 @@ def validation_count_loss(
 
 
 @torch.no_grad()
-def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
+def score_validation(
+    model: GeneEncoder, batches: list[MaskedBatch], device: torch.device, config: TrainConfig
+) -> dict:
     """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
     cell head's loss (``cell_loss``, token-weighted mean NLL); ``count_loss`` is 0 here (see
     :func:`validation_count_loss`). Under DDP each rank scores its share of the batches and the sums
@@ -508,19 +381,6 @@ def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, co
         "perplexity": math.exp(loss),
         "masked_accuracy": total_correct / max(1, total_masked),
     }
-
-
-def _baseline_scores(table: np.ndarray, batches: list[_Batch]) -> tuple[float, float]:
-    table = torch.from_numpy(table)
-    log_table = table.log()
-    nll, correct, masked = 0.0, 0, 0
-    for batch in batches:
-        scored = batch.labels != IGNORE_INDEX
-        genes, labels = batch.gene_ids[scored].cpu(), batch.labels[scored].cpu()
-        nll -= log_table[genes, labels].sum().item()
-        correct += (table[genes].argmax(1) == labels).sum().item()
-        masked += len(labels)
-    return math.exp(nll / masked), correct / masked
 
 
 def stream_config_for(config: TrainConfig, counts: bool = False) -> StreamConfig:
@@ -603,42 +463,6 @@ def _open_data(data, scratch_parent: Path) -> tuple[CellStore, Callable[[], None
         f"pretrain takes an AnnData, a CellStore or a store directory, not {type(data).__name__}; "
         "convert the data first (neurofm convert)"
     )
-
-
-def stream_frequency_table(
-    store: CellStore,
-    tokenizer: ExpressionTokenizer,
-    exclude_rows: np.ndarray,
-    *,
-    max_cells: int = BASELINE_MAX_CELLS,
-    seed: int = 0,
-    chunk_cells: int = 4096,
-    smoothing: float = BASELINE_SMOOTHING,
-) -> tuple[np.ndarray, int]:
-    """``frequency_table`` of the training rows' bins, streamed: (table, cells counted).
-
-    All training rows (those not in ``exclude_rows``) when there are at most ``max_cells``, else a
-    seeded sample of ``max_cells`` of them (``default_rng([seed, 13])``). Each chunk of ``chunk_cells``
-    rows is binned sparsely (only non-zeros; a gene's zeros all fall in its zero bin) and counted with
-    ``np.bincount`` — never a dense (cells × genes) matrix. Equal to ``frequency_table`` of the dense
-    bins of the same cells."""
-    binner = SparseBinner(tokenizer)
-    rows = np.setdiff1d(np.arange(store.n_cells), exclude_rows, assume_unique=True)
-    if rows.size > max_cells:
-        rows = np.sort(np.random.default_rng([seed, 13]).choice(rows, size=max_cells, replace=False))
-    n_genes, n_bins = binner.n_genes, binner.n_bins
-    counts = np.zeros(n_genes * n_bins, dtype=np.int64)
-    nonzero_per_gene = np.zeros(n_genes, dtype=np.int64)
-    for start in range(0, rows.size, chunk_cells):
-        part = store.rows(rows[start : start + chunk_cells])
-        bins = binner.binned(part.indptr, part.indices, part.data).astype(np.int64)
-        genes = part.indices.astype(np.int64)
-        counts += np.bincount(genes * n_bins + bins, minlength=n_genes * n_bins)
-        nonzero_per_gene += np.bincount(genes, minlength=n_genes)
-    counts = counts.reshape(n_genes, n_bins)
-    counts[np.arange(n_genes), binner.zero_bins.astype(np.int64)] += rows.size - nonzero_per_gene
-    table = counts + smoothing
-    return table / table.sum(axis=1, keepdims=True), int(rows.size)
 
 
 def pretrain(
@@ -736,7 +560,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def _validation_batches(
     stream: CellStream, n_tokens: int, mask_token: int, config: TrainConfig, device: torch.device,
     eval_batch_size: int = 256,
-) -> list[_Batch]:  # fmt: skip
+) -> list[MaskedBatch]:  # fmt: skip
     """The fixed validation batches: the stream's validation rows, ``val_draws`` gene samples + masks
     each, drawn once from a generator seeded ``seed + 1``."""
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -789,7 +613,7 @@ def _pretrain(
     zero_bins = stream.zero_bins.to(device)
     val_batches = _validation_batches(stream, n_tokens, mask_token, train_config, device)
     table, n_baseline = stream_frequency_table(store, tokenizer, val_rows, seed=train_config.seed)
-    baseline_ppl, baseline_acc = _baseline_scores(table, val_batches)
+    baseline_ppl, baseline_acc = baseline_scores(table, val_batches)
     log.info(
         "%d train / %d validation cells, %d genes, %d tokens per cell; frequency baseline (%d cells) "
         "perplexity %.3f",
@@ -833,7 +657,7 @@ def _pretrain(
         total_steps = sum(steps_in(epoch) for epoch in range(train_config.epochs))
     state = {"step": 0, "best_val_loss": math.inf, "metrics": []}  # best: val_total_loss
     if resume:
-        state = _load_resume_state(out_dir, model, optimizer, model_config, tokenizer, train_config)
+        state = load_resume_state(out_dir, model, optimizer, model_config, tokenizer, train_config)
         loader.load_state_dict({**state["loader"], "rank": context.rank})
 
     metrics_rows: list[dict] = state["metrics"]
@@ -907,9 +731,7 @@ def _pretrain(
                     state["best_val_loss"] = min(state["best_val_loss"], row["val_total_loss"])
                     state["loader"] = position
                     if context.is_main:
-                        _write_checkpoint_outputs(
-                            out_dir, model, tokenizer, optimizer, state, is_best, train_config
-                        )
+                        write_checkpoint(out_dir, model, tokenizer, optimizer, state, is_best, train_config)
                         _log_row(row)
                         if on_epoch_end is not None:
                             on_epoch_end(state["step"], dict(row))
@@ -925,7 +747,7 @@ def _pretrain(
     demo, artifacts = "", {}
     if context.is_main:
         demo = demo_prediction(model, val_batches[0], train_config.demo_top_k, device, train_config)
-        artifacts = _write_final_outputs(out_dir, metrics_rows, demo)
+        artifacts = write_final_outputs(out_dir, metrics_rows, demo)
         artifacts["resume_state"] = out_dir / RESUME_FILE
     if context.enabled:
         torch.distributed.barrier()  # the other ranks return once rank 0's outputs are complete
@@ -951,7 +773,7 @@ def _validate(
     total, total_cell, n_steps = running
     total, total_cell = runtime.all_reduce_sums([total, total_cell], context)
     denominator = max(1, n_steps) * context.world_size
-    val = evaluate(model, val_batches, device, config)
+    val = score_validation(model, val_batches, device, config)
     if count_stream is not None:
         val["count_loss"] = validation_count_loss(model, count_stream, device, config)
     model.train()
@@ -990,133 +812,9 @@ def _log_row(row: dict) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-def _write_checkpoint_outputs(
-    out_dir: Path,
-    model: GeneEncoder,
-    tokenizer: ExpressionTokenizer,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    is_best: bool,
-    config: TrainConfig,
-) -> None:
-    """Checkpoints, resume state and the metrics CSV after one validation. DDP: call on rank 0 only."""
-    model.save_pretrained(out_dir / LAST_DIR, tokenizer)
-    if is_best:
-        model.save_pretrained(out_dir / BEST_DIR, tokenizer)
-    resume_state = {
-        "step": state["step"],
-        "best_val_loss": state["best_val_loss"],
-        "metrics": [dict(row) for row in state["metrics"]],
-        "optimizer": optimizer.state_dict(),
-        # the weights too, so the resume state is one self-consistent file: a crash between writing
-        # last/ and this file can never pair step-k weights with a step-(k-1) optimizer
-        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        # the loader's position (rank 0's; every rank has consumed as many batches of the epoch)
-        "loader": dict(state["loader"]),
-        "train_config": asdict(config),
-    }
-    with atomic_path(out_dir / RESUME_FILE) as tmp:
-        torch.save(resume_state, tmp)
-    _write_metrics_csv(out_dir / METRICS_FILE, state["metrics"])
-
-
-# settings a resumed run may change: they do not change which batches or updates it makes
-RESUMABLE_CHANGES = ("epochs", "max_steps", "progress", "num_threads", "device", "nproc_per_node",
-                     "dist_backend", "pin_memory")  # fmt: skip
-
-
-def _load_resume_state(
-    out_dir: Path,
-    model: GeneEncoder,
-    optimizer: torch.optim.Optimizer,
-    model_config: ModelConfig,
-    tokenizer: ExpressionTokenizer,
-    config: TrainConfig,
-) -> dict:
-    from neurofm.model import load_pretrained
-
-    path = out_dir / RESUME_FILE
-    if not path.is_file() or not (out_dir / LAST_DIR).is_dir():
-        raise NeurofmError(
-            f"nothing to resume in {out_dir} (no {RESUME_FILE} or {LAST_DIR}/); run without resume"
-        )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt/unsafe files
-        raise NeurofmError(
-            f"{path} is not a readable resume state ({type(error).__name__}); start a fresh run"
-        ) from None
-    if "loader" not in saved:
-        raise NeurofmError(
-            f"{path} was written by an older neurofm (no loader position); start a fresh out_dir"
-        )
-    changed = {
-        k
-        for k, v in saved["train_config"].items()
-        if k not in RESUMABLE_CHANGES and asdict(config).get(k) != v
-    }
-    if changed:
-        raise NeurofmError(
-            f"resume settings differ from the interrupted run ({sorted(changed)}); "
-            "resume with the same settings or start a fresh out_dir"
-        )
-    last_model, last_tokenizer = load_pretrained(out_dir / LAST_DIR)
-    if last_model.config != model_config or not np.array_equal(last_tokenizer.bin_edges, tokenizer.bin_edges):
-        raise NeurofmError(
-            f"the checkpoint in {out_dir / LAST_DIR} was trained with another model config or "
-            "data; resume with the same settings and data or start a fresh out_dir"
-        )
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    log.info("resuming after step %d (epoch %d)", saved["step"], saved["loader"]["epoch"])
-    return {
-        "step": saved["step"],
-        "best_val_loss": saved["best_val_loss"],
-        "metrics": list(saved["metrics"]),
-        "loader": dict(saved["loader"]),
-    }
-
-
-def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(METRIC_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
-    """The per-epoch rows of a ``metrics.csv`` as numbers (``[]`` when there is none yet)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [
-        {key: int(value) if key in ("epoch", "step") else float(value) for key, value in row.items()}
-        for row in rows
-    ]
-
-
-def _write_final_outputs(out_dir: Path, rows: list[dict], demo: str) -> dict[str, Path]:
-    from neurofm.plots import plot_pretrain_curves
-
-    _write_metrics_csv(out_dir / METRICS_FILE, rows)
-    write_text(demo, out_dir / DEMO_FILE)
-    curves = plot_pretrain_curves(rows, out_dir / CURVES_FILE)
-    summary = {"best": min(rows, key=lambda row: row["val_total_loss"]), "last": rows[-1]}
-    write_json(summary, out_dir / "summary.json")
-    return {
-        "metrics_csv": out_dir / METRICS_FILE,
-        "curves_png": curves,
-        "demo_txt": out_dir / DEMO_FILE,
-        "summary_json": out_dir / "summary.json",
-    }
-
-
 @torch.no_grad()
 def demo_prediction(
-    model: GeneEncoder, batch: _Batch, top_k: int, device: torch.device, config: TrainConfig
+    model: GeneEncoder, batch: MaskedBatch, top_k: int, device: torch.device, config: TrainConfig
 ) -> str:
     """Text table of the top-k predicted bins against the truth at the masked genes of the batch's
     first cell."""

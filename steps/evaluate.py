@@ -84,7 +84,13 @@ def embed_cells(
     genes = {"gene_col": evaluate["gene_column"], "min_gene_overlap": evaluate["min_gene_overlap"]}
     options = {"batch_size": evaluate["batch_size"], "pooling": evaluate["pooling"]}
     embed(  # writes uns['neurofm']
-        adata, model, tokenizer, key_added=keys.EMBEDDING, unobserved=evaluate["unobserved"], **genes, **options
+        adata,
+        model,
+        tokenizer,
+        key_added=keys.EMBEDDING,
+        unobserved=evaluate["unobserved"],
+        **genes,
+        **options,
     )
     adata.uns[keys.EMBEDDING_PARAMS]["model_dir"] = str(model_dir)
     match = match_adata(

@@ -191,7 +191,8 @@ def test_genuine_resume_state_holds_only_tensors_and_plain_containers(interrupte
     """The resume state neurofm writes loads under ``weights_only=True``: the safe path is the only path."""
     run_dir, _, _ = interrupted_run
     state = torch.load(run_dir / RESUME_FILE, weights_only=True)
-    assert {"epoch", "step", "optimizer", "generator", "torch_rng", "metrics"} <= set(state)
+    assert {"step", "optimizer", "model", "loader", "metrics"} <= set(state)
+    assert {"epoch", "batches_consumed", "seed"} <= set(state["loader"])  # the position mid-epoch
     with zipfile.ZipFile(run_dir / RESUME_FILE) as archive:  # torch's zip format, not a bare pickle
         assert any(name.endswith("data.pkl") for name in archive.namelist())
 
