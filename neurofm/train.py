@@ -121,7 +121,8 @@ class TrainConfig:
     cell_loss_tokens: str = "all"  # which tokens the cell head predicts: "masked" or "all" real tokens
     count_loss_weight: float = 1.0  # weight of the count head's loss (model.latent_dim > 0): its negative-
     #                                 binomial NLL of every gene's raw count + the latent's KL, per gene
-    kl_warmup: float = 0.5  # share of the steps over which the KL weight rises linearly from 0 to 1
+    kl_weight: float = 1.0  # weight of the latent's KL term once warmed up (1: the evidence lower bound)
+    kl_warmup: float = 0.5  # share of the steps over which the KL weight rises linearly from 0 to kl_weight
     count_input: str = "all_genes"  # the count head's cell vector: of "all_genes" of the cell (as embedded)
     #                                 or of the "sampled" visible tokens only
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
@@ -182,6 +183,7 @@ class TrainConfig:
             (self.cell_loss_weight >= 0, "cell_loss_weight must be >= 0"),
             (self.count_loss_weight >= 0, "count_loss_weight must be >= 0"),
             (0 <= self.kl_warmup <= 1, "kl_warmup must be in [0, 1]"),
+            (self.kl_weight >= 0, "kl_weight must be >= 0"),
             (self.count_input in ("all_genes", "sampled"), "count_input must be 'all_genes' or 'sampled'"),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
@@ -311,10 +313,11 @@ def _losses(model, batch: MaskedBatch, device: torch.device, config: TrainConfig
 
 
 def kl_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """The count head's KL weight at ``step``: linear from 0 to 1 over the first ``kl_warmup`` share of
-    the steps (scVI's warm-up, so the latent learns the profile before it is pulled to the prior)."""
+    """The count head's KL weight at ``step``: linear from 0 to ``kl_weight`` over the first ``kl_warmup``
+    share of the steps (scVI's warm-up, so the latent learns the profile before it is pulled to the
+    prior)."""
     ramp = config.kl_warmup * total_steps
-    return 1.0 if ramp <= 0 else min(1.0, step / ramp)
+    return config.kl_weight * (1.0 if ramp <= 0 else min(1.0, step / ramp))
 
 
 @torch.no_grad()
