@@ -65,7 +65,7 @@ class ModelConfig:
     #                      variational latent of this size, from which a decoder gives every gene's
     #                      negative-binomial mean (softmax × the cell's library size, an offset) — and the
     #                      cell embedding is the latent mean; 0: no count head, the embedding is the cell vector
-    decoder_dim: int = 128  # hidden width of the count decoder (latent_dim > 0)
+    decoder_dim: int = 128  # hidden width of the count head's encoder and decoder (latent_dim > 0)
 
     @property
     def mask_token(self) -> int:
@@ -143,6 +143,17 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.ln_ffn(x)))
 
 
+class CellBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the cells of a batch; a one-cell training batch uses the running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
 class GeneEncoder(nn.Module):
     """Gene tokens in, per-token hidden states (``encode``), bin logits (``forward``), cell vectors
     (``cell_embedding``) or bin logits predicted from the cell vector alone (``cell_logits``) out.
@@ -176,15 +187,17 @@ class GeneEncoder(nn.Module):
         # count head (latent_dim > 0): cell vector -> variational latent -> NB means of every gene
         self.latent_encoder = self.count_decoder = self.count_log_theta = None
         if config.latent_dim > 0:
+            # batch norm, as in scVI's encoder and decoder: every hidden unit varies across cells on the
+            # same scale, so the latent is not held to the one or two directions of largest variance
             self.latent_encoder = nn.Sequential(
-                nn.Linear(config.d_model, config.d_model),
-                nn.LayerNorm(config.d_model),
+                nn.Linear(config.d_model, config.decoder_dim),
+                CellBatchNorm(config.decoder_dim),
                 nn.ReLU(),
-                nn.Linear(config.d_model, 2 * config.latent_dim),  # mean and log-variance
+                nn.Linear(config.decoder_dim, 2 * config.latent_dim),  # mean and log-variance
             )
             self.count_decoder = nn.Sequential(
                 nn.Linear(config.latent_dim, config.decoder_dim),
-                nn.LayerNorm(config.decoder_dim),
+                CellBatchNorm(config.decoder_dim),
                 nn.ReLU(),
                 nn.Linear(config.decoder_dim, config.n_genes),
             )
