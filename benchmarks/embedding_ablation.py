@@ -41,6 +41,10 @@ VARIANTS = {
     "no_cell_loss": ({"cell_loss_weight": 0.0}, {}, "mean", "quantile"),
     "nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile"),
     "qnz_nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile_nonzero"),
+    # scVI-like count head: pooled cell vector -> variational latent -> NB means (library size offset)
+    "count_latent16": ({}, {"latent_dim": 16}, "auto", "quantile"),
+    "count_latent16_nonzero": ({}, {"latent_dim": 16, "cell_pooling": "nonzero"}, "auto", "quantile"),
+    "count_latent10_only": ({"cell_loss_weight": 0.0}, {"latent_dim": 10}, "auto", "quantile"),
 }
 
 

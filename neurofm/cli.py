@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="exclude",
         help="model genes absent from the data: left out (default) or treated as zero counts",
     )
-    embed.add_argument("--pooling", choices=["mean", "mean_nonzero", "max"], default="mean")
+    embed.add_argument("--pooling", choices=["auto", "mean", "mean_nonzero", "max"], default="auto")
     embed.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     embed.set_defaults(handler=_embed)

@@ -78,7 +78,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "group_column": None,  # e.g. c1_chip: the probe split keeps these groups apart
         "gene_column": None,  # var column naming the data's genes (e.g. gene_symbol); None → var_names
         "min_gene_overlap": 0.5,  # share of the model's genes that must be found in the data
-        "pooling": "mean",
+        "unobserved": "exclude",  # model genes the data lacks: "exclude" (left out of pooling) or "zero"
+        "pooling": "auto",  # auto: as the model pooled in pre-training
         "batch_size": 256,
         "pca_components": 50,
         "baselines": ["pca", "scvi", "random"],  # scVI trains on the evaluation cells (minutes on a CPU)
@@ -100,7 +101,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "tune": {
         "n_trials": 20,
-        "objective": "val_loss",  # or perplexity_ratio, probe_auc (see neurofm.tune)
+        "objective": "val_loss",  # or perplexity_ratio, probe_auc, fewshot5_f1, ari_optimised (neurofm.tune)
         "storage": None,  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
         "study_name": "neurofm-pretrain",
         "seed": 42,
@@ -226,6 +227,8 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 EVALUATE_BASELINES = ("pca", "scvi", "random")
+POOLINGS = ("auto", "mean", "mean_nonzero", "max")  # neurofm.embedding.POOLINGS (config stays torch-free)
+UNOBSERVED_MODES = ("exclude", "zero")  # neurofm.embedding.UNOBSERVED_MODES
 
 
 def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
@@ -243,6 +246,9 @@ def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
         value = evaluate[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 100):
             raise NeurofmError(f"evaluate.{key}={value!r} must be an integer >= 100 or null (all cells)")
+    for key, allowed in (("pooling", POOLINGS), ("unobserved", UNOBSERVED_MODES)):
+        if evaluate[key] not in allowed:
+            raise NeurofmError(f"evaluate.{key}={evaluate[key]!r} must be one of {', '.join(allowed)}")
     epochs, latent = evaluate["scvi_max_epochs"], evaluate["scvi_latent"]
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise NeurofmError(f"evaluate.scvi_max_epochs={epochs!r} must be a positive integer or null")

@@ -103,10 +103,10 @@ def launch_pretrain(
     An exception the callback raises (e.g. an Optuna prune) stops
     the workers and propagates. A failed worker raises NeurofmError naming the launcher log.
     """
+    from neurofm.checkpoints import METRICS_FILE
     from neurofm.data.store import CellStore
     from neurofm.io import ensure_writable_dir
     from neurofm.train import (
-        METRICS_FILE,
         TrainResult,
         fit_training_tokenizer,
         pretrain,

@@ -33,7 +33,7 @@ from neurofm.train import resolve_device
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "mean_nonzero", "max")
+POOLINGS = ("auto", "mean", "mean_nonzero", "max")  # "auto": what the model pooled in pre-training
 UNOBSERVED_MODES = ("exclude", "zero")  # model genes the data lacks: left out of pooling, or zero counts
 REGISTERED_MODEL_NAME = "neurofm-encoder"  # configs: tracking.registered_model_name
 DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}@champion"
@@ -56,19 +56,28 @@ def feature_table(model: GeneEncoder) -> torch.Tensor:
     return torch.cat(blocks)
 
 
+def resolve_pooling(model: GeneEncoder, pooling: str) -> str:
+    """``"auto"`` → the pooling the model's cell vector was trained with (``"mean_nonzero"`` for
+    ``cell_pooling="nonzero"``, else ``"mean"``); any other value is returned as is."""
+    if pooling != "auto":
+        return pooling
+    return "mean_nonzero" if model.config.cell_pooling == "nonzero" else "mean"
+
+
 @torch.no_grad()
 def embed_bins(
     model: GeneEncoder,
     bins: torch.Tensor,
-    pooling: str = "mean",
+    pooling: str = "auto",
     table: torch.Tensor | None = None,
     observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(cells, d_model) embeddings of already-tokenized cells (``bins``: cells × all genes, bin ids in
+    """(cells, embedding_dim) embeddings of already-tokenized cells (``bins``: cells × all genes, bin ids in
     ``[0, n_bins]``) on the device of ``bins``. ``table`` is :func:`feature_table` of ``model``, computed
     here when not given (pass it when embedding many batches). ``observed`` (bool per gene) pools only
     those genes (the others are unobserved in the data)."""
     n_bin_ids = model.config.n_bins + 1
+    pooling = resolve_pooling(model, pooling)
     if bins.shape[1] != model.config.n_genes:
         raise NeurofmError(
             f"bins have {bins.shape[1]} genes but the model {model.config.n_genes}; tokenize with the "
@@ -88,9 +97,10 @@ def embed_bins(
         keep[~keep.any(1)] = True  # cells with every bin 0: plain mean
         n_kept = keep.sum(1)
         offsets = torch.cumsum(n_kept, 0) - n_kept
-        return F.embedding_bag(rows[keep], table, offsets, mode="mean")  # one bag per cell
-    # "mean": the cell vector the cell head was trained on; "max": element-wise
-    return F.embedding_bag(rows, table, mode="max" if pooling == "max" else "mean")
+        pooled = F.embedding_bag(rows[keep], table, offsets, mode="mean")  # one bag per cell
+    else:  # "mean": the cell vector the cell head was trained on; "max": element-wise
+        pooled = F.embedding_bag(rows, table, mode="max" if pooling == "max" else "mean")
+    return model.embedding_from_cell(pooled).float()
 
 
 def embed_matrix(
@@ -98,14 +108,14 @@ def embed_matrix(
     tokenizer: ExpressionTokenizer,
     adata: ad.AnnData,
     batch_size: int = 256,
-    pooling: str = "mean",
+    pooling: str = "auto",
     device: str = "auto",
     missing_genes: str = "error",
     progress: bool = True,
     match: GeneMatch | None = None,
     unobserved: str = "exclude",
 ) -> np.ndarray:
-    """(n_cells, d_model) float32 embeddings of every cell of ``adata`` with the frozen ``model``.
+    """(n_cells, embedding_dim) float32 embeddings of every cell of ``adata`` with the frozen ``model``.
 
     Raw counts are tokenized with ``tokenizer`` — genes matched by ``var_names`` (see
     ``ExpressionTokenizer.transform`` for ``missing_genes``) or by ``match`` (a
@@ -135,7 +145,7 @@ def embed_matrix(
     observed = None
     if source is not None and unobserved == "exclude" and not match.observed.all():
         observed = torch.from_numpy(match.observed).to(torch_device)
-    embeddings = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
+    embeddings = np.empty((adata.n_obs, model.embedding_dim), dtype=np.float32)
     bar = tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not progress)
     table = feature_table(model)
     for block_start in range(0, adata.n_obs, _TOKENIZE_BLOCK):
@@ -188,7 +198,7 @@ def embed(
     gene_col: str | None = None,
     min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
     unobserved: str = "exclude",
-    pooling: str = "mean",
+    pooling: str = "auto",
     batch_size: int = 256,
     device: str = "auto",
     progress: bool = True,
@@ -205,7 +215,7 @@ def embed(
 
     Writes (into ``adata``, or into a copy returned when ``copy=True``):
 
-    - ``obsm[key_added]`` — (n_cells, d_model) float32 cell embeddings;
+    - ``obsm[key_added]`` — (n_cells, embedding_dim) float32 cell embeddings (``latent_dim`` with a count head, else ``d_model``);
     - ``uns['neurofm']`` — ``model`` (URI or directory), ``model_version`` / ``model_name`` when
       registered, ``gene_match`` (model genes found, vocabulary, data genes, overlap, keys),
       ``pooling``, ``unobserved``, ``key_added``, ``n_cells``, ``cells_per_second``,
@@ -270,7 +280,7 @@ def _embed_with_record(
     seconds = time.perf_counter() - started
     record.update(
         gene_match=match.record(),
-        pooling=pooling,
+        pooling=resolve_pooling(model, pooling),
         unobserved=unobserved,
         key_added=key_added,
         n_cells=int(adata.n_obs),
@@ -319,7 +329,7 @@ def embed_file(
             gene_col=options.pop("gene_col", None),
             min_gene_overlap=options.pop("min_gene_overlap", DEFAULT_MIN_GENE_OVERLAP),
             unobserved=options.pop("unobserved", "exclude"),
-            pooling=options.pop("pooling", "mean"),
+            pooling=options.pop("pooling", "auto"),
             batch_size=options.pop("batch_size", 256),
             device=options.pop("device", "auto"),
             progress=options.pop("progress", True),

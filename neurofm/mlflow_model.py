@@ -37,7 +37,7 @@ class NeurofmEncoder(PythonModel):
             self.tokenizer.gene_symbols,
             min_overlap=float(params.get("min_gene_overlap", 0.5)),
         )
-        pooling = params.get("pooling", "mean")
+        pooling = params.get("pooling", "auto")
         return embed_matrix(
             self.model, self.tokenizer, cells, pooling=pooling, device="cpu", progress=False, match=match
         )

@@ -61,6 +61,11 @@ class ModelConfig:
     #                            "nonzero" (visible tokens with bin > 0: the count of zeros, i.e. depth, stays out)
     max_tokens: int = 256  # context length of the transformer: tokens per sequence (pretrain sets it to the
     #                        per-cell token cap; embedding pools every gene and is not bound by it)
+    latent_dim: int = 0  # > 0: an scVI-like count head — the pooled cell vector is encoded into a
+    #                      variational latent of this size, from which a decoder gives every gene's
+    #                      negative-binomial mean (softmax × the cell's library size, an offset) — and the
+    #                      cell embedding is the latent mean; 0: no count head, the embedding is the cell vector
+    decoder_dim: int = 128  # hidden width of the count head's encoder and decoder (latent_dim > 0)
 
     @property
     def mask_token(self) -> int:
@@ -77,6 +82,11 @@ class ModelConfig:
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.cell_pooling in ("all", "nonzero"), "cell_pooling must be 'all' or 'nonzero'"),
+            (isinstance(self.latent_dim, int) and self.latent_dim >= 0, "latent_dim must be an integer >= 0"),
+            (
+                isinstance(self.decoder_dim, int) and self.decoder_dim >= 1,
+                "decoder_dim must be an integer >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -133,6 +143,17 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.ln_ffn(x)))
 
 
+class CellBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the cells of a batch; a one-cell training batch uses the running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
 class GeneEncoder(nn.Module):
     """Gene tokens in, per-token hidden states (``encode``), bin logits (``forward``), cell vectors
     (``cell_embedding``) or bin logits predicted from the cell vector alone (``cell_logits``) out.
@@ -163,6 +184,24 @@ class GeneEncoder(nn.Module):
         self.cell_head = nn.Linear(config.d_model, config.n_bins)
         # per-gene prior over bins, added to the logits; None when the config turns it off
         self.gene_bin_bias = nn.Embedding(config.n_genes, config.n_bins) if config.gene_bin_bias else None
+        # count head (latent_dim > 0): cell vector -> variational latent -> NB means of every gene
+        self.latent_encoder = self.count_decoder = self.count_log_theta = None
+        if config.latent_dim > 0:
+            # batch norm, as in scVI's encoder and decoder: every hidden unit varies across cells on the
+            # same scale, so the latent is not held to the one or two directions of largest variance
+            self.latent_encoder = nn.Sequential(
+                nn.Linear(config.d_model, config.decoder_dim),
+                CellBatchNorm(config.decoder_dim),
+                nn.ReLU(),
+                nn.Linear(config.decoder_dim, 2 * config.latent_dim),  # mean and log-variance
+            )
+            self.count_decoder = nn.Sequential(
+                nn.Linear(config.latent_dim, config.decoder_dim),
+                CellBatchNorm(config.decoder_dim),
+                nn.ReLU(),
+                nn.Linear(config.decoder_dim, config.n_genes),
+            )
+            self.count_log_theta = nn.Parameter(torch.zeros(config.n_genes))  # per-gene log dispersion
         self.apply(self._init_weights)
         if self.gene_bin_bias is not None:
             nn.init.zeros_(self.gene_bin_bias.weight)
@@ -224,11 +263,12 @@ class GeneEncoder(nn.Module):
     def cell_embedding(
         self, gene_ids: torch.Tensor, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(batch, d_model) cell vectors: the cell features of the tokens (:meth:`cell_features`: the
-        layer-normalised gene × bin token embeddings, no transformer layer) mean-pooled over the
-        non-padding tokens — what ``neurofm.embed`` computes for every gene of a cell."""
+        """(batch, embedding_dim) cell embeddings: the cell features of the tokens (:meth:`cell_features`:
+        the layer-normalised gene × bin token embeddings, no transformer layer) mean-pooled over the
+        non-padding tokens, then, with a count head, the latent mean (:meth:`embedding_from_cell`) —
+        what ``neurofm.embed`` computes for every gene of a cell."""
         keep = None if padding_mask is None else ~padding_mask
-        return self.pool(self.cell_features(gene_ids, bin_ids), keep)
+        return self.embedding_from_cell(self.pool(self.cell_features(gene_ids, bin_ids), keep))
 
     def cell_logits(
         self, cell: torch.Tensor, gene_ids: torch.Tensor, histogram: torch.Tensor | None = None
@@ -247,6 +287,21 @@ class GeneEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads in one pass: (token logits, cell logits), each (batch, tokens, n_bins). The cell
         vector pools the real tokens whose bin is visible (not the mask token), as at embedding time."""
+        return self.pretrain_outputs(gene_ids, bin_ids, padding_mask)[:2]
+
+    def pretrain_outputs(
+        self,
+        gene_ids: torch.Tensor,
+        bin_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        full_bins: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`pretrain_logits` plus, with a count head and the cells' raw ``counts`` (batch, n_genes),
+        the count head's per-cell negative-binomial NLL and KL divergence, each divided by n_genes
+        (``None, None`` otherwise). The count head reads the cell vector of ``full_bins`` (batch,
+        n_genes: every gene's bin, as at embedding time) when given, else that of the visible tokens.
+        The latent is sampled (reparameterised) in training mode."""
         hidden = self.encode(gene_ids, bin_ids, padding_mask)
         keep = bin_ids != self.config.mask_token
         if padding_mask is not None:
@@ -255,7 +310,67 @@ class GeneEncoder(nn.Module):
             keep = keep & (bin_ids > 0)
         cell = self.pool(self.cell_features(gene_ids, bin_ids), keep)
         histogram = self.pool(self.bin_embedding(bin_ids), keep)  # the cell's bin mix: depth, sparsity
-        return self._with_bias(self.head(hidden), gene_ids), self.cell_logits(cell, gene_ids, histogram)
+        logits = self._with_bias(self.head(hidden), gene_ids)
+        cell_logits = self.cell_logits(cell, gene_ids, histogram)
+        if self.latent_encoder is None or counts is None:
+            return logits, cell_logits, None, None
+        nll, kl = self.count_loss(cell if full_bins is None else self.pooled_cell(full_bins), counts)
+        return logits, cell_logits, nll, kl
+
+    def pooled_cell(self, bins: torch.Tensor) -> torch.Tensor:
+        """(batch, d_model) cell vectors of whole cells: ``bins`` (batch, n_genes) holds every gene's bin;
+        pooled over every gene, or over the genes with bin > 0 for ``cell_pooling="nonzero"`` — the
+        cell vector ``neurofm.embed`` pools (pooling ``"auto"``)."""
+        genes = torch.arange(bins.shape[1], device=bins.device).expand(bins.shape[0], -1)
+        keep = bins > 0 if self.config.cell_pooling == "nonzero" else None
+        return self.pool(self.cell_features(genes, bins.long()), keep)
+
+    def count_loss(self, cell: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL, KL), each (batch,) and divided by n_genes: the count head's negative-binomial NLL of the
+        raw ``counts`` (batch, n_genes) from the latent of the cell vectors ``cell`` (sampled in
+        training mode, its mean otherwise) and the latent's KL divergence from N(0, I)."""
+        mean, log_var = self.latent(cell)
+        latent = mean
+        if self.training:
+            latent = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+        nll = self.count_nll(latent, counts)
+        kl = 0.5 * (mean.float().pow(2) + log_var.float().exp() - 1.0 - log_var.float()).sum(1)
+        return nll / self.config.n_genes, kl / self.config.n_genes
+
+    def latent(self, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log-variance), each (batch, latent_dim), of the count head's latent for cell vectors."""
+        if self.latent_encoder is None:
+            raise NeurofmError("this model has no count head; build it with ModelConfig(latent_dim=16)")
+        mean, log_var = self.latent_encoder(cell).float().chunk(2, dim=-1)
+        return mean, log_var.clamp(-10.0, 10.0)
+
+    def count_nll(self, latent: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(batch,) negative-binomial NLL of each cell's raw ``counts`` (batch, n_genes), summed over genes:
+        gene g's mean is ``softmax(count_decoder(latent))_g × library`` (library = the cell's total count,
+        an offset, so the latent need not carry depth), its dispersion theta_g learned per gene."""
+        counts = counts.float()
+        library = counts.sum(1, keepdim=True).clamp(min=1.0)
+        log_mu = F.log_softmax(self.count_decoder(latent).float(), dim=-1) + library.log()
+        log_theta = self.count_log_theta.float()
+        log_theta_mu = torch.logaddexp(log_theta, log_mu)  # log(theta + mu)
+        theta = log_theta.exp()
+        log_likelihood = (
+            torch.lgamma(counts + theta)
+            - torch.lgamma(theta)
+            - torch.lgamma(counts + 1.0)
+            + theta * (log_theta - log_theta_mu)
+            + counts * (log_mu - log_theta_mu)
+        )
+        return -log_likelihood.sum(1)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the cell embedding: ``latent_dim`` with a count head, else ``d_model``."""
+        return self.config.latent_dim or self.config.d_model
+
+    def embedding_from_cell(self, cell: torch.Tensor) -> torch.Tensor:
+        """The cell embedding of pooled cell vectors: the count head's latent mean, or the vector itself."""
+        return cell if self.latent_encoder is None else self.latent(cell)[0]
 
     def _with_bias(self, logits: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
         return logits if self.gene_bin_bias is None else logits + self.gene_bin_bias(gene_ids)

@@ -30,8 +30,9 @@ def save_figure(figure: plt.Figure, path: str | os.PathLike, dpi: int = 130) -> 
 # Pre-training figures (neurofm.train): loss, perplexity against the frequency baseline, accuracy.
 
 
-def plot_pretrain_curves(metrics: list[dict], path: str | os.PathLike,
-                         title: str = "masked-bin pre-training") -> Path:
+def plot_pretrain_curves(
+    metrics: list[dict], path: str | os.PathLike, title: str = "masked-bin pre-training"
+) -> Path:
     """Per-epoch train/validation loss, validation perplexity (with the frequency-table baseline as a
     dashed line) and validation masked accuracy, side by side. ``metrics`` rows carry the keys of
     ``neurofm.train.METRIC_COLUMNS``."""
@@ -42,8 +43,12 @@ def plot_pretrain_curves(metrics: list[dict], path: str | os.PathLike,
     loss_axes.set_ylabel("masked cross-entropy")
     loss_axes.legend()
     perplexity_axes.plot(epochs, [row["val_perplexity"] for row in metrics], marker=".", label="model")
-    perplexity_axes.axhline(metrics[0]["baseline_perplexity"], color="grey", linestyle="--",
-                            label=f"per-gene frequency table ({metrics[0]['baseline_perplexity']:.2f})")
+    perplexity_axes.axhline(
+        metrics[0]["baseline_perplexity"],
+        color="grey",
+        linestyle="--",
+        label=f"per-gene frequency table ({metrics[0]['baseline_perplexity']:.2f})",
+    )
     perplexity_axes.set_ylabel("validation perplexity")
     perplexity_axes.legend(fontsize=8)
     accuracy_axes.plot(epochs, [row["val_masked_accuracy"] for row in metrics], marker=".")
@@ -315,24 +320,51 @@ def plot_atlas(
     size = float(np.clip(3000.0 / max(n_cells, 1) ** 0.75, 0.3, 12.0))
     figure, axes = plt.subplots(figsize=(9.5, 7))
     others = ~cells["base_name"].isin(top).to_numpy()
-    axes.scatter(cells["x"][others], cells["y"][others], s=size, c="#c8c8c8", linewidths=0,
-                 rasterized=True, label=f"other ({int(others.sum()):,})")
+    axes.scatter(
+        cells["x"][others],
+        cells["y"][others],
+        s=size,
+        c="#c8c8c8",
+        linewidths=0,
+        rasterized=True,
+        label=f"other ({int(others.sum()):,})",
+    )
     for name in top:
         mine = (cells["base_name"] == name).to_numpy()
-        axes.scatter(cells["x"][mine], cells["y"][mine], s=size, color=colors[name], linewidths=0,
-                     rasterized=True, label=f"{name} ({int(mine.sum()):,})")
+        axes.scatter(
+            cells["x"][mine],
+            cells["y"][mine],
+            s=size,
+            color=colors[name],
+            linewidths=0,
+            rasterized=True,
+            label=f"{name} ({int(mine.sum()):,})",
+        )
     highlight = [str(value) for value in highlight_clusters]
     if highlight:
         chosen = cells["cluster_alias"].astype(str).isin(highlight).to_numpy()
-        axes.scatter(cells["x"][chosen], cells["y"][chosen], s=max(size * 3, 10), facecolors="none",
-                     edgecolors="black", linewidths=0.35, alpha=0.8, rasterized=True,
-                     label=f"clusters {', '.join(highlight)} ({int(chosen.sum()):,})")
+        axes.scatter(
+            cells["x"][chosen],
+            cells["y"][chosen],
+            s=max(size * 3, 10),
+            facecolors="none",
+            edgecolors="black",
+            linewidths=0.35,
+            alpha=0.8,
+            rasterized=True,
+            label=f"clusters {', '.join(highlight)} ({int(chosen.sum()):,})",
+        )
     axes.set_xlabel("x")
     axes.set_ylabel("y")
     axes.set_aspect("equal", adjustable="datalim")
     axes.set_title(f"{title} ({n_cells:,} cells; top {len(top)} coloured)")
-    legend = axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                         markerscale=max(1.0, 6.0 / size ** 0.5))
+    legend = axes.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        markerscale=max(1.0, 6.0 / size**0.5),
+    )
     for handle in legend.legend_handles:
         handle.set_alpha(1.0)
     figure.tight_layout()
@@ -344,7 +376,10 @@ def plot_atlas(
 
 
 def plot_optimization_history(
-    trials: list[dict], path: str | os.PathLike, objective: str = "objective", minimize: bool = True,
+    trials: list[dict],
+    path: str | os.PathLike,
+    objective: str = "objective",
+    minimize: bool = True,
     title: str = "Optuna optimisation history",
 ) -> Path:
     """Objective value per finished trial with the running best as a step line. ``trials`` rows carry
@@ -354,8 +389,13 @@ def plot_optimization_history(
     complete = [row for row in trials if row["state"] == "COMPLETE" and row["value"] is not None]
     pruned = [row for row in trials if row["state"] == "PRUNED" and row["value"] is not None]
     if pruned:
-        axes.scatter([row["number"] for row in pruned], [row["value"] for row in pruned], marker="x",
-                     color="grey", label="pruned (last epoch reported)")
+        axes.scatter(
+            [row["number"] for row in pruned],
+            [row["value"] for row in pruned],
+            marker="x",
+            color="grey",
+            label="pruned (last epoch reported)",
+        )
     if complete:
         numbers = [row["number"] for row in complete]
         values = [row["value"] for row in complete]
@@ -374,8 +414,11 @@ def plot_optimization_history(
     return save_figure(figure, path)
 
 
-def plot_param_importances(importances: dict[str, float], path: str | os.PathLike,
-                           title: str = "Hyper-parameter importances (fANOVA)") -> Path:
+def plot_param_importances(
+    importances: dict[str, float],
+    path: str | os.PathLike,
+    title: str = "Hyper-parameter importances (fANOVA)",
+) -> Path:
     """Horizontal bars of each tuned parameter's share of the objective's variance, largest on top."""
     names = sorted(importances, key=importances.get)
     figure, axes = plt.subplots(figsize=(7, 0.45 * max(3, len(names)) + 1))

@@ -73,6 +73,7 @@ class StreamConfig:
     max_val_cells: int = 10_000  # …but at most this many (atlas scale)
     seed: int = 42  # seeds the validation set, the block order of every epoch and the buffer shuffles
     output: str = "dense"  # "dense": (cells × genes) bins; "sparse": bins of the non-zeros only (densify())
+    counts: bool = False  # also the raw counts ("counts", or "nonzero_counts" when sparse; densify_counts())
 
     def validate(self) -> StreamConfig:
         if self.output not in ("dense", "sparse"):
@@ -433,8 +434,8 @@ class CellStream(IterableDataset):
             yield self._batch(carry, carry_rows, 0, carry.shape[0], worker_tag)
 
     def _read_group(self, ranges: np.ndarray, group: int, logical: int) -> tuple[np.ndarray, sp.csr_matrix]:
-        """(store rows, their bins as CSR) of one buffer: training rows of its blocks, shuffled and
-        binned together (per-cell normalisation makes this the same as binning batch by batch)."""
+        """(store rows, their raw counts as CSR) of one buffer: the training rows of its blocks, shuffled
+        together (each batch is binned as it is cut, see :meth:`_batch`)."""
         pieces, rows = [], []
         for start, stop in ranges[np.argsort(ranges[:, 0])]:  # read in store order
             indptr, indices, data = self.store.read_range(int(start), int(stop))
@@ -445,23 +446,31 @@ class CellStream(IterableDataset):
         train = np.flatnonzero(~self._is_val[rows])
         rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, logical, group])
         pick = train[rng.permutation(train.size)]
-        matrix = matrix[pick]
-        bins = self.binner.binned(matrix.indptr, matrix.indices, matrix.data)
-        return rows[pick], sp.csr_matrix((bins, matrix.indices, matrix.indptr), shape=matrix.shape)
+        return rows[pick], matrix[pick]
 
     def _batch(self, matrix: sp.csr_matrix, rows: np.ndarray, start: int, stop: int, worker_tag) -> dict:
+        """One batch of the raw-count CSR ``matrix`` (rows ``start:stop``), binned here: binning is per
+        cell, so binning a batch gives the same bins as binning its whole buffer."""
         part = matrix[start:stop]
-        return self._format(part.indptr, part.indices, part.data, rows[start:stop], worker_tag)
+        bins = self.binner.binned(part.indptr, part.indices, part.data)
+        return self._format(part.indptr, part.indices, bins, rows[start:stop], worker_tag, part.data)
 
-    def _format(self, indptr, indices, bins, rows: np.ndarray, worker_tag: int) -> dict:
-        """A batch from the CSR of its cells' non-zero ``bins`` (already binned)."""
+    def _format(self, indptr, indices, bins, rows: np.ndarray, worker_tag: int, counts=None) -> dict:
+        """A batch from the CSR of its cells' non-zero ``bins`` (already binned) and, with
+        ``config.counts``, their raw ``counts`` (the same non-zeros)."""
         batch = {"rows": np.array(rows, dtype=np.int64), "worker": worker_tag}
         if self.config.output == "dense":
             batch["bins"] = self.binner.densify(indptr, indices, bins)
+            if self.config.counts:
+                dense = np.zeros((len(indptr) - 1, self.store.n_genes), dtype=np.float32)
+                dense[np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)), indices] = counts
+                batch["counts"] = dense
         else:
             batch["indptr"] = np.asarray(indptr, dtype=np.int64)
             batch["genes"] = np.asarray(indices, dtype=np.int32)
             batch["nonzero_bins"] = np.asarray(bins, dtype=np.int16)
+            if self.config.counts:
+                batch["nonzero_counts"] = np.asarray(counts, dtype=np.float32)
         # numpy arrays cross from DataLoader workers in the pickle stream (one message); tensors would
         # each need a shared-memory file and a descriptor handshake (StreamLoader picks per format)
         return batch if self._numpy_batches else _as_tensors(batch)
@@ -478,7 +487,7 @@ class CellStream(IterableDataset):
             rows = self.val_rows[start : start + size]
             part = self.store.rows(rows)
             bins = self.binner.binned(part.indptr, part.indices, part.data)
-            yield _as_tensors(self._format(part.indptr, part.indices, bins, rows, -1))
+            yield _as_tensors(self._format(part.indptr, part.indices, bins, rows, -1, part.data))
 
 
 def _as_tensors(batch: dict) -> dict:
@@ -511,6 +520,21 @@ def densify(batch: dict, zero_bins: torch.Tensor) -> torch.Tensor:
     dense = zero_bins.to(device).expand(n_cells, -1).clone()
     rows = torch.repeat_interleave(torch.arange(n_cells, device=device), indptr.diff())
     dense[rows, batch["genes"].long()] = batch["nonzero_bins"]
+    return dense
+
+
+def densify_counts(batch: dict, n_genes: int) -> torch.Tensor:
+    """(cells × genes) float32 raw counts of a batch streamed with ``StreamConfig.counts``, in either
+    format, on the device of ``batch``'s tensors."""
+    if "counts" in batch:
+        return batch["counts"]
+    if "nonzero_counts" not in batch:
+        raise NeurofmError("this batch carries no counts; stream with StreamConfig(counts=True)")
+    indptr = batch["indptr"]
+    n_cells = indptr.numel() - 1
+    dense = torch.zeros(n_cells, n_genes, dtype=torch.float32, device=indptr.device)
+    rows = torch.repeat_interleave(torch.arange(n_cells, device=indptr.device), indptr.diff())
+    dense[rows, batch["genes"].long()] = batch["nonzero_counts"]
     return dense
 
 

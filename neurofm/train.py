@@ -1,4 +1,5 @@
-"""Masked-bin pre-training: the split, masking, the training loop, checkpoints and resume.
+"""Masked-bin pre-training: the training loop (the task is ``neurofm.masking``, the run directory
+``neurofm.checkpoints``).
 
 ``pretrain`` takes raw counts in a cell store (``neurofm.data.store``; an AnnData is converted to a
 temporary one first, so small data and an atlas take the same path), streams the training cells with
@@ -45,14 +46,13 @@ or on a store made by ``neurofm convert IN.h5ad STORE``: ``pretrain(CellStore('S
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -62,29 +62,43 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from neurofm import runtime
+from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re-exported)
+    BEST_DIR,
+    LAST_DIR,
+    METRIC_COLUMNS,
+    RESUME_FILE,
+    load_resume_state,
+    read_metrics_csv,
+    write_checkpoint,
+    write_final_outputs,
+)
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.errors import NeurofmError
-from neurofm.io import atomic_path, ensure_writable_dir, write_json, write_text
+from neurofm.io import ensure_writable_dir
+from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported for callers of train)
+    IGNORE_INDEX,
+    MaskedBatch,
+    baseline_scores,
+    frequency_table,
+    make_batch,
+    mask_tokens,
+    sample_genes,
+    split_cells,
+    stream_frequency_table,
+)
 from neurofm.model import GeneEncoder, ModelConfig
 from neurofm.stream import (
     CellStream,
-    SparseBinner,
     StreamConfig,
     StreamLoader,
     densify,
+    densify_counts,
     fit_tokenizer,
     validation_rows,
 )
-from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer, TokenizerConfig
+from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of tokens that are not scored
-BEST_DIR, LAST_DIR = "best", "last"
-RESUME_FILE = "resume_state.pt"
-METRICS_FILE, CURVES_FILE, DEMO_FILE = "metrics.csv", "curves.png", "demo.txt"
-BASELINE_SMOOTHING = 0.5  # add-½ counts in the per-gene frequency table (never a zero probability)
-BASELINE_MAX_CELLS = 200_000  # the frequency table counts at most this many training cells (a seeded sample)
 
 
 @dataclass
@@ -105,6 +119,12 @@ class TrainConfig:
     cell_loss_weight: float = 1.0  # weight of the cell-embedding loss (bins predicted from the pooled cell
     #                                vector alone) beside the masked-token loss; 0 trains tokens only
     cell_loss_tokens: str = "all"  # which tokens the cell head predicts: "masked" or "all" real tokens
+    count_loss_weight: float = 1.0  # weight of the count head's loss (model.latent_dim > 0): its negative-
+    #                                 binomial NLL of every gene's raw count + the latent's KL, per gene
+    kl_weight: float = 1.0  # weight of the latent's KL term once warmed up (1: the evidence lower bound)
+    kl_warmup: float = 0.5  # share of the steps over which the KL weight rises linearly from 0 to kl_weight
+    count_input: str = "all_genes"  # the count head's cell vector: of "all_genes" of the cell (as embedded)
+    #                                 or of the "sampled" visible tokens only
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
@@ -161,6 +181,10 @@ class TrainConfig:
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (0 < self.mask_ratio < 1, "mask_ratio must be in (0, 1)"),
             (self.cell_loss_weight >= 0, "cell_loss_weight must be >= 0"),
+            (self.count_loss_weight >= 0, "count_loss_weight must be >= 0"),
+            (0 <= self.kl_warmup <= 1, "kl_warmup must be in [0, 1]"),
+            (self.kl_weight >= 0, "kl_weight must be >= 0"),
+            (self.count_input in ("all_genes", "sampled"), "count_input must be 'all_genes' or 'sampled'"),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
@@ -201,23 +225,6 @@ class TrainResult:
         return min(self.metrics, key=lambda row: row["val_total_loss"])
 
 
-METRIC_COLUMNS = (
-    "epoch",
-    "step",
-    "train_loss",
-    "train_cell_loss",
-    "val_loss",
-    "val_cell_loss",
-    "val_total_loss",
-    "val_perplexity",
-    "val_masked_accuracy",
-    "baseline_perplexity",
-    "perplexity_ratio",
-    "lr",
-    "epoch_time_s",
-)
-
-
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → cuda if available, else mps, else cpu; other names are checked for availability."""
     if name == "auto":
@@ -235,118 +242,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise NeurofmError(f"device {name!r} asked for but MPS is not available; use device='auto' or 'cpu'")
     return device
-
-
-# ---------------------------------------------------------------------------------------------- data
-def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The original's in-memory split (``pretrain`` now uses the store's rows, ``split_store``): shuffle
-    ``arange(n_cells)`` with ``RandomState(seed)``; the last
-    ``int(n_cells * val_fraction)`` cells are validation. Raises NeurofmError when either side is too
-    small."""
-    n_val = int(n_cells * val_fraction)
-    if n_val < 1 or n_cells - n_val < MIN_CELLS:
-        raise NeurofmError(
-            f"{n_cells} cells are too few for a {val_fraction:.0%} validation split (need >= 1 "
-            "validation and "
-            f">= {MIN_CELLS} training cells); pass more cells or change val_fraction"
-        )
-    order = np.arange(n_cells)
-    np.random.RandomState(seed).shuffle(order)
-    return order[: n_cells - n_val], order[n_cells - n_val :]
-
-
-def sample_genes(
-    n_cells: int, n_genes: int, n_tokens: int, generator: torch.Generator, device: torch.device | None = None
-) -> torch.Tensor:
-    """(n_cells, n_tokens) gene indices, a uniform sample without replacement per cell, sorted."""
-    if n_tokens >= n_genes:
-        return torch.arange(n_genes, device=device).expand(n_cells, n_genes).clone()
-    keys = torch.rand(n_cells, n_genes, generator=generator, device=generator.device)
-    return keys.topk(n_tokens, dim=1).indices.sort(dim=1).values.to(device)
-
-
-def mask_tokens(
-    bins: torch.Tensor,
-    mask_ratio: float,
-    nonzero_share: float,
-    generator: torch.Generator,
-    padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boolean (cells, tokens) mask: ``max(1, int(mask_ratio * n_real))`` tokens per cell, of which
-    ``round(nonzero_share * k)`` sit on non-zero bins (fewer if the cell lacks them, the rest on zeros,
-    and vice versa) — the original's rule, vectorised over the batch."""
-    if padding_mask is None:
-        padding_mask = torch.zeros_like(bins, dtype=torch.bool)
-    real = ~padding_mask
-    nonzero = (bins > 0) & real
-    zero = (bins == 0) & real
-    n_real = real.sum(1)
-    n_nonzero, n_zero = nonzero.sum(1), zero.sum(1)
-    k_total = torch.clamp((n_real.double() * mask_ratio).floor().long(), min=1)
-    k_nonzero = torch.minimum(torch.round(k_total.double() * nonzero_share).long(), n_nonzero)
-    k_zero = torch.minimum(k_total - k_nonzero, n_zero)
-    k_nonzero = torch.minimum(k_total - k_zero, n_nonzero)  # zeros ran short: take more non-zeros
-
-    keys = torch.rand(bins.shape, generator=generator, device=generator.device).to(bins.device)
-
-    def first_k(candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        ranked = torch.where(candidates, keys, torch.full_like(keys, 2.0)).argsort(dim=1)
-        rank = torch.empty_like(ranked).scatter_(
-            1, ranked, torch.arange(bins.shape[1], device=bins.device).expand_as(ranked).contiguous()
-        )
-        return candidates & (rank < k[:, None])
-
-    return first_k(nonzero, k_nonzero) | first_k(zero, k_zero)
-
-
-@dataclass
-class _Batch:
-    gene_ids: torch.Tensor  # (cells, tokens)
-    input_bins: torch.Tensor  # bins with masked tokens replaced by the mask token
-    labels: torch.Tensor  # true bin at masked tokens, IGNORE_INDEX elsewhere
-    cell_labels: torch.Tensor  # what the cell head is scored on: labels, or the true bin of every token
-    padding_mask: torch.Tensor | None
-
-    def rows(self, part: slice) -> _Batch:
-        """The cells ``part`` of the batch (a rank's share under DDP)."""
-        return _Batch(
-            self.gene_ids[part],
-            self.input_bins[part],
-            self.labels[part],
-            self.cell_labels[part],
-            None if self.padding_mask is None else self.padding_mask[part],
-        )
-
-    @property
-    def n_scored(self) -> tuple[int, int]:
-        """(masked tokens, tokens the cell head is scored on)."""
-        return int((self.labels != IGNORE_INDEX).sum()), int((self.cell_labels != IGNORE_INDEX).sum())
-
-
-def make_batch(
-    bins: torch.Tensor, n_tokens: int, mask_token: int, config: TrainConfig, generator: torch.Generator
-) -> _Batch:
-    """Sample genes and masks for the cells in ``bins`` (cells × all genes)."""
-    gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device)
-    token_bins = torch.gather(bins, 1, gene_ids).long()
-    masked = mask_tokens(token_bins, config.mask_ratio, config.nonzero_mask_share, generator)
-    labels = torch.where(masked, token_bins, torch.full_like(token_bins, IGNORE_INDEX))
-    return _Batch(
-        gene_ids=gene_ids,
-        input_bins=torch.where(masked, torch.full_like(token_bins, mask_token), token_bins),
-        labels=labels,
-        cell_labels=labels if config.cell_loss_tokens == "masked" else token_bins,
-        padding_mask=None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- baseline
-def frequency_table(train_bins: np.ndarray, n_bins: int, smoothing: float = BASELINE_SMOOTHING) -> np.ndarray:
-    """(genes, n_bins) probability of each bin per gene over the training cells, add-``smoothing``."""
-    n_cells, n_genes = train_bins.shape
-    flat = (np.arange(n_genes)[None, :] * n_bins + train_bins.astype(np.int64)).ravel()
-    counts = np.bincount(flat, minlength=n_genes * n_bins).reshape(n_genes, n_bins) + smoothing
-    return counts / counts.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -378,23 +273,27 @@ def _autocast(device: torch.device, config: TrainConfig):
 
 
 class _PretrainForward(torch.nn.Module):
-    """``GeneEncoder.pretrain_logits`` as a module's ``forward``, which DistributedDataParallel wraps."""
+    """``GeneEncoder.pretrain_outputs`` as a module's ``forward``, which DistributedDataParallel wraps."""
 
     def __init__(self, model: GeneEncoder):
         super().__init__()
         self.model = model
 
-    def forward(self, gene_ids, bin_ids, padding_mask=None):
-        return self.model.pretrain_logits(gene_ids, bin_ids, padding_mask)
+    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None, full_bins=None):
+        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts, full_bins)
 
 
-def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, reduction="mean"):
-    """(masked-token loss, cell loss, token logits): cross-entropy of the token head at the masked tokens
-    and of the cell head (bins from the pooled cell vector alone) at ``batch.cell_labels``. ``model`` is a
-    GeneEncoder or its DDP-wrapped ``_PretrainForward``."""
-    forward = model.pretrain_logits if isinstance(model, GeneEncoder) else model
+def _losses(model, batch: MaskedBatch, device: torch.device, config: TrainConfig, reduction="mean"):
+    """(masked-token loss, cell loss, count NLL, count KL, token logits): cross-entropy of the token head
+    at the masked tokens and of the cell head (bins from the pooled cell vector alone) at
+    ``batch.cell_labels``; with a count head and ``batch.counts``, its negative-binomial NLL and KL per
+    gene (mean or sum over the cells; zeros otherwise). ``model`` is a GeneEncoder or its DDP-wrapped
+    ``_PretrainForward``."""
+    forward = model.pretrain_outputs if isinstance(model, GeneEncoder) else model
     with _autocast(device, config):
-        logits, cell_logits = forward(batch.gene_ids, batch.input_bins, batch.padding_mask)
+        logits, cell_logits, count_nll, count_kl = forward(
+            batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts, batch.full_bins
+        )
     token_loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
     )
@@ -404,19 +303,70 @@ def _losses(model, batch: _Batch, device: torch.device, config: TrainConfig, red
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
-    return token_loss, cell_loss, logits
+    if count_nll is None:
+        count_nll = count_kl = torch.zeros((), device=token_loss.device)
+    elif reduction == "mean":
+        count_nll, count_kl = count_nll.mean(), count_kl.mean()
+    else:
+        count_nll, count_kl = count_nll.sum(), count_kl.sum()
+    return token_loss, cell_loss, count_nll, count_kl, logits
+
+
+def kl_weight_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The count head's KL weight at ``step``: linear from 0 to ``kl_weight`` over the first ``kl_warmup``
+    share of the steps (scVI's warm-up, so the latent learns the profile before it is pulled to the
+    prior)."""
+    ramp = config.kl_warmup * total_steps
+    return config.kl_weight * (1.0 if ramp <= 0 else min(1.0, step / ramp))
 
 
 @torch.no_grad()
-def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, config: TrainConfig) -> dict:
+def validation_count_loss(
+    model: GeneEncoder, stream: CellStream, device: torch.device, config: TrainConfig, batch_size: int = 256
+) -> float:
+    """The count head's loss per cell and gene on the validation cells (negative-binomial NLL of every
+    gene's raw count from the latent mean + the latent's KL: the negative ELBO per gene), read from the
+    store batch by batch (nothing is kept, so memory does not grow with the validation cells). Under
+    DDP each rank scores every world_size-th batch and the sums are all-reduced."""
+    context = runtime.current()
+    model.eval()
+    zero_bins = stream.zero_bins.to(device)
+    total, n_cells = 0.0, 0
+    for index, part in enumerate(stream.validation_batches(batch_size)):
+        if index % context.world_size != context.rank:
+            continue
+        part = _to_device(part, device)
+        bins = densify(part, zero_bins)
+        counts = densify_counts(part, bins.shape[1])
+        cell = model.pooled_cell(bins) if config.count_input == "all_genes" else None
+        if cell is None:  # "sampled": the visible tokens of a fixed draw, as in training
+            generator = torch.Generator(device=device).manual_seed(config.seed + 2 + index)
+            batch = make_batch(bins, config.max_tokens_per_cell, model.config.mask_token, config, generator)
+            keep = batch.input_bins != model.config.mask_token
+            if model.config.cell_pooling == "nonzero":
+                keep = keep & (batch.input_bins > 0)
+            cell = model.pool(model.cell_features(batch.gene_ids, batch.input_bins), keep)
+        with _autocast(device, config):
+            nll, kl = model.count_loss(cell, counts)
+        total += float((nll + kl).sum())
+        n_cells += bins.shape[0]
+    total, n_cells = runtime.all_reduce_sums([total, n_cells], context)
+    return total / max(1, n_cells)
+
+
+@torch.no_grad()
+def score_validation(
+    model: GeneEncoder, batches: list[MaskedBatch], device: torch.device, config: TrainConfig
+) -> dict:
     """Masked loss (token-weighted mean NLL), perplexity and top-1 accuracy over fixed batches, and the
-    cell head's loss (``cell_loss``, token-weighted mean NLL). Under DDP each rank scores its share of
-    the batches and the sums are all-reduced, so every rank returns the same metrics."""
+    cell head's loss (``cell_loss``, token-weighted mean NLL); ``count_loss`` is 0 here (see
+    :func:`validation_count_loss`). Under DDP each rank scores its share of the batches and the sums
+    are all-reduced, so every rank returns the same metrics."""
     context = runtime.current()
     model.eval()
     total_nll, total_cell_nll, total_correct, total_masked, total_cell = 0.0, 0.0, 0, 0, 0
     for batch in batches[context.rank :: context.world_size]:
-        nll, cell_nll, logits = _losses(model, batch, device, config, reduction="sum")
+        nll, cell_nll, _, _, logits = _losses(model, batch, device, config, reduction="sum")
         scored = batch.labels != IGNORE_INDEX
         total_nll += nll.item()
         total_cell_nll += cell_nll.item()
@@ -430,26 +380,15 @@ def evaluate(model: GeneEncoder, batches: list[_Batch], device: torch.device, co
     return {
         "loss": loss,
         "cell_loss": total_cell_nll / max(1, total_cell),
+        "count_loss": 0.0,
         "perplexity": math.exp(loss),
         "masked_accuracy": total_correct / max(1, total_masked),
     }
 
 
-def _baseline_scores(table: np.ndarray, batches: list[_Batch]) -> tuple[float, float]:
-    table = torch.from_numpy(table)
-    log_table = table.log()
-    nll, correct, masked = 0.0, 0, 0
-    for batch in batches:
-        scored = batch.labels != IGNORE_INDEX
-        genes, labels = batch.gene_ids[scored].cpu(), batch.labels[scored].cpu()
-        nll -= log_table[genes, labels].sum().item()
-        correct += (table[genes].argmax(1) == labels).sum().item()
-        masked += len(labels)
-    return math.exp(nll / masked), correct / masked
-
-
-def stream_config_for(config: TrainConfig) -> StreamConfig:
-    """The :class:`~neurofm.stream.StreamConfig` a training run reads its store with."""
+def stream_config_for(config: TrainConfig, counts: bool = False) -> StreamConfig:
+    """The :class:`~neurofm.stream.StreamConfig` a training run reads its store with (``counts``: the
+    raw counts too, for a model with a count head)."""
     return StreamConfig(
         batch_size=config.batch_size,
         block_size=config.block_size,
@@ -458,6 +397,7 @@ def stream_config_for(config: TrainConfig) -> StreamConfig:
         max_val_cells=config.max_val_cells,
         seed=config.seed,
         output=config.stream_output,
+        counts=counts,
     ).validate()
 
 
@@ -526,42 +466,6 @@ def _open_data(data, scratch_parent: Path) -> tuple[CellStore, Callable[[], None
         f"pretrain takes an AnnData, a CellStore or a store directory, not {type(data).__name__}; "
         "convert the data first (neurofm convert)"
     )
-
-
-def stream_frequency_table(
-    store: CellStore,
-    tokenizer: ExpressionTokenizer,
-    exclude_rows: np.ndarray,
-    *,
-    max_cells: int = BASELINE_MAX_CELLS,
-    seed: int = 0,
-    chunk_cells: int = 4096,
-    smoothing: float = BASELINE_SMOOTHING,
-) -> tuple[np.ndarray, int]:
-    """``frequency_table`` of the training rows' bins, streamed: (table, cells counted).
-
-    All training rows (those not in ``exclude_rows``) when there are at most ``max_cells``, else a
-    seeded sample of ``max_cells`` of them (``default_rng([seed, 13])``). Each chunk of ``chunk_cells``
-    rows is binned sparsely (only non-zeros; a gene's zeros all fall in its zero bin) and counted with
-    ``np.bincount`` — never a dense (cells × genes) matrix. Equal to ``frequency_table`` of the dense
-    bins of the same cells."""
-    binner = SparseBinner(tokenizer)
-    rows = np.setdiff1d(np.arange(store.n_cells), exclude_rows, assume_unique=True)
-    if rows.size > max_cells:
-        rows = np.sort(np.random.default_rng([seed, 13]).choice(rows, size=max_cells, replace=False))
-    n_genes, n_bins = binner.n_genes, binner.n_bins
-    counts = np.zeros(n_genes * n_bins, dtype=np.int64)
-    nonzero_per_gene = np.zeros(n_genes, dtype=np.int64)
-    for start in range(0, rows.size, chunk_cells):
-        part = store.rows(rows[start : start + chunk_cells])
-        bins = binner.binned(part.indptr, part.indices, part.data).astype(np.int64)
-        genes = part.indices.astype(np.int64)
-        counts += np.bincount(genes * n_bins + bins, minlength=n_genes * n_bins)
-        nonzero_per_gene += np.bincount(genes, minlength=n_genes)
-    counts = counts.reshape(n_genes, n_bins)
-    counts[np.arange(n_genes), binner.zero_bins.astype(np.int64)] += rows.size - nonzero_per_gene
-    table = counts + smoothing
-    return table / table.sum(axis=1, keepdims=True), int(rows.size)
 
 
 def pretrain(
@@ -659,7 +563,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def _validation_batches(
     stream: CellStream, n_tokens: int, mask_token: int, config: TrainConfig, device: torch.device,
     eval_batch_size: int = 256,
-) -> list[_Batch]:  # fmt: skip
+) -> list[MaskedBatch]:  # fmt: skip
     """The fixed validation batches: the stream's validation rows, ``val_draws`` gene samples + masks
     each, drawn once from a generator seeded ``seed + 1``."""
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -689,11 +593,17 @@ def _pretrain(
     started = time.perf_counter()
     train_rows, val_rows = split
     mask_token = model_config.mask_token
+    with_counts = model_config.latent_dim > 0  # the count head needs every gene's raw count
+    if with_counts and train_config.count_loss_weight <= 0:
+        raise NeurofmError(
+            "the model has a count head (latent_dim > 0) but train.count_loss_weight is 0, so its latent "
+            "would never be trained; set count_loss_weight > 0 or model.latent_dim: 0"
+        )
 
     stream = CellStream(
         store,
         tokenizer,
-        stream_config_for(train_config),
+        stream_config_for(train_config, counts=with_counts),
         rank=context.rank,
         world_size=context.world_size,
         num_workers=train_config.num_workers,
@@ -706,7 +616,7 @@ def _pretrain(
     zero_bins = stream.zero_bins.to(device)
     val_batches = _validation_batches(stream, n_tokens, mask_token, train_config, device)
     table, n_baseline = stream_frequency_table(store, tokenizer, val_rows, seed=train_config.seed)
-    baseline_ppl, baseline_acc = _baseline_scores(table, val_batches)
+    baseline_ppl, baseline_acc = baseline_scores(table, val_batches)
     log.info(
         "%d train / %d validation cells, %d genes, %d tokens per cell; frequency baseline (%d cells) "
         "perplexity %.3f",
@@ -750,7 +660,7 @@ def _pretrain(
         total_steps = sum(steps_in(epoch) for epoch in range(train_config.epochs))
     state = {"step": 0, "best_val_loss": math.inf, "metrics": []}  # best: val_total_loss
     if resume:
-        state = _load_resume_state(out_dir, model, optimizer, model_config, tokenizer, train_config)
+        state = load_resume_state(out_dir, model, optimizer, model_config, tokenizer, train_config)
         loader.load_state_dict({**state["loader"], "rank": context.rank})
 
     metrics_rows: list[dict] = state["metrics"]
@@ -781,11 +691,18 @@ def _pretrain(
                 step_seed = _step_seed(train_config.seed, step, context.rank)
                 generator.manual_seed(step_seed)
                 torch.manual_seed(step_seed)  # dropout
-                bins = densify(_to_device(raw, device), zero_bins)
-                batch = make_batch(bins, n_tokens, mask_token, train_config, generator)
+                raw = _to_device(raw, device)
+                bins = densify(raw, zero_bins)
+                counts = densify_counts(raw, bins.shape[1]) if with_counts else None
+                batch = make_batch(bins, n_tokens, mask_token, train_config, generator, counts)
                 # each rank's mean over its own cells; DDP averages the gradients over the ranks
-                token_loss, cell_loss, _ = _losses(trainable, batch, device, train_config)
+                token_loss, cell_loss, count_nll, count_kl, _ = _losses(
+                    trainable, batch, device, train_config
+                )
                 loss = token_loss + train_config.cell_loss_weight * cell_loss
+                if with_counts:
+                    kl_weight = kl_weight_at(step, total_steps, train_config)
+                    loss = loss + train_config.count_loss_weight * (count_nll + kl_weight * count_kl)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if train_config.grad_clip > 0:
@@ -809,6 +726,7 @@ def _pretrain(
                     row = _validate(
                         model, val_batches, device, train_config, context, epoch + 1, state["step"],
                         (running, running_cell, n_steps), baseline_ppl, lr, time.perf_counter() - since,
+                        stream if with_counts else None,
                     )  # fmt: skip
                     running, running_cell, n_steps = 0.0, 0.0, 0
                     metrics_rows.append(row)
@@ -816,9 +734,7 @@ def _pretrain(
                     state["best_val_loss"] = min(state["best_val_loss"], row["val_total_loss"])
                     state["loader"] = position
                     if context.is_main:
-                        _write_checkpoint_outputs(
-                            out_dir, model, tokenizer, optimizer, state, is_best, train_config
-                        )
+                        write_checkpoint(out_dir, model, tokenizer, optimizer, state, is_best, train_config)
                         _log_row(row)
                         if on_epoch_end is not None:
                             on_epoch_end(state["step"], dict(row))
@@ -834,7 +750,7 @@ def _pretrain(
     demo, artifacts = "", {}
     if context.is_main:
         demo = demo_prediction(model, val_batches[0], train_config.demo_top_k, device, train_config)
-        artifacts = _write_final_outputs(out_dir, metrics_rows, demo)
+        artifacts = write_final_outputs(out_dir, metrics_rows, demo)
         artifacts["resume_state"] = out_dir / RESUME_FILE
     if context.enabled:
         torch.distributed.barrier()  # the other ranks return once rank 0's outputs are complete
@@ -851,14 +767,18 @@ def _pretrain(
 
 
 def _validate(
-    model, val_batches, device, config, context, epoch, step, running, baseline_ppl, lr, elapsed
-) -> dict:
-    """One metrics row: the fixed validation batches scored, the training losses since the last one
-    (averaged over the steps and the ranks)."""
+    model, val_batches, device, config, context, epoch, step, running, baseline_ppl, lr, elapsed,
+    count_stream=None,
+) -> dict:  # fmt: skip
+    """One metrics row: the fixed validation batches scored (and, with ``count_stream``, the count head's
+    loss on the stream's validation cells), the training losses since the last one (averaged over the
+    steps and the ranks)."""
     total, total_cell, n_steps = running
     total, total_cell = runtime.all_reduce_sums([total, total_cell], context)
     denominator = max(1, n_steps) * context.world_size
-    val = evaluate(model, val_batches, device, config)
+    val = score_validation(model, val_batches, device, config)
+    if count_stream is not None:
+        val["count_loss"] = validation_count_loss(model, count_stream, device, config)
     model.train()
     return {
         "epoch": epoch,
@@ -867,7 +787,10 @@ def _validate(
         "train_cell_loss": total_cell / denominator,
         "val_loss": val["loss"],
         "val_cell_loss": val["cell_loss"],
-        "val_total_loss": val["loss"] + config.cell_loss_weight * val["cell_loss"],
+        "val_count_loss": val["count_loss"],
+        "val_total_loss": val["loss"]
+        + config.cell_loss_weight * val["cell_loss"]
+        + (config.count_loss_weight * val["count_loss"] if model.latent_encoder is not None else 0.0),
         "val_perplexity": val["perplexity"],
         "val_masked_accuracy": val["masked_accuracy"],
         "baseline_perplexity": baseline_ppl,
@@ -892,133 +815,9 @@ def _log_row(row: dict) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-def _write_checkpoint_outputs(
-    out_dir: Path,
-    model: GeneEncoder,
-    tokenizer: ExpressionTokenizer,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    is_best: bool,
-    config: TrainConfig,
-) -> None:
-    """Checkpoints, resume state and the metrics CSV after one validation. DDP: call on rank 0 only."""
-    model.save_pretrained(out_dir / LAST_DIR, tokenizer)
-    if is_best:
-        model.save_pretrained(out_dir / BEST_DIR, tokenizer)
-    resume_state = {
-        "step": state["step"],
-        "best_val_loss": state["best_val_loss"],
-        "metrics": [dict(row) for row in state["metrics"]],
-        "optimizer": optimizer.state_dict(),
-        # the weights too, so the resume state is one self-consistent file: a crash between writing
-        # last/ and this file can never pair step-k weights with a step-(k-1) optimizer
-        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        # the loader's position (rank 0's; every rank has consumed as many batches of the epoch)
-        "loader": dict(state["loader"]),
-        "train_config": asdict(config),
-    }
-    with atomic_path(out_dir / RESUME_FILE) as tmp:
-        torch.save(resume_state, tmp)
-    _write_metrics_csv(out_dir / METRICS_FILE, state["metrics"])
-
-
-# settings a resumed run may change: they do not change which batches or updates it makes
-RESUMABLE_CHANGES = ("epochs", "max_steps", "progress", "num_threads", "device", "nproc_per_node",
-                     "dist_backend", "pin_memory")  # fmt: skip
-
-
-def _load_resume_state(
-    out_dir: Path,
-    model: GeneEncoder,
-    optimizer: torch.optim.Optimizer,
-    model_config: ModelConfig,
-    tokenizer: ExpressionTokenizer,
-    config: TrainConfig,
-) -> dict:
-    from neurofm.model import load_pretrained
-
-    path = out_dir / RESUME_FILE
-    if not path.is_file() or not (out_dir / LAST_DIR).is_dir():
-        raise NeurofmError(
-            f"nothing to resume in {out_dir} (no {RESUME_FILE} or {LAST_DIR}/); run without resume"
-        )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt/unsafe files
-        raise NeurofmError(
-            f"{path} is not a readable resume state ({type(error).__name__}); start a fresh run"
-        ) from None
-    if "loader" not in saved:
-        raise NeurofmError(
-            f"{path} was written by an older neurofm (no loader position); start a fresh out_dir"
-        )
-    changed = {
-        k
-        for k, v in saved["train_config"].items()
-        if k not in RESUMABLE_CHANGES and asdict(config).get(k) != v
-    }
-    if changed:
-        raise NeurofmError(
-            f"resume settings differ from the interrupted run ({sorted(changed)}); "
-            "resume with the same settings or start a fresh out_dir"
-        )
-    last_model, last_tokenizer = load_pretrained(out_dir / LAST_DIR)
-    if last_model.config != model_config or not np.array_equal(last_tokenizer.bin_edges, tokenizer.bin_edges):
-        raise NeurofmError(
-            f"the checkpoint in {out_dir / LAST_DIR} was trained with another model config or "
-            "data; resume with the same settings and data or start a fresh out_dir"
-        )
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    log.info("resuming after step %d (epoch %d)", saved["step"], saved["loader"]["epoch"])
-    return {
-        "step": saved["step"],
-        "best_val_loss": saved["best_val_loss"],
-        "metrics": list(saved["metrics"]),
-        "loader": dict(saved["loader"]),
-    }
-
-
-def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(METRIC_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
-    """The per-epoch rows of a ``metrics.csv`` as numbers (``[]`` when there is none yet)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [
-        {key: int(value) if key in ("epoch", "step") else float(value) for key, value in row.items()}
-        for row in rows
-    ]
-
-
-def _write_final_outputs(out_dir: Path, rows: list[dict], demo: str) -> dict[str, Path]:
-    from neurofm.plots import plot_pretrain_curves
-
-    _write_metrics_csv(out_dir / METRICS_FILE, rows)
-    write_text(demo, out_dir / DEMO_FILE)
-    curves = plot_pretrain_curves(rows, out_dir / CURVES_FILE)
-    summary = {"best": min(rows, key=lambda row: row["val_total_loss"]), "last": rows[-1]}
-    write_json(summary, out_dir / "summary.json")
-    return {
-        "metrics_csv": out_dir / METRICS_FILE,
-        "curves_png": curves,
-        "demo_txt": out_dir / DEMO_FILE,
-        "summary_json": out_dir / "summary.json",
-    }
-
-
 @torch.no_grad()
 def demo_prediction(
-    model: GeneEncoder, batch: _Batch, top_k: int, device: torch.device, config: TrainConfig
+    model: GeneEncoder, batch: MaskedBatch, top_k: int, device: torch.device, config: TrainConfig
 ) -> str:
     """Text table of the top-k predicted bins against the truth at the masked genes of the batch's
     first cell."""

@@ -32,14 +32,14 @@ Objectives (``tune.objective``):
   ``train.max_tokens_per_cell`` changes the task (fewer bins are easier), so a warning is logged;
 - ``perplexity_ratio`` (minimise): lowest validation perplexity / the per-gene frequency-table
   perplexity on the same bins and masks — comparable across bin counts;
-- ``probe_auc`` (maximise): after training, the validation cells are embedded with the trial's best
-  checkpoint and a logistic-regression probe (``neurofm.evaluate.probe``, ``evaluate.probe`` settings)
-  is scored on ``evaluate.label_column`` mapped by ``evaluate.label_mapping``; the value is the mean
-  cross-validated ROC-AUC (the hold-out AUC when CV is off). ``evaluate_fn(best_dir, adata, config)``
-  replaces this scoring when given.
+- ``probe_auc``, ``fewshot5_f1``, ``ari_optimised`` (maximise): the embedding itself. After training,
+  the validation cells are embedded with the trial's best checkpoint and scored on
+  ``evaluate.label_column`` (mapped by ``evaluate.label_mapping``) by the evaluation's fair protocol:
+  the probe's cross-validated ROC-AUC, the 5-shot macro-F1, or the cluster-optimised Leiden ARI (see
+  :func:`score_embedding_objective`). ``evaluate_fn(best_dir, adata, config)`` replaces this scoring.
 
 Pruning compares the per-epoch ``val_loss`` for ``val_loss`` and the per-epoch perplexity ratio
-otherwise (negated for ``probe_auc``, so that higher is better like the objective).
+otherwise (negated for the embedding objectives, so that higher is better like the objective).
 
 The best trial's settings are written (atomically) to ``tune.best_config_out``: a YAML that
 ``extends`` the pre-training config and overrides the tuned keys (and any other tokenizer/model/train
@@ -88,7 +88,13 @@ FIXED_KEYS = {
 }
 # keys that change what the validation loss measures (the task), not only how well it is learnt
 TASK_KEYS = ("tokenizer.", "train.mask_ratio", "train.nonzero_mask_share", "train.max_tokens_per_cell")
-OBJECTIVES = {"val_loss": "minimize", "perplexity_ratio": "minimize", "probe_auc": "maximize"}
+OBJECTIVES = {
+    "val_loss": "minimize",
+    "perplexity_ratio": "minimize",
+    "probe_auc": "maximize",
+    "fewshot5_f1": "maximize",
+    "ari_optimised": "maximize",
+}
 PARAM_TYPES = ("float", "int", "categorical")
 SPEC_KEYS = {
     "float": {"low", "high", "log", "step"},
@@ -315,20 +321,34 @@ def count_finished(study: optuna.Study) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- objective
-def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]) -> float:
-    """ROC-AUC of a logistic-regression probe on the embeddings of the validation cells.
+EMBEDDING_OBJECTIVES = ("probe_auc", "fewshot5_f1", "ari_optimised")  # scored on embedded validation cells
+
+
+def score_embedding_objective(
+    objective: str, model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]
+) -> float:
+    """An embedding objective of the model in ``model_dir``, scored on the cells ``pretrain`` held out.
 
     The validation cells are those ``pretrain`` held out (``validation_source_rows``: the cell store's
     validation rows for ``train.seed``/``train.val_fraction``/``train.max_val_cells``), embedded with the
-    model in ``model_dir`` (``evaluate.pooling``/``batch_size``); labels are ``evaluate.label_column``
-    mapped through ``evaluate.label_mapping``; the probe uses ``evaluate.probe`` settings. Returns the
-    mean cross-validated AUC (the hold-out AUC when CV is off or undefined).
+    model (``evaluate.pooling``/``batch_size``); labels are ``evaluate.label_column`` mapped through
+    ``evaluate.label_mapping``. The scoring is the evaluation's own fair protocol (the classifier menu
+    picked on labelled cells only, ``evaluate.probe`` settings, ``evaluate.cluster`` settings):
+
+    - ``probe_auc``: the mean cross-validated probe ROC-AUC (the hold-out AUC when CV is off or undefined);
+    - ``fewshot5_f1``: macro-F1 of probes fit on 5 labelled cells per class, mean over
+      ``evaluate.label_efficiency_draws`` draws, scored on the held-out part of the validation cells;
+    - ``ari_optimised``: the cluster-optimised Leiden ARI (best over the resolution sweep).
     """
     from neurofm.embedding import embed_matrix
+    from neurofm.evaluate.cluster import ClusterConfig, cluster_embedding
+    from neurofm.evaluate.label_efficiency import label_efficiency
     from neurofm.evaluate.labels import resolve_labels
     from neurofm.evaluate.probe import ProbeConfig, run_probe
     from neurofm.model import load_pretrained
 
+    if objective not in EMBEDDING_OBJECTIVES:
+        raise NeurofmError(f"{objective!r} is not an embedding objective; use one of {EMBEDDING_OBJECTIVES}")
     evaluate = config["evaluate"]
     train_config = dataclass_from_dict(TrainConfig, config["train"], "train")
     val_idx = validation_source_rows(adata, train_config)
@@ -344,11 +364,25 @@ def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[s
         device=config["train"]["device"],
         progress=False,
     )
-    result = run_probe(
-        embedding, labels, dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe")
-    )
-    cv_auc = result.metrics()["probe_cv_auc_mean"]
-    return float(cv_auc) if math.isfinite(cv_auc) else float(result.roc_auc)
+    probe_config = dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe")
+    if objective == "probe_auc":
+        result = run_probe(embedding, labels, probe_config)
+        cv_auc = result.metrics()["probe_cv_auc_mean"]
+        return float(cv_auc) if math.isfinite(cv_auc) else float(result.roc_auc)
+    if objective == "fewshot5_f1":
+        table = label_efficiency(
+            {"model": embedding}, labels, shots=[5], n_draws=evaluate["label_efficiency_draws"],
+            probe_config=probe_config,
+        )  # fmt: skip
+        return float(table["f1_mean"].iloc[0])
+    cluster_config = dataclass_from_dict(ClusterConfig, evaluate["cluster"], "evaluate.cluster")
+    clusters = cluster_embedding(embedding, labels, **dataclasses.asdict(cluster_config))
+    return float(clusters.metrics()["ari_optimised"])
+
+
+def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]) -> float:
+    """The ``probe_auc`` objective (see :func:`score_embedding_objective`)."""
+    return score_embedding_objective("probe_auc", model_dir, adata, config)
 
 
 def _intermediate(metrics: Mapping[str, float], objective: str) -> float:
@@ -356,7 +390,7 @@ def _intermediate(metrics: Mapping[str, float], objective: str) -> float:
     if objective == "val_loss":
         return float(metrics["val_loss"])
     ratio = float(metrics["val_perplexity"]) / float(metrics["baseline_perplexity"])
-    return -ratio if objective == "probe_auc" else ratio
+    return -ratio if OBJECTIVES[objective] == "maximize" else ratio
 
 
 def _trial_summary(result: TrainResult) -> dict[str, float]:
@@ -447,10 +481,12 @@ class _Study:
             value = summary["best_val_loss"]
         elif self.objective == "perplexity_ratio":
             value = summary["perplexity_ratio"]
+        elif self.evaluate_fn is not None:
+            value = float(self.evaluate_fn(result.best_dir, self.adata, config))
+            summary[self.objective] = value
         else:
-            scorer = self.evaluate_fn or probe_auc
-            value = float(scorer(result.best_dir, self.adata, config))
-            summary["probe_auc"] = value
+            value = score_embedding_objective(self.objective, result.best_dir, self.adata, config)
+            summary[self.objective] = value
         for key, number in summary.items():
             trial.set_user_attr(key, number)
         trial.set_user_attr("best_dir", str(result.best_dir))
@@ -640,10 +676,10 @@ def run_study(
     if objective == "val_loss" and task_keys:
         log.warning(
             "objective val_loss with %s in the space: these change the task itself, so losses are not "
-            "comparable across trials; consider objective perplexity_ratio or probe_auc",
+            "comparable across trials; consider objective perplexity_ratio or an embedding objective",
             task_keys,
         )
-    if objective == "probe_auc" and evaluate_fn is None:
+    if objective in EMBEDDING_OBJECTIVES and evaluate_fn is None:
         from neurofm.evaluate.labels import resolve_labels
 
         resolve_labels(

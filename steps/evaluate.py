@@ -83,7 +83,15 @@ def embed_cells(
     model, tokenizer = load_pretrained(model_dir)
     genes = {"gene_col": evaluate["gene_column"], "min_gene_overlap": evaluate["min_gene_overlap"]}
     options = {"batch_size": evaluate["batch_size"], "pooling": evaluate["pooling"]}
-    embed(adata, model, tokenizer, key_added=keys.EMBEDDING, **genes, **options)  # writes uns['neurofm']
+    embed(  # writes uns['neurofm']
+        adata,
+        model,
+        tokenizer,
+        key_added=keys.EMBEDDING,
+        unobserved=evaluate["unobserved"],
+        **genes,
+        **options,
+    )
     adata.uns[keys.EMBEDDING_PARAMS]["model_dir"] = str(model_dir)
     match = match_adata(
         adata,
@@ -99,6 +107,7 @@ def embed_cells(
             tokenizer,
             adata,
             match=match,
+            unobserved=evaluate["unobserved"],
             progress=False,
             **options,
         )

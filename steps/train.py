@@ -47,7 +47,11 @@ def tokenize(
     return fitted.save(Path(out_dir) / "tokenizer")
 
 
-@step(cache_policy=depends_on("tokenizer", "model", "train", "stream", "data.store", "tracking", "plots"))
+@step(
+    cache_policy=depends_on(
+        "tokenizer", "model", "masking", "checkpoints", "train", "stream", "data.store", "tracking", "plots"
+    )
+)
 def pretrain_model(
     cells: dict[str, Any],
     tokenizer_dir: Path,

@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 import run
 from neurofm import tracking
 from neurofm.data.store import CellStore
-from neurofm.runtime import DistContext, all_reduce_sums, shard
 from neurofm.model import ModelConfig
+from neurofm.runtime import DistContext, all_reduce_sums, shard
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train import TrainConfig, pretrain
 from tests.conftest import REAL_SUBSET

@@ -81,6 +81,7 @@ def _store_from_pipeline(tmp: Path) -> tuple[str, str, str]:
         "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
         "--set", "train.epochs=10",  # 2 epochs stay behind PCA on the probe, so no champion
         "--set", "evaluate.label_efficiency_draws=2",
+        "--set", "evaluate.label_efficiency_shots=[5,all]",  # 10-50 shots: leave-one-out fits cost minutes
         "--set", "evaluate.scvi_max_epochs=20",
     ]  # fmt: skip
     status = entry_point.main(["--pipeline", "full", "--out", str(tmp / "out"), "--no-cache", *small])

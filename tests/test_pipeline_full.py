@@ -25,6 +25,7 @@ SMALL = [
     "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
     "--set", "train.epochs=2",
     "--set", "evaluate.label_efficiency_draws=2",
+    "--set", "evaluate.label_efficiency_shots=[5,all]",  # 10-50 shots: leave-one-out fits cost minutes
     "--set", "evaluate.scvi_max_epochs=20",
 ]  # fmt: skip
 MODEL_NAME = "neurofm-encoder"

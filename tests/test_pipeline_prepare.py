@@ -89,7 +89,9 @@ def test_default_run_writes_every_output(default_run):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
     statuses = _step_statuses(default_run["run"])
-    assert set(statuses) == PREPARE_STEPS  # every step ran (earlier tests in the session may have cached some)
+    assert (
+        set(statuses) == PREPARE_STEPS
+    )  # every step ran (earlier tests in the session may have cached some)
     assert set(statuses.values()) <= {"completed", "cached"}
     assert "prepared data:" in default_run["summary"] and "1200 × 800" in default_run["summary"]
 

@@ -17,7 +17,7 @@ from neurofm.evaluate.cluster import cluster_embedding
 from neurofm.evaluate.labels import resolve_labels
 from neurofm.evaluate.probe import ProbeConfig, make_split, run_probe
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CORTEX = SHARED_DATA / "subset_2523_210_Cerebral-cortex.screened.h5ad"
 ZEISEL = SHARED_DATA / "zeisel2015_1464cells_1000genes.h5ad"
 CORTEX_MAPPING = {"cluster_2523": "excitatory", "cluster_210": "inhibitory"}

@@ -41,7 +41,7 @@ def evaluation(tmp_path_factory):
         cluster_config=ClusterConfig(n_neighbors=10),
         label_efficiency_shots=(5, 20, "all"),
         label_efficiency_draws=3,
-        views=("umap",),  # t-SNE is pinned in test_evaluate_visualize; here it would only cost time
+        views=("umap",),  # t-SNE is pinned in tests/evaluate/test_visualize.py; here it would only cost time
     )
     return result, embeddings, labels
 

@@ -1,0 +1,131 @@
+"""The count head (ModelConfig.latent_dim > 0): its negative-binomial likelihood, the raw counts the
+stream carries for it, training with it, and the embedding it defines (the latent mean)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from neurofm.config import POOLINGS as CONFIG_POOLINGS
+from neurofm.config import UNOBSERVED_MODES as CONFIG_UNOBSERVED
+from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
+from neurofm.embedding import POOLINGS, UNOBSERVED_MODES, embed_bins, embed_matrix, resolve_pooling
+from neurofm.errors import NeurofmError
+from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+from neurofm.stream import CellStream, StreamConfig, densify_counts, fit_tokenizer
+from neurofm.tokenizer import TokenizerConfig
+from neurofm.train import kl_weight_at, pretrain
+from tests.test_tokenizer import synthetic_counts
+from tests.test_train import small_train_config
+
+COUNT_MODEL = ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64, latent_dim=4, decoder_dim=16)
+
+
+def test_count_nll_is_the_negative_binomial_of_mean_softmax_times_library():
+    torch.manual_seed(0)
+    model = GeneEncoder(ModelConfig(n_genes=7, d_model=8, n_heads=2, n_layers=1, ffn_dim=8, latent_dim=3))
+    with torch.no_grad():
+        model.count_log_theta.copy_(torch.linspace(-1.0, 2.0, 7))
+    latent = torch.randn(2, 3)
+    counts = torch.tensor([[0, 1, 5, 0, 2, 9, 3], [4, 0, 0, 1, 0, 0, 0]], dtype=torch.float32)
+    nll = model.count_nll(latent, counts).detach().numpy()
+    shares = torch.softmax(model.count_decoder(latent), -1).detach().numpy()
+    theta = model.count_log_theta.exp().detach().numpy()
+    for cell in range(2):
+        mu = shares[cell] * counts[cell].sum().item()
+        # scipy's nbinom(n=theta, p=theta / (theta + mu)) has mean mu
+        expected = -stats.nbinom.logpmf(counts[cell].numpy(), theta, theta / (theta + mu)).sum()
+        assert nll[cell] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_embedding_is_the_latent_mean_and_equals_the_table_lookup():
+    torch.manual_seed(1)
+    config = ModelConfig(n_genes=30, d_model=16, n_heads=2, n_layers=1, ffn_dim=16, latent_dim=5)
+    model = GeneEncoder(config).eval()
+    assert model.embedding_dim == 5 and GeneEncoder(ModelConfig(n_genes=30, d_model=16)).embedding_dim == 16
+    bins = torch.randint(0, 21, (6, 30))
+    bins[bins == 20] = 0  # no mask tokens in real data
+    genes = torch.arange(30).expand(6, 30)
+    direct = model.cell_embedding(genes, bins)
+    assert direct.shape == (6, 5)
+    torch.testing.assert_close(embed_bins(model, bins, "mean"), direct, rtol=1e-5, atol=1e-5)
+    assert resolve_pooling(model, "auto") == "mean"
+    # what the count head reads in training ("all_genes") is what embedding pools, for both poolings
+    torch.testing.assert_close(model.latent(model.pooled_cell(bins))[0], direct, rtol=1e-5, atol=1e-5)
+    nonzero = GeneEncoder(replace(config, cell_pooling="nonzero")).eval()
+    assert resolve_pooling(nonzero, "auto") == "mean_nonzero"
+    torch.testing.assert_close(
+        nonzero.latent(nonzero.pooled_cell(bins))[0], embed_bins(nonzero, bins, "auto"), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_the_stream_carries_each_cells_raw_counts_in_both_formats(tmp_path):
+    adata = synthetic_counts(n_cells=120, n_genes=25, seed=3)
+    convert_anndata(adata, tmp_path / "store")
+    store = CellStore(tmp_path / "store")
+    tokenizer = fit_tokenizer(store, TokenizerConfig())
+    dense_config = StreamConfig(batch_size=16, block_size=8, buffer_blocks=2, val_fraction=0.1, counts=True)
+    sparse_config = StreamConfig(**{**dense_config.__dict__, "output": "sparse"})
+    source = store.read_obs([SOURCE_ROW])[SOURCE_ROW].to_numpy()  # the store shuffles cells
+    counts = adata.X.toarray()[source]
+    dense_batches = list(CellStream(store, tokenizer, dense_config))
+    sparse_batches = list(CellStream(store, tokenizer, sparse_config))
+    assert len(dense_batches) == len(sparse_batches) > 0
+    for dense, sparse in zip(dense_batches, sparse_batches, strict=True):
+        rows = dense["rows"].numpy()
+        np.testing.assert_array_equal(densify_counts(dense, 25).numpy(), counts[rows])
+        np.testing.assert_array_equal(densify_counts(sparse, 25).numpy(), counts[rows])
+    for batch in CellStream(store, tokenizer, dense_config).validation_batches():
+        np.testing.assert_array_equal(batch["counts"].numpy(), counts[batch["rows"].numpy()])
+    without = next(iter(CellStream(store, tokenizer, StreamConfig(batch_size=16, val_fraction=0.1))))
+    with pytest.raises(NeurofmError, match="counts=True"):
+        densify_counts(without, 25)
+
+
+def test_training_with_the_count_head_lowers_its_loss_and_saves_a_latent_model(tmp_path):
+    adata = synthetic_counts(n_cells=160, n_genes=40, seed=1)
+    result = pretrain(
+        adata, TokenizerConfig(), COUNT_MODEL, small_train_config(epochs=4, kl_warmup=0.25), tmp_path / "run"
+    )
+    rows = result.metrics
+    assert all(math.isfinite(row["val_count_loss"]) for row in rows)
+    assert rows[-1]["val_count_loss"] < rows[0]["val_count_loss"]
+    last = rows[-1]
+    expected_total = last["val_loss"] + last["val_cell_loss"] + last["val_count_loss"]  # both weights 1
+    assert last["val_total_loss"] == pytest.approx(expected_total)
+    model, tokenizer = load_pretrained(result.best_dir)
+    embedding = embed_matrix(model, tokenizer, adata, progress=False, device="cpu")
+    assert embedding.shape == (160, 4) and np.isfinite(embedding).all()
+    # the latent separates the two synthetic cell types better than chance: centroid gap > spread
+    kinds = adata.obs["subtype"].to_numpy()
+    first, second = embedding[kinds == kinds[0]], embedding[kinds != kinds[0]]
+    gap = np.linalg.norm(first.mean(0) - second.mean(0))
+    assert gap > 0.5 * (first.std(0).mean() + second.std(0).mean())
+
+
+def test_a_count_head_without_count_loss_and_bad_settings_are_refused(tmp_path):
+    adata = synthetic_counts(n_cells=80, n_genes=40)
+    with pytest.raises(NeurofmError, match="count_loss_weight"):
+        pretrain(
+            adata, TokenizerConfig(), COUNT_MODEL, small_train_config(count_loss_weight=0.0), tmp_path / "a"
+        )
+    with pytest.raises(NeurofmError, match="latent_dim"):
+        ModelConfig(latent_dim=-1).validate()
+    with pytest.raises(NeurofmError, match="kl_warmup"):
+        small_train_config(kl_warmup=2.0).validate()
+
+
+def test_kl_weight_rises_linearly_over_the_warmup_share():
+    config = small_train_config(kl_warmup=0.5)
+    assert [kl_weight_at(step, 100, config) for step in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert kl_weight_at(0, 100, small_train_config(kl_warmup=0.0)) == 1.0
+
+
+def test_config_choices_match_the_embedding_choices():
+    assert tuple(CONFIG_POOLINGS) == tuple(POOLINGS)
+    assert tuple(CONFIG_UNOBSERVED) == tuple(UNOBSERVED_MODES)
