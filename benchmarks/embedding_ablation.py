@@ -36,11 +36,18 @@ DATASETS = {
 }
 # variant name -> (TrainConfig overrides, ModelConfig overrides, embed pooling, tokenizer binning)
 VARIANTS = {
-    "default": ({}, {}, "mean", "quantile"),
-    "mean_nonzero": ({}, {}, "mean_nonzero", "quantile"),
-    "no_cell_loss": ({"cell_loss_weight": 0.0}, {}, "mean", "quantile"),
-    "nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile"),
-    "qnz_nonzero_pool": ({}, {"cell_pooling": "nonzero"}, "mean_nonzero", "quantile_nonzero"),
+    "default": ({}, {}, "auto", "quantile"),  # the current defaults (the count head since 2026-11-29)
+    # the bin heads alone (latent_dim 0): the default before 2026-11-29, called "default" in older JSON
+    "bins_only": ({}, {"latent_dim": 0}, "mean", "quantile"),
+    "mean_nonzero": ({}, {"latent_dim": 0}, "mean_nonzero", "quantile"),
+    "no_cell_loss": ({"cell_loss_weight": 0.0}, {"latent_dim": 0}, "mean", "quantile"),
+    "nonzero_pool": ({}, {"latent_dim": 0, "cell_pooling": "nonzero"}, "mean_nonzero", "quantile"),
+    "qnz_nonzero_pool": (
+        {},
+        {"latent_dim": 0, "cell_pooling": "nonzero"},
+        "mean_nonzero",
+        "quantile_nonzero",
+    ),
     # scVI-like count head: pooled cell vector -> variational latent -> NB means (library size offset)
     "count_latent16": ({}, {"latent_dim": 16}, "auto", "quantile"),
     "count_latent16_nonzero": ({}, {"latent_dim": 16, "cell_pooling": "nonzero"}, "auto", "quantile"),

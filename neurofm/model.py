@@ -61,10 +61,11 @@ class ModelConfig:
     #                            "nonzero" (visible tokens with bin > 0: the count of zeros, i.e. depth, stays out)
     max_tokens: int = 256  # context length of the transformer: tokens per sequence (pretrain sets it to the
     #                        per-cell token cap; embedding pools every gene and is not bound by it)
-    latent_dim: int = 0  # > 0: an scVI-like count head — the pooled cell vector is encoded into a
+    latent_dim: int = 16  # > 0: an scVI-like count head — the pooled cell vector is encoded into a
     #                      variational latent of this size, from which a decoder gives every gene's
     #                      negative-binomial mean (softmax × the cell's library size, an offset) — and the
     #                      cell embedding is the latent mean; 0: no count head, the embedding is the cell vector
+    #                      (16: the default since 2026-11-29, see BENCHMARKS.md "The count head")
     decoder_dim: int = 128  # hidden width of the count head's encoder and decoder (latent_dim > 0)
 
     @property

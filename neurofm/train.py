@@ -802,12 +802,14 @@ def _validate(
 
 def _log_row(row: dict) -> None:
     log.info(
-        "step %d (epoch %d): train %.4f  val %.4f  cell %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  acc %.3f",
+        "step %d (epoch %d): train %.4f  val %.4f  cell %.4f  count %.4f  ppl %.3f (baseline %.3f, ratio %.3f)  "
+        "acc %.3f",
         row["step"],
         row["epoch"],
         row["train_loss"],
         row["val_loss"],
         row["val_cell_loss"],
+        row["val_count_loss"],
         row["val_perplexity"],
         row["baseline_perplexity"],
         row["perplexity_ratio"],

@@ -28,7 +28,7 @@ def per_token_reference(model, bins: torch.Tensor, pooling: str) -> torch.Tensor
     gene_ids = torch.arange(bins.shape[1]).expand(bins.shape[0], -1)
     bins = bins.long()
     if pooling == "max":
-        return model.cell_features(gene_ids, bins).amax(1)
+        return model.embedding_from_cell(model.cell_features(gene_ids, bins).amax(1))
     if pooling == "mean_nonzero":
         zero = bins == 0
         zero[zero.all(1)] = False  # cells with every bin 0: plain mean

@@ -14,7 +14,10 @@ from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.tokenizer import ExpressionTokenizer
 from tests.test_tokenizer import synthetic_counts
 
-CONFIG = ModelConfig(n_genes=40, n_bins=20, d_model=32, n_heads=4, n_layers=2, ffn_dim=64, max_tokens=40)
+# the architecture without the count head: its embedding is the pooled cell vector (tests/test_count_head.py)
+CONFIG = ModelConfig(
+    n_genes=40, n_bins=20, d_model=32, n_heads=4, n_layers=2, ffn_dim=64, max_tokens=40, latent_dim=0
+)
 
 
 @pytest.fixture()

@@ -24,7 +24,8 @@ from neurofm.train import (
 )
 from tests.test_tokenizer import synthetic_counts
 
-SMALL_MODEL = ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64)
+# the bin heads alone (the count head has its own tests in tests/test_count_head.py)
+SMALL_MODEL = ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64, latent_dim=0)
 
 
 def small_train_config(**overrides) -> TrainConfig:
