@@ -6,15 +6,18 @@ attention (``torch.nn.functional.scaled_dot_product_attention``) mix the tokens;
 lets cells with different numbers of tokens share a batch. A linear head predicts each token's bin.
 
 Each token also carries a gene × bin term (``gene_embedding ⊙ bin_scale``), so a token says which gene
-has which bin on its own. The cell embedding is the mean of the layer-normalised token embeddings over a
-cell's (real, unmasked) tokens (:meth:`GeneEncoder.cell_embedding`) — the vector ``neurofm.embed()``
-writes out. A second head (after scGPT's "MVC" objective) predicts the bins of the cell's genes from
-the cell vector and each gene's query vector only: ``logits = cell_head(LayerNorm((cell +
-histogram_proj(histogram)) ⊙ gene_query(gene_embedding)))`` plus the per-gene bias, where
-``histogram`` is the cell's mean bin embedding, a nuisance covariate for depth and sparsity. This
-low-rank bottleneck trains the pooled vector to carry the expression profile (PCA-like). Pooling the
-transformer's final hidden states instead measured far worse: their residual updates, trained for the
-masked-token head, swamp the per-token gene × bin information.
+has which bin on its own. The **cell vector** is the mean of the layer-normalised token embeddings over a
+cell's tokens (no transformer layer). A second head (after scGPT's "MVC" objective) predicts the bins of
+the cell's genes from the cell vector and each gene's query vector only: ``logits = cell_head(LayerNorm((cell
++ histogram_proj(histogram)) ⊙ gene_query(gene_embedding)))`` plus the per-gene bias, where ``histogram``
+is the cell's mean bin embedding, a nuisance covariate for depth and sparsity.
+
+The **count head** (``latent_dim > 0``, the default 16), after scVI: the cell vector of all the cell's
+genes is encoded (Linear, BatchNorm, ReLU) into a variational latent; a decoder (Linear, BatchNorm, ReLU,
+Linear) gives every gene's negative-binomial mean as ``softmax × library size`` (the cell's total count,
+an offset, so the latent need not carry depth) with a learned per-gene dispersion. The **cell embedding**
+(:meth:`GeneEncoder.cell_embedding`, what ``neurofm.embed()`` writes) is the latent mean; with
+``latent_dim=0`` it is the cell vector itself. Measurements behind these choices are in BENCHMARKS.md.
 
 There is no positional embedding: gene order carries no meaning, the gene embedding is the position.
 
