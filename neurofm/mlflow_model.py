@@ -18,7 +18,7 @@ from mlflow.pyfunc import PythonModel
 
 
 class NeurofmEncoder(PythonModel):
-    """Raw counts (DataFrame, genes as columns) → cell embeddings (mean pooling)."""
+    """Raw counts (DataFrame, genes as columns) → cell embeddings (as ``neurofm.embed``)."""
 
     def load_context(self, context) -> None:
         from neurofm.model import load_pretrained
