@@ -43,6 +43,8 @@ from neurofm.io import atomic_path, write_json
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _FORMAT_VERSION = 1
+# fields whose default changed after models were saved without them: the value such a model was built with
+LEGACY_DEFAULTS = {"latent_dim": 0}  # the count head became the default on 2026-11-29
 
 
 @dataclass
@@ -430,7 +432,9 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())
         known = {field.name for field in fields(ModelConfig)}
-        config = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+        # a field a model directory lacks was written before it existed: the architecture it had then
+        settings = {**LEGACY_DEFAULTS, **{k: v for k, v in meta["model"].items() if k in known}}
+        config = ModelConfig(**settings)
     except (ValueError, KeyError, TypeError) as error:
         raise NeurofmError(
             f"{directory / CONFIG_FILE} is not a valid model config ({error}); re-save the model"

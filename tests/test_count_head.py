@@ -155,3 +155,20 @@ def test_a_resumed_count_head_run_matches_the_straight_run(tmp_path):
     second, _ = load_pretrained(resumed.last_dir)
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[name]), name
+
+
+def test_a_model_saved_before_the_count_head_loads_as_it_was_built(tmp_path):
+    """config.json of a model saved before ``latent_dim`` existed has no such key: it loads without a
+    count head (its weights have none), not with today's default."""
+    import json
+
+    from neurofm.tokenizer import ExpressionTokenizer
+
+    tokenizer = ExpressionTokenizer().fit(synthetic_counts(n_cells=40, n_genes=12))
+    old = GeneEncoder(ModelConfig(n_genes=12, d_model=8, n_heads=2, n_layers=1, ffn_dim=8, latent_dim=0))
+    directory = old.save_pretrained(tmp_path / "old", tokenizer)
+    meta = json.loads((directory / "config.json").read_text())
+    del meta["model"]["latent_dim"], meta["model"]["decoder_dim"]
+    (directory / "config.json").write_text(json.dumps(meta))
+    model, _ = load_pretrained(directory)
+    assert model.config.latent_dim == 0 and model.latent_encoder is None and model.embedding_dim == 8
