@@ -309,11 +309,7 @@ class GeneEncoder(nn.Module):
         n_genes: every gene's bin, as at embedding time) when given, else that of the visible tokens.
         The latent is sampled (reparameterised) in training mode."""
         hidden = self.encode(gene_ids, bin_ids, padding_mask)
-        keep = bin_ids != self.config.mask_token
-        if padding_mask is not None:
-            keep = keep & ~padding_mask
-        if self.config.cell_pooling == "nonzero":
-            keep = keep & (bin_ids > 0)
+        keep = self.visible(bin_ids, padding_mask)
         cell = self.pool(self.cell_features(gene_ids, bin_ids), keep)
         histogram = self.pool(self.bin_embedding(bin_ids), keep)  # the cell's bin mix: depth, sparsity
         logits = self._with_bias(self.head(hidden), gene_ids)
@@ -322,6 +318,16 @@ class GeneEncoder(nn.Module):
             return logits, cell_logits, None, None
         nll, kl = self.count_loss(cell if full_bins is None else self.pooled_cell(full_bins), counts)
         return logits, cell_logits, nll, kl
+
+    def visible(self, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, tokens) bool: the tokens the cell vector pools in pre-training — real, not masked, and
+        with bin > 0 for ``cell_pooling="nonzero"``."""
+        keep = bin_ids != self.config.mask_token
+        if padding_mask is not None:
+            keep = keep & ~padding_mask
+        if self.config.cell_pooling == "nonzero":
+            keep = keep & (bin_ids > 0)
+        return keep
 
     def pooled_cell(self, bins: torch.Tensor) -> torch.Tensor:
         """(batch, d_model) cell vectors of whole cells: ``bins`` (batch, n_genes) holds every gene's bin;

@@ -342,9 +342,7 @@ def validation_count_loss(
         if cell is None:  # "sampled": the visible tokens of a fixed draw, as in training
             generator = torch.Generator(device=device).manual_seed(config.seed + 2 + index)
             batch = make_batch(bins, config.max_tokens_per_cell, model.config.mask_token, config, generator)
-            keep = batch.input_bins != model.config.mask_token
-            if model.config.cell_pooling == "nonzero":
-                keep = keep & (batch.input_bins > 0)
+            keep = model.visible(batch.input_bins, batch.padding_mask)
             cell = model.pool(model.cell_features(batch.gene_ids, batch.input_bins), keep)
         with _autocast(device, config):
             nll, kl = model.count_loss(cell, counts)

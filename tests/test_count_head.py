@@ -172,3 +172,13 @@ def test_a_model_saved_before_the_count_head_loads_as_it_was_built(tmp_path):
     (directory / "config.json").write_text(json.dumps(meta))
     model, _ = load_pretrained(directory)
     assert model.config.latent_dim == 0 and model.latent_encoder is None and model.embedding_dim == 8
+
+
+def test_the_count_head_can_read_the_sampled_tokens_only(tmp_path):
+    adata = synthetic_counts(n_cells=160, n_genes=40, seed=2)
+    config = small_train_config(epochs=4, kl_warmup=0.25, count_input="sampled", max_tokens_per_cell=16)
+    rows = pretrain(adata, TokenizerConfig(), COUNT_MODEL, config, tmp_path / "run").metrics
+    assert all(math.isfinite(row["val_count_loss"]) for row in rows)
+    assert rows[-1]["val_count_loss"] < rows[0]["val_count_loss"]
+    with pytest.raises(NeurofmError, match="count_input"):
+        small_train_config(count_input="tokens").validate()
