@@ -52,6 +52,27 @@ VARIANTS = {
     "count_latent16": ({}, {"latent_dim": 16}, "auto", "quantile"),
     "count_latent16_nonzero": ({}, {"latent_dim": 16, "cell_pooling": "nonzero"}, "auto", "quantile"),
     "count_latent10_only": ({"cell_loss_weight": 0.0}, {"latent_dim": 10}, "auto", "quantile"),
+    # the count head's encoder also reads the binned expression directly (a linear layer, as scVI's),
+    # then the count head's own phase (neurofm.count_head) for 0, 25 epochs or scVI's rule (None)
+    "expr_phase0": (
+        {"count_head_epochs": 0},
+        {"latent_dim": 16, "latent_reads_expression": True},
+        "auto",
+        "quantile",
+    ),
+    "expr_phase25": (
+        {"count_head_epochs": 25},
+        {"latent_dim": 16, "latent_reads_expression": True},
+        "auto",
+        "quantile",
+    ),
+    "expr_phase_scvi": (
+        {"count_head_epochs": None},
+        {"latent_dim": 16, "latent_reads_expression": True},
+        "auto",
+        "quantile",
+    ),
+    "phase25": ({"count_head_epochs": 25}, {"latent_dim": 16}, "auto", "quantile"),
 }
 
 

@@ -26,6 +26,9 @@ from neurofm.tokenizer import ExpressionTokenizer
 log = logging.getLogger(__name__)
 
 BEST_DIR, LAST_DIR = "best", "last"
+# the model a run with a count head releases: the best checkpoint with its count head fit afterwards
+# (neurofm.count_head); best/ stays the pre-training checkpoint the fit starts from
+FINAL_DIR = "final"
 RESUME_FILE = "resume_state.pt"
 METRICS_FILE, CURVES_FILE, DEMO_FILE = "metrics.csv", "curves.png", "demo.txt"
 

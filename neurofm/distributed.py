@@ -199,6 +199,7 @@ def launch_pretrain(
         artifacts={name: Path(path) for name, path in saved["artifacts"].items()},
         demo=saved["demo"],
         wall_time_s=saved["wall_time_s"],
+        count_head=saved.get("count_head"),
     )
 
 
@@ -252,6 +253,7 @@ def _worker(job_path: str) -> None:
                 "artifacts": {name: str(path) for name, path in result.artifacts.items()},
                 "demo": result.demo,
                 "wall_time_s": result.wall_time_s,
+                "count_head": result.count_head,
                 "world_size": context.world_size,
             }
             write_json(saved, Path(job_path).parent / RESULT_FILE)

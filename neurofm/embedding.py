@@ -28,8 +28,8 @@ from neurofm import keys
 from neurofm.errors import NeurofmError
 from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP, GeneMatch, match_adata
 from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+from neurofm.runtime import resolve_device
 from neurofm.tokenizer import ExpressionTokenizer
-from neurofm.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,20 @@ def embed_bins(
     ``[0, n_bins]``) on the device of ``bins``. ``table`` is :func:`feature_table` of ``model``, computed
     here when not given (pass it when embedding many batches). ``observed`` (bool per gene) pools only
     those genes (the others are unobserved in the data)."""
+    return model.embedding_from_cell(*cell_inputs(model, bins, pooling, table, observed)).float()
+
+
+def cell_inputs(
+    model: GeneEncoder,
+    bins: torch.Tensor,
+    pooling: str = "auto",
+    table: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What :func:`embed_bins` feeds ``model.embedding_from_cell``: the pooled cell vectors (cells,
+    d_model), looked up in ``table`` (no gradient flows into the token features), and the count head's
+    ``expression_features`` (``None`` unless the model's latent reads the expression). Memory is
+    O(cells × genes) ids, never cells × genes × d_model."""
     n_bin_ids = model.config.n_bins + 1
     pooling = resolve_pooling(model, pooling)
     if bins.shape[1] != model.config.n_genes:
@@ -90,6 +104,8 @@ def embed_bins(
         table = feature_table(model)
     gene_offsets = torch.arange(bins.shape[1], device=bins.device) * n_bin_ids
     rows = bins.long() + gene_offsets  # (cells, genes) rows of the table
+    keep = None if observed is None else observed[None, :].expand(bins.shape[0], -1)
+    expression = model.expression_features(bins, keep=keep)  # None unless the latent reads it
     if observed is not None:
         rows, bins = rows[:, observed], bins[:, observed]
     if pooling == "mean_nonzero":
@@ -100,7 +116,7 @@ def embed_bins(
         pooled = F.embedding_bag(rows[keep], table, offsets, mode="mean")  # one bag per cell
     else:  # "mean": the cell vector the cell head was trained on; "max": element-wise
         pooled = F.embedding_bag(rows, table, mode="max" if pooling == "max" else "mean")
-    return model.embedding_from_cell(pooled).float()
+    return pooled, expression
 
 
 def embed_matrix(

@@ -44,7 +44,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _FORMAT_VERSION = 1
 # fields whose default changed after models were saved without them: the value such a model was built with
-LEGACY_DEFAULTS = {"latent_dim": 0}  # the count head became the default on 2026-11-29
+# (the count head became the default on 2026-11-29, its direct read of the expression later that day)
+LEGACY_DEFAULTS = {"latent_dim": 0, "latent_reads_expression": False}
 
 
 @dataclass
@@ -72,6 +73,12 @@ class ModelConfig:
     #                      cell embedding is the latent mean; 0: no count head, the embedding is the cell vector
     #                      (16: the default since 2026-11-29, see BENCHMARKS.md "The count head")
     decoder_dim: int = 128  # hidden width of the count head's encoder and decoder (latent_dim > 0)
+    latent_reads_expression: bool = True  # latent_dim > 0: the count head's encoder reads, beside the pooled
+    #                                       cell vector, the cell's expression directly — a learned vector
+    #                                       per gene weighted by a learned value of the gene's bin (0 for
+    #                                       bin 0), averaged over the cell's genes: a linear layer on the
+    #                                       binned expression, as scVI's encoder reads log counts
+    #                                       (the default since 2026-11-29, see BENCHMARKS.md)
 
     @property
     def mask_token(self) -> int:
@@ -93,6 +100,7 @@ class ModelConfig:
                 isinstance(self.decoder_dim, int) and self.decoder_dim >= 1,
                 "decoder_dim must be an integer >= 1",
             ),
+            (isinstance(self.latent_reads_expression, bool), "latent_reads_expression must be true or false"),
         ]
         for ok, message in checks:
             if not ok:
@@ -192,6 +200,7 @@ class GeneEncoder(nn.Module):
         self.gene_bin_bias = nn.Embedding(config.n_genes, config.n_bins) if config.gene_bin_bias else None
         # count head (latent_dim > 0): cell vector -> variational latent -> NB means of every gene
         self.latent_encoder = self.count_decoder = self.count_log_theta = None
+        self.expression_weight = self.bin_value = None
         if config.latent_dim > 0:
             # batch norm, as in scVI's encoder and decoder: every hidden unit varies across cells on the
             # same scale, so the latent is not held to the one or two directions of largest variance
@@ -208,9 +217,17 @@ class GeneEncoder(nn.Module):
                 nn.Linear(config.decoder_dim, config.n_genes),
             )
             self.count_log_theta = nn.Parameter(torch.zeros(config.n_genes))  # per-gene log dispersion
+            if config.latent_reads_expression:
+                # the encoder's first layer on the expression itself: a vector per gene (n_genes × hidden)
+                # times a learned value of the gene's bin; bin 0 (and the mask token) add nothing
+                self.expression_weight = nn.Parameter(torch.empty(config.n_genes, config.decoder_dim))
+                self.bin_value = nn.Parameter(torch.arange(config.n_bins + 1, dtype=torch.float32))
         self.apply(self._init_weights)
         if self.gene_bin_bias is not None:
             nn.init.zeros_(self.gene_bin_bias.weight)
+        if self.expression_weight is not None:  # as nn.Linear(n_genes, decoder_dim) initialises its weight
+            bound = 1.0 / math.sqrt(config.n_genes)
+            nn.init.uniform_(self.expression_weight, -bound, bound)
         if self.bin_scale is not None:  # order one, so the product is as large as the embeddings
             nn.init.normal_(self.bin_scale.weight, mean=0.0, std=1.0)
         for name, parameter in self.named_parameters():  # GPT-2 scaled init of residual projections
@@ -274,7 +291,10 @@ class GeneEncoder(nn.Module):
         non-padding tokens, then, with a count head, the latent mean (:meth:`embedding_from_cell`) —
         what ``neurofm.embed`` computes for every gene of a cell."""
         keep = None if padding_mask is None else ~padding_mask
-        return self.embedding_from_cell(self.pool(self.cell_features(gene_ids, bin_ids), keep))
+        cell = self.pool(self.cell_features(gene_ids, bin_ids), keep)
+        if keep is None:
+            keep = torch.ones_like(gene_ids, dtype=torch.bool)
+        return self.embedding_from_cell(cell, self.expression_features(bin_ids, gene_ids, keep))
 
     def cell_logits(
         self, cell: torch.Tensor, gene_ids: torch.Tensor, histogram: torch.Tensor | None = None
@@ -316,7 +336,11 @@ class GeneEncoder(nn.Module):
         cell_logits = self.cell_logits(cell, gene_ids, histogram)
         if self.latent_encoder is None or counts is None:
             return logits, cell_logits, None, None
-        nll, kl = self.count_loss(cell if full_bins is None else self.pooled_cell(full_bins), counts)
+        if full_bins is None:  # "sampled": the visible tokens
+            expression = self.expression_features(bin_ids, gene_ids, keep)
+        else:
+            cell, expression = self.pooled_cell(full_bins), self.expression_features(full_bins)
+        nll, kl = self.count_loss(cell, counts, expression)
         return logits, cell_logits, nll, kl
 
     def visible(self, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -337,11 +361,39 @@ class GeneEncoder(nn.Module):
         keep = bins > 0 if self.config.cell_pooling == "nonzero" else None
         return self.pool(self.cell_features(genes, bins.long()), keep)
 
-    def count_loss(self, cell: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expression_features(
+        self,
+        bins: torch.Tensor,
+        gene_ids: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """(batch, decoder_dim) the count head's direct read of the expression (``latent_reads_expression``;
+        ``None`` without it): the mean over the cell's genes of ``bin_value[bin] × expression_weight[gene]``,
+        bin 0 and the mask token adding nothing. ``bins`` (batch, n_genes) holds every gene's bin, or,
+        with ``gene_ids`` (batch, tokens), the bins of those tokens; ``keep`` (same shape, bool) limits
+        the mean to those genes (unobserved genes and padding are left out)."""
+        if self.expression_weight is None:
+            return None
+        bins = bins.long()
+        present = (bins > 0) & (bins != self.config.mask_token)
+        if keep is not None:
+            present = present & keep
+        values = self.bin_value[bins] * present
+        n_genes = bins.shape[1] if keep is None else keep.sum(1, keepdim=True).clamp(min=1)
+        if gene_ids is None:
+            summed = values @ self.expression_weight.to(values.dtype)
+        else:
+            summed = torch.einsum("bt,btd->bd", values, self.expression_weight[gene_ids])
+        return summed / n_genes
+
+    def count_loss(
+        self, cell: torch.Tensor, counts: torch.Tensor, expression: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL, KL), each (batch,) and divided by n_genes: the count head's negative-binomial NLL of the
-        raw ``counts`` (batch, n_genes) from the latent of the cell vectors ``cell`` (sampled in
+        raw ``counts`` (batch, n_genes) from the latent of the cell vectors ``cell`` (and, with
+        ``latent_reads_expression``, of :meth:`expression_features` ``expression``; sampled in
         training mode, its mean otherwise) and the latent's KL divergence from N(0, I)."""
-        mean, log_var = self.latent(cell)
+        mean, log_var = self.latent(cell, expression)
         latent = mean
         if self.training:
             latent = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
@@ -349,11 +401,21 @@ class GeneEncoder(nn.Module):
         kl = 0.5 * (mean.float().pow(2) + log_var.float().exp() - 1.0 - log_var.float()).sum(1)
         return nll / self.config.n_genes, kl / self.config.n_genes
 
-    def latent(self, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log-variance), each (batch, latent_dim), of the count head's latent for cell vectors."""
+    def latent(
+        self, cell: torch.Tensor, expression: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log-variance), each (batch, latent_dim), of the count head's latent for cell vectors
+        (plus, with ``latent_reads_expression``, their :meth:`expression_features`, which it needs)."""
         if self.latent_encoder is None:
             raise NeurofmError("this model has no count head; build it with ModelConfig(latent_dim=16)")
-        mean, log_var = self.latent_encoder(cell).float().chunk(2, dim=-1)
+        hidden = self.latent_encoder[0](cell)
+        if self.expression_weight is not None:
+            if expression is None:
+                raise NeurofmError(
+                    "this model's latent reads the expression; pass expression_features(bins) as well"
+                )
+            hidden = hidden + expression.to(hidden.dtype)
+        mean, log_var = self.latent_encoder[1:](hidden).float().chunk(2, dim=-1)
         return mean, log_var.clamp(-10.0, 10.0)
 
     def count_nll(self, latent: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -380,9 +442,10 @@ class GeneEncoder(nn.Module):
         """Width of the cell embedding: ``latent_dim`` with a count head, else ``d_model``."""
         return self.config.latent_dim or self.config.d_model
 
-    def embedding_from_cell(self, cell: torch.Tensor) -> torch.Tensor:
-        """The cell embedding of pooled cell vectors: the count head's latent mean, or the vector itself."""
-        return cell if self.latent_encoder is None else self.latent(cell)[0]
+    def embedding_from_cell(self, cell: torch.Tensor, expression: torch.Tensor | None = None) -> torch.Tensor:
+        """The cell embedding of pooled cell vectors (and their :meth:`expression_features` when the
+        latent reads them): the count head's latent mean, or the vector itself."""
+        return cell if self.latent_encoder is None else self.latent(cell, expression)[0]
 
     def _with_bias(self, logits: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
         return logits if self.gene_bin_bias is None else logits + self.gene_bin_bias(gene_ids)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from neurofm.errors import NeurofmError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -59,3 +61,22 @@ def all_reduce_sums(values: list[float], context: DistContext) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.cpu().tolist()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → cuda if available, else mps, else cpu; other names are checked for availability."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise NeurofmError(f"device {name!r} is not a torch device; use auto, cpu, cuda or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NeurofmError(f"device {name!r} asked for but CUDA is not available; use device='auto' or 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise NeurofmError(f"device {name!r} asked for but MPS is not available; use device='auto' or 'cpu'")
+    return device

@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from neurofm import runtime
 from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re-exported)
     BEST_DIR,
+    FINAL_DIR,
     LAST_DIR,
     METRIC_COLUMNS,
     RESUME_FILE,
@@ -72,7 +73,9 @@ from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re
     write_checkpoint,
     write_final_outputs,
 )
+from neurofm.count_head import HEAD_FILE, fit_count_head, head_epochs, load_head, save_head
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
+from neurofm.embedding import cell_inputs, feature_table
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir
 from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported for callers of train)
@@ -86,7 +89,8 @@ from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported f
     split_cells,
     stream_frequency_table,
 )
-from neurofm.model import GeneEncoder, ModelConfig
+from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+from neurofm.runtime import resolve_device  # noqa: F401  (re-exported: callers import it from train)
 from neurofm.stream import (
     CellStream,
     StreamConfig,
@@ -125,6 +129,12 @@ class TrainConfig:
     kl_warmup: float = 0.5  # share of the steps over which the KL weight rises linearly from 0 to kl_weight
     count_input: str = "all_genes"  # the count head's cell vector: of "all_genes" of the cell (as embedded)
     #                                 or of the "sampled" visible tokens only
+    count_head_epochs: int | None = None  # after pre-training, the count head alone is fit to the training
+    #                                       cells with the token features frozen (neurofm.count_head) for
+    #                                       this many epochs; None: scVI's rule min(round(20000 / n × 400),
+    #                                       400), the budget of the scVI baseline; 0: no such phase
+    count_head_batch_size: int = 128  # cells per step of that phase (scVI's default)
+    count_head_lr: float = 1e-3  # Adam learning rate of that phase (scVI's default)
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
@@ -185,6 +195,16 @@ class TrainConfig:
             (0 <= self.kl_warmup <= 1, "kl_warmup must be in [0, 1]"),
             (self.kl_weight >= 0, "kl_weight must be >= 0"),
             (self.count_input in ("all_genes", "sampled"), "count_input must be 'all_genes' or 'sampled'"),
+            (
+                self.count_head_epochs is None
+                or (isinstance(self.count_head_epochs, int) and self.count_head_epochs >= 0),
+                "count_head_epochs must be an integer >= 0 or null (scVI's rule)",
+            ),
+            (
+                isinstance(self.count_head_batch_size, int) and self.count_head_batch_size >= 2,
+                "count_head_batch_size must be an integer >= 2",
+            ),
+            (0 < self.count_head_lr <= 1, "count_head_lr must be in (0, 1]"),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
@@ -210,7 +230,8 @@ class TrainResult:
     """What ``pretrain`` produced: per-epoch metrics and where the artifacts are."""
 
     metrics: list[dict]  # one dict per validation (see METRIC_COLUMNS)
-    best_dir: Path  # model directory with the lowest validation objective (val_total_loss)
+    best_dir: Path  # the model to use: the checkpoint with the lowest validation objective (val_total_loss)
+    #                 — with a count head phase, that checkpoint with its head fit (final/, see count_head)
     last_dir: Path  # model directory of the final validation
     baseline_perplexity: float  # per-gene frequency table on the fixed validation masks
     baseline_masked_accuracy: float
@@ -219,29 +240,12 @@ class TrainResult:
     )  # metrics_csv, curves_png, demo_txt, resume_state
     demo: str = ""  # the demo text (also in demo.txt)
     wall_time_s: float = 0.0  # time spent training + validating in this call
+    count_head: dict | None = None  # the count head's own phase (epochs, steps, seconds, validation count
+    #                                 loss before/after); None when there was none
 
     @property
     def best(self) -> dict:
         return min(self.metrics, key=lambda row: row["val_total_loss"])
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → cuda if available, else mps, else cpu; other names are checked for availability."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise NeurofmError(f"device {name!r} is not a torch device; use auto, cpu, cuda or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NeurofmError(f"device {name!r} asked for but CUDA is not available; use device='auto' or 'cpu'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise NeurofmError(f"device {name!r} asked for but MPS is not available; use device='auto' or 'cpu'")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -331,21 +335,25 @@ def validation_count_loss(
     context = runtime.current()
     model.eval()
     zero_bins = stream.zero_bins.to(device)
-    total, n_cells = 0.0, 0
+    total, n_cells, table = 0.0, 0, None
     for index, part in enumerate(stream.validation_batches(batch_size)):
         if index % context.world_size != context.rank:
             continue
         part = _to_device(part, device)
         bins = densify(part, zero_bins)
         counts = densify_counts(part, bins.shape[1])
-        cell = model.pooled_cell(bins) if config.count_input == "all_genes" else None
-        if cell is None:  # "sampled": the visible tokens of a fixed draw, as in training
+        if config.count_input == "all_genes":  # a lookup in the feature table, as at embedding time
+            if table is None:
+                table = feature_table(model)
+            cell, expression = cell_inputs(model, bins, "auto", table)
+        else:  # "sampled": the visible tokens of a fixed draw, as in training
             generator = torch.Generator(device=device).manual_seed(config.seed + 2 + index)
             batch = make_batch(bins, config.max_tokens_per_cell, model.config.mask_token, config, generator)
             keep = model.visible(batch.input_bins, batch.padding_mask)
             cell = model.pool(model.cell_features(batch.gene_ids, batch.input_bins), keep)
+            expression = model.expression_features(batch.input_bins, batch.gene_ids, keep)
         with _autocast(device, config):
-            nll, kl = model.count_loss(cell, counts)
+            nll, kl = model.count_loss(cell, counts, expression)
         total += float((nll + kl).sum())
         n_cells += bins.shape[0]
     total, n_cells = runtime.all_reduce_sums([total, n_cells], context)
@@ -745,6 +753,12 @@ def _pretrain(
             loader.epoch, loader.batches_consumed = epoch + 1, 0
     progress.close()
 
+    count_head = None
+    if with_counts and head_epochs(stream.n_train_cells, train_config.count_head_epochs) > 0:
+        count_head = _count_head_phase(
+            model, store, tokenizer, stream, train_config, device, context, out_dir, state
+        )
+
     demo, artifacts = "", {}
     if context.is_main:
         demo = demo_prediction(model, val_batches[0], train_config.demo_top_k, device, train_config)
@@ -754,14 +768,53 @@ def _pretrain(
         torch.distributed.barrier()  # the other ranks return once rank 0's outputs are complete
     return TrainResult(
         metrics=metrics_rows,
-        best_dir=out_dir / BEST_DIR,
+        best_dir=out_dir / (BEST_DIR if count_head is None else FINAL_DIR),
         last_dir=out_dir / LAST_DIR,
         baseline_perplexity=baseline_ppl,
         baseline_masked_accuracy=baseline_acc,
         artifacts=artifacts,
         demo=demo,
         wall_time_s=time.perf_counter() - started,
+        count_head=count_head,
     )
+
+
+def _count_head_phase(
+    model: GeneEncoder,
+    store: CellStore,
+    tokenizer: ExpressionTokenizer,
+    stream: CellStream,
+    config: TrainConfig,
+    device: torch.device,
+    context: runtime.DistContext,
+    out_dir: Path,
+    state: dict,
+) -> dict:
+    """The count head's own phase (:mod:`neurofm.count_head`) on the best checkpoint; the result is
+    written to ``final/`` (``best/`` is left as it was, so a run continued later starts from it again).
+    Returns the phase's summary (+ the validation count loss before and after). A head saved by an
+    earlier, killed call after the same pre-training is loaded instead of refit."""
+    if context.enabled:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoint
+    best, _ = load_pretrained(out_dir / BEST_DIR)
+    model.load_state_dict(best.state_dict())
+    expect = {"pretrain_steps": state["step"], "best_val_loss": float(state["best_val_loss"])}
+    summary = load_head(out_dir / HEAD_FILE, model, expect)
+    if summary is None:
+        before = validation_count_loss(model, stream, device, config)
+        summary = fit_count_head(model, store, tokenizer, stream.config, config, device, context, _step_seed)
+        after = validation_count_loss(model, stream, device, config)
+        summary = {**expect, **summary, "val_count_loss_before": before, "val_count_loss_after": after}
+        if context.is_main:
+            save_head(out_dir / HEAD_FILE, model, summary)
+    before, after = summary["val_count_loss_before"], summary["val_count_loss_after"]
+    log.info(
+        "count head fit for %d epochs (%d steps, %.0f s): validation count loss %.4f -> %.4f",
+        summary["epochs"], summary["steps"], summary["seconds"], before, after,
+    )  # fmt: skip
+    if context.is_main:
+        model.save_pretrained(out_dir / FINAL_DIR, tokenizer)
+    return summary
 
 
 def _validate(

@@ -111,6 +111,13 @@ def pretrain_model(
             "perplexity_ratio": result.best["val_perplexity"] / result.baseline_perplexity,
             "wall_time_s": result.wall_time_s,
         }
+        if result.count_head is not None:  # the count head's own phase (neurofm.count_head)
+            final.update(
+                {
+                    f"count_head_{key}": float(result.count_head[key])
+                    for key in ("epochs", "steps", "seconds", "val_count_loss_before", "val_count_loss_after")
+                }
+            )
         tracking.log_metrics(final)
         tracking.log_artifacts(
             [p for k, p in result.artifacts.items() if k != "resume_state"], artifact_path="training"

@@ -45,7 +45,9 @@ def test_count_nll_is_the_negative_binomial_of_mean_softmax_times_library():
 
 def test_the_embedding_is_the_latent_mean_and_equals_the_table_lookup():
     torch.manual_seed(1)
-    config = ModelConfig(n_genes=30, d_model=16, n_heads=2, n_layers=1, ffn_dim=16, latent_dim=5)
+    config = ModelConfig(
+        n_genes=30, d_model=16, n_heads=2, n_layers=1, ffn_dim=16, latent_dim=5, latent_reads_expression=False
+    )
     model = GeneEncoder(config).eval()
     assert model.embedding_dim == 5 and GeneEncoder(ModelConfig(n_genes=30, d_model=16)).embedding_dim == 16
     bins = torch.randint(0, 21, (6, 30))
@@ -172,6 +174,14 @@ def test_a_model_saved_before_the_count_head_loads_as_it_was_built(tmp_path):
     (directory / "config.json").write_text(json.dumps(meta))
     model, _ = load_pretrained(directory)
     assert model.config.latent_dim == 0 and model.latent_encoder is None and model.embedding_dim == 8
+    # a count-head model saved before its latent read the expression loads without that read
+    count = GeneEncoder(replace(COUNT_MODEL, n_genes=12, latent_reads_expression=False))
+    directory = count.save_pretrained(tmp_path / "count", tokenizer)
+    meta = json.loads((directory / "config.json").read_text())
+    del meta["model"]["latent_reads_expression"]
+    (directory / "config.json").write_text(json.dumps(meta))
+    model, _ = load_pretrained(directory)
+    assert model.config.latent_dim == 4 and model.expression_weight is None
 
 
 def test_the_count_head_can_read_the_sampled_tokens_only(tmp_path):
@@ -182,3 +192,115 @@ def test_the_count_head_can_read_the_sampled_tokens_only(tmp_path):
     assert rows[-1]["val_count_loss"] < rows[0]["val_count_loss"]
     with pytest.raises(NeurofmError, match="count_input"):
         small_train_config(count_input="tokens").validate()
+
+
+EXPRESSION_MODEL = replace(COUNT_MODEL, latent_reads_expression=True)
+
+
+def test_a_latent_reading_the_expression_embeds_as_it_was_trained():
+    torch.manual_seed(3)
+    config = ModelConfig(
+        n_genes=30, d_model=16, n_heads=2, n_layers=1, ffn_dim=16, latent_dim=5, latent_reads_expression=True
+    )
+    model = GeneEncoder(config).eval()
+    with torch.no_grad():
+        model.bin_value.copy_(torch.rand(21) + 0.5)
+    bins = torch.randint(0, 20, (6, 30))
+    bins[:, :10] = 0  # many zero genes, as in real data
+    genes = torch.arange(30).expand(6, 30)
+    # the same latent whichever way it is reached: tokens, the training path, the embedding's table lookup
+    direct = model.cell_embedding(genes, bins)
+    trained = model.latent(model.pooled_cell(bins), model.expression_features(bins))[0]
+    torch.testing.assert_close(trained, direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embed_bins(model, bins, "auto"), direct, rtol=1e-5, atol=1e-5)
+    # unobserved genes are left out of both the pooling and the expression mean
+    observed = torch.zeros(30, dtype=torch.bool)
+    observed[::2] = True
+    subset = model.cell_embedding(genes[:, observed], bins[:, observed])
+    torch.testing.assert_close(embed_bins(model, bins, "auto", observed=observed), subset, rtol=1e-5, atol=1e-5)
+    # a zero count (bin 0) adds nothing; the expression is a mean of bin value x gene vector
+    zero = model.expression_features(torch.zeros(2, 30, dtype=torch.long))
+    assert torch.equal(zero, torch.zeros(2, config.decoder_dim))
+    one = torch.zeros(1, 30, dtype=torch.long)
+    one[0, 4] = 7
+    expected = model.bin_value[7] * model.expression_weight[4] / 30
+    torch.testing.assert_close(model.expression_features(one)[0], expected)
+    with pytest.raises(NeurofmError, match="reads the expression"):
+        model.latent(model.pooled_cell(bins))
+    with pytest.raises(NeurofmError, match="latent_reads_expression"):
+        replace(config, latent_reads_expression="yes").validate()
+
+
+def test_the_count_head_phase_follows_scvis_epoch_rule():
+    from neurofm.count_head import head_epochs
+
+    assert head_epochs(921, None) == 400  # small data: scVI's cap
+    assert head_epochs(38_000, None) == round(20_000 / 38_000 * 400) == 211
+    assert head_epochs(2_000_000, None) == 4
+    assert head_epochs(921, 25) == 25 and head_epochs(921, 0) == 0
+    with pytest.raises(NeurofmError, match="count_head_epochs"):
+        small_train_config(count_head_epochs=-1).validate()
+    with pytest.raises(NeurofmError, match="count_head_batch_size"):
+        small_train_config(count_head_batch_size=1).validate()
+
+
+def _state(directory):
+    model, _ = load_pretrained(directory)
+    return model.state_dict()
+
+
+def test_the_count_head_phase_fits_only_the_head_and_releases_it_in_final(tmp_path):
+    from neurofm.count_head import is_head_parameter
+
+    adata = synthetic_counts(n_cells=160, n_genes=40, seed=4)
+    config = small_train_config(epochs=2, count_head_epochs=6, count_head_batch_size=32)
+    result = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "run")
+    assert result.best_dir == tmp_path / "run" / "final"
+    summary = result.count_head
+    assert summary["epochs"] == 6 and summary["steps"] == 6 * (128 // 32)
+    assert summary["val_count_loss_after"] < summary["val_count_loss_before"]
+    before, after = _state(tmp_path / "run" / "best"), _state(result.best_dir)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(is_head_parameter(name) for name in changed)
+    assert {"expression_weight", "bin_value", "count_log_theta"} <= changed
+    without = pretrain(
+        adata, TokenizerConfig(), EXPRESSION_MODEL, replace(config, count_head_epochs=0), tmp_path / "none"
+    )
+    assert without.count_head is None and without.best_dir == tmp_path / "none" / "best"
+
+
+@pytest.mark.parametrize("killed_at", ["before the head is saved", "before final/ is written"])
+def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path, monkeypatch, killed_at):
+    import neurofm.train as train_module
+
+    adata = synthetic_counts(n_cells=120, n_genes=30, seed=5)
+    config = small_train_config(epochs=2, count_head_epochs=4, count_head_batch_size=32)
+    straight = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        if killed_at == "before the head is saved":
+            patch.setattr(train_module, "save_head", kill)
+        else:
+            original = GeneEncoder.save_pretrained
+
+            def save(self, directory, tokenizer):
+                if str(directory).endswith("final"):
+                    raise Killed
+                return original(self, directory, tokenizer)
+
+            patch.setattr(GeneEncoder, "save_pretrained", save)
+        with pytest.raises(Killed):
+            pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "b")
+    assert not (tmp_path / "b" / "final").exists()
+    assert (tmp_path / "b" / "count_head.pt").exists() == (killed_at == "before final/ is written")
+    resumed = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "b", resume=True)
+    assert resumed.count_head == straight.count_head
+    first, second = _state(straight.best_dir), _state(resumed.best_dir)
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
