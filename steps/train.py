@@ -49,7 +49,18 @@ def tokenize(
 
 @step(
     cache_policy=depends_on(
-        "tokenizer", "model", "masking", "checkpoints", "train", "stream", "data.store", "tracking", "plots"
+        "tokenizer",
+        "model",
+        "masking",
+        "checkpoints",
+        "train",
+        "count_head",
+        "embedding",
+        "stream",
+        "runtime",
+        "data.store",
+        "tracking",
+        "plots",
     )
 )
 def pretrain_model(

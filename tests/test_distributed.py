@@ -26,6 +26,7 @@ from tests.conftest import REAL_SUBSET
 TOLERANCE = 0.01
 TINY = {
     "train.epochs": 2,
+    "train.count_head_epochs": 3,  # the count head's own phase runs under DDP too (gradients averaged)
     "train.batch_size": 30,
     "train.max_tokens_per_cell": 64,
     "train.val_draws": 1,
@@ -84,7 +85,12 @@ def test_two_gloo_processes_learn_as_well_as_one_process(tmp_path):
 
     # one checkpoint pair, one MLflow run with every epoch, one registered version
     weights = sorted(p.relative_to(out).as_posix() for p in out.rglob("model.safetensors"))
-    assert weights == ["pretrain/best/model.safetensors", "pretrain/last/model.safetensors"], weights
+    expected = [
+        "pretrain/best/model.safetensors",
+        "pretrain/final/model.safetensors",
+        "pretrain/last/model.safetensors",
+    ]
+    assert weights == expected, weights  # final/: the best checkpoint with its count head fit after
     assert n_runs() == runs_before + 1
     assert n_versions() == versions_before + 1
     newest = client.search_runs(
@@ -95,6 +101,10 @@ def test_two_gloo_processes_learn_as_well_as_one_process(tmp_path):
     assert newest.data.params["train.nproc_per_node"] == "2"
     baseline = client.get_metric_history(newest.info.run_id, "perplexity_ratio")
     assert max(baseline, key=lambda m: m.step).value < 1.0  # two processes beat the frequency table
+    # the count head's own phase ran in both processes, gradients averaged, and lowered its loss
+    metrics = newest.data.metrics
+    assert metrics["count_head_epochs"] == 3 and metrics["count_head_steps"] > 0
+    assert metrics["count_head_val_count_loss_after"] < metrics["count_head_val_count_loss_before"]
 
     # one process on the same store (the .h5ad was converted once, no prepared AnnData on this path)
     (store_dir,) = (out / "stores").iterdir()
@@ -103,7 +113,13 @@ def test_two_gloo_processes_learn_as_well_as_one_process(tmp_path):
         tokenizer=ExpressionTokenizer.load(out / "tokenizer"),
         model_config=ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64),
         train_config=TrainConfig(
-            epochs=2, batch_size=30, max_tokens_per_cell=64, val_draws=1, warmup_steps=5, progress=False
+            epochs=2,
+            batch_size=30,
+            max_tokens_per_cell=64,
+            val_draws=1,
+            warmup_steps=5,
+            progress=False,
+            count_head_epochs=3,
         ),
         out_dir=tmp_path / "single",
     )

@@ -80,6 +80,7 @@ def _store_from_pipeline(tmp: Path) -> tuple[str, str, str]:
         "--set", "default_data.n_genes=300",
         "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
         "--set", "train.epochs=10",  # 2 epochs stay behind PCA on the probe, so no champion
+        "--set", "train.count_head_epochs=5",  # the count head's own phase, short (scVI's rule: 400)
         "--set", "evaluate.label_efficiency_draws=2",
         "--set", "evaluate.label_efficiency_shots=[5,all]",  # 10-50 shots: leave-one-out fits cost minutes
         "--set", "evaluate.scvi_max_epochs=20",

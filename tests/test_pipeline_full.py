@@ -24,6 +24,7 @@ SMALL = [
     "--set", "default_data.n_genes=300",
     "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
     "--set", "train.epochs=2",
+    "--set", "train.count_head_epochs=5",  # the count head's own phase: scVI's rule would run 400 epochs
     "--set", "evaluate.label_efficiency_draws=2",
     "--set", "evaluate.label_efficiency_shots=[5,all]",  # 10-50 shots: leave-one-out fits cost minutes
     "--set", "evaluate.scvi_max_epochs=20",

@@ -38,6 +38,7 @@ def small_train_config(**overrides) -> TrainConfig:
         progress=False,
         device="cpu",
         num_threads=1,
+        count_head_epochs=2,  # the count head's own phase (models with latent_dim > 0), kept short
     )
     settings.update(overrides)
     return TrainConfig(**settings)
