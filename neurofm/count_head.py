@@ -30,9 +30,8 @@ from tqdm.auto import tqdm
 
 from neurofm import runtime
 from neurofm.data.store import CellStore
-from neurofm.embedding import cell_inputs, feature_table
 from neurofm.io import atomic_path
-from neurofm.model import GeneEncoder
+from neurofm.model import GeneEncoder, cell_inputs, feature_table
 from neurofm.stream import CellStream, StreamConfig, StreamLoader, densify, densify_counts
 from neurofm.tokenizer import ExpressionTokenizer
 

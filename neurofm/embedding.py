@@ -21,13 +21,19 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from neurofm import keys
 from neurofm.errors import NeurofmError
 from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP, GeneMatch, match_adata
-from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+from neurofm.model import (  # noqa: F401  (feature_table, resolve_pooling: re-exported)
+    GeneEncoder,
+    ModelConfig,
+    cell_inputs,
+    feature_table,
+    load_pretrained,
+    resolve_pooling,
+)
 from neurofm.runtime import resolve_device
 from neurofm.tokenizer import ExpressionTokenizer
 
@@ -38,30 +44,6 @@ UNOBSERVED_MODES = ("exclude", "zero")  # model genes the data lacks: left out o
 REGISTERED_MODEL_NAME = "neurofm-encoder"  # configs: tracking.registered_model_name
 DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}@champion"
 _TOKENIZE_BLOCK = 4096  # cells tokenized at a time (bounds the dense float matrix in memory)
-_TABLE_TOKENS = 1 << 16  # (gene, bin) tokens per block when building the feature table (bounds memory)
-
-
-@torch.no_grad()
-def feature_table(model: GeneEncoder) -> torch.Tensor:
-    """(n_genes × (n_bins + 1), d_model) float32 cell features of every token the model accepts, on its
-    device: row ``gene * (n_bins + 1) + bin`` for bin ids ``0 … n_bins`` (the last is the mask token)."""
-    n_genes, n_bin_ids = model.config.n_genes, model.config.n_bins + 1
-    device = model.gene_embedding.weight.device
-    bin_ids = torch.arange(n_bin_ids, device=device)[None, :]
-    genes_per_block = max(1, _TABLE_TOKENS // n_bin_ids)
-    blocks = []
-    for start in range(0, n_genes, genes_per_block):
-        gene_ids = torch.arange(start, min(start + genes_per_block, n_genes), device=device)[:, None]
-        blocks.append(model.cell_features(gene_ids, bin_ids).float().flatten(0, 1))  # (genes, bins) broadcast
-    return torch.cat(blocks)
-
-
-def resolve_pooling(model: GeneEncoder, pooling: str) -> str:
-    """``"auto"`` → the pooling the model's cell vector was trained with (``"mean_nonzero"`` for
-    ``cell_pooling="nonzero"``, else ``"mean"``); any other value is returned as is."""
-    if pooling != "auto":
-        return pooling
-    return "mean_nonzero" if model.config.cell_pooling == "nonzero" else "mean"
 
 
 @torch.no_grad()
@@ -77,46 +59,6 @@ def embed_bins(
     here when not given (pass it when embedding many batches). ``observed`` (bool per gene) pools only
     those genes (the others are unobserved in the data)."""
     return model.embedding_from_cell(*cell_inputs(model, bins, pooling, table, observed)).float()
-
-
-def cell_inputs(
-    model: GeneEncoder,
-    bins: torch.Tensor,
-    pooling: str = "auto",
-    table: torch.Tensor | None = None,
-    observed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What :func:`embed_bins` feeds ``model.embedding_from_cell``: the pooled cell vectors (cells,
-    d_model), looked up in ``table`` (no gradient flows into the token features), and the count head's
-    ``expression_features`` (``None`` unless the model's latent reads the expression). Memory is
-    O(cells × genes) ids, never cells × genes × d_model."""
-    n_bin_ids = model.config.n_bins + 1
-    pooling = resolve_pooling(model, pooling)
-    if bins.shape[1] != model.config.n_genes:
-        raise NeurofmError(
-            f"bins have {bins.shape[1]} genes but the model {model.config.n_genes}; tokenize with the "
-            "model's tokenizer"
-        )
-    lowest, highest = torch.aminmax(bins) if bins.numel() else (0, 0)
-    if lowest < 0 or highest >= n_bin_ids:
-        raise NeurofmError(f"bin ids must lie in [0, {n_bin_ids - 1}]; tokenize with the model's tokenizer")
-    if table is None:
-        table = feature_table(model)
-    gene_offsets = torch.arange(bins.shape[1], device=bins.device) * n_bin_ids
-    rows = bins.long() + gene_offsets  # (cells, genes) rows of the table
-    keep = None if observed is None else observed[None, :].expand(bins.shape[0], -1)
-    expression = model.expression_features(bins, keep=keep)  # None unless the latent reads it
-    if observed is not None:
-        rows, bins = rows[:, observed], bins[:, observed]
-    if pooling == "mean_nonzero":
-        keep = bins > 0
-        keep[~keep.any(1)] = True  # cells with every bin 0: plain mean
-        n_kept = keep.sum(1)
-        offsets = torch.cumsum(n_kept, 0) - n_kept
-        pooled = F.embedding_bag(rows[keep], table, offsets, mode="mean")  # one bag per cell
-    else:  # "mean": the cell vector the cell head was trained on; "max": element-wise
-        pooled = F.embedding_bag(rows, table, mode="max" if pooling == "max" else "mean")
-    return pooled, expression
 
 
 def embed_matrix(

@@ -75,7 +75,6 @@ from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re
 )
 from neurofm.count_head import HEAD_FILE, fit_count_head, head_epochs, load_head, save_head
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
-from neurofm.embedding import cell_inputs, feature_table
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir
 from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported for callers of train)
@@ -89,7 +88,7 @@ from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported f
     split_cells,
     stream_frequency_table,
 )
-from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+from neurofm.model import GeneEncoder, ModelConfig, cell_inputs, feature_table, load_pretrained
 from neurofm.runtime import resolve_device  # noqa: F401  (re-exported: callers import it from train)
 from neurofm.stream import (
     CellStream,

@@ -55,7 +55,6 @@ def tokenize(
         "checkpoints",
         "train",
         "count_head",
-        "embedding",
         "stream",
         "runtime",
         "data.store",
