@@ -527,7 +527,9 @@ def test_pretrain_refuses_bad_input_in_one_line(case, tmp_path, atlas_files, cap
 def _tiny_model(cells: ad.AnnData, out_dir: Path) -> Path:
     """A one-epoch, one-layer encoder pre-trained on ``cells``: its best checkpoint directory."""
     model = ModelConfig(d_model=16, n_heads=2, n_layers=1, ffn_dim=32)
-    train = TrainConfig(epochs=1, batch_size=64, warmup_steps=0, device="cpu", progress=False)
+    train = TrainConfig(
+        epochs=1, batch_size=64, warmup_steps=0, device="cpu", progress=False, count_head_epochs=2
+    )
     return pretrain(cells, model_config=model, train_config=train, out_dir=out_dir).best_dir
 
 

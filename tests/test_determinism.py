@@ -35,6 +35,7 @@ def _run(adata, out_dir: Path, seed: int = 7):
         seed=seed,
         device="cpu",
         progress=False,
+        count_head_epochs=2,
     )
     result = pretrain(adata, TokenizerConfig(), model_config, train_config, out_dir)
     model, tokenizer = load_pretrained(result.last_dir)

@@ -137,7 +137,9 @@ def test_launcher_reports_a_failed_worker_in_one_line(tmp_path, synthetic_adata)
     from neurofm.errors import NeurofmError
     from neurofm.tokenizer import TokenizerConfig
 
-    config = TrainConfig(epochs=1, batch_size=30, max_tokens_per_cell=32, progress=False, nproc_per_node=2)
+    config = TrainConfig(
+        epochs=1, batch_size=30, max_tokens_per_cell=32, progress=False, nproc_per_node=2, count_head_epochs=2
+    )
     tokenizer = ExpressionTokenizer(TokenizerConfig()).fit(synthetic_adata)
     # resume with nothing to resume: the workers fail with a neurofm error, the launcher names it
     with pytest.raises(NeurofmError, match="distributed training failed .*nothing to resume") as error:

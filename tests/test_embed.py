@@ -139,7 +139,9 @@ def test_pretrained_embedding_beats_the_random_encoder_on_a_probe(tmp_path):
     adata = make_synthetic_counts(n_cells=400, n_genes=150, seed=0)
     labels = adata.obs["class"].to_numpy()
     model_config = ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_dim=64)
-    train_config = TrainConfig(epochs=8, max_tokens_per_cell=64, device="cpu", progress=False, num_threads=2)
+    train_config = TrainConfig(
+        epochs=8, max_tokens_per_cell=64, device="cpu", progress=False, num_threads=2, count_head_epochs=20
+    )
     result = pretrain(adata, TokenizerConfig(), model_config, train_config, tmp_path)
     model, tokenizer = load_pretrained(result.best_dir)
 

@@ -61,7 +61,7 @@ try:
         TokenizerConfig(),
         ModelConfig(d_model=16, n_heads=2, n_layers=2, ffn_dim=32, dropout=0.1),
         train.TrainConfig(epochs=epochs, batch_size=16, max_tokens_per_cell=32, warmup_steps=5, seed=3,
-                          device="cpu", progress=False),
+                          device="cpu", progress=False, count_head_epochs=2),
         out_dir,
         resume=resume,
     )
@@ -90,6 +90,7 @@ def _tiny_configs() -> dict:
             seed=3,
             device="cpu",
             progress=False,
+            count_head_epochs=2,
         ),
     }
 

@@ -139,7 +139,13 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory, small_adata):
     out_dir = tmp_path_factory.mktemp("interrupted") / "pretrain"
     model_config = ModelConfig(d_model=16, n_heads=2, n_layers=1, ffn_dim=32)
     train_config = TrainConfig(
-        epochs=1, batch_size=64, max_tokens_per_cell=32, warmup_steps=2, device="cpu", progress=False
+        epochs=1,
+        batch_size=64,
+        max_tokens_per_cell=32,
+        warmup_steps=2,
+        device="cpu",
+        progress=False,
+        count_head_epochs=2,
     )
     pretrain(small_adata, TokenizerConfig(), model_config, train_config, out_dir)
     assert (out_dir / RESUME_FILE).is_file() and (out_dir / LAST_DIR).is_dir()

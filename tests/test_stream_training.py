@@ -21,7 +21,13 @@ TINY_MODEL = ModelConfig(d_model=16, n_heads=2, n_layers=1, ffn_dim=32)
 
 def _train_config(**overrides) -> TrainConfig:
     settings = dict(
-        epochs=1, batch_size=16, max_tokens_per_cell=16, progress=False, device="cpu", num_threads=1
+        epochs=1,
+        batch_size=16,
+        max_tokens_per_cell=16,
+        progress=False,
+        device="cpu",
+        num_threads=1,
+        count_head_epochs=2,
     )
     return TrainConfig(**{**settings, **overrides})
 

@@ -1,4 +1,3 @@
-
 import anndata as ad
 import numpy as np
 import pandas as pd
