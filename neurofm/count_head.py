@@ -168,7 +168,7 @@ def load_head(path: Path, model: GeneEncoder, expect: dict) -> dict | None:
     summary = saved.get("summary", {})
     if any(summary.get(key) != value for key, value in expect.items()):
         return None
-    missing = model.load_state_dict(saved["head"], strict=False)
-    if missing.unexpected_keys:
+    if set(saved.get("head", {})) != set(head_state(model)):  # another architecture: refit, load nothing
         return None
+    model.load_state_dict(saved["head"], strict=False)
     return summary
