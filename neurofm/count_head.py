@@ -12,15 +12,19 @@ negative-binomial NLL + the latent's KL summed over genes, the KL weight warmed 
 
 Epochs: ``count_head_epochs``, or (None) scVI's rule ``min(round(20000 / n_train × 400), 400)`` — the
 budget of the scVI baseline on the same cells — so the phase is long on small data and a few passes on an
-atlas. Each step's latent sample is seeded by (seed, step, rank); the phase's result is saved
-(``count_head.pt``) before the best model is rewritten with it, so a run killed at any point resumes to
-the same weights.
+atlas. That budget is a ceiling: after every epoch the head is scored on the validation cells (the
+negative ELBO per gene, :func:`neurofm.train.validation_count_loss`), the best epoch's head is kept, and
+the phase stops once ``count_head_patience`` epochs in a row have not improved on it (scVI's early
+stopping, on by default here: 400 epochs over a thousand cells overfit them). Each step's latent sample
+is seeded by (seed, step, rank); the phase's result is saved (``count_head.pt``) before the best model
+is rewritten with it, so a run killed at any point resumes to the same weights.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,10 +76,14 @@ def fit_count_head(
     device: torch.device,
     context: runtime.DistContext,
     step_seed,  # (seed, step, rank) -> int, the main loop's per-step seed
+    validate: Callable[[], float] | None = None,  # the validation count loss of the model as it is
 ) -> dict:
     """Fit ``model``'s count head in place on the store's training cells (see module docstring); returns
-    a summary: epochs, steps, seconds. Under DDP each rank reads its share and the gradients are
-    averaged over the ranks."""
+    a summary: epochs (the ceiling), epochs_run, best_epoch, steps, seconds and the validation count loss
+    after each epoch (``val_count_loss_by_epoch``, when ``validate`` is given and
+    ``config.count_head_patience`` > 0; the model ends with the best epoch's head). Under DDP each rank
+    reads its share, the gradients are averaged over the ranks and ``validate`` must return the same
+    value on every rank (it all-reduces), so every rank stops at the same epoch."""
     started = time.perf_counter()
     stream = CellStream(
         store,
@@ -93,7 +101,10 @@ def fit_count_head(
     total = sum(steps_per_epoch)
     summary = {"epochs": epochs, "steps": total, "batch_size": config.count_head_batch_size}
     if total == 0:
-        return {**summary, "seconds": 0.0}
+        return {**summary, "epochs_run": 0, "best_epoch": 0, "seconds": 0.0}
+    early = validate is not None and config.count_head_patience > 0
+    curve: list[float] = []
+    best_loss, best_epoch, best_head = float("inf"), 0, None
     parameters = [p for name, p in model.named_parameters() if is_head_parameter(name)]
     frozen = [p for name, p in model.named_parameters() if not is_head_parameter(name)]
     was = [p.requires_grad for p in frozen]
@@ -105,7 +116,7 @@ def fit_count_head(
     progress = tqdm(
         total=total, desc="count head", unit="step", disable=not (config.progress and context.is_main)
     )
-    step = 0
+    step = epochs_run = 0
     model.train()
     try:
         for epoch, n_steps in enumerate(steps_per_epoch):
@@ -141,16 +152,40 @@ def fit_count_head(
                     progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
             finally:
                 batches.close()
+            epochs_run = epoch + 1
+            if early:
+                loss_now = float(validate())
+                model.train()
+                curve.append(loss_now)
+                if loss_now < best_loss:
+                    best_loss, best_epoch, best_head = loss_now, epochs_run, head_state(model)
+                elif epochs_run - best_epoch >= config.count_head_patience:
+                    log.info(
+                        "count head: no better validation loss for %d epochs, stopped",
+                        epochs_run - best_epoch,
+                    )
+                    break
     finally:
         progress.close()
         for p, flag in zip(frozen, was, strict=True):
             p.requires_grad_(flag)
+    if best_head is not None:  # the best epoch's head (every rank holds the same parameters)
+        model.load_state_dict(best_head, strict=False)
     if context.enabled:  # one set of batch-norm statistics: rank 0's
         for name, buffer in model.named_buffers():
             if is_head_parameter(name):
                 dist.broadcast(buffer, 0)
     model.eval()
-    return {**summary, "steps": step, "seconds": round(time.perf_counter() - started, 1)}
+    result = {
+        **summary,
+        "steps": step,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch if early else epochs_run,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if early:
+        result["val_count_loss_by_epoch"] = curve
+    return result
 
 
 def save_head(path: Path, model: GeneEncoder, summary: dict) -> None:

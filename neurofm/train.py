@@ -134,6 +134,9 @@ class TrainConfig:
     #                                       400), the budget of the scVI baseline; 0: no such phase
     count_head_batch_size: int = 128  # cells per step of that phase (scVI's default)
     count_head_lr: float = 1e-3  # Adam learning rate of that phase (scVI's default)
+    count_head_patience: int = 45  # that phase keeps its best epoch by the validation count loss and stops
+    #                                after this many epochs without a better one (scVI's patience); 0: it
+    #                                runs every epoch and keeps the last
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
@@ -204,6 +207,10 @@ class TrainConfig:
                 "count_head_batch_size must be an integer >= 2",
             ),
             (0 < self.count_head_lr <= 1, "count_head_lr must be in (0, 1]"),
+            (
+                isinstance(self.count_head_patience, int) and self.count_head_patience >= 0,
+                "count_head_patience must be an integer >= 0 (0: no early stopping)",
+            ),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
@@ -797,19 +804,31 @@ def _count_head_phase(
         torch.distributed.barrier()  # rank 0 has written the best checkpoint
     best, _ = load_pretrained(out_dir / BEST_DIR)
     model.load_state_dict(best.state_dict())
-    expect = {"pretrain_steps": state["step"], "best_val_loss": float(state["best_val_loss"])}
+    expect = {  # the pre-training the head is fit after, and the phase's settings
+        "pretrain_steps": state["step"],
+        "best_val_loss": float(state["best_val_loss"]),
+        "epochs": head_epochs(stream.n_train_cells, config.count_head_epochs),
+        "batch_size": config.count_head_batch_size,
+        "lr": config.count_head_lr,
+        "patience": config.count_head_patience,
+    }
     summary = load_head(out_dir / HEAD_FILE, model, expect)
     if summary is None:
         before = validation_count_loss(model, stream, device, config)
-        summary = fit_count_head(model, store, tokenizer, stream.config, config, device, context, _step_seed)
+        summary = fit_count_head(
+            model, store, tokenizer, stream.config, config, device, context, _step_seed,
+            validate=lambda: validation_count_loss(model, stream, device, config),
+        )  # fmt: skip
         after = validation_count_loss(model, stream, device, config)
         summary = {**expect, **summary, "val_count_loss_before": before, "val_count_loss_after": after}
         if context.is_main:
             save_head(out_dir / HEAD_FILE, model, summary)
     before, after = summary["val_count_loss_before"], summary["val_count_loss_after"]
     log.info(
-        "count head fit for %d epochs (%d steps, %.0f s): validation count loss %.4f -> %.4f",
-        summary["epochs"], summary["steps"], summary["seconds"], before, after,
+        "count head fit for %d of %d epochs (best: epoch %d; %d steps, %.0f s): validation count loss "
+        "%.4f -> %.4f",
+        summary["epochs_run"], summary["epochs"], summary["best_epoch"], summary["steps"],
+        summary["seconds"], before, after,
     )  # fmt: skip
     if context.is_main:
         model.save_pretrained(out_dir / FINAL_DIR, tokenizer)

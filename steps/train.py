@@ -125,9 +125,19 @@ def pretrain_model(
             final.update(
                 {
                     f"count_head_{key}": float(result.count_head[key])
-                    for key in ("epochs", "steps", "seconds", "val_count_loss_before", "val_count_loss_after")
+                    for key in (
+                        "epochs",
+                        "epochs_run",
+                        "best_epoch",
+                        "steps",
+                        "seconds",
+                        "val_count_loss_before",
+                        "val_count_loss_after",
+                    )
                 }
             )
+            for epoch, loss in enumerate(result.count_head.get("val_count_loss_by_epoch", []), start=1):
+                tracking.log_metrics({"count_head_val_count_loss": loss}, step=epoch)  # the phase's curve
         tracking.log_metrics(final)
         tracking.log_artifacts(
             [p for k, p in result.artifacts.items() if k != "resume_state"], artifact_path="training"

@@ -307,3 +307,78 @@ def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path
     first, second = _state(straight.best_dir), _state(resumed.best_dir)
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
+
+
+def _phase_inputs(tmp_path, n_cells=96, n_genes=20, seed=6):
+    """A model with an expression-reading count head, its store and tokenizer, for fit_count_head."""
+    from neurofm import runtime
+
+    adata = synthetic_counts(n_cells=n_cells, n_genes=n_genes, seed=seed)
+    convert_anndata(adata, tmp_path / "store")
+    store = CellStore(tmp_path / "store")
+    tokenizer = fit_tokenizer(store, TokenizerConfig())
+    torch.manual_seed(seed)
+    model = GeneEncoder(replace(EXPRESSION_MODEL, n_genes=n_genes, n_bins=tokenizer.config.n_bins))
+    stream_config = StreamConfig(batch_size=16, block_size=8, buffer_blocks=2, val_fraction=0.2, counts=True)
+    return model, store, tokenizer, stream_config, runtime.DistContext()
+
+
+def _seed(seed, step, rank):
+    return seed * 1_000_003 + step * 31 + rank
+
+
+def test_the_count_head_phase_keeps_its_best_epoch_and_stops_after_the_patience(tmp_path):
+    from neurofm.count_head import fit_count_head, head_state
+
+    model, store, tokenizer, stream_config, context = _phase_inputs(tmp_path)
+    losses = iter([5.0, 4.0, 4.5, 4.2, 4.1, 3.0])  # best after epoch 2, then 3 epochs without a better one
+    heads = []
+
+    def validate():
+        heads.append(head_state(model))  # the head as each epoch left it
+        return next(losses)
+
+    config = small_train_config(count_head_epochs=10, count_head_batch_size=16, count_head_patience=3)
+    summary = fit_count_head(
+        model, store, tokenizer, stream_config, config, torch.device("cpu"), context, _seed, validate
+    )
+    assert summary["epochs"] == 10 and summary["epochs_run"] == 5 and summary["best_epoch"] == 2
+    assert summary["val_count_loss_by_epoch"] == [5.0, 4.0, 4.5, 4.2, 4.1]
+    stream = CellStream(store, tokenizer, stream_config)
+    assert len(heads) == 5 and summary["steps"] == sum(stream.common_batches(epoch) for epoch in range(5))
+    kept = head_state(model)
+    assert all(torch.equal(kept[name], heads[1][name]) for name in kept)  # epoch 2's head, not epoch 5's
+    assert any(not torch.equal(kept[name], heads[4][name]) for name in kept)
+
+
+def test_without_patience_the_count_head_phase_runs_every_epoch_and_keeps_the_last(tmp_path):
+    from neurofm.count_head import fit_count_head, head_state
+
+    model, store, tokenizer, stream_config, context = _phase_inputs(tmp_path)
+    calls = []
+    config = small_train_config(count_head_epochs=4, count_head_batch_size=16, count_head_patience=0)
+    summary = fit_count_head(
+        model, store, tokenizer, stream_config, config, torch.device("cpu"), context, _seed,
+        lambda: calls.append(head_state(model)) or 1.0,
+    )  # fmt: skip
+    assert calls == [] and "val_count_loss_by_epoch" not in summary
+    assert summary["epochs_run"] == summary["best_epoch"] == 4
+    with pytest.raises(NeurofmError, match="count_head_patience"):
+        small_train_config(count_head_patience=-1).validate()
+
+
+def test_early_stopping_in_a_real_run_keeps_the_epoch_of_the_lowest_validation_loss(tmp_path):
+    adata = synthetic_counts(n_cells=120, n_genes=30, seed=7)
+    # a learning rate far too high for 120 cells: the validation loss turns up within a few epochs
+    config = small_train_config(
+        epochs=2, count_head_epochs=60, count_head_batch_size=32, count_head_patience=3, count_head_lr=0.05
+    )
+    result = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "run")
+    summary = result.count_head
+    curve = summary["val_count_loss_by_epoch"]
+    assert len(curve) == summary["epochs_run"] < 60  # stopped early…
+    assert summary["best_epoch"] == int(np.argmin(curve)) + 1
+    assert summary["epochs_run"] == summary["best_epoch"] + 3  # …once the patience ran out
+    # final/ holds the best epoch's head: scored again, it gives that epoch's validation loss
+    assert summary["val_count_loss_after"] == pytest.approx(min(curve), rel=1e-5)
+    assert summary["val_count_loss_after"] < summary["val_count_loss_before"]
