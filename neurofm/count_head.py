@@ -138,7 +138,7 @@ def fit_count_head(
                     kl_weight = config.kl_weight * min(1.0, (step + 1) / total)
                     # scVI's scale: summed over genes (count_loss divides by n_genes), mean over cells —
                     # Adam's eps=0.01 assumes gradients of that size
-                    loss = (nll + kl_weight * kl).mean() * model.config.n_genes
+                    loss = (nll + kl_weight * kl).mean() * model.config.n_count_genes
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if context.enabled:

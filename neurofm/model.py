@@ -45,7 +45,7 @@ CONFIG_FILE = "config.json"
 _FORMAT_VERSION = 1
 # fields whose default changed after models were saved without them: the value such a model was built with
 # (the count head became the default on 2026-11-29, its direct read of the expression later that day)
-LEGACY_DEFAULTS = {"latent_dim": 0, "latent_reads_expression": False}
+LEGACY_DEFAULTS = {"latent_dim": 0, "latent_reads_expression": False, "count_genes": 0}
 
 
 @dataclass
@@ -79,10 +79,19 @@ class ModelConfig:
     #                                       bin 0), averaged over the cell's genes: a linear layer on the
     #                                       binned expression, as scVI's encoder reads log counts
     #                                       (the default since 2026-11-29, see BENCHMARKS.md)
+    count_genes: int = 2000  # latent_dim > 0: the count head reads and reconstructs at most this many genes,
+    #                          the most variable of the training cells (Seurat v3 on raw counts, scVI's
+    #                          recipe; chosen by pretrain, saved with the weights); every gene when the
+    #                          vocabulary has no more; 0: every gene. The tokens keep every gene.
 
     @property
     def mask_token(self) -> int:
         return self.n_bins
+
+    @property
+    def n_count_genes(self) -> int:
+        """Genes the count head reads and reconstructs."""
+        return self.n_genes if self.count_genes == 0 else min(self.count_genes, self.n_genes)
 
     def validate(self) -> ModelConfig:
         checks = [
@@ -101,6 +110,10 @@ class ModelConfig:
                 "decoder_dim must be an integer >= 1",
             ),
             (isinstance(self.latent_reads_expression, bool), "latent_reads_expression must be true or false"),
+            (
+                isinstance(self.count_genes, int) and self.count_genes >= 0,
+                "count_genes must be an integer >= 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,6 +214,11 @@ class GeneEncoder(nn.Module):
         # count head (latent_dim > 0): cell vector -> variational latent -> NB means of every gene
         self.latent_encoder = self.count_decoder = self.count_log_theta = None
         self.expression_weight = self.bin_value = None
+        n_count = config.n_count_genes
+        # which genes the count head reads and reconstructs (their indices in the vocabulary, sorted): set
+        # by pretrain (neurofm.stream.variable_genes), saved with the weights; None: every gene
+        subset = config.latent_dim > 0 and n_count < config.n_genes
+        self.register_buffer("count_gene_index", torch.arange(n_count) if subset else None)
         if config.latent_dim > 0:
             # batch norm, as in scVI's encoder and decoder: every hidden unit varies across cells on the
             # same scale, so the latent is not held to the one or two directions of largest variance
@@ -214,19 +232,19 @@ class GeneEncoder(nn.Module):
                 nn.Linear(config.latent_dim, config.decoder_dim),
                 CellBatchNorm(config.decoder_dim),
                 nn.ReLU(),
-                nn.Linear(config.decoder_dim, config.n_genes),
+                nn.Linear(config.decoder_dim, n_count),
             )
-            self.count_log_theta = nn.Parameter(torch.zeros(config.n_genes))  # per-gene log dispersion
+            self.count_log_theta = nn.Parameter(torch.zeros(n_count))  # per-gene log dispersion
             if config.latent_reads_expression:
                 # the encoder's first layer on the expression itself: a vector per gene (n_genes × hidden)
                 # times a learned value of the gene's bin; bin 0 (and the mask token) add nothing
-                self.expression_weight = nn.Parameter(torch.empty(config.n_genes, config.decoder_dim))
+                self.expression_weight = nn.Parameter(torch.empty(n_count, config.decoder_dim))
                 self.bin_value = nn.Parameter(torch.arange(config.n_bins + 1, dtype=torch.float32))
         self.apply(self._init_weights)
         if self.gene_bin_bias is not None:
             nn.init.zeros_(self.gene_bin_bias.weight)
-        if self.expression_weight is not None:  # as nn.Linear(n_genes, decoder_dim) initialises its weight
-            bound = 1.0 / math.sqrt(config.n_genes)
+        if self.expression_weight is not None:  # as nn.Linear(n_count, decoder_dim) initialises its weight
+            bound = 1.0 / math.sqrt(n_count)
             nn.init.uniform_(self.expression_weight, -bound, bound)
         if self.bin_scale is not None:  # order one, so the product is as large as the embeddings
             nn.init.normal_(self.bin_scale.weight, mean=0.0, std=1.0)
@@ -324,7 +342,7 @@ class GeneEncoder(nn.Module):
         full_bins: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """:meth:`pretrain_logits` plus, with a count head and the cells' raw ``counts`` (batch, n_genes),
-        the count head's per-cell negative-binomial NLL and KL divergence, each divided by n_genes
+        the count head's per-cell negative-binomial NLL and KL divergence, each divided by the count genes
         (``None, None`` otherwise). The count head reads the cell vector of ``full_bins`` (batch,
         n_genes: every gene's bin, as at embedding time) when given, else that of the visible tokens.
         The latent is sampled (reparameterised) in training mode."""
@@ -368,38 +386,77 @@ class GeneEncoder(nn.Module):
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """(batch, decoder_dim) the count head's direct read of the expression (``latent_reads_expression``;
-        ``None`` without it): the mean over the cell's genes of ``bin_value[bin] × expression_weight[gene]``,
-        bin 0 and the mask token adding nothing. ``bins`` (batch, n_genes) holds every gene's bin, or,
-        with ``gene_ids`` (batch, tokens), the bins of those tokens; ``keep`` (same shape, bool) limits
-        the mean to those genes (unobserved genes and padding are left out)."""
+        ``None`` without it): the mean over the cell's count genes of ``bin_value[bin] ×
+        expression_weight[gene]``, bin 0 and the mask token adding nothing. ``bins`` (batch, n_genes)
+        holds every gene's bin, or, with ``gene_ids`` (batch, tokens), the bins of those tokens (tokens
+        of genes outside the count genes add nothing); ``keep`` (same shape, bool) limits the mean to
+        those genes (unobserved genes and padding are left out)."""
         if self.expression_weight is None:
             return None
         bins = bins.long()
+        index = self.count_gene_index
+        if gene_ids is None:
+            if index is not None:
+                bins = bins[:, index]
+                keep = None if keep is None else keep[:, index]
+            weight = self.expression_weight
+        else:
+            if index is not None:  # a token's place among the count genes, -1 outside them
+                position = torch.full((self.config.n_genes,), -1, dtype=torch.long, device=bins.device)
+                position[index] = torch.arange(index.numel(), device=bins.device)
+                position = position[gene_ids]
+                keep = (position >= 0) if keep is None else keep & (position >= 0)
+                gene_ids = position.clamp(min=0)
+            weight = self.expression_weight[gene_ids]
         present = (bins > 0) & (bins != self.config.mask_token)
         if keep is not None:
             present = present & keep
         values = self.bin_value[bins] * present
         n_genes = bins.shape[1] if keep is None else keep.sum(1, keepdim=True).clamp(min=1)
         if gene_ids is None:
-            summed = values @ self.expression_weight.to(values.dtype)
+            summed = values @ weight.to(values.dtype)
         else:
-            summed = torch.einsum("bt,btd->bd", values, self.expression_weight[gene_ids])
+            summed = torch.einsum("bt,btd->bd", values, weight)
         return summed / n_genes
 
     def count_loss(
         self, cell: torch.Tensor, counts: torch.Tensor, expression: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(NLL, KL), each (batch,) and divided by n_genes: the count head's negative-binomial NLL of the
-        raw ``counts`` (batch, n_genes) from the latent of the cell vectors ``cell`` (and, with
+        """(NLL, KL), each (batch,) and divided by the count genes: the count head's negative-binomial NLL
+        of the raw ``counts`` (batch, n_genes: every gene's, of which the count genes are scored; or
+        batch, n_count_genes: those already) from the latent of the cell vectors ``cell`` (and, with
         ``latent_reads_expression``, of :meth:`expression_features` ``expression``; sampled in
         training mode, its mean otherwise) and the latent's KL divergence from N(0, I)."""
         mean, log_var = self.latent(cell, expression)
         latent = mean
         if self.training:
             latent = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+        if self.count_gene_index is not None and counts.shape[1] == self.config.n_genes:
+            counts = counts[:, self.count_gene_index]
         nll = self.count_nll(latent, counts)
         kl = 0.5 * (mean.float().pow(2) + log_var.float().exp() - 1.0 - log_var.float()).sum(1)
-        return nll / self.config.n_genes, kl / self.config.n_genes
+        n_count = self.config.n_count_genes
+        return nll / n_count, kl / n_count
+
+    def set_count_genes(self, index) -> None:
+        """Choose the genes the count head reads and reconstructs: ``index`` holds n_count_genes distinct
+        vocabulary indices (kept sorted). Only a model built with fewer count genes than genes has them."""
+        if self.count_gene_index is None:
+            raise NeurofmError("this model's count head reads every gene; it has no count genes to set")
+        index = torch.as_tensor(index, dtype=torch.long).sort().values
+        n_count = self.count_gene_index.numel()
+        if (
+            index.ndim != 1
+            or index.numel() != n_count
+            or (index.numel() > 1 and bool((index[1:] == index[:-1]).any()))
+            or int(index.min()) < 0
+            or int(index.max()) >= self.config.n_genes
+        ):
+            raise NeurofmError(
+                f"count genes must be {n_count} distinct indices in [0, {self.config.n_genes}); got "
+                f"{index.numel()} — pass the model's own selection"
+            )
+        self.count_gene_index.copy_(index.to(self.count_gene_index.device))
 
     def latent(
         self, cell: torch.Tensor, expression: torch.Tensor | None = None
@@ -420,8 +477,9 @@ class GeneEncoder(nn.Module):
 
     def count_nll(self, latent: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """(batch,) negative-binomial NLL of each cell's raw ``counts`` (batch, n_genes), summed over genes:
-        gene g's mean is ``softmax(count_decoder(latent))_g × library`` (library = the cell's total count,
-        an offset, so the latent need not carry depth), its dispersion theta_g learned per gene."""
+        gene g's mean is ``softmax(count_decoder(latent))_g × library`` (library = the cell's total count
+        over the count genes, an offset, so the latent need not carry depth), its dispersion theta_g
+        learned per gene. ``counts`` (batch, n_count_genes) are the count genes' counts."""
         counts = counts.float()
         library = counts.sum(1, keepdim=True).clamp(min=1.0)
         log_mu = F.log_softmax(self.count_decoder(latent).float(), dim=-1) + library.log()

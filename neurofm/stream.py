@@ -258,6 +258,39 @@ def fit_tokenizer(
     return tokenizer
 
 
+def variable_genes(
+    store: CellStore,
+    n_top_genes: int,
+    *,
+    exclude_rows: np.ndarray | None = None,
+    max_cells: int = 20_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Sorted store-gene indices of the ``n_top_genes`` most variable genes: scanpy's Seurat-v3 ranking
+    (variance of the standardised raw counts against a loess fit of mean and variance, scVI's recipe) on
+    a seeded sample of at most ``max_cells`` cells drawn with ``default_rng([seed, 13])`` among the rows
+    not in ``exclude_rows`` (pass the validation rows). Every gene when the store has no more."""
+    if n_top_genes >= store.n_genes:
+        return np.arange(store.n_genes)
+    import anndata as ad
+    import scanpy as sc
+
+    candidates = np.arange(store.n_cells)
+    if exclude_rows is not None and len(exclude_rows):
+        candidates = np.setdiff1d(candidates, exclude_rows, assume_unique=True)
+    rng = np.random.default_rng([seed, 13])
+    sample = np.sort(rng.choice(candidates, size=min(max_cells, candidates.size), replace=False))
+    counts = store.rows(sample).astype(np.float32)
+    work = ad.AnnData(X=counts)
+    sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat_v3")
+    chosen = np.flatnonzero(work.var["highly_variable"].to_numpy())
+    log.info(
+        "count head: the %d most variable of %d genes (Seurat v3 on %d training cells)",
+        chosen.size, store.n_genes, sample.size,
+    )  # fmt: skip
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------ the plan
 def _blocks(store: CellStore, block_size: int) -> np.ndarray:
     """(n_blocks, 2) [start, stop) store-row ranges, ``block_size`` rows, never across shards."""

@@ -98,6 +98,7 @@ from neurofm.stream import (
     densify_counts,
     fit_tokenizer,
     validation_rows,
+    variable_genes,
 )
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 
@@ -642,6 +643,10 @@ def _pretrain(
 
     torch.manual_seed(train_config.seed)
     model = GeneEncoder(model_config)
+    if model.count_gene_index is not None:  # the count head reads and reconstructs the most variable genes
+        model.set_count_genes(
+            variable_genes(store, model_config.n_count_genes, exclude_rows=val_rows, seed=train_config.seed)
+        )
     if model.gene_bin_bias is not None:  # start from the frequency table: context is what is left to learn
         log_table = np.log(table)
         model.gene_bin_bias.weight.data.copy_(torch.from_numpy(log_table - log_table.mean(1, keepdims=True)))

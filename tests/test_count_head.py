@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import stats
 
@@ -382,3 +383,98 @@ def test_early_stopping_in_a_real_run_keeps_the_epoch_of_the_lowest_validation_l
     # final/ holds the best epoch's head: scored again, it gives that epoch's validation loss
     assert summary["val_count_loss_after"] == pytest.approx(min(curve), rel=1e-5)
     assert summary["val_count_loss_after"] < summary["val_count_loss_before"]
+
+
+# ------------------------------------------------------------------ the count genes (the most variable)
+def test_a_count_head_on_fewer_genes_reads_and_scores_only_those():
+    torch.manual_seed(3)
+    config = replace(EXPRESSION_MODEL, n_genes=30, count_genes=8)
+    model = GeneEncoder(config).eval()
+    assert config.n_count_genes == 8 and replace(config, count_genes=0).n_count_genes == 30
+    assert replace(config, count_genes=500).n_count_genes == 30
+    assert GeneEncoder(replace(config, count_genes=30)).count_gene_index is None  # every gene: no index
+    assert model.expression_weight.shape[0] == model.count_log_theta.shape[0] == 8
+    assert model.count_decoder[-1].out_features == 8
+    chosen = torch.tensor([27, 1, 5, 9, 12, 14, 20, 3])
+    model.set_count_genes(chosen)
+    index = chosen.sort().values
+    assert torch.equal(model.count_gene_index, index)
+    bins = torch.randint(0, 21, (5, 30))
+    bins[bins == 20] = 0
+    counts = torch.poisson(torch.full((5, 30), 3.0))
+    # the read: the mean over the 8 count genes of bin_value[bin] × their weight, the other genes ignored
+    expected = (model.bin_value[bins[:, index]] * (bins[:, index] > 0)) @ model.expression_weight / 8
+    torch.testing.assert_close(model.expression_features(bins), expected)
+    # the same read from tokens (every gene as a token, shuffled): genes outside the count genes add nothing
+    order = torch.randperm(30)
+    tokens = model.expression_features(
+        bins[:, order], order.expand(5, -1), torch.ones(5, 30, dtype=torch.bool)
+    )
+    torch.testing.assert_close(tokens, expected)
+    other = torch.tensor([g for g in range(30) if g not in index.tolist()])
+    assert torch.equal(model.expression_features(bins[:, other], other.expand(5, -1)), torch.zeros(5, 16))
+    # the loss scores the count genes' counts only; every gene's counts or only theirs give the same
+    cell = model.pooled_cell(bins)
+    expression = model.expression_features(bins)
+    full = model.count_loss(cell, counts, expression)
+    only = model.count_loss(cell, counts[:, index], expression)
+    torch.testing.assert_close(full, only)
+    mean, _ = model.latent(cell, expression)
+    torch.testing.assert_close(full[0], model.count_nll(mean, counts[:, index]) / 8)
+    for bad in ([1, 2], [1, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 30]):
+        with pytest.raises(NeurofmError, match="count genes"):
+            model.set_count_genes(bad)
+    with pytest.raises(NeurofmError, match="every gene"):
+        GeneEncoder(replace(config, count_genes=0)).set_count_genes(chosen)
+
+
+def test_the_count_genes_are_seurat_v3s_most_variable_of_the_training_cells(tmp_path):
+    import anndata as ad
+    import scanpy as sc
+
+    from neurofm.stream import variable_genes
+
+    adata = synthetic_counts(n_cells=300, n_genes=60, seed=8)
+    counts = adata.X.toarray()
+    rng = np.random.default_rng(0)
+    markers = [4, 17, 33, 50]
+    on = rng.random(300) < 0.2  # markers of a rare type: on in a fifth of the cells, the most variable
+    counts[:, markers] = np.where(on[:, None], rng.poisson(30, size=(300, 4)), 0)
+    adata.X = sp.csr_matrix(counts)
+    convert_anndata(adata, tmp_path / "store")
+    store = CellStore(tmp_path / "store")
+    validation = np.arange(0, 300, 5)
+    chosen = variable_genes(store, 12, exclude_rows=validation, seed=1)
+    assert chosen.size == 12 and np.all(np.diff(chosen) > 0)
+    assert list(store.gene_ids) == list(adata.var_names)  # the store keeps the genes' order
+    assert set(markers) <= set(chosen.tolist())
+    source = store.read_obs([SOURCE_ROW])[SOURCE_ROW].to_numpy()  # the store shuffles cells
+    # exactly scanpy's ranking on the same sample of training rows
+    sample = np.sort(
+        np.random.default_rng([1, 13]).choice(np.setdiff1d(np.arange(300), validation), 240, replace=False)
+    )
+    reference = ad.AnnData(X=sp.csr_matrix(counts[source[sample]]))
+    sc.pp.highly_variable_genes(reference, n_top_genes=12, flavor="seurat_v3")
+    expected = np.flatnonzero(reference.var["highly_variable"].to_numpy())
+    np.testing.assert_array_equal(chosen, expected)
+    assert np.array_equal(variable_genes(store, 60), np.arange(60))  # no fewer genes asked: all of them
+
+
+def test_pretrain_picks_the_count_genes_and_the_saved_model_keeps_them(tmp_path):
+    from neurofm.stream import variable_genes
+    from neurofm.train import split_store, store_from_anndata
+
+    adata = synthetic_counts(n_cells=160, n_genes=40, seed=9)
+    store = store_from_anndata(adata, tmp_path / "store")
+    config = small_train_config(epochs=2, count_head_epochs=3, count_head_batch_size=32)
+    model_config = replace(EXPRESSION_MODEL, count_genes=10)
+    result = pretrain(store, TokenizerConfig(), model_config, config, tmp_path / "run")
+    model, tokenizer = load_pretrained(result.best_dir)
+    assert model.config.count_genes == 10 and model.count_gene_index.numel() == 10
+    _, val_rows = split_store(store, config)
+    expected = variable_genes(store, 10, exclude_rows=val_rows, seed=config.seed)
+    np.testing.assert_array_equal(model.count_gene_index.numpy(), expected)
+    assert not np.array_equal(expected, np.arange(10))  # chosen, not the placeholder
+    embedding = embed_matrix(model, tokenizer, adata, progress=False, device="cpu")
+    assert embedding.shape == (160, 4) and np.isfinite(embedding).all()
+    assert math.isfinite(result.count_head["val_count_loss_after"])
