@@ -213,7 +213,12 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
         x = embed_matrix(model, tokenizer, adata, pooling=pooling, device="cpu", progress=False)
         best = result.best
         ratio = best.get("val_perplexity", float("nan")) / result.baseline_perplexity
-    return x, ratio
+        head = result.count_head or {}
+    return x, {
+        "perplexity_ratio": round(ratio, 4),
+        "count_head_epochs_run": head.get("epochs_run"),
+        "count_head_best_epoch": head.get("best_epoch"),
+    }
 
 
 def main(argv=None) -> None:
@@ -249,10 +254,10 @@ def main(argv=None) -> None:
             elif method == "random":
                 x, _ = model_embedding(adata, "default", seed, 1, random_weights=True)
             else:
-                x, ratio = model_embedding(adata, method, seed, args.epochs)
+                x, trained = model_embedding(adata, method, seed, args.epochs)
             row = {"dataset": dataset, "method": method, "seed": seed, **score_embedding(x, labels, groups)}
             if method not in ("pca", "scvi", "random"):
-                row["perplexity_ratio"] = round(ratio, 4)
+                row.update(trained)
             row["seconds"] = round(time.time() - start, 1)
             print(json.dumps(row), flush=True)
             rows.append(row)
