@@ -195,3 +195,24 @@ def test_nonzero_cell_pooling_ignores_zero_bin_tokens():
     torch.testing.assert_close(alone, with_zeros)
     with pytest.raises(NeurofmError, match="cell_pooling"):
         GeneEncoder(replace(CONFIG, cell_pooling="median"))
+
+
+@pytest.mark.parametrize("pooling", ["all", "nonzero"])
+def test_the_sparse_whole_cell_vector_equals_the_dense_mean_and_its_gradient(pooling):
+    torch.manual_seed(0)
+    model = GeneEncoder(
+        ModelConfig(n_genes=120, d_model=16, n_heads=2, n_layers=1, ffn_dim=16, cell_pooling=pooling)
+    )
+    bins = torch.randint(1, 20, (6, 120))
+    bins[torch.rand(6, 120) < 0.8] = 0
+    bins[2] = 0  # a cell with no counts
+    bins[:, 7] = torch.arange(3, 9)  # a gene expressed in every cell: its lowest bin is not 0
+    genes = torch.arange(120).expand(6, -1)
+    dense = model.pool(model.cell_features(genes, bins), bins > 0 if pooling == "nonzero" else None)
+    sparse = model.pooled_cell(bins)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(6, 16)
+    parameters = [model.gene_embedding.weight, model.bin_embedding.weight, model.ln_input.weight]
+    expected = torch.autograd.grad((dense * weights).sum(), parameters)
+    for got, want in zip(torch.autograd.grad((sparse * weights).sum(), parameters), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
