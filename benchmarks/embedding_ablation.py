@@ -147,7 +147,10 @@ def score_embedding(x: np.ndarray, labels: np.ndarray, groups) -> dict:
     shots = []
     for _ in range(10):
         chosen = np.concatenate(
-            [rng.choice(train[labels[train] == c], 5, replace=False) for c in np.unique(labels[train])]
+            [  # as the pipeline's label-efficiency table: a class with fewer than 5 gives all it has
+                rng.choice(pool, min(5, pool.size), replace=False)
+                for pool in (train[labels[train] == c] for c in np.unique(labels[train]))
+            ]
         )
         shots.append(pick_and_score(x[chosen], labels[chosen], x[test], labels[test], leave_one_out=True)[0])
     adata = sc.AnnData(np.zeros((len(x), 1), dtype=np.float32))
