@@ -76,6 +76,10 @@ VARIANTS = {
         "quantile",
     ),
     "phase25": ({"count_head_epochs": 25}, {"latent_dim": 16}, "auto", "quantile"),
+    # the default (count genes, early-stopped phase) with a wider latent (scVI's range is 10-30)
+    "latent32": ({}, {"latent_dim": 32}, "auto", "quantile"),
+    # the default without the count genes (the count head reads and reconstructs every gene)
+    "all_count_genes": ({}, {"count_genes": 0}, "auto", "quantile"),
 }
 
 
