@@ -12,9 +12,17 @@ For each ``--n-cells`` (default 100,000 and 1,000,000) the synthetic Allen-style
   (``pretrain(store_dir)``), blocks read from disk as training goes.
 
 Every row: ``train.max_steps`` = ``--steps`` with a validation every ``--val-every`` steps, the count
-head's own phase off (it is measured in BENCHMARKS.md on real data), 2 torch threads, no DataLoader
-workers (the 2-core default). steps/s is taken from the training time between validations
-(``epoch_time_s`` of the metrics rows after the first, so start-up and validation are left out).
+head's own phase off (it is measured in BENCHMARKS.md on real data), the ``train`` settings of
+``--config`` (default: the CPU defaults — 2 torch threads, no DataLoader workers). steps/s is taken from
+the training time between validations (``epoch_time_s`` of the metrics rows after the first, so start-up
+and validation are left out), and the data-wait share is the part of that time the loop spent waiting for
+the loader (``data_wait_s``; issue 12's GPU target: < 5 %).
+
+On a GPU node, the GPU rows (``configs/gpu.yaml``: CUDA, bf16, batch 256, 4 loader workers, pinned
+memory, sparse batches densified on the device)::
+
+    python benchmarks/atlas_pretrain.py --config configs/gpu.yaml --steps 600 --val-every 200 \
+        --out benchmarks/results/atlas_pretrain_gpu.json
 
 Targets: streamed steps/s within 10 % of in-memory; peak RSS ≤ 2 GB at 100 k and at 1 M cells, within
 10 % of each other (memory flat in the atlas size).
@@ -44,18 +52,20 @@ from benchmarks.atlas_scale import _peak_rss_bytes  # noqa: E402
 def _pretrain_row(spec: dict) -> dict:
     import anndata as ad
 
+    from neurofm.config import dataclass_from_dict, load_config
     from neurofm.train import TrainConfig, pretrain
 
-    config = TrainConfig(
+    settings = {"num_threads": 2, "num_workers": 0, "device": "cpu"}  # the 2-core CPU default
+    if spec.get("config"):
+        settings = dict(load_config(spec["config"]).get("train", {}))
+    settings.update(
         max_steps=spec["steps"],
         val_every_steps=spec["val_every"],
         count_head_epochs=0,
-        num_threads=2,
-        num_workers=0,
-        device="cpu",
         progress=False,
         seed=0,
     )
+    config = dataclass_from_dict(TrainConfig, settings, "train").validate()
     scratch = Path(tempfile.mkdtemp(prefix="neurofm-atlas-pretrain-", dir=spec["scratch"]))
     try:
         start = time.perf_counter()
@@ -73,12 +83,20 @@ def _pretrain_row(spec: dict) -> dict:
     timed = rows[1:]  # the first interval includes the loader's start
     train_seconds = sum(row["epoch_time_s"] for row in timed)
     steps = rows[-1]["step"] - rows[0]["step"]
+    import torch
+
+    device = "cuda" if config.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     return {
         "kind": spec["kind"],
         "n_cells": spec["n_cells"],
         "seconds": seconds,
         "steps": rows[-1]["step"],
         "steps_per_s": steps / train_seconds,
+        "cells_per_s": steps * config.batch_size / train_seconds,
+        "data_wait_share": sum(row["data_wait_s"] for row in timed) / train_seconds,
+        "device": device,
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
         "interval_seconds": [round(row["epoch_time_s"], 2) for row in rows],
         "val_perplexity_ratio": rows[-1]["perplexity_ratio"],
         "peak_rss_bytes": _peak_rss_bytes(),
@@ -103,6 +121,8 @@ def _print_row(row: dict) -> None:
         print(f"{row['kind']:>10} {row['n_cells']:>9,}  ERROR {row['error']}", flush=True)
         return
     rate = f"{row['steps_per_s']:6.3f} steps/s" if "steps_per_s" in row else " " * 14
+    if "data_wait_share" in row:
+        rate += f"  data wait {100 * row['data_wait_share']:4.1f} %"
     load = f"  (load {row['load_average_1min_after']:.1f})" if "load_average_1min_after" in row else ""
     print(
         f"{row['kind']:>10} {row['n_cells']:>9,} {row['seconds']:>8.1f} s  {rate}  "
@@ -119,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--work-dir", default="/tmp/neurofm_atlas_scale")
+    parser.add_argument("--config", help="a YAML config whose train section the rows use (configs/gpu.yaml)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "atlas_pretrain.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -130,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     shm = Path("/dev/shm")
     memory_scratch = str(shm if shm.is_dir() and os.access(shm, os.W_OK) else work)
-    common = {"steps": args.steps, "val_every": args.val_every, "n_genes": args.n_genes}
+    common = {
+        "steps": args.steps,
+        "val_every": args.val_every,
+        "n_genes": args.n_genes,
+        "config": args.config,
+    }
     print(f"{'row':>10} {'cells':>9} {'time':>10}", flush=True)
     rows = []
 

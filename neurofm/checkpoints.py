@@ -48,6 +48,7 @@ METRIC_COLUMNS = (
     "perplexity_ratio",
     "lr",
     "epoch_time_s",
+    "data_wait_s",  # the part of epoch_time_s spent waiting for the loader
 )
 
 

@@ -690,6 +690,7 @@ def _pretrain(
     )
     running, running_cell, n_steps = 0.0, 0.0, 0
     since = time.perf_counter()
+    data_wait = 0.0  # seconds the loop waited for the loader since the last validation
     lr = _lr_at(state["step"], total_steps, train_config)
     while state["step"] < total_steps:
         epoch = loader.epoch
@@ -700,7 +701,9 @@ def _pretrain(
         model.train()
         batches = iter(loader)
         try:
+            waiting = time.perf_counter()
             for raw in batches:
+                data_wait += time.perf_counter() - waiting
                 step = state["step"]
                 lr = _lr_at(step, total_steps, train_config)
                 for group in optimizer.param_groups:
@@ -743,7 +746,7 @@ def _pretrain(
                     row = _validate(
                         model, val_batches, device, train_config, context, epoch + 1, state["step"],
                         (running, running_cell, n_steps), baseline_ppl, lr, time.perf_counter() - since,
-                        stream if with_counts else None,
+                        stream if with_counts else None, data_wait,
                     )  # fmt: skip
                     running, running_cell, n_steps = 0.0, 0.0, 0
                     metrics_rows.append(row)
@@ -755,9 +758,10 @@ def _pretrain(
                         _log_row(row)
                         if on_epoch_end is not None:
                             on_epoch_end(state["step"], dict(row))
-                    since = time.perf_counter()
+                    since, data_wait = time.perf_counter(), 0.0
                 if epoch_done or last:
                     break
+                waiting = time.perf_counter()
         finally:
             batches.close()
         if loader.batches_consumed >= n_epoch:
@@ -842,11 +846,12 @@ def _count_head_phase(
 
 def _validate(
     model, val_batches, device, config, context, epoch, step, running, baseline_ppl, lr, elapsed,
-    count_stream=None,
+    count_stream=None, data_wait=0.0,
 ) -> dict:  # fmt: skip
     """One metrics row: the fixed validation batches scored (and, with ``count_stream``, the count head's
     loss on the stream's validation cells), the training losses since the last one (averaged over the
-    steps and the ranks)."""
+    steps and the ranks), the training time since then (``epoch_time_s``) and the part of it spent
+    waiting for the loader (``data_wait_s``: a fed accelerator keeps it near 0)."""
     total, total_cell, n_steps = running
     total, total_cell = runtime.all_reduce_sums([total, total_cell], context)
     denominator = max(1, n_steps) * context.world_size
@@ -871,6 +876,7 @@ def _validate(
         "perplexity_ratio": val["perplexity"] / baseline_ppl,
         "lr": lr,
         "epoch_time_s": elapsed,
+        "data_wait_s": data_wait,
     }
 
 

@@ -17,7 +17,7 @@ from neurofm.model import WEIGHTS_FILE, ModelConfig, load_pretrained
 from neurofm.tokenizer import TokenizerConfig
 from neurofm.train import METRIC_COLUMNS, TrainConfig, pretrain
 
-TIMING_COLUMNS = {"epoch_time_s"}  # wall-clock, the only column allowed to differ
+TIMING_COLUMNS = {"epoch_time_s", "data_wait_s"}  # wall-clock, the only columns allowed to differ
 
 
 @pytest.fixture(scope="module")

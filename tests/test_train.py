@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +320,29 @@ def test_step_based_run_validates_every_n_steps_and_resumes_mid_epoch_exactly(tm
     second, _ = load_pretrained(resumed.last_dir)
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[name]), name
+
+
+def test_each_metrics_row_names_the_time_spent_waiting_for_the_loader(tmp_path, monkeypatch):
+    import neurofm.stream as stream_module
+
+    adata = synthetic_counts(n_cells=96, n_genes=20, seed=3)
+    config = small_train_config(epochs=2, count_head_epochs=0)
+    plain = pretrain(
+        adata, TokenizerConfig(), ModelConfig(d_model=16, n_heads=2, n_layers=1), config, tmp_path / "a"
+    )
+    for row in plain.metrics:
+        assert 0.0 < row["data_wait_s"] <= row["epoch_time_s"]
+    original = stream_module.CellStream.__iter__
+
+    def slow(self):  # a loader 50 ms late with every batch
+        for batch in original(self):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(stream_module.CellStream, "__iter__", slow)
+    slowed = pretrain(
+        adata, TokenizerConfig(), ModelConfig(d_model=16, n_heads=2, n_layers=1), config, tmp_path / "b"
+    )
+    n_batches = [row["step"] for row in slowed.metrics]
+    waits = [row["data_wait_s"] for row in slowed.metrics]
+    assert waits[0] >= 0.05 * n_batches[0] and waits[1] >= 0.05 * (n_batches[1] - n_batches[0])
