@@ -164,6 +164,8 @@ def fit_count_head(
                         "count head: no better validation loss for %d epochs, stopped",
                         epochs_run - best_epoch,
                     )
+                    progress.total = step  # the bar ends where the phase did, not at the ceiling
+                    progress.refresh()
                     break
     finally:
         progress.close()

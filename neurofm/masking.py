@@ -19,7 +19,7 @@ import torch
 
 from neurofm.data.store import CellStore
 from neurofm.errors import NeurofmError
-from neurofm.stream import SparseBinner
+from neurofm.stream import SparseBinner, sample_rows
 from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer
 
 
@@ -192,9 +192,7 @@ def stream_frequency_table(
     ``np.bincount`` — never a dense (cells × genes) matrix. Equal to ``frequency_table`` of the dense
     bins of the same cells."""
     binner = SparseBinner(tokenizer)
-    rows = np.setdiff1d(np.arange(store.n_cells), exclude_rows, assume_unique=True)
-    if rows.size > max_cells:
-        rows = np.sort(np.random.default_rng([seed, 13]).choice(rows, size=max_cells, replace=False))
+    rows = sample_rows(store.n_cells, exclude_rows, max_cells, [seed, 13])
     n_genes, n_bins = binner.n_genes, binner.n_bins
     counts = np.zeros(n_genes * n_bins, dtype=np.int64)
     nonzero_per_gene = np.zeros(n_genes, dtype=np.int64)

@@ -175,6 +175,17 @@ def _check_genes(store: CellStore, tokenizer: ExpressionTokenizer) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fitting
+def sample_rows(n_rows: int, exclude_rows: np.ndarray | None, size: int, seed_key: list[int]) -> np.ndarray:
+    """Sorted rows of ``range(n_rows)`` not in ``exclude_rows`` (e.g. the validation rows): all of them
+    when there are at most ``size``, else ``size`` of them drawn with ``default_rng(seed_key)``."""
+    rows = np.arange(n_rows)
+    if exclude_rows is not None and len(exclude_rows):
+        rows = np.setdiff1d(rows, exclude_rows, assume_unique=True)
+    if rows.size <= size:
+        return rows
+    return np.sort(np.random.default_rng(seed_key).choice(rows, size=size, replace=False))
+
+
 def fit_tokenizer(
     store: CellStore,
     config: TokenizerConfig | None = None,
@@ -195,18 +206,17 @@ def fit_tokenizer(
     tokenizer = ExpressionTokenizer((config or TokenizerConfig()).validate())
     if tokenizer.config.counts_layer is not None:
         raise NeurofmError("a cell store holds one counts matrix; set counts_layer to None")
-    candidates = np.arange(store.n_cells)
-    if exclude_rows is not None and len(exclude_rows):
-        candidates = np.setdiff1d(candidates, exclude_rows, assume_unique=True)
     total_nonzeros = sum(shard["nnz"] for shard in store.shards)
     mean_nonzeros = max(1.0, total_nonzeros / max(1, store.n_cells))
-    n_sample = int(min(max_cells, candidates.size, max(MIN_CELLS, max_nonzeros // mean_nonzeros)))
+    sample = sample_rows(
+        store.n_cells,
+        exclude_rows,
+        int(min(max_cells, max(MIN_CELLS, max_nonzeros // mean_nonzeros))),
+        [seed, 11],
+    )
+    n_sample = sample.size
     if n_sample < MIN_CELLS:
-        raise NeurofmError(
-            f"only {candidates.size} training cells; fitting bin edges needs at least {MIN_CELLS}"
-        )
-    rng = np.random.default_rng([seed, 11])
-    sample = np.sort(rng.choice(candidates, size=n_sample, replace=False))
+        raise NeurofmError(f"only {n_sample} training cells; fitting bin edges needs at least {MIN_CELLS}")
     counts = store.rows(sample)
     counts.indptr = counts.indptr.astype(np.int64)
     binner_config = tokenizer.config
@@ -275,13 +285,8 @@ def variable_genes(
     import anndata as ad
     import scanpy as sc
 
-    candidates = np.arange(store.n_cells)
-    if exclude_rows is not None and len(exclude_rows):
-        candidates = np.setdiff1d(candidates, exclude_rows, assume_unique=True)
-    rng = np.random.default_rng([seed, 13])
-    sample = np.sort(rng.choice(candidates, size=min(max_cells, candidates.size), replace=False))
-    counts = store.rows(sample).astype(np.float32)
-    work = ad.AnnData(X=counts)
+    sample = sample_rows(store.n_cells, exclude_rows, max_cells, [seed, 13])
+    work = ad.AnnData(X=store.rows(sample))  # float32 CSR raw counts
     sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat_v3")
     chosen = np.flatnonzero(work.var["highly_variable"].to_numpy())
     log.info(
