@@ -80,6 +80,8 @@ VARIANTS = {
     "latent32": ({}, {"latent_dim": 32}, "auto", "quantile"),
     # the default without the count genes (the count head reads and reconstructs every gene)
     "all_count_genes": ({}, {"count_genes": 0}, "auto", "quantile"),
+    # the default with the count head's phase at the full KL weight from its first step (no second warm-up)
+    "phase_full_kl": ({"count_head_kl_warmup": 0.0}, {}, "auto", "quantile"),
 }
 
 

@@ -6,8 +6,9 @@ epochs where scVI, the baseline it is measured against, takes up to 400. This ph
 head that budget cheaply. The token features are frozen (each cell's vector is a lookup in the feature
 table, :func:`neurofm.embedding.feature_table`, as at embedding time, so no transformer runs and memory
 does not hold cells × genes × d_model), and only the count head's parameters are updated: the cells'
-negative-binomial NLL + the latent's KL summed over genes, the KL weight warmed up over the whole phase
-(as scVI warms it over its 400 epochs), Adam as in scVI (lr 1e-3, eps 0.01, weight decay 1e-6), batches of
+negative-binomial NLL + the latent's KL summed over genes, the KL weight warmed up over the share
+``count_head_kl_warmup`` of the phase (1: over the whole budget, as scVI warms it over its 400 epochs; 0:
+the full weight from the first step, as the head ended pre-training), Adam as in scVI (lr 1e-3, eps 0.01, weight decay 1e-6), batches of
 ``count_head_batch_size`` training cells from the same streaming loader.
 
 Epochs: ``count_head_epochs``, or (None) scVI's rule ``min(round(20000 / n_train × 400), 400)`` — the
@@ -52,6 +53,13 @@ def head_epochs(n_train_cells: int, setting: int | None) -> int:
         return int(setting)
     cells, cap = SCVI_EPOCH_RULE
     return int(min(round(cells / max(1, n_train_cells) * cap), cap))
+
+
+def phase_kl_weight(step: int, total_steps: int, config) -> float:
+    """The KL weight of the phase's ``step`` (from 0) of ``total_steps``: it reaches ``config.kl_weight``
+    after the share ``config.count_head_kl_warmup`` of the steps, rising linearly (0: at once)."""
+    ramp = config.count_head_kl_warmup * total_steps
+    return config.kl_weight * min(1.0, (step + 1) / max(1.0, ramp))
 
 
 def is_head_parameter(name: str) -> bool:
@@ -135,7 +143,7 @@ def fit_count_head(
                     counts = densify_counts(raw, bins.shape[1])
                     cell, expression = cell_inputs(model, bins, "auto", table)
                     nll, kl = model.count_loss(cell, counts, expression)
-                    kl_weight = config.kl_weight * min(1.0, (step + 1) / total)
+                    kl_weight = phase_kl_weight(step, total, config)
                     # scVI's scale: summed over genes (count_loss divides by n_genes), mean over cells —
                     # Adam's eps=0.01 assumes gradients of that size
                     loss = (nll + kl_weight * kl).mean() * model.config.n_count_genes

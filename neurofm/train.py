@@ -138,6 +138,10 @@ class TrainConfig:
     count_head_patience: int = 45  # that phase keeps its best epoch by the validation count loss and stops
     #                                after this many epochs without a better one (scVI's patience); 0: it
     #                                runs every epoch and keeps the last
+    count_head_kl_warmup: float = 1.0  # share of that phase's steps (its epoch ceiling) over which the KL
+    #                                    weight rises from 0 to kl_weight (1: scVI's warm-up over the whole
+    #                                    budget); 0: the full KL weight from its first step, as the head
+    #                                    ended pre-training
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
@@ -212,6 +216,7 @@ class TrainConfig:
                 isinstance(self.count_head_patience, int) and self.count_head_patience >= 0,
                 "count_head_patience must be an integer >= 0 (0: no early stopping)",
             ),
+            (0 <= self.count_head_kl_warmup <= 1, "count_head_kl_warmup must be in [0, 1]"),
             (self.cell_loss_tokens in ("masked", "all"), "cell_loss_tokens must be 'masked' or 'all'"),
             (0 <= self.nonzero_mask_share <= 1, "nonzero_mask_share must be in [0, 1]"),
             (self.max_tokens_per_cell >= 2, "max_tokens_per_cell must be >= 2"),
@@ -820,6 +825,7 @@ def _count_head_phase(
         "batch_size": config.count_head_batch_size,
         "lr": config.count_head_lr,
         "patience": config.count_head_patience,
+        "kl_warmup": config.count_head_kl_warmup,
     }
     summary = load_head(out_dir / HEAD_FILE, model, expect)
     if summary is None:
