@@ -828,9 +828,8 @@ class CellStore:
             self._pread(index, "data.npy", first, last),
         )
 
-    def _pread(self, index: int, name: str, start: int, stop: int) -> np.ndarray:
-        """Items ``[start, stop)`` of one shard file, read with ``pread`` (no memory map: streaming an
-        epoch leaves resident memory flat however large the store)."""
+    def _file(self, index: int, name: str) -> tuple[int, int, np.dtype]:
+        """(descriptor, data offset, dtype) of one shard file, opened on first use."""
         key = (index, name)
         if key not in self._files:
             path = self.path / self.shards[index]["name"] / name
@@ -850,8 +849,20 @@ class CellStore:
                     f"cannot read cell store shard file {path} ({error}); convert the store again"
                 ) from None
             self._files[key] = (descriptor, offset, np.dtype(dtype))
-        descriptor, offset, dtype = self._files[key]
-        out = np.empty(stop - start, dtype=dtype)
+        return self._files[key]
+
+    def _pread(
+        self, index: int, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Items ``[start, stop)`` of one shard file, read with ``pread`` (no memory map: streaming an
+        epoch leaves resident memory flat however large the store) into ``out`` when given (a
+        contiguous array of ``stop - start`` items; cast when its dtype is not the file's)."""
+        descriptor, offset, dtype = self._file(index, name)
+        if out is not None and out.dtype != dtype:
+            out[:] = self._pread(index, name, start, stop)
+            return out
+        if out is None:
+            out = np.empty(stop - start, dtype=dtype)
         wanted = out.nbytes
         got = os.preadv(descriptor, [memoryview(out).cast("B")], offset + start * dtype.itemsize)
         if got != wanted:
@@ -881,20 +892,31 @@ class CellStore:
         new_run[1:] = (np.diff(unique_rows) != 1) | (np.diff(shard_of) != 0)
         run_starts = np.flatnonzero(new_run)
         run_stops = np.append(run_starts[1:], unique_rows.size)
-        data_parts, index_parts, length_parts = [], [], []
-        for first, last in zip(run_starts.tolist(), run_stops.tolist(), strict=True):
-            indptr, indices, data = self.read_range(int(unique_rows[first]), int(unique_rows[last - 1]) + 1)
-            data_parts.append(data)
-            index_parts.append(indices)
-            length_parts.append(np.diff(indptr))
-        lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
+        # two passes, so that the counts land in one pre-sized array each: many small live arrays (one
+        # per run) fragment the heap, and resident memory then grows with every chunk read
+        lengths = np.zeros(unique_rows.size, dtype=np.int64)
+        run_first = np.zeros(run_starts.size, dtype=np.int64)  # each run's first stored value
+        for run, (first, last) in enumerate(zip(run_starts.tolist(), run_stops.tolist(), strict=True)):
+            shard = int(shard_of[first])
+            local = int(unique_rows[first]) - int(self.shard_offsets[shard])
+            pointers = self._pread(shard, "indptr.npy", local, local + (last - first) + 1)
+            lengths[first:last] = np.diff(pointers)
+            run_first[run] = pointers[0]
+        indptr = np.zeros(unique_rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        touched = int(shard_of[0]) if unique_rows.size else None
+        index_dtype = np.int32 if touched is None else self._file(touched, "indices.npy")[2]
+        data_dtype = np.float32 if touched is None else self._file(touched, "data.npy")[2]
+        indices = np.empty(int(indptr[-1]), dtype=index_dtype)
+        data = np.empty(int(indptr[-1]), dtype=data_dtype)
+        for run, (first, last) in enumerate(zip(run_starts.tolist(), run_stops.tolist(), strict=True)):
+            shard, begin, end = int(shard_of[first]), int(indptr[first]), int(indptr[last])
+            if end > begin:
+                stored = int(run_first[run])
+                self._pread(shard, "indices.npy", stored, stored + end - begin, out=indices[begin:end])
+                self._pread(shard, "data.npy", stored, stored + end - begin, out=data[begin:end])
         matrix = sp.csr_matrix(
-            (
-                np.concatenate(data_parts).astype(np.float32) if data_parts else np.zeros(0, np.float32),
-                np.concatenate(index_parts) if index_parts else np.zeros(0, np.int32),
-                np.concatenate([[0], np.cumsum(lengths)]),
-            ),
-            shape=(unique_rows.size, self.n_genes),
+            (data.astype(np.float32, copy=False), indices, indptr), shape=(unique_rows.size, self.n_genes)
         )
         if unique_rows.size == store_rows.size and np.array_equal(unique_rows, store_rows):
             return matrix
