@@ -80,8 +80,13 @@ VARIANTS = {
     "latent32": ({}, {"latent_dim": 32}, "auto", "quantile"),
     # the default without the count genes (the count head reads and reconstructs every gene)
     "all_count_genes": ({}, {"count_genes": 0}, "auto", "quantile"),
-    # the default with the count head's phase at the full KL weight from its first step (no second warm-up)
+    # the count head's phase at the full KL weight from its first step (no second warm-up): the default
+    # since 2026-11-29 (third session), and with the warm-up over the whole phase (the default before)
     "phase_full_kl": ({"count_head_kl_warmup": 0.0}, {}, "auto", "quantile"),
+    "phase_kl_warmup": ({"count_head_kl_warmup": 1.0}, {}, "auto", "quantile"),
+    # no pre-training to speak of (one optimisation step), then the count head's phase as usual: what the
+    # transformer's token features add to the embedding
+    "no_pretraining": ({"max_steps": 1}, {}, "auto", "quantile"),
 }
 
 

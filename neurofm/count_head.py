@@ -6,9 +6,10 @@ epochs where scVI, the baseline it is measured against, takes up to 400. This ph
 head that budget cheaply. The token features are frozen (each cell's vector is a lookup in the feature
 table, :func:`neurofm.embedding.feature_table`, as at embedding time, so no transformer runs and memory
 does not hold cells × genes × d_model), and only the count head's parameters are updated: the cells'
-negative-binomial NLL + the latent's KL summed over genes, the KL weight warmed up over the share
-``count_head_kl_warmup`` of the phase (1: over the whole budget, as scVI warms it over its 400 epochs; 0:
-the full weight from the first step, as the head ended pre-training), Adam as in scVI (lr 1e-3, eps 0.01, weight decay 1e-6), batches of
+negative-binomial NLL + the latent's KL summed over genes, at the full KL weight from the first step (the
+head ended pre-training there; ``count_head_kl_warmup`` > 0 warms it up again over that share of the
+phase, as scVI warms it over its 400 epochs from scratch — which made the validation ELBO, scored at the
+full weight, only rise, and early stopping end the phase at epoch 1), Adam as in scVI (lr 1e-3, eps 0.01, weight decay 1e-6), batches of
 ``count_head_batch_size`` training cells from the same streaming loader.
 
 Epochs: ``count_head_epochs``, or (None) scVI's rule ``min(round(20000 / n_train × 400), 400)`` — the

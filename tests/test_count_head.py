@@ -132,11 +132,12 @@ def test_kl_weight_rises_linearly_over_the_warmup_share():
 def test_the_phase_warms_the_kl_weight_over_its_share_of_the_steps_or_not_at_all():
     from neurofm.count_head import phase_kl_weight
 
-    whole = small_train_config()  # count_head_kl_warmup 1: over the whole phase, as scVI
+    whole = small_train_config(count_head_kl_warmup=1.0)  # over the whole phase, as scVI
     assert [phase_kl_weight(step, 100, whole) for step in (0, 49, 99)] == [0.01, 0.5, 1.0]
     half = small_train_config(count_head_kl_warmup=0.5, kl_weight=2.0)
     assert [phase_kl_weight(step, 100, half) for step in (0, 24, 49, 99)] == [0.04, 1.0, 2.0, 2.0]
-    none = small_train_config(count_head_kl_warmup=0.0)  # the full weight from the first step
+    none = small_train_config()  # the default: the full weight from the first step
+    assert none.count_head_kl_warmup == 0.0
     assert [phase_kl_weight(step, 100, none) for step in (0, 1, 99)] == [1.0, 1.0, 1.0]
     with pytest.raises(NeurofmError, match="count_head_kl_warmup"):
         small_train_config(count_head_kl_warmup=1.5).validate()

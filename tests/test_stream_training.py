@@ -114,3 +114,31 @@ def test_bad_streaming_settings_are_refused_in_one_line():
 def test_pretrain_refuses_other_data_types(tmp_path):
     with pytest.raises(NeurofmError, match="AnnData, a CellStore or a store directory"):
         pretrain(np.zeros((3, 3)), train_config=_train_config(), out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("cell_loss_tokens", ["all", "masked"])
+def test_validation_batches_held_in_blocks_equal_the_batches_made_one_by_one(tmp_path, cell_loss_tokens):
+    import torch
+
+    from neurofm.data.store import CellStore, convert_anndata
+    from neurofm.masking import make_batch
+    from neurofm.stream import CellStream, densify, fit_tokenizer
+    from neurofm.train import _validation_batches, stream_config_for
+
+    convert_anndata(synthetic_counts(n_cells=150, n_genes=30, seed=2), tmp_path / "store")
+    store = CellStore(tmp_path / "store")
+    config = _train_config(val_draws=3, cell_loss_tokens=cell_loss_tokens)
+    stream = CellStream(store, fit_tokenizer(store, TokenizerConfig()), stream_config_for(config))
+    cpu = torch.device("cpu")
+    held = _validation_batches(stream, 12, TINY_MODEL.mask_token, config, cpu, eval_batch_size=8)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    expected = [
+        make_batch(densify(part, stream.zero_bins), 12, TINY_MODEL.mask_token, config, generator)
+        for part in stream.validation_batches(8)
+        for _ in range(config.val_draws)
+    ]
+    assert len(held) == len(expected) == 3 * -(-stream.val_rows.size // 8)  # the last part is short
+    for got, want in zip(held, expected, strict=True):
+        for name in ("gene_ids", "input_bins", "labels", "cell_labels"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert (got.cell_labels is got.labels) == (cell_loss_tokens == "masked")
