@@ -9,8 +9,9 @@ does not hold cells × genes × d_model), and only the count head's parameters a
 negative-binomial NLL + the latent's KL summed over genes, at the full KL weight from the first step (the
 head ended pre-training there; ``count_head_kl_warmup`` > 0 warms it up again over that share of the
 phase, as scVI warms it over its 400 epochs from scratch — which made the validation ELBO, scored at the
-full weight, only rise, and early stopping end the phase at epoch 1), Adam as in scVI (lr 1e-3, eps 0.01, weight decay 1e-6), batches of
-``count_head_batch_size`` training cells from the same streaming loader.
+full weight, only rise, and early stopping end the phase at epoch 1), Adam as in scVI (lr 1e-3, eps
+0.01, weight decay 1e-6), batches of ``count_head_batch_size`` training cells from the same streaming
+loader.
 
 Epochs: ``count_head_epochs``, or (None) scVI's rule ``min(round(20000 / n_train × 400), 400)`` — the
 budget of the scVI baseline on the same cells — so the phase is long on small data and a few passes on an
