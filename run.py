@@ -184,6 +184,22 @@ def _configure_logging(debug: bool) -> None:
             handler.addFilter(_HideUserErrorTracebacks())
 
 
+def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluation's headline metrics, each beside the strongest baseline (controls excluded) and the
+    model's margin, as the report gives them; the random-weights control's value follows."""
+    strongest = evaluation.get("strongest") or {}
+    metrics = evaluation["metrics"]
+    lines = ["  evaluation: the model against the strongest baseline per metric (every method: report)"]
+    for metric, entry in strongest.items():
+        control = metrics.get(f"random/{metric}")
+        lines.append(
+            f"    {entry['title']:<23} model {entry['model_value']:.3f}   {entry['baseline']} "
+            f"{entry['baseline_value']:.3f}   margin {entry['margin']:+.3f}"
+            + ("" if control is None else f"   (random weights {control:.3f})")
+        )
+    return lines
+
+
 def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
     """The closing summary printed after a run: what was produced, where, and against what baseline."""
     from pipelines import cached_steps, step_outputs
@@ -221,14 +237,7 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
             )
     evaluation = outputs.get("track_evaluation", {}).get("evaluation_summary")
     if evaluation:
-        lines.append("  evaluation (probe accuracy / ROC-AUC / Leiden ARI):")
-        for method in ("model", "pca", "random"):
-            if f"{method}/probe_accuracy" in evaluation["metrics"]:
-                metrics = evaluation["metrics"]
-                lines.append(
-                    f"    {method:<7} {metrics[f'{method}/probe_accuracy']:.3f} / {metrics[f'{method}/probe_auc']:.3f} / "
-                    f"{metrics.get(f'{method}/ari', float('nan')):.3f}"
-                )
+        lines.extend(evaluation_lines(evaluation))
         lines.append(f"  promotion: {evaluation['promotion']}")
         lines.append(f"  report: {evaluation['report']}")
     tracking_uri = config["tracking"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")

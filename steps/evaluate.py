@@ -238,6 +238,7 @@ def probe_cells(
     report = compare.write_report(result, out, extra=_report_model_table(model_info, data_name, adata))
     return {
         "metrics": dict(result.summary),
+        "strongest": result.settings["strongest_baselines"],  # per headline metric: baseline, values, margin
         "report": str(report),
         "report_html": str(report.with_suffix(".html")),
         "classes": result.class_counts,

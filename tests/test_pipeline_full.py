@@ -115,6 +115,16 @@ def test_second_full_run_reuses_the_cached_model_and_says_so(full_run, capsys):
     assert code == 0
     assert len(_versions()) == before  # no retraining, no new version
     assert "pretrain_model came from ZenML's cache" in out
+    # the closing summary gives the headline metrics beside the strongest baseline, as the report does
+    headline = {
+        line.split("  model")[0].strip(): line
+        for line in out.splitlines()
+        if "margin" in line and "  model " in line
+    }
+    assert {"probe macro-F1", "5-shot macro-F1", "cluster-optimised ARI", "ARI at resolution 1"} <= set(
+        headline
+    )
+    assert all("random weights" in line for line in headline.values())
 
 
 @pytest.mark.slow

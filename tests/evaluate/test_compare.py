@@ -231,3 +231,32 @@ def test_should_promote_pca_tolerance():
     candidate = run(0.995, 0.99, pca_auc=1.0, pca_accuracy=1.0)
     assert should_promote(candidate, None)[0] is False
     assert should_promote(candidate, None, pca_tolerance=0.01)[0] is True
+
+
+def test_the_run_summary_prints_each_headline_metric_beside_the_strongest_baseline():
+    import run
+
+    evaluation = {
+        "metrics": {"random/probe_f1": 0.5},
+        "strongest": {
+            "probe_f1": {
+                "title": "probe macro-F1",
+                "baseline": "scvi",
+                "baseline_value": 0.9,
+                "model_value": 0.85,
+                "margin": -0.05,
+            },
+            "fewshot5_f1": {
+                "title": "5-shot macro-F1",
+                "baseline": "pca",
+                "baseline_value": 0.7,
+                "model_value": 0.75,
+                "margin": 0.05,
+            },
+        },
+    }
+    lines = run.evaluation_lines(evaluation)
+    assert "strongest baseline" in lines[0] and len(lines) == 3
+    assert "probe macro-F1" in lines[1] and "scvi 0.900" in lines[1] and "margin -0.050" in lines[1]
+    assert "random weights 0.500" in lines[1]
+    assert "pca 0.700" in lines[2] and "margin +0.050" in lines[2] and "random" not in lines[2]
