@@ -90,15 +90,21 @@ VARIANTS = {
 }
 
 
-def load(name: str, max_cells: int = 10000):
+def load(name: str, max_cells: int = 10000, fit_on: str = "sample"):
+    """The evaluation cells (a fixed 10,000-cell sample of a bigger file) and the cells every method is fit
+    on: the same sample (``fit_on="sample"``), or the whole file (``"all"``: pre-training, scVI and PCA
+    see every cell, unlabelled, and are scored on the sample's rows — what more pre-training data adds)."""
     import anndata as ad
 
     file, label, group = DATASETS[name]
-    adata = ad.read_h5ad(DATA / file)
-    if adata.n_obs > max_cells:
-        keep = np.random.default_rng(0).choice(adata.n_obs, max_cells, replace=False)
-        adata = adata[np.sort(keep)].copy()
-    return adata, label, group
+    full = ad.read_h5ad(DATA / file)
+    keep = np.arange(full.n_obs)
+    if full.n_obs > max_cells:
+        keep = np.sort(np.random.default_rng(0).choice(full.n_obs, max_cells, replace=False))
+    adata = full[keep].copy()
+    fit = full if fit_on == "all" else adata
+    rows = keep if fit_on == "all" else np.arange(adata.n_obs)
+    return adata, fit, rows, label, group
 
 
 def split(labels, groups, seed: int = 0):
@@ -199,7 +205,7 @@ def scvi_embedding(adata, seed: int = 0) -> np.ndarray:
     return scvi_baseline(adata, seed=seed)
 
 
-def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights: bool = False):
+def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights: bool = False, fit=None):
     import torch
 
     from neurofm.embedding import embed_matrix, random_encoder_like
@@ -214,7 +220,7 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
     with tempfile.TemporaryDirectory() as tmp:
         model_config = ModelConfig(**model_overrides)
         result = pretrain(
-            adata,
+            adata if fit is None else fit,
             tokenizer_config=TokenizerConfig(binning=binning),
             model_config=model_config,
             train_config=config,
@@ -242,6 +248,12 @@ def main(argv=None) -> None:
     parser.add_argument("--baselines", nargs="*", default=["pca"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--fit-on",
+        choices=("sample", "all"),
+        default="sample",
+        help="fit every method on the 10,000-cell evaluation sample, or on all cells of the file",
+    )
     parser.add_argument("--out", default="benchmarks/results/embedding_ablation.json")
     args = parser.parse_args(argv)
     import torch
@@ -249,7 +261,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rows = []
     for dataset in args.datasets:
-        adata, label, group = load(dataset)
+        adata, fit, rows_in_fit, label, group = load(dataset, fit_on=args.fit_on)
         labels = adata.obs[label].astype(str).to_numpy()
         groups = None if group is None else adata.obs[group].astype(str).to_numpy()
         # PCA is deterministic; scVI and the random encoder move with the seed, so they run per seed
@@ -262,14 +274,20 @@ def main(argv=None) -> None:
         for method, seed in jobs:
             start = time.time()
             if method == "pca":
-                x = pca_embedding(adata)
+                x = pca_embedding(fit)[rows_in_fit]
             elif method == "scvi":
-                x = scvi_embedding(adata, seed)
+                x = scvi_embedding(fit, seed)[rows_in_fit]
             elif method == "random":
                 x, _ = model_embedding(adata, "default", seed, 1, random_weights=True)
             else:
-                x, trained = model_embedding(adata, method, seed, args.epochs)
-            row = {"dataset": dataset, "method": method, "seed": seed, **score_embedding(x, labels, groups)}
+                x, trained = model_embedding(adata, method, seed, args.epochs, fit=fit)
+            row = {
+                "dataset": dataset,
+                "method": method,
+                "seed": seed,
+                "fit_cells": fit.n_obs,
+                **score_embedding(x, labels, groups),
+            }
             if method not in ("pca", "scvi", "random"):
                 row.update(trained)
             row["seconds"] = round(time.time() - start, 1)
