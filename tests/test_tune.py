@@ -45,6 +45,7 @@ def base_config(experiment: str) -> dict:
                 "device": "cpu",
                 "num_threads": 1,
                 "progress": False,
+                "count_head_epochs": 3,  # the count head's own phase, short (scVI's rule: up to 400 epochs)
             },
             "tracking": {"experiment": experiment},
             "evaluate": {"label_column": "class", "label_mapping": None, "probe": {"n_splits": 0}},
@@ -272,6 +273,8 @@ def test_run_py_tune_runs_a_study_and_prints_the_best_config(counts, tmp_path, c
             "tracking.experiment=tune-run-py",
             "--set",
             "train.progress=false",
+            "--set",
+            "train.count_head_epochs=3",  # the count head's own phase, short (scVI's rule: up to 400)
         ]
     )
     printed = capsys.readouterr().out
