@@ -8,7 +8,8 @@ macro-F1 is the mean over 10 draws of 5 training cells per class (leave-one-out 
 0.1..2.0 (cluster-optimised). The baselines are the pipeline's own (neurofm.evaluate.baselines: PCA-50 on
 2,000 HVG, scVI on 2,000 Seurat-v3 HVG with scvi-tools' early stopping); scVI and the random encoder run
 once per ``--seeds`` entry (before 2026-11-29 08:00 the script had its own scVI on all genes without
-early stopping and one seed: rows in older JSON).
+early stopping and one seed: rows in older JSON). ``--fit-on all`` fits pre-training, scVI and PCA on every
+cell of a file bigger than the sample (M1: 42,728 cells) and scores them on the same 10,000-cell sample.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/embedding_ablation.py \
         --datasets cortex --variants default mean_nonzero --seeds 0 --epochs 10 --baselines pca scvi random

@@ -41,8 +41,8 @@ def cortex_run(tmp_path_factory) -> Path:
         "evaluate.label_efficiency_shots=[5,all]",  # the 10-50-shot rows are pinned on small data elsewhere
         "--set",
         "evaluate.label_efficiency_draws=5",
-        "--set",  # the count head's own phase, capped: scVI's rule allows 400 epochs here (257 run, ~9 min of
-        "train.count_head_epochs=40",  # the suite); the phase itself is tested in test_count_head.py
+        "--set",  # the count head's own phase, capped: scVI's rule allows 400 epochs here (257 ran, 530 s
+        "train.count_head_epochs=40",  # under load); the phase itself is tested in test_count_head.py
     ]
     assert run.main(argv) == 0
     return out
