@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
 
+from neurofm.cpu import free_cores
 from neurofm.errors import NeurofmError
 from neurofm.evaluate.labels import check_labels
 from neurofm.evaluate.probe import (
@@ -79,6 +81,7 @@ def label_efficiency(
     split: ProbeSplit | None = None,
     probe_config: ProbeConfig | None = None,
     groups: np.ndarray | None = None,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Probe accuracy/AUC/macro-F1 (mean and sd over draws) per method and shot count.
 
@@ -86,7 +89,8 @@ def label_efficiency(
     cells are drawn from its training part only, scored on its test part. Returns one row per
     (method, shots) with the columns ``method, shots, n_train, n_draws, accuracy_mean, accuracy_sd,
     auc_mean, auc_sd, f1_mean, f1_sd``; ``shots`` is a string (``"5"`` … ``"all"``) and ``n_train`` the
-    mean number of training cells per draw. sd is NaN for a single draw.
+    mean number of training cells per draw. sd is NaN for a single draw. The (method, shots) tasks run in
+    ``n_jobs`` worker processes (None: the cores other processes leave free); the scores do not depend on it.
     """
     if not embeddings:
         raise NeurofmError("label_efficiency needs at least one embedding; pass {'model': ..., 'pca': ...}")
@@ -98,32 +102,51 @@ def label_efficiency(
     split = split or make_split(labels, probe_config, groups)
     draws = {shot: draw_few_shot(labels, split.train_indices, shot, n_draws, seed) for shot in shots}
     test = split.test_indices
-    rows = []
+    checked = {}
     for method, embedding in embeddings.items():
-        embedding = check_embedding(embedding)
-        if embedding.shape[0] != n_cells:
+        checked[method] = check_embedding(embedding)
+        if checked[method].shape[0] != n_cells:
             raise NeurofmError(
-                f"embedding {method!r} has {embedding.shape[0]} cells, others {n_cells}; embed the same cells"
+                f"embedding {method!r} has {checked[method].shape[0]} cells, others {n_cells}; embed the same cells"
             )
-        for shot, index_sets in draws.items():
-            scores = []
-            with threadpool_limits(limits=1, user_api="blas"):  # tiny fits: threads only add overhead
-                for train in index_sets:
-                    probe, _ = fit_probe(embedding, labels, train, probe_config)
-                    scores.append(score_probe(probe, embedding[test], labels[test]))
-            frame = pd.DataFrame(scores)
-            rows.append(
-                {
-                    "method": method,
-                    "shots": str(shot),
-                    "n_train": float(np.mean([len(train) for train in index_sets])),
-                    "n_draws": len(index_sets),
-                    "accuracy_mean": frame["accuracy"].mean(),
-                    "accuracy_sd": frame["accuracy"].std(ddof=1) if len(frame) > 1 else float("nan"),
-                    "auc_mean": frame["roc_auc"].mean(),
-                    "auc_sd": frame["roc_auc"].std(ddof=1) if len(frame) > 1 else float("nan"),
-                    "f1_mean": frame["f1_macro"].mean(),
-                    "f1_sd": frame["f1_macro"].std(ddof=1) if len(frame) > 1 else float("nan"),
-                }
-            )
+    tasks = [(method, shot) for method in checked for shot in draws]
+    workers = min(len(tasks), free_cores() if n_jobs is None else max(1, n_jobs))
+    # every fit is single-threaded and independent of the others: the same scores for any `workers`
+    scored = Parallel(n_jobs=workers)(
+        delayed(_score_draws)(checked[method], labels, draws[shot], test, probe_config)
+        for method, shot in tasks
+    )
+    rows = []
+    for (method, shot), scores in zip(tasks, scored, strict=True):
+        index_sets = draws[shot]
+        frame = pd.DataFrame(scores)
+        rows.append(
+            {
+                "method": method,
+                "shots": str(shot),
+                "n_train": float(np.mean([len(train) for train in index_sets])),
+                "n_draws": len(index_sets),
+                "accuracy_mean": frame["accuracy"].mean(),
+                "accuracy_sd": frame["accuracy"].std(ddof=1) if len(frame) > 1 else float("nan"),
+                "auc_mean": frame["roc_auc"].mean(),
+                "auc_sd": frame["roc_auc"].std(ddof=1) if len(frame) > 1 else float("nan"),
+                "f1_mean": frame["f1_macro"].mean(),
+                "f1_sd": frame["f1_macro"].std(ddof=1) if len(frame) > 1 else float("nan"),
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _score_draws(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    index_sets: list[np.ndarray],
+    test: np.ndarray,
+    probe_config: ProbeConfig,
+) -> list[dict[str, float]]:
+    """A probe picked and fitted on each draw's cells, scored on the test cells (one worker's task)."""
+    with threadpool_limits(limits=1, user_api="blas"):  # tiny fits: threads only add overhead
+        return [
+            score_probe(fit_probe(embedding, labels, train, probe_config)[0], embedding[test], labels[test])
+            for train in index_sets
+        ]

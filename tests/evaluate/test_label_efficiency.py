@@ -59,3 +59,11 @@ def test_small_classes_contribute_what_they_have():
     labels = np.array(["a"] * 30 + ["b"] * 8)
     draws = draw_few_shot(labels, np.arange(len(labels)), 20, n_draws=2, seed=0)
     assert all(np.sum(labels[d] == "b") == 8 and np.sum(labels[d] == "a") == 20 for d in draws)
+
+
+def test_scores_do_not_depend_on_the_number_of_worker_processes():
+    embedding, labels = blobs(n_cells=200)
+    embeddings = {"model": embedding, "noise": np.random.default_rng(1).normal(size=embedding.shape)}
+    one = label_efficiency(embeddings, labels, shots=(5, 25), n_draws=3, n_jobs=1)
+    two = label_efficiency(embeddings, labels, shots=(5, 25), n_draws=3, n_jobs=2)
+    assert one.equals(two)

@@ -192,3 +192,20 @@ def test_bad_embeddings_and_labels_are_refused():
         run_probe(embedding, np.full(len(labels), "a"))
     with pytest.raises(NeurofmError, match="fewer than 2 cells"):
         make_split(np.array(["a"] * 10 + ["b"]))
+
+
+def test_inner_predictions_equal_cross_val_predict_for_every_candidate():
+    from sklearn.model_selection import cross_val_predict
+
+    from neurofm.evaluate.probe import _inner_predictions, _inner_splitter, probe_menu
+
+    rng = np.random.default_rng(3)
+    labels = np.array(["a", "b", "c"] * 12)
+    embedding = rng.normal(size=(len(labels), 4)) + (labels == "a")[:, None] * 1.5
+    config = ProbeConfig()
+    for n_cells in (12, 36):  # leave-one-out and stratified k-fold
+        x, y = embedding[:n_cells], labels[:n_cells]
+        menu, splitter = probe_menu(config, n_cells), _inner_splitter(y, config)
+        fast = _inner_predictions(x, y, menu, splitter)
+        for name, candidate in menu:
+            np.testing.assert_array_equal(fast[name], cross_val_predict(candidate, x, y, cv=splitter))
