@@ -28,6 +28,7 @@ os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # neurofm.cpu: waiting threads sleep, never spin
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -87,28 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The validated configuration: YAML file, then ``--set``, then the dedicated flags."""
-    from neurofm.config import load_config, set_path
+    from neurofm.config import load_config
 
     config_path = args.config or ROOT / "configs" / f"{args.pipeline}.yaml"
-    config = load_config(config_path, args.set)
-    if args.data is not None:
-        set_path(config, ["data", "path"], str(args.data))
-    if args.metadata is not None:
-        set_path(config, ["data", "metadata_csv"], str(args.metadata))
-    if args.out is not None:
-        set_path(config, ["data", "out_dir"], str(args.out))
-    if args.model is not None:
-        set_path(config, ["evaluate", "model"], args.model)
+    flags = {
+        "data.path": None if args.data is None else str(args.data),
+        "data.metadata_csv": None if args.metadata is None else str(args.metadata),
+        "data.out_dir": None if args.out is None else str(args.out),
+        "evaluate.model": args.model,
+        "evaluate.label_column": args.label_col,
+        "evaluate.group_column": args.group_col,
+        "evaluate.gene_column": args.gene_col,
+        "tune.n_trials": args.trials,
+    }
+    values = {key: value for key, value in flags.items() if value is not None}
     if args.label_col is not None:
-        set_path(config, ["evaluate", "label_column"], args.label_col)
-        set_path(config, ["evaluate", "label_mapping"], None)
-        set_path(config, ["reports", "value_counts_column"], args.label_col)
-    if args.group_col is not None:
-        set_path(config, ["evaluate", "group_column"], args.group_col)
-    if args.gene_col is not None:
-        set_path(config, ["evaluate", "gene_column"], args.gene_col)
-    if args.trials is not None:
-        set_path(config, ["tune", "n_trials"], args.trials)
+        values.update({"evaluate.label_mapping": None, "reports.value_counts_column": args.label_col})
+    config = load_config(config_path, args.set, values)
     config["data"]["out_dir"] = str(Path(config["data"]["out_dir"]).resolve())
     return config
 
@@ -206,7 +202,14 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
 
     outputs = step_outputs(run)
     cached = cached_steps(run)
+    from neurofm.runs import run_notes
+
     lines = ["", f"neurofm {pipeline}: run {run.name} {run.status}"]
+    if pipeline != "prepare":
+        inputs = {"default_data": config["data"]["path"] is None}
+        lines.extend(
+            f"  note: {note}" for note in run_notes(config, inputs, pipeline in ("pretrain", "full"))
+        )
     if cached:
         lines.append(f"  served from cache: {', '.join(cached)}")
     prepared = outputs.get("save_prepared", {}).get("prepared_h5ad")
@@ -228,7 +231,7 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
             f"{pretrain['best_val_masked_accuracy']:.3f} vs {pretrain['baseline_masked_accuracy']:.3f}"
         )
         lines.append(
-            f"  model: {pretrain['model_uri'] or pretrain['best_dir']} (MLflow run {pretrain['mlflow_run_id']})"
+            f"  model: {pretrain['model_uri'] or pretrain['model_dir']} (MLflow run {pretrain['mlflow_run_id']})"
         )
         if "pretrain_model" in cached:
             lines.append(

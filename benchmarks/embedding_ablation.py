@@ -227,7 +227,7 @@ def model_embedding(adata, variant: str, seed: int, epochs: int, random_weights:
             train_config=config,
             out_dir=tmp,
         )
-        model, tokenizer = load_pretrained(result.best_dir)
+        model, tokenizer = load_pretrained(result.model_dir)
         if random_weights:
             model = random_encoder_like(model.config, seed=seed)
         torch.set_num_threads(1)

@@ -5,7 +5,7 @@ The user API, scanpy style (loaded lazily, so ``import neurofm`` stays fast)::
     import scanpy as sc, neurofm
     adata = sc.read_h5ad("my_cells.h5ad")                                # raw counts
     neurofm.embed(adata, model="models:/neurofm-encoder@champion")      # obsm['X_neurofm'], uns['neurofm']
-    model, tokenizer = neurofm.load_pretrained("outputs/pretrain/best")
+    model, tokenizer = neurofm.load_pretrained("outputs/pretrain/model")  # the run's model
 
 - :func:`embed` (:mod:`neurofm.embedding`) — cell embeddings into ``obsm['X_neurofm']``
 - :func:`load_pretrained` (:mod:`neurofm.model`) — a model directory → ``(model, tokenizer)``
@@ -27,7 +27,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from neurofm.cpu import set_thread_policy
 from neurofm.errors import NeurofmError
+
+set_thread_policy()  # before torch is imported: waiting OpenMP threads sleep instead of spinning
 
 __version__ = "0.1.0"
 

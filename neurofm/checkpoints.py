@@ -20,15 +20,16 @@ import torch
 
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, write_json, write_text
-from neurofm.model import GeneEncoder, ModelConfig
+from neurofm.model import RUN_MODEL_DIRS, GeneEncoder, ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer
 
 log = logging.getLogger(__name__)
 
+# the pre-training checkpoints: the lowest validation loss so far, and the latest validation
 BEST_DIR, LAST_DIR = "best", "last"
-# the model a run with a count head releases: the best checkpoint with its count head fit afterwards
-# (neurofm.count_head); best/ stays the pre-training checkpoint the fit starts from
-FINAL_DIR = "final"
+# the model the run produces — registered, evaluated, promoted: the best checkpoint with its count head fit
+# afterwards (neurofm.count_head), or the best checkpoint itself when there is no such phase
+MODEL_DIR = RUN_MODEL_DIRS[0]  # "model" ("final" in older runs; load_pretrained finds both)
 RESUME_FILE = "resume_state.pt"
 METRICS_FILE, CURVES_FILE, DEMO_FILE = "metrics.csv", "curves.png", "demo.txt"
 

@@ -226,7 +226,9 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
         if section == "train" and full["data"]["path"] is None:  # the built-in data's own budget
             demo = full["default_data"]["train"] or {}
             if not isinstance(demo, Mapping):
-                raise NeurofmError("default_data.train must be a mapping of train settings, e.g. {epochs: 10}")
+                raise NeurofmError(
+                    "default_data.train must be a mapping of train settings, e.g. {epochs: 10}"
+                )
             budget_keys = {"epochs", "max_steps"}
             values = {**demo, **values} if not budget_keys & set(values) else dict(values)
         instance = dataclass_from_dict(_dataclass_for(section), values, section)

@@ -57,6 +57,19 @@ def head_epochs(n_train_cells: int, setting: int | None) -> int:
     return int(min(round(cells / max(1, n_train_cells) * cap), cap))
 
 
+def phase_steps(steps_per_epoch: list[int], max_steps: int | None) -> list[int]:
+    """The phase's steps per epoch, cut so that they add up to at most ``max_steps`` (None: uncut)."""
+    if max_steps is None:
+        return list(steps_per_epoch)
+    kept, left = [], max_steps
+    for steps in steps_per_epoch:
+        if left <= 0:
+            break
+        kept.append(min(steps, left))
+        left -= kept[-1]
+    return kept
+
+
 def phase_kl_weight(step: int, total_steps: int, config) -> float:
     """The KL weight of the phase's ``step`` (from 0) of ``total_steps``: it reaches ``config.kl_weight``
     after the share ``config.count_head_kl_warmup`` of the steps, rising linearly (0: at once)."""
@@ -107,8 +120,15 @@ def fit_count_head(
         stream, num_workers=config.num_workers, pin_memory=config.pin_memory and device.type == "cuda"
     )
     epochs = head_epochs(stream.n_train_cells, config.count_head_epochs)
-    steps_per_epoch = [stream.common_batches(epoch) for epoch in range(epochs)]
+    steps_per_epoch = phase_steps([stream.common_batches(epoch) for epoch in range(epochs)], config.max_steps)
     total = sum(steps_per_epoch)
+    log.info(
+        "count head phase: at most %d epochs, %d steps of %d cells%s%s (train.count_head_epochs)",
+        len(steps_per_epoch), total, config.count_head_batch_size,
+        f", capped by train.max_steps={config.max_steps}" if config.max_steps is not None else "",
+        f"; stops after {config.count_head_patience} epochs without a better validation loss"
+        if validate is not None and config.count_head_patience > 0 else "",
+    )  # fmt: skip
     summary = {"epochs": epochs, "steps": total, "batch_size": config.count_head_batch_size}
     if total == 0:
         return {**summary, "epochs_run": 0, "best_epoch": 0, "seconds": 0.0}
@@ -163,6 +183,12 @@ def fit_count_head(
             finally:
                 batches.close()
             epochs_run = epoch + 1
+            if epochs_run == 1 and len(steps_per_epoch) > 1:
+                pace = (time.perf_counter() - started) / max(1, step)
+                log.info(
+                    "count head phase: %.0f ms a step, at most %.0f s for the remaining %d steps",
+                    1000 * pace, pace * (total - step), total - step,
+                )  # fmt: skip
             if early:
                 loss_now = float(validate())
                 model.train()

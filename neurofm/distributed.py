@@ -192,6 +192,7 @@ def launch_pretrain(
     saved = json.loads(result_path.read_text())
     return TrainResult(
         metrics=read_metrics_csv(out_dir / METRICS_FILE),
+        model_dir=Path(saved["model_dir"]),
         best_dir=Path(saved["best_dir"]),
         last_dir=Path(saved["last_dir"]),
         baseline_perplexity=saved["baseline_perplexity"],
@@ -246,6 +247,7 @@ def _worker(job_path: str) -> None:
         )
         if context.is_main:
             saved = {
+                "model_dir": str(result.model_dir),
                 "best_dir": str(result.best_dir),
                 "last_dir": str(result.last_dir),
                 "baseline_perplexity": result.baseline_perplexity,

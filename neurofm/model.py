@@ -557,8 +557,25 @@ class GeneEncoder(nn.Module):
         return directory
 
 
+RUN_MODEL_DIRS = ("model", "final")  # a pre-training output directory's model (neurofm.checkpoints), old name
+
+
+def run_model_dir(directory: Path) -> Path:
+    """``directory`` itself when it holds a model, else the model of the pre-training run it is the output
+    of (``pretrain/model/``, or ``final/`` as older runs named it)."""
+    if (directory / CONFIG_FILE).is_file() or not directory.is_dir():
+        return directory
+    for name in RUN_MODEL_DIRS:
+        if (directory / name / CONFIG_FILE).is_file():
+            return directory / name
+    return directory
+
+
 def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild ``(model, tokenizer)`` from a directory written by ``save_pretrained``; model in eval mode.
+
+    ``directory`` may also be a pre-training run's output directory (e.g. ``outputs/pretrain``): its
+    model, ``model/`` (``final/`` in runs before that name), is loaded.
 
     Refuses (NeurofmError) a missing/incomplete directory, unreadable or corrupt weights, a pickle file
     in place of the weights, and weights whose names/shapes do not match ``config.json``.
@@ -568,7 +585,7 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
 
     from neurofm.tokenizer import ExpressionTokenizer
 
-    directory = Path(directory)
+    directory = run_model_dir(Path(directory))
     if not directory.is_dir():
         raise NeurofmError(
             f"model directory {directory} does not exist; pass a directory from save_pretrained"

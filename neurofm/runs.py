@@ -157,13 +157,14 @@ def check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
 
 def check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     """Before ZenML starts: an ``evaluate.model`` directory is a complete, readable checkpoint whose genes
-    are all in the input .h5ad (registry and MLflow URIs are fetched, and checked, by the pipeline)."""
+    are found in the input .h5ad by the rules ``neurofm embed`` uses (:mod:`neurofm.genes`: IDs or
+    symbols, version suffixes, ``--gene-col``, ``--min-gene-overlap``); the match is logged. Registry and
+    MLflow URIs are fetched, and matched, by the pipeline."""
     import anndata as ad
-    import h5py
-    import pandas as pd
 
     from neurofm import tracking
     from neurofm.data.dedupe import unique_names
+    from neurofm.genes import match_adata
     from neurofm.model import load_pretrained
 
     spec = config["evaluate"]["model"]
@@ -175,23 +176,48 @@ def check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     )
     _, tokenizer = load_pretrained(model_dir)
     path = Path(inputs["path"])
-    with h5py.File(path, "r") as handle:
-        var = handle.get("var")
-        try:
-            genes = pd.Index(ad.io.read_elem(var[var.attrs.get("_index", "_index")]).astype(str))
-        except (OSError, KeyError, TypeError, ValueError, AttributeError):  # the step will say why
-            return
+    try:
+        backed = ad.read_h5ad(path, backed="r")  # obs and var only; the counts stay on disk
+    except (OSError, KeyError, TypeError, ValueError):  # unreadable here: the prepare steps say why
+        return
+    try:
+        var = backed.var.copy()
+    finally:
+        backed.file.close()
     dedupe = config["dedupe"]
     if dedupe["genes"] == "make_unique" and dedupe["gene_column"] is None:  # as the dedupe step renames
-        genes = unique_names(genes)
-    present = set(genes)
-    missing = [gene for gene in tokenizer.gene_ids if gene not in present]
-    if missing:
-        raise NeurofmError(
-            f"the model in {model_dir} was trained on other genes: {len(missing)} of its {tokenizer.n_genes} "
-            f"genes are not in {path.name} (e.g. {', '.join(missing[:3])}); evaluate it on data with the "
-            "genes it was trained on (same var_names), or pass the model trained on this data with --model"
+        var.index = unique_names(var.index.astype(str))
+    evaluate = config["evaluate"]
+    match = match_adata(
+        ad.AnnData(var=var),
+        tokenizer.gene_ids,
+        tokenizer.gene_symbols,
+        gene_col=evaluate["gene_column"],
+        min_overlap=evaluate["min_gene_overlap"],
+    )
+    log.info("genes of %s for the model in %s: %s", path.name, model_dir, match.describe())
+
+
+def run_notes(config: dict[str, Any], inputs: dict[str, Any], pretrained: bool = True) -> list[str]:
+    """How this run differs from the pipeline's defaults on a user's data, in the words the report and
+    the closing summary print: the built-in demo's shorter pre-training, a capped scVI baseline."""
+    from neurofm.train import TrainConfig
+
+    notes = []
+    train = config["train"]
+    if inputs["default_data"] and pretrained:
+        budget = f"{train['max_steps']} steps" if train["max_steps"] else f"{train['epochs']} epochs"
+        notes.append(
+            f"built-in demo data: pre-trained for {budget} (default_data.train); on your own data the "
+            f"pipeline pre-trains train.epochs = {TrainConfig().epochs} epochs"
         )
+    capped = config["evaluate"]["scvi_max_epochs"]
+    if capped is not None and "scvi" in config["evaluate"]["baselines"]:
+        notes.append(
+            f"the scVI baseline is capped at {capped} epochs (evaluate.scvi_max_epochs; scvi-tools' own "
+            "rule trains longer): a weaker baseline, shown as scvi_capped"
+        )
+    return notes
 
 
 def default_atlas(defaults: dict[str, Any]):

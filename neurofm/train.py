@@ -6,9 +6,12 @@ temporary one first, so small data and an atlas take the same path), streams the
 ``neurofm.stream`` (``CellStream``/``StreamLoader``: blocks, shuffle buffers, bins made on the fly) and
 writes, under ``out_dir``:
 
-- ``best/`` and ``last/`` — model directories (``model.safetensors`` + ``config.json`` + tokenizer), the
-  best by validation objective (``val_total_loss`` = masked-token loss + ``cell_loss_weight`` × cell
-  loss) and the newest validation;
+- ``model/`` — the model the run produces (registered, evaluated, loaded by
+  ``load_pretrained("…/pretrain")``): the best pre-training checkpoint with its count head fit afterwards
+  (``neurofm.count_head``; the checkpoint itself when there is no such phase);
+- ``best/`` and ``last/`` — the pre-training checkpoints (model directories: ``model.safetensors`` +
+  ``config.json`` + tokenizer), the best by validation objective (``val_total_loss`` = masked-token loss
+  + ``cell_loss_weight`` × cell loss) and the newest validation, from which a run resumes;
 - ``resume_state.pt`` — weights, optimizer, step, the loader's position (epoch, batches consumed) and
   metrics so far (tensors and plain containers only, read back with ``torch.load(weights_only=True)``);
   gene samples, masks and dropout are seeded per (seed, step, rank), so no RNG state is needed;
@@ -51,7 +54,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -64,9 +66,9 @@ from tqdm.auto import tqdm
 from neurofm import runtime
 from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re-exported)
     BEST_DIR,
-    FINAL_DIR,
     LAST_DIR,
     METRIC_COLUMNS,
+    MODEL_DIR,
     RESUME_FILE,
     load_resume_state,
     read_metrics_csv,
@@ -74,6 +76,7 @@ from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re
     write_final_outputs,
 )
 from neurofm.count_head import HEAD_FILE, fit_count_head, head_epochs, load_head, save_head
+from neurofm.cpu import SMALL_OPS_THREADS, torch_threads
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir
@@ -110,7 +113,8 @@ class TrainConfig:
     """How to train; every field is a plain value so it can live in YAML and be logged."""
 
     epochs: int = 30  # passes over the training cells (when max_steps is None)
-    max_steps: int | None = None  # optimisation steps to run (None: epochs × steps per epoch)
+    max_steps: int | None = None  # optimisation steps to run (None: epochs × steps per epoch); it also caps
+    #                               the count head's phase at as many of its (far cheaper) steps
     val_every_steps: int | None = None  # validate + checkpoint + resume state every this many steps
     #                                     (None: at each epoch end); always at the last step too
     batch_size: int = 32  # cells per optimisation step
@@ -243,9 +247,10 @@ class TrainResult:
     """What ``pretrain`` produced: per-epoch metrics and where the artifacts are."""
 
     metrics: list[dict]  # one dict per validation (see METRIC_COLUMNS)
-    best_dir: Path  # the model to use: the checkpoint with the lowest validation objective (val_total_loss)
-    #                 — with a count head phase, that checkpoint with its head fit (final/, see count_head)
-    last_dir: Path  # model directory of the final validation
+    model_dir: Path  # the model the run produces (model/): the pre-training checkpoint with the lowest
+    #                  validation objective (val_total_loss) with its count head fit afterwards (count_head)
+    best_dir: Path  # that pre-training checkpoint (best/), before the count head's phase
+    last_dir: Path  # the pre-training checkpoint of the last validation (last/)
     baseline_perplexity: float  # per-gene frequency table on the fixed validation masks
     baseline_masked_accuracy: float
     artifacts: dict[str, Path] = field(
@@ -534,7 +539,7 @@ def pretrain(
         device = resolve_device(train_config.device)
         if context.enabled and device.type == "cuda":
             device = torch.device("cuda", context.local_rank)
-        with _torch_threads(train_config.num_threads):
+        with torch_threads(train_config.num_threads):
             return _pretrain(
                 store,
                 tokenizer,
@@ -550,20 +555,6 @@ def pretrain(
             )
     finally:
         cleanup()
-
-
-@contextmanager
-def _torch_threads(n_threads: int | None):
-    """``torch.set_num_threads(n_threads)`` for the block only (the setting is process-global)."""
-    if n_threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -802,6 +793,8 @@ def _pretrain(
         count_head = _count_head_phase(
             model, store, tokenizer, stream, train_config, device, context, out_dir, state
         )
+    elif context.is_main:  # no phase: the run's model is the best checkpoint itself
+        load_pretrained(out_dir / BEST_DIR)[0].save_pretrained(out_dir / MODEL_DIR, tokenizer)
 
     demo, artifacts = "", {}
     if context.is_main:
@@ -812,7 +805,8 @@ def _pretrain(
         torch.distributed.barrier()  # the other ranks return once rank 0's outputs are complete
     return TrainResult(
         metrics=metrics_rows,
-        best_dir=out_dir / (BEST_DIR if count_head is None else FINAL_DIR),
+        model_dir=out_dir / MODEL_DIR,
+        best_dir=out_dir / BEST_DIR,
         last_dir=out_dir / LAST_DIR,
         baseline_perplexity=baseline_ppl,
         baseline_masked_accuracy=baseline_acc,
@@ -835,7 +829,7 @@ def _count_head_phase(
     state: dict,
 ) -> dict:
     """The count head's own phase (:mod:`neurofm.count_head`) on the best checkpoint; the result is
-    written to ``final/`` (``best/`` is left as it was, so a run continued later starts from it again).
+    written to ``model/`` (``best/`` is left as it was, so a run continued later starts from it again).
     Returns the phase's summary (+ the validation count loss before and after). A head saved by an
     earlier, killed call after the same pre-training is loaded instead of refit."""
     if context.enabled:
@@ -850,14 +844,16 @@ def _count_head_phase(
         "lr": config.count_head_lr,
         "patience": config.count_head_patience,
         "kl_warmup": config.count_head_kl_warmup,
+        "max_steps": config.max_steps,
     }
     summary = load_head(out_dir / HEAD_FILE, model, expect)
     if summary is None:
         before = validation_count_loss(model, stream, device, config)
-        summary = fit_count_head(
-            model, store, tokenizer, stream.config, config, device, context, _step_seed,
-            validate=lambda: validation_count_loss(model, stream, device, config),
-        )  # fmt: skip
+        with torch_threads(SMALL_OPS_THREADS if device.type == "cpu" else None):
+            summary = fit_count_head(
+                model, store, tokenizer, stream.config, config, device, context, _step_seed,
+                validate=lambda: validation_count_loss(model, stream, device, config),
+            )  # fmt: skip
         after = validation_count_loss(model, stream, device, config)
         summary = {**expect, **summary, "val_count_loss_before": before, "val_count_loss_after": after}
         if context.is_main:
@@ -870,7 +866,7 @@ def _count_head_phase(
         summary["seconds"], before, after,
     )  # fmt: skip
     if context.is_main:
-        model.save_pretrained(out_dir / FINAL_DIR, tokenizer)
+        model.save_pretrained(out_dir / MODEL_DIR, tokenizer)
     return summary
 
 

@@ -36,7 +36,7 @@ Objectives (``tune.objective``):
   the validation cells are embedded with the trial's best checkpoint and scored on
   ``evaluate.label_column`` (mapped by ``evaluate.label_mapping``) by the evaluation's fair protocol:
   the probe's cross-validated ROC-AUC, the 5-shot macro-F1, or the cluster-optimised Leiden ARI (see
-  :func:`score_embedding_objective`). ``evaluate_fn(best_dir, adata, config)`` replaces this scoring.
+  :func:`score_embedding_objective`). ``evaluate_fn(model_dir, adata, config)`` replaces this scoring.
 
 Pruning compares the per-epoch ``val_loss`` for ``val_loss`` and the per-epoch perplexity ratio
 otherwise (negated for the embedding objectives, so that higher is better like the objective).
@@ -482,14 +482,14 @@ class _Study:
         elif self.objective == "perplexity_ratio":
             value = summary["perplexity_ratio"]
         elif self.evaluate_fn is not None:
-            value = float(self.evaluate_fn(result.best_dir, self.adata, config))
+            value = float(self.evaluate_fn(result.model_dir, self.adata, config))
             summary[self.objective] = value
         else:
-            value = score_embedding_objective(self.objective, result.best_dir, self.adata, config)
+            value = score_embedding_objective(self.objective, result.model_dir, self.adata, config)
             summary[self.objective] = value
         for key, number in summary.items():
             trial.set_user_attr(key, number)
-        trial.set_user_attr("best_dir", str(result.best_dir))
+        trial.set_user_attr("model_dir", str(result.model_dir))
         tracking.log_metrics({**summary, "objective": value})
         return value
 

@@ -12,8 +12,13 @@ from pipelines.settings import step_settings
 from steps.evaluate import embed_cells, probe_cells, resolve_model, track_evaluation, visualize_cells
 
 
-def evaluation_steps(cells, model_dir, model_info, config: dict[str, Any], inputs: dict[str, Any]):
-    """embed → t-SNE views → probe/cluster/label-efficiency/report → MLflow + champion alias."""
+def evaluation_steps(
+    cells, model_dir, model_info, config: dict[str, Any], inputs: dict[str, Any], pretrained: bool
+):
+    """embed → t-SNE views → probe/cluster/label-efficiency/report → MLflow + champion alias.
+    ``pretrained``: the model was pre-trained by this pipeline run (its notes say how)."""
+    from neurofm.runs import run_notes
+
     out_dir = config["data"]["out_dir"]
     settings = step_settings(config).get("embed_cells", {})
     embedded = embed_cells.with_options(settings=settings)(
@@ -21,7 +26,13 @@ def evaluation_steps(cells, model_dir, model_info, config: dict[str, Any], input
     )
     views = visualize_cells(embedded, evaluate=config["evaluate"], out_dir=out_dir)
     evaluation = probe_cells(
-        embedded, views, model_info, evaluate=config["evaluate"], out_dir=out_dir, data_name=inputs["name"]
+        embedded,
+        views,
+        model_info,
+        evaluate=config["evaluate"],
+        out_dir=out_dir,
+        data_name=inputs["name"],
+        notes=run_notes(config, inputs, pretrained),
     )
     return track_evaluation(
         evaluation,
@@ -39,11 +50,11 @@ def evaluate(config: dict[str, Any], inputs: dict[str, Any], resume: bool = Fals
     model_dir, model_info = resolve_model(
         model=config["evaluate"]["model"], tracking_config=config["tracking"]
     )
-    evaluation_steps(cells, model_dir, model_info, config, inputs)
+    evaluation_steps(cells, model_dir, model_info, config, inputs, pretrained=False)
 
 
 @pipeline(enable_cache=True)
 def full(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False) -> None:
     """Pretrain then evaluate the fresh model; cached steps are reused, so re-evaluating never retrains."""
     cells, model_dir, summary = pretrain_steps(config, inputs, resume)
-    evaluation_steps(cells, model_dir, summary, config, inputs)
+    evaluation_steps(cells, model_dir, summary, config, inputs, pretrained=True)

@@ -132,7 +132,9 @@ def embed_cells(
     return adata
 
 
-def _report_model_table(model_info: dict, data_name: str, adata: ad.AnnData) -> dict[str, Any]:
+def _report_model_table(
+    model_info: dict, data_name: str, adata: ad.AnnData, notes: list[str]
+) -> dict[str, Any]:
     """The report's "Model" table: which model, and how its pre-training compared with its baseline."""
     embedding = adata.uns[keys.EMBEDDING_PARAMS]
     table: dict[str, Any] = {
@@ -155,11 +157,24 @@ def _report_model_table(model_info: dict, data_name: str, adata: ad.AnnData) -> 
         table["pre-training masked accuracy"] = (
             f"{model_info['best_val_masked_accuracy']:.3f} vs {model_info['baseline_masked_accuracy']:.3f}"
         )
+    if "steps" in model_info:  # a pre-training of this pipeline run
+        table["pre-training"] = f"{model_info['epochs']} epochs, {model_info['steps']} steps"
+    for number, note in enumerate(notes, start=1):
+        table[f"note {number}"] = note
     return {key: value for key, value in table.items() if value is not None}
 
 
-def _embeddings(adata: ad.AnnData) -> dict[str, np.ndarray]:
-    return {method: np.asarray(adata.obsm[key]) for method, key in METHOD_KEYS.items() if key in adata.obsm}
+def method_name(method: str, evaluate: dict[str, Any]) -> str:
+    """A method's name in metrics and reports: a capped scVI is ``scvi_capped``, never plain ``scvi``."""
+    return "scvi_capped" if method == "scvi" and evaluate["scvi_max_epochs"] is not None else method
+
+
+def _embeddings(adata: ad.AnnData, evaluate: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
+        method_name(method, evaluate): np.asarray(adata.obsm[key])
+        for method, key in METHOD_KEYS.items()
+        if key in adata.obsm
+    }
 
 
 @step(cache_policy=depends_on("evaluate", "plots"))
@@ -178,7 +193,7 @@ def visualize_cells(
     cells = compare.subsample_cells(len(labels), evaluate["max_cells_visualize"], seed=0)
     rows = slice(None) if cells is None else cells
     images = []
-    for method, embedding in _embeddings(adata).items():
+    for method, embedding in _embeddings(adata, evaluate).items():
         figure = visualize(
             embedding[rows], labels[rows], out / method, seed=0, name=method, methods=("tsne",)
         )
@@ -198,6 +213,7 @@ def probe_cells(
     evaluate: dict[str, Any],
     out_dir: str,
     data_name: str,
+    notes: list[str] | None = None,
 ) -> Annotated[dict, "evaluation"]:
     """Probe, cluster and label-efficiency for the model and both baselines on one shared split.
 
@@ -219,7 +235,7 @@ def probe_cells(
         groups = adata.obs[evaluate["group_column"]].astype(str).to_numpy()
     out = Path(out_dir) / EVALUATION_DIR
     result = compare.evaluate_embeddings(
-        _embeddings(adata),
+        _embeddings(adata, evaluate),
         labels,
         out,
         probe_config=dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe"),
@@ -235,7 +251,9 @@ def probe_cells(
         tsne = out / method / "tsne.png"
         if tsne.exists():
             method_result.paths["tsne"] = tsne
-    report = compare.write_report(result, out, extra=_report_model_table(model_info, data_name, adata))
+    report = compare.write_report(
+        result, out, extra=_report_model_table(model_info, data_name, adata, notes or [])
+    )
     return {
         "metrics": dict(result.summary),
         "strongest": result.settings["strongest_baselines"],  # per headline metric: baseline, values, margin
@@ -243,6 +261,7 @@ def probe_cells(
         "report_html": str(report.with_suffix(".html")),
         "classes": result.class_counts,
         "out_dir": str(out),
+        "notes": list(notes or []),
     }
 
 

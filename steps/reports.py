@@ -38,7 +38,8 @@ def dataset_summary(
     """Summary of the prepared data (cells, genes, columns, uns keys, value counts, sparsity)."""
     if value_counts_column is not None and value_counts_column not in adata.obs:
         logging.getLogger(__name__).warning(
-            "reports.value_counts_column %r is not in obs; the summary has no value counts", value_counts_column
+            "reports.value_counts_column %r is not in obs; the summary has no value counts",
+            value_counts_column,
         )
         value_counts_column = None
     summary = reports.summarize(adata, path=source_path, value_counts_column=value_counts_column)

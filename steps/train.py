@@ -73,9 +73,9 @@ def pretrain_model(
     resume: bool = False,
 ) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "pretrain_summary"]]:
     """Train the masked-bin encoder on the cell store ``cells`` (a reference); log the run to MLflow
-    (metrics by step, one point per validation) and register the best checkpoint.
+    (metrics by step, one point per validation) and register the run's model (``pretrain/model/``).
 
-    Returns the best model directory (weights + config + tokenizer) and a summary with the final
+    Returns the run's model directory (``pretrain/model/``: weights + config + tokenizer) and a summary with the final
     metrics, the frequency-baseline perplexity, the MLflow run id and the registered version.
     """
     model_config = dataclass_from_dict(ModelConfig, model, "model")
@@ -145,7 +145,7 @@ def pretrain_model(
         registered = None
         if tracking_config["register"]:
             registered = tracking.log_and_register_model(
-                result.best_dir,
+                result.model_dir,
                 tracking_config["registered_model_name"],
                 tags={"data": data_name, "val_perplexity": f"{final['best_val_perplexity']:.4f}"},
             )
@@ -157,8 +157,9 @@ def pretrain_model(
         "model_name": registered.name if registered else None,
         "model_version": registered.version if registered else None,
         "model_uri": registered.uri if registered else None,
-        "best_dir": str(result.best_dir),
-        "last_dir": str(result.last_dir),
+        "model_dir": str(result.model_dir),
+        "best_checkpoint": str(result.best_dir),
+        "last_checkpoint": str(result.last_dir),
         "demo": result.demo,
     }
     log.info(
@@ -168,4 +169,4 @@ def pretrain_model(
         final["perplexity_ratio"],
         summary["model_uri"],
     )
-    return Path(result.best_dir), summary
+    return Path(result.model_dir), summary

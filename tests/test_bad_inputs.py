@@ -364,7 +364,8 @@ EVALUATE: dict[str, Case] = {
         lambda tmp, given: _model_copy(tmp, given, _garble), (WEIGHTS_FILE, "not a readable safetensors")
     ),
     "model trained on other genes": Case(
-        lambda tmp, given: ["--model", str(given.other_genes_model)], ("other genes", "not in cells.h5ad")
+        lambda tmp, given: ["--model", str(given.other_genes_model)],
+        ("of the model's", "are in the data", "--gene-col"),
     ),
     "model URI not registered": Case(
         lambda tmp, given: ["--model", "models:/neurofm-never-registered@newest"],
@@ -530,7 +531,7 @@ def _tiny_model(cells: ad.AnnData, out_dir: Path) -> Path:
     train = TrainConfig(
         epochs=1, batch_size=64, warmup_steps=0, device="cpu", progress=False, count_head_epochs=2
     )
-    return pretrain(cells, model_config=model, train_config=train, out_dir=out_dir).best_dir
+    return pretrain(cells, model_config=model, train_config=train, out_dir=out_dir).model_dir
 
 
 @pytest.fixture(scope="module")

@@ -248,3 +248,24 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
         0.05
     )
     assert load_config(tmp_path / "c.yaml")["train"]["lr"] == pytest.approx(1e-3)
+
+
+def test_the_built_in_data_gets_its_own_budget_and_your_data_the_train_defaults():
+    from neurofm.train import TrainConfig
+
+    demo = load_config(None)
+    assert demo["train"]["epochs"] == demo["default_data"]["train"]["epochs"] == 10
+    assert load_config(None, values={"data.path": "cells.h5ad"})["train"]["epochs"] == TrainConfig().epochs
+    assert load_config(None, ["train.epochs=3"])["train"]["epochs"] == 3  # the user's own keys win
+    steps = load_config(None, ["train.max_steps=7"])["train"]
+    assert steps["max_steps"] == 7 and steps["epochs"] == TrainConfig().epochs  # a step budget replaces it
+
+
+def test_run_notes_name_the_demo_budget_and_a_capped_baseline():
+    from neurofm.runs import run_notes
+
+    demo = run_notes(load_config(None), {"default_data": True})
+    assert len(demo) == 1 and "10 epochs" in demo[0] and "30 epochs" in demo[0]
+    assert run_notes(load_config(None), {"default_data": True}, pretrained=False) == []
+    capped = run_notes(load_config(None, ["evaluate.scvi_max_epochs=20"]), {"default_data": False})
+    assert len(capped) == 1 and "capped at 20 epochs" in capped[0]

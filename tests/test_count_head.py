@@ -101,7 +101,7 @@ def test_training_with_the_count_head_lowers_its_loss_and_saves_a_latent_model(t
     last = rows[-1]
     expected_total = last["val_loss"] + last["val_cell_loss"] + last["val_count_loss"]  # both weights 1
     assert last["val_total_loss"] == pytest.approx(expected_total)
-    model, tokenizer = load_pretrained(result.best_dir)
+    model, tokenizer = load_pretrained(result.model_dir)
     embedding = embed_matrix(model, tokenizer, adata, progress=False, device="cpu")
     assert embedding.shape == (160, 4) and np.isfinite(embedding).all()
     # the latent separates the two synthetic cell types better than chance: centroid gap > spread
@@ -266,27 +266,29 @@ def _state(directory):
     return model.state_dict()
 
 
-def test_the_count_head_phase_fits_only_the_head_and_releases_it_in_final(tmp_path):
+def test_the_count_head_phase_fits_only_the_head_and_releases_it_as_the_run_model(tmp_path):
     from neurofm.count_head import is_head_parameter
 
     adata = synthetic_counts(n_cells=160, n_genes=40, seed=4)
     config = small_train_config(epochs=2, count_head_epochs=6, count_head_batch_size=32)
     result = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "run")
-    assert result.best_dir == tmp_path / "run" / "final"
+    assert result.model_dir == tmp_path / "run" / "model"
     summary = result.count_head
     assert summary["epochs"] == 6 and summary["steps"] == 6 * (128 // 32)
     assert summary["val_count_loss_after"] < summary["val_count_loss_before"]
-    before, after = _state(tmp_path / "run" / "best"), _state(result.best_dir)
+    before, after = _state(tmp_path / "run" / "best"), _state(result.model_dir)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(is_head_parameter(name) for name in changed)
     assert {"expression_weight", "bin_value", "count_log_theta"} <= changed
     without = pretrain(
         adata, TokenizerConfig(), EXPRESSION_MODEL, replace(config, count_head_epochs=0), tmp_path / "none"
     )
-    assert without.count_head is None and without.best_dir == tmp_path / "none" / "best"
+    assert without.count_head is None and without.model_dir == tmp_path / "none" / "model"
+    assert _state(without.model_dir).keys() == _state(without.best_dir).keys()
+    assert all(torch.equal(a, _state(without.best_dir)[k]) for k, a in _state(without.model_dir).items())
 
 
-@pytest.mark.parametrize("killed_at", ["before the head is saved", "before final/ is written"])
+@pytest.mark.parametrize("killed_at", ["before the head is saved", "before model/ is written"])
 def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path, monkeypatch, killed_at):
     import neurofm.train as train_module
 
@@ -307,19 +309,19 @@ def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path
             original = GeneEncoder.save_pretrained
 
             def save(self, directory, tokenizer):
-                if str(directory).endswith("final"):
+                if str(directory).endswith("model"):
                     raise Killed
                 return original(self, directory, tokenizer)
 
             patch.setattr(GeneEncoder, "save_pretrained", save)
         with pytest.raises(Killed):
             pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "b")
-    assert not (tmp_path / "b" / "final").exists()
-    assert (tmp_path / "b" / "count_head.pt").exists() == (killed_at == "before final/ is written")
+    assert not (tmp_path / "b" / "model").exists()
+    assert (tmp_path / "b" / "count_head.pt").exists() == (killed_at == "before model/ is written")
     resumed = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "b", resume=True)
     timeless = lambda summary: {k: v for k, v in summary.items() if k != "seconds"}  # noqa: E731
     assert timeless(resumed.count_head) == timeless(straight.count_head)
-    first, second = _state(straight.best_dir), _state(resumed.best_dir)
+    first, second = _state(straight.model_dir), _state(resumed.model_dir)
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
 
@@ -394,7 +396,7 @@ def test_early_stopping_in_a_real_run_keeps_the_epoch_of_the_lowest_validation_l
     assert len(curve) == summary["epochs_run"] < 60  # stopped early…
     assert summary["best_epoch"] == int(np.argmin(curve)) + 1
     assert summary["epochs_run"] == summary["best_epoch"] + 3  # …once the patience ran out
-    # final/ holds the best epoch's head: scored again, it gives that epoch's validation loss
+    # model/ holds the best epoch's head: scored again, it gives that epoch's validation loss
     assert summary["val_count_loss_after"] == pytest.approx(min(curve), rel=1e-5)
     assert summary["val_count_loss_after"] < summary["val_count_loss_before"]
 
@@ -483,7 +485,7 @@ def test_pretrain_picks_the_count_genes_and_the_saved_model_keeps_them(tmp_path)
     config = small_train_config(epochs=2, count_head_epochs=3, count_head_batch_size=32)
     model_config = replace(EXPRESSION_MODEL, count_genes=10)
     result = pretrain(store, TokenizerConfig(), model_config, config, tmp_path / "run")
-    model, tokenizer = load_pretrained(result.best_dir)
+    model, tokenizer = load_pretrained(result.model_dir)
     assert model.config.count_genes == 10 and model.count_gene_index.numel() == 10
     _, val_rows = split_store(store, config)
     expected = variable_genes(store, 10, exclude_rows=val_rows, seed=config.seed)
@@ -492,3 +494,21 @@ def test_pretrain_picks_the_count_genes_and_the_saved_model_keeps_them(tmp_path)
     embedding = embed_matrix(model, tokenizer, adata, progress=False, device="cpu")
     assert embedding.shape == (160, 4) and np.isfinite(embedding).all()
     assert math.isfinite(result.count_head["val_count_loss_after"])
+
+
+def test_max_steps_caps_the_phase_at_as_many_steps():
+    from neurofm.count_head import phase_steps
+
+    assert phase_steps([4, 4, 4], None) == [4, 4, 4]
+    assert phase_steps([4, 4, 4], 6) == [4, 2]  # the last epoch cut short
+    assert phase_steps([4, 4, 4], 12) == [4, 4, 4] and phase_steps([4, 4], 100) == [4, 4]
+
+
+def test_a_short_pretrain_bounds_the_count_head_phase_too(tmp_path, caplog):
+    adata = synthetic_counts(n_cells=160, n_genes=40, seed=4)
+    config = small_train_config(max_steps=3, count_head_epochs=50, count_head_batch_size=32)
+    with caplog.at_level("INFO", logger="neurofm.count_head"):
+        result = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "run")
+    assert result.count_head["steps"] <= 3  # 50 epochs of 4 steps without the cap
+    said = [r.getMessage() for r in caplog.records if "count head phase: at most" in r.getMessage()]
+    assert said and "capped by train.max_steps=3" in said[0]  # the budget is shown before the phase

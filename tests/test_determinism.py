@@ -68,7 +68,7 @@ def test_same_seed_and_config_give_identical_pretrain_metrics(two_runs):
 
 def test_same_seed_and_config_give_identical_checkpoints(two_runs):
     (first, _), (second, _) = two_runs
-    for name in ("best_dir", "last_dir"):
+    for name in ("model_dir", "best_dir", "last_dir"):
         a = load_file(str(getattr(first, name) / WEIGHTS_FILE))
         b = load_file(str(getattr(second, name) / WEIGHTS_FILE))
         assert a.keys() == b.keys()

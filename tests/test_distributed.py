@@ -87,10 +87,10 @@ def test_two_gloo_processes_learn_as_well_as_one_process(tmp_path):
     weights = sorted(p.relative_to(out).as_posix() for p in out.rglob("model.safetensors"))
     expected = [
         "pretrain/best/model.safetensors",
-        "pretrain/final/model.safetensors",
         "pretrain/last/model.safetensors",
+        "pretrain/model/model.safetensors",
     ]
-    assert weights == expected, weights  # final/: the best checkpoint with its count head fit after
+    assert weights == expected, weights  # model/: the best checkpoint with its count head fit after
     assert n_runs() == runs_before + 1
     assert n_versions() == versions_before + 1
     newest = client.search_runs(

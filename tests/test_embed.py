@@ -143,7 +143,7 @@ def test_pretrained_embedding_beats_the_random_encoder_on_a_probe(tmp_path):
         epochs=8, max_tokens_per_cell=64, device="cpu", progress=False, num_threads=2, count_head_epochs=20
     )
     result = pretrain(adata, TokenizerConfig(), model_config, train_config, tmp_path)
-    model, tokenizer = load_pretrained(result.best_dir)
+    model, tokenizer = load_pretrained(result.model_dir)
 
     def probe(encoder) -> dict:
         embedding = embed_matrix(encoder, tokenizer, adata, device="cpu", progress=False)

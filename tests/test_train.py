@@ -133,7 +133,7 @@ def test_short_run_loss_falls_and_writes_artifacts(tmp_path):
     for path in result.artifacts.values():
         assert Path(path).is_file()
     assert "true" in result.demo
-    model, tokenizer = load_pretrained(result.best_dir)
+    model, tokenizer = load_pretrained(result.model_dir)
     assert model.config.n_genes == 48 and tokenizer.config.n_bins == 8
 
 
