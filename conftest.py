@@ -18,5 +18,7 @@ os.environ["NEUROFM_HOME"] = str(_SESSION_DIR / "home")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'home' / 'mlflow.db'}"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py and neurofm set it (neurofm.cpu)
+from neurofm.cpu import set_thread_policy  # noqa: E402
+
+set_thread_policy()  # as run.py does, before torch is imported
 (_SESSION_DIR / "home").mkdir(parents=True, exist_ok=True)

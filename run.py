@@ -28,9 +28,11 @@ os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # neurofm.cpu: waiting threads sleep, never spin
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from neurofm.cpu import set_thread_policy  # noqa: E402
+
+set_thread_policy()  # before torch is imported: on a busy machine waiting threads sleep, never spin
 
 from neurofm.errors import NeurofmError  # noqa: E402
 from neurofm.runs import (  # noqa: E402

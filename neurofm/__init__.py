@@ -27,10 +27,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from neurofm.cpu import set_thread_policy
 from neurofm.errors import NeurofmError
-
-set_thread_policy()  # before torch is imported: waiting OpenMP threads sleep instead of spinning
 
 __version__ = "0.1.0"
 

@@ -54,6 +54,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,7 +77,6 @@ from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re
     write_final_outputs,
 )
 from neurofm.count_head import HEAD_FILE, fit_count_head, head_epochs, load_head, save_head
-from neurofm.cpu import SMALL_OPS_THREADS, torch_threads
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir
@@ -539,7 +539,7 @@ def pretrain(
         device = resolve_device(train_config.device)
         if context.enabled and device.type == "cuda":
             device = torch.device("cuda", context.local_rank)
-        with torch_threads(train_config.num_threads):
+        with _torch_threads(train_config.num_threads):
             return _pretrain(
                 store,
                 tokenizer,
@@ -555,6 +555,20 @@ def pretrain(
             )
     finally:
         cleanup()
+
+
+@contextmanager
+def _torch_threads(n_threads: int | None):
+    """``torch.set_num_threads(n_threads)`` for the block only (the setting is process-global)."""
+    if n_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -849,11 +863,10 @@ def _count_head_phase(
     summary = load_head(out_dir / HEAD_FILE, model, expect)
     if summary is None:
         before = validation_count_loss(model, stream, device, config)
-        with torch_threads(SMALL_OPS_THREADS if device.type == "cpu" else None):
-            summary = fit_count_head(
-                model, store, tokenizer, stream.config, config, device, context, _step_seed,
-                validate=lambda: validation_count_loss(model, stream, device, config),
-            )  # fmt: skip
+        summary = fit_count_head(
+            model, store, tokenizer, stream.config, config, device, context, _step_seed,
+            validate=lambda: validation_count_loss(model, stream, device, config),
+        )  # fmt: skip
         after = validation_count_loss(model, stream, device, config)
         summary = {**expect, **summary, "val_count_loss_before": before, "val_count_loss_after": after}
         if context.is_main:

@@ -24,7 +24,6 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 from neurofm import keys
-from neurofm.cpu import SMALL_OPS_THREADS, torch_threads
 from neurofm.errors import NeurofmError
 
 logger = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ def scvi_baseline(
     scvi.settings.verbosity = _logging.ERROR
     for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
         _logging.getLogger(name).setLevel(_logging.ERROR)
-    with warnings.catch_warnings(), torch_threads(SMALL_OPS_THREADS):  # deterministic, load-immune
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scvi.model.SCVI.setup_anndata(work)
         model = scvi.model.SCVI(work, n_latent=n_latent)
