@@ -67,9 +67,9 @@ def test_full_run_writes_checkpoints_report_and_baselines(full_run):
     )
     evaluation = out / "evaluation"
     baselines = pd.read_csv(evaluation / "baselines.csv")
-    assert list(baselines["method"]) == ["model", "pca", "scvi", "random"]
+    assert list(baselines["method"]) == ["model", "pca", "scvi_capped", "random"]
     summary = json.loads((evaluation / "summary.json").read_text())
-    for method in ("model", "pca", "scvi", "random"):
+    for method in ("model", "pca", "scvi_capped", "random"):
         assert 0.0 <= summary[f"{method}/probe_auc"] <= 1.0
         for metric in ("ari_optimised", "ari_res1_mean", "ari_res1_sd", "fewshot5_f1", "silhouette"):
             assert f"{method}/{metric}" in summary
@@ -79,7 +79,7 @@ def test_full_run_writes_checkpoints_report_and_baselines(full_run):
             summary[f"model/{metric}"] - summary[f"strongest/{metric}"]
         )
     report = (evaluation / "report.md").read_text()
-    assert "pre-training validation perplexity" in report and "| pca |" in report and "| scvi |" in report
+    assert "pre-training validation perplexity" in report and "| pca |" in report and "| scvi_capped |" in report
     assert "The model against the strongest baseline" in report
     assert (evaluation / "report.html").stat().st_size > 10_000  # figures embedded
     for name in ("embeddings.npy", "labels.npy", "cells.tsv"):
@@ -99,7 +99,7 @@ def test_full_run_logs_mlflow_runs_and_registers_a_version(full_run):
     assert len(history) == 2  # one point per epoch
     assert "baseline_perplexity" in pretrain_runs[-1].data.metrics
     logged = set(evaluate_runs[-1].data.metrics)
-    assert {"model/probe_auc", "pca/probe_auc", "scvi/probe_auc", "random/probe_auc"} <= logged
+    assert {"model/probe_auc", "pca/probe_auc", "scvi_capped/probe_auc", "random/probe_auc"} <= logged
     assert {"model/ari_optimised", "model/ari_res1_mean", "model/probe_f1", "model/fewshot5_f1"} <= logged
     versions = _versions()
     assert versions

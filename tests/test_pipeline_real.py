@@ -67,6 +67,6 @@ def test_probe_meets_the_targets_and_beats_random_weights(cortex_run):
 
 def test_report_puts_the_baselines_beside_the_model(cortex_run):
     report = (cortex_run / "evaluation" / "report.md").read_text()
-    for row in ("| model |", "| pca |", "| scvi |", "| random |"):
+    for row in ("| model |", "| pca |", "| scvi_capped |", "| random |"):
         assert row in report
     assert "pre-training validation perplexity" in report

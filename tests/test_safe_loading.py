@@ -250,6 +250,8 @@ def test_load_probe_refuses_a_file_that_is_not_a_probe_json_with_a_neurofm_error
 
 # --------------------------------------------------------------------------------------------- static scan
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "joblib", "cloudpickle", "dill", "shelve", "marshal"}
+# joblib's process pool reads no file: importing it is safe (joblib.load / dump stay refused)
+PARALLEL_ONLY = {"joblib": {"Parallel", "delayed", "parallel_config", "cpu_count"}}
 
 
 def _call_name(node: ast.Call) -> str:
@@ -280,7 +282,9 @@ def _unsafe_loading(source: str, filename: str) -> list[str]:
                 if alias.name.split(".")[0] in PICKLE_MODULES
             ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
-            problems.append(f"{filename}:{node.lineno} imports from {node.module}")
+            allowed = PARALLEL_ONLY.get(node.module or "", set())
+            if any(alias.name not in allowed for alias in node.names):
+                problems.append(f"{filename}:{node.lineno} imports from {node.module}")
         elif isinstance(node, ast.Call):
             name = _call_name(node)
             if name in ("torch.load",) or name.endswith(".torch.load"):
@@ -317,6 +321,7 @@ def test_no_module_loads_with_pickle():
         "import pickle",
         "import joblib as jl",
         "from cloudpickle import loads",
+        "from joblib import Parallel, load",
         "torch.load(path)",
         "torch.load(path, weights_only=False)",
         "np.load(path, allow_pickle=True)",
@@ -331,5 +336,6 @@ def test_the_scan_catches_each_unsafe_pattern(source: str):
 def test_the_scan_accepts_the_safe_patterns():
     safe = (
         "torch.load(p, map_location='cpu', weights_only=True)\nnp.load(p)\nnp.load(p, allow_pickle=False)\n"
+        "from joblib import Parallel, delayed\n"
     )
     assert _unsafe_loading(safe, "example.py") == []
