@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--gene-col",
         help="evaluate: var column naming the data's genes (e.g. gene_symbol); default var_names",
     )
+    parser.add_argument(
+        "--reference-labels",
+        metavar="COL[,COL…]",
+        help="pretrain: store these obs columns' labels with the model as its reference (for map)",
+    )
+    parser.add_argument("--batch-col", help="map: obs column of the query's batches (scArches' batch key)")
+    parser.add_argument(
+        "--reference-data", type=Path, help="map: the reference cells' .h5ad, for the baselines"
+    )
     parser.add_argument("--resume", action="store_true", help="pretrain: continue an interrupted run")
     parser.add_argument("--trials", type=int, help="tune: number of Optuna trials")
     parser.add_argument(

@@ -6,6 +6,8 @@
     neurofm make-synthetic OUT_DIR [--cells N] [--genes G] [--seed S]
     neurofm embed IN.h5ad --out OUT.h5ad [--model URI_OR_DIR] [--gene-col C] [--min-gene-overlap F]
     neurofm convert IN.h5ad OUT_DIR [--genes FILE] [--shard-size N] [--seed S] [--metadata CSV --clusters ID ...]
+    neurofm reference MODEL_DIR CELLS.h5ad --labels COL[,COL…] [--max-cells N] [--unknown-quantile Q]
+    neurofm map QUERY.h5ad --out OUT.h5ad [--model URI_OR_DIR] [--labels COL[,COL…]] [--gene-col C]
 
 A user error prints one line, ``neurofm: error: <problem>; <fix>``, and exits with status 2 (``--debug``
 shows the traceback instead). ``check-ids`` exits 1 when no metadata column matches the obs_names.
@@ -18,6 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from neurofm import __version__, keys
@@ -184,6 +187,88 @@ def _add_convert(commands) -> None:
 # --- end convert -------------------------------------------------------------------------------------------
 
 
+# --- reference mapping ---------------------------------------------------------------------------------
+def _columns(value: str | None) -> list[str]:
+    return [column.strip() for column in value.split(",") if column.strip()] if value else []
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from neurofm.io import read_h5ad
+    from neurofm.mapping import ReferenceConfig, add_reference
+    from neurofm.model import run_model_dir
+
+    columns = _columns(args.labels)
+    if not columns:
+        raise NeurofmError("--labels names no column; pass the obs column(s) to transfer, e.g. --labels subclass")
+    config = ReferenceConfig(
+        label_columns=tuple(columns), max_cells=args.max_cells, unknown_quantile=args.unknown_quantile
+    )
+    model_dir = run_model_dir(Path(args.model_dir))
+    cells = read_h5ad(args.cells)
+    reference = add_reference(model_dir, cells, config, source=str(args.cells))
+    for column, ref in reference.columns.items():
+        print(f"{column}: {len(ref.classes)} labels, classifier {ref.classifier_name}")
+    print(f"stored a reference of {reference.n_cells} cells in {model_dir}")
+    return 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    from neurofm.mapping import map_file
+
+    record = map_file(
+        args.file,
+        args.out,
+        model=args.model,
+        label_columns=_columns(args.labels) or None,
+        gene_col=args.gene_col,
+        min_gene_overlap=args.min_gene_overlap,
+        unobserved=args.unobserved,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    match = record["gene_match"]
+    print(
+        f"genes: {match['n_found']} of the model's {match['n_model_genes']} found among the data's "
+        f"{match['n_data_genes']} ({match['overlap']:.1%}, by {match['data_key']})"
+    )
+    for column in record["label_columns"]:
+        counts = record["counts"][column]
+        top = ", ".join(f"{label} {n}" for label, n in list(counts.items())[:6])
+        print(f"obs['neurofm_{column}']: {len(counts)} labels ({top}{' …' if len(counts) > 6 else ''}); "
+              f"unknown {record['unknown_share'][column]:.1%}")  # fmt: skip
+    print(f"wrote {args.out}: {record['n_cells']} cells mapped in {record['seconds']:.1f} s")
+    return 0
+
+
+def _add_mapping(commands) -> None:
+    reference = commands.add_parser(
+        "reference", help="store a labelled reference in a model directory (for neurofm map)"
+    )
+    reference.add_argument("model_dir", help="model directory (or a pretrain run directory)")
+    reference.add_argument("cells", metavar="CELLS.h5ad", help="labelled raw counts: the reference cells")
+    reference.add_argument("--labels", required=True, help="obs column(s) to transfer, comma-separated")
+    reference.add_argument("--max-cells", type=int, default=200_000, help="a seeded sample above this many")
+    reference.add_argument(
+        "--unknown-quantile", type=float, default=0.99,
+        help="farther from its label than this share of the label's reference cells: unknown (default 0.99)",
+    )  # fmt: skip
+    reference.set_defaults(handler=_reference)
+
+    mapper = commands.add_parser("map", help="map your cells onto a model's reference and transfer its labels")
+    mapper.add_argument("file", metavar="QUERY.h5ad", help="raw counts (layers['counts'] if present, else X)")
+    mapper.add_argument("--out", required=True, metavar="OUT.h5ad", help="new file: the input + the mapping")
+    mapper.add_argument(
+        "--model", default=None, help="model directory or MLflow URI (default models:/neurofm-encoder@champion)"
+    )
+    mapper.add_argument("--labels", help="reference label column(s) to transfer (default: all)")
+    mapper.add_argument("--gene-col", default=None, help="var column naming the genes (default var_names)")
+    mapper.add_argument("--min-gene-overlap", type=float, default=0.5, help="share of model genes required")
+    mapper.add_argument("--unobserved", choices=["exclude", "zero"], default="exclude")
+    mapper.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
+    mapper.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    mapper.set_defaults(handler=_map)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurofm", description="neurofm dataset reports and utilities.")
     parser.add_argument("--version", action="version", version=f"neurofm {__version__}")
@@ -247,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     embed.set_defaults(handler=_embed)
     _add_convert(commands)
+    _add_mapping(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ DATACLASS_SECTIONS = {
     "tokenizer": "neurofm.tokenizer:TokenizerConfig",
     "model": "neurofm.model:ModelConfig",
     "train": "neurofm.train:TrainConfig",
+    "reference": "neurofm.mapping:ReferenceConfig",
 }
 
 # Sections with free-form but known keys (the defaults; YAML may override each key).
@@ -50,6 +51,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # train settings for the built-in data only, beneath the user's own train keys: the demo pre-trains
         # 10 epochs (your data: train.epochs, 30) so the first run ends in a few minutes; its report says so
         "train": {"epochs": 10},
+        # the reference the demo's model carries for `neurofm map` (your data: reference.label_columns)
+        "reference": {"label_columns": ["subtype"]},
     },
     "subset": {
         "cluster_ids": [],  # empty → keep every cell (no metadata join)
@@ -95,6 +98,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "label_efficiency_shots": [5, 10, 25, 50, "all"],
         "label_efficiency_draws": 10,
         "promote": True,  # move the `champion` alias when the rule in evaluate.compare allows it
+    },
+    "map": {  # the map pipeline: a query mapped onto a model's reference (neurofm.mapping)
+        "model": None,  # None → newest registered version; models:/name@alias, runs:/…, a directory
+        "label_columns": None,  # reference columns to transfer; None → all the reference has
+        "query_label_column": None,  # the query's true labels (scores the transfer); None → no scores
+        "batch_column": None,  # the query's batches (donor, chip…): scArches' batch key
+        "reference_data": None,  # the reference cells' .h5ad for the baselines; None → the one recorded
+        "baselines": ["pca_ref", "logcounts", "scarches"],  # fit on the reference only, same protocol
+        "scarches_query_epochs": 200,  # scvi-tools' reference-mapping tutorial
+        "max_cells_score": 20000,  # scored/clustered on a seeded query sample above this many cells
     },
     "tracking": {
         "tracking_uri": None,  # None → $MLFLOW_TRACKING_URI or sqlite under $NEUROFM_HOME
@@ -231,9 +244,12 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
                 )
             budget_keys = {"epochs", "max_steps"}
             values = {**demo, **values} if not budget_keys & set(values) else dict(values)
+        if section == "reference" and full["data"]["path"] is None and "label_columns" not in values:
+            values = {**(full["default_data"]["reference"] or {}), **values}
         instance = dataclass_from_dict(_dataclass_for(section), values, section)
         full[section] = dataclasses.asdict(instance)
     _check_evaluate(full["evaluate"])
+    _check_map(full["map"])
     return full
 
 
@@ -265,6 +281,23 @@ def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
         raise NeurofmError(f"evaluate.scvi_max_epochs={epochs!r} must be a positive integer or null")
     if not isinstance(latent, int) or latent < 2:
         raise NeurofmError(f"evaluate.scvi_latent={latent!r} must be an integer >= 2, e.g. 10")
+
+
+MAP_BASELINES = ("pca_ref", "logcounts", "scarches")
+
+
+def _check_map(settings: Mapping[str, Any]) -> None:
+    baselines = settings["baselines"]
+    if not isinstance(baselines, list) or not set(baselines) <= set(MAP_BASELINES):
+        raise NeurofmError(
+            f"map.baselines={baselines!r} must be a list drawn from {list(MAP_BASELINES)}; e.g. [pca_ref, logcounts]"
+        )
+    columns = settings["label_columns"]
+    if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+        raise NeurofmError(f"map.label_columns={columns!r} must be a list of column names or null (all)")
+    epochs = settings["scarches_query_epochs"]
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise NeurofmError(f"map.scarches_query_epochs={epochs!r} must be a positive integer, e.g. 200")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -104,17 +104,20 @@ def embed_matrix(
     if source is not None and unobserved == "exclude" and not match.observed.all():
         observed = torch.from_numpy(match.observed).to(torch_device)
     embeddings = np.empty((adata.n_obs, model.embedding_dim), dtype=np.float32)
-    bar = tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not progress)
+    bar = None  # started after the first block is read, so bad counts fail before any progress output
     table = feature_table(model)
     for block_start in range(0, adata.n_obs, _TOKENIZE_BLOCK):
         block = adata[block_start : block_start + _TOKENIZE_BLOCK]
         bins = tokenizer.transform(block, missing_genes=missing_genes, source=source)
+        if bar is None:
+            bar = tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not progress)
         bins = torch.from_numpy(bins).to(torch_device)
         for start in range(0, bins.shape[0], batch_size):
             pooled = embed_bins(model, bins[start : start + batch_size], pooling, table, observed)
             embeddings[block_start + start : block_start + start + len(pooled)] = pooled.cpu().numpy()
             bar.update(len(pooled))
-    bar.close()
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return embeddings
 

@@ -41,3 +41,7 @@ PCA_BASELINE = "X_pca_baseline"  # obsm: PCA of log-normalised counts (baseline)
 SCVI_BASELINE = "X_scvi_baseline"  # obsm: scVI latent means, trained on the evaluation cells (baseline)
 RANDOM_BASELINE = "X_random_encoder"  # obsm: embeddings from the untrained encoder (baseline)
 EVALUATED_EMBEDDING = "X_embedding"  # obsm of the scratch AnnData neurofm.evaluate builds its kNN graph on
+
+# obs / uns (reference mapping)
+MAPPED_LABEL_PREFIX = "neurofm_"  # obs: neurofm_<column> (label or "unknown"), neurofm_<column>_score
+MAP_PARAMS = "neurofm_map"  # uns: model, gene match, reference, threshold, counts per predicted label

@@ -559,15 +559,21 @@ def pretrain(
 
 @contextmanager
 def _torch_threads(n_threads: int | None):
-    """``torch.set_num_threads(n_threads)`` for the block only (the setting is process-global)."""
-    if n_threads is None:
-        yield
-        return
+    """For the block only (both settings are process-global): ``torch.set_num_threads(n_threads)`` (None:
+    torch's default) and torch's deterministic algorithms. The latter matter on a CPU too: the backward
+    of indexing a small table (``bin_value[bins]``) accumulates with atomic adds whose order follows the
+    threads' timing, so two runs beside other processes gave different count heads; the deterministic
+    kernel sorts instead (and is faster here). Ops without one only warn."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(before)
 
 

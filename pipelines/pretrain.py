@@ -74,6 +74,7 @@ def pretrain_steps(
         out_dir=config["data"]["out_dir"],
         data_name=inputs["name"],
         resume=resume,
+        reference=config["reference"],
     )
     return cells, model_dir, summary
 

@@ -12,6 +12,7 @@ it from the cache no new run is logged; its output then names the run and versio
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from neurofm import tracking
 from neurofm.config import dataclass_from_dict
 from neurofm.data.store import open_reference
 from neurofm.distributed import launch_pretrain
+from neurofm.mapping import ReferenceConfig, add_reference
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 from neurofm.train import TrainConfig, fit_training_tokenizer
@@ -60,6 +62,8 @@ def tokenize(
         "data.store",
         "tracking",
         "plots",
+        "mapping",
+        "embedding",
     )
 )
 def pretrain_model(
@@ -71,15 +75,21 @@ def pretrain_model(
     out_dir: str,
     data_name: str,
     resume: bool = False,
+    reference: dict[str, Any] | None = None,
 ) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "pretrain_summary"]]:
     """Train the masked-bin encoder on the cell store ``cells`` (a reference); log the run to MLflow
     (metrics by step, one point per validation) and register the run's model (``pretrain/model/``).
+
+    With ``reference.label_columns`` the store's cells are embedded by the new model and their labels
+    stored in the model directory as its reference (``neurofm.mapping``), before it is registered.
 
     Returns the run's model directory (``pretrain/model/``: weights + config + tokenizer) and a summary with the final
     metrics, the frequency-baseline perplexity, the MLflow run id and the registered version.
     """
     model_config = dataclass_from_dict(ModelConfig, model, "model")
     train_config = dataclass_from_dict(TrainConfig, train, "train")
+    reference_config = dataclass_from_dict(ReferenceConfig, reference or {}, "reference")
+    reference_config = replace(reference_config, label_columns=tuple(reference_config.label_columns))
     tokenizer = ExpressionTokenizer.load(tokenizer_dir)
     store = open_reference(cells)
     run_dir = Path(out_dir) / "pretrain"
@@ -138,6 +148,12 @@ def pretrain_model(
             )
             for epoch, loss in enumerate(result.count_head.get("val_count_loss_by_epoch", []), start=1):
                 tracking.log_metrics({"count_head_val_count_loss": loss}, step=epoch)  # the phase's curve
+        reference_info = None
+        if reference_config.label_columns:
+            built = add_reference(result.model_dir, store, reference_config, source=data_name, progress=False)
+            reference_info = built.describe()
+            tracking.log_params({"reference": {"label_columns": list(reference_config.label_columns),
+                                               "n_cells": built.n_cells}})  # fmt: skip
         tracking.log_metrics(final)
         tracking.log_artifacts(
             [p for k, p in result.artifacts.items() if k != "resume_state"], artifact_path="training"
@@ -161,6 +177,7 @@ def pretrain_model(
         "best_checkpoint": str(result.best_dir),
         "last_checkpoint": str(result.last_dir),
         "demo": result.demo,
+        "reference": reference_info,
     }
     log.info(
         "pretrained: val perplexity %.3f vs frequency baseline %.3f (ratio %.3f); registered %s",

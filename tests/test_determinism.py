@@ -89,3 +89,31 @@ def test_a_different_seed_gives_different_metrics(two_runs, small_adata, tmp_pat
     other, other_embedding = _run(small_adata, tmp_path, seed=8)
     assert _comparable(other.metrics) != _comparable(first.metrics)
     assert not np.array_equal(other_embedding, embedding)
+
+
+def test_the_count_heads_gradients_do_not_depend_on_the_threads_timing():
+    """``bin_value[bins]``'s backward accumulates into a 21-entry table; with two threads and another
+    process on the cores its atomic adds land in a different order each time unless training runs
+    torch's deterministic kernels (``neurofm.train._torch_threads``)."""
+    import subprocess
+    import sys
+
+    from neurofm.embedding import random_encoder_like
+    from neurofm.train import _torch_threads
+
+    model = random_encoder_like(ModelConfig(n_genes=800, n_bins=20, d_model=16, n_heads=2, n_layers=1,
+                                            ffn_dim=32, max_tokens=16, latent_dim=8))  # fmt: skip
+    bins = torch.randint(0, 21, (256, 800), generator=torch.Generator().manual_seed(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with _torch_threads(2):
+            assert torch.are_deterministic_algorithms_enabled()
+            grads = []
+            for _ in range(6):
+                model.zero_grad()
+                model.expression_features(bins).pow(2).sum().backward()
+                grads.append(model.bin_value.grad.clone())
+    finally:
+        busy.kill()
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the block
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

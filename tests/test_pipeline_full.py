@@ -9,6 +9,7 @@ evaluate pipeline is tested in test_bad_inputs.py.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -46,9 +47,10 @@ def _main(argv: list[str], capsys) -> tuple[int, str, str]:
 def full_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("full") / "out"
     argv = ["--pipeline", "full", "--out", str(out), *SMALL]
+    started_ms = int(time.time() * 1000)
     code = run.main(argv)
     assert code == 0
-    return {"out": out, "argv": argv}
+    return {"out": out, "argv": argv, "window_ms": (started_ms, int(time.time() * 1000))}
 
 
 def _versions() -> list:
@@ -91,7 +93,13 @@ def test_full_run_logs_mlflow_runs_and_registers_a_version(full_run):
     tracking.configure()
     client = MlflowClient()
     experiment = client.get_experiment_by_name("neurofm")
-    runs = client.search_runs([experiment.experiment_id])
+    first, last = full_run["window_ms"]
+    # only this fixture's runs: other modules' runs share the session's tracking store
+    runs = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if first <= r.info.start_time <= last
+    ]
     pretrain_runs = [r for r in runs if r.data.tags.get("neurofm.pipeline_step") == "pretrain"]
     evaluate_runs = [r for r in runs if r.data.tags.get("neurofm.pipeline_step") == "evaluate"]
     assert pretrain_runs and evaluate_runs

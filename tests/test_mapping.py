@@ -1,0 +1,217 @@
+"""Reference mapping: a reference stored in the model directory, label transfer with ``unknown``, the
+``map_query`` / ``neurofm map`` / ``neurofm reference`` entry points, and their refusals of bad input."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from neurofm import keys
+from neurofm.cli import main
+from neurofm.embedding import random_encoder_like
+from neurofm.errors import NeurofmError
+from neurofm.evaluate.probe import ProbeConfig
+from neurofm.mapping import (
+    UNKNOWN,
+    ReferenceConfig,
+    add_reference,
+    build_reference,
+    has_reference,
+    load_reference,
+    map_query,
+    sample_reference_cells,
+    save_reference,
+    transfer_labels,
+)
+from neurofm.model import ModelConfig
+from neurofm.tokenizer import ExpressionTokenizer
+
+CENTRES = np.array([[0, 0, 0, 0], [6, 0, 0, 0], [0, 6, 0, 0], [0, 0, 6, 6]], dtype=float)
+
+
+def blobs(n_per: int, which: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    points = np.concatenate([CENTRES[i] + rng.normal(size=(n_per, 4)) for i in which])
+    labels = np.repeat([f"type{i}" for i in which], n_per)
+    return points.astype(np.float32), labels
+
+
+def reference_of(points, labels, **settings) -> object:
+    obs = pd.DataFrame({"cell_type": labels, "coarse": np.where(labels == "type0", "a", "b")})
+    config = ReferenceConfig(label_columns=("cell_type", "coarse"), **settings)
+    return build_reference(points, obs, config, ProbeConfig(C_grid=(1.0,), k_grid=(5,)))
+
+
+def test_transfer_labels_known_cells_and_calls_a_type_the_reference_lacks_unknown():
+    reference = reference_of(*blobs(200, [0, 1, 2], seed=0))
+    query, truth = blobs(100, [0, 1, 2, 3], seed=1)  # type3: never in the reference
+    frame = transfer_labels(reference, query, "cell_type")
+    novel = truth == "type3"
+    known = ~novel
+    assert (frame["label"][known] == truth[known]).mean() >= 0.97
+    assert (frame["label"][novel] == UNKNOWN).mean() >= 0.95
+    assert (frame["label"][known] == UNKNOWN).mean() <= 0.05
+    assert frame["score"].between(0, 1).all()
+    assert frame["score"][novel].max() < frame["score"][known].median()
+    never = reference_of(*blobs(200, [0, 1, 2], seed=0), unknown_quantile=1.0)
+    assert (transfer_labels(never, query, "cell_type")["label"] != UNKNOWN).all()
+
+
+@pytest.mark.parametrize("menu", [{"C_grid": (), "k_grid": (5,)}, {"C_grid": (1.0,), "k_grid": ()}])
+def test_a_saved_reference_predicts_exactly_what_it_predicted_before(tmp_path, menu):
+    points, labels = blobs(60, [0, 1, 2], seed=2)
+    obs = pd.DataFrame({"cell_type": labels})
+    reference = build_reference(points, obs, ReferenceConfig(label_columns=("cell_type",)), ProbeConfig(**menu))
+    save_reference(reference, tmp_path)
+    assert has_reference(tmp_path)
+    loaded = load_reference(tmp_path)
+    query, _ = blobs(30, [0, 1, 2, 3], seed=3)
+    pd.testing.assert_frame_equal(
+        transfer_labels(reference, query, "cell_type"), transfer_labels(loaded, query, "cell_type")
+    )
+    assert loaded.columns["cell_type"].classifier_name == reference.columns["cell_type"].classifier_name
+    assert "pickle" not in (tmp_path / "reference.json").read_text()
+
+
+def test_a_sampled_reference_keeps_every_label():
+    labels = np.array(["common"] * 990 + ["rare"] * 10)
+    rows = sample_reference_cells(pd.DataFrame({"c": labels}), ReferenceConfig(label_columns=("c",), max_cells=100))
+    assert 100 <= len(rows) <= 110 and np.all(np.diff(rows) > 0)
+    assert (labels[rows] == "rare").sum() == 10
+
+
+def test_build_reference_refuses_bad_labels_in_one_line():
+    points, labels = blobs(20, [0, 1], seed=0)
+    config = ReferenceConfig(label_columns=("missing",))
+    with pytest.raises(NeurofmError, match="no obs column"):
+        build_reference(points, pd.DataFrame({"cell_type": labels}), config)
+    with pytest.raises(NeurofmError, match="fewer than two labels"):
+        build_reference(points, pd.DataFrame({"c": ["x"] * 40}), ReferenceConfig(label_columns=("c",)))
+    with pytest.raises(NeurofmError, match="without a label"):
+        build_reference(points, pd.DataFrame({"c": [None] + list(labels[1:])}), ReferenceConfig(label_columns=("c",)))
+    with pytest.raises(NeurofmError, match="unknown_quantile"):
+        ReferenceConfig(label_columns=("c",), unknown_quantile=0.2).validate()
+
+
+# ------------------------------------------------------------------------------ through a model dir
+
+
+def typed_counts(n_cells: int, n_genes: int, seed: int, types: list[int]) -> ad.AnnData:
+    """Raw counts of cell types whose means differ on their own block of genes."""
+    rng = np.random.default_rng(seed)
+    cell_type = np.array(types)[np.arange(n_cells) % len(types)]
+    means = np.full((5, n_genes), 0.5)
+    for t in range(5):
+        means[t, t * 6 : t * 6 + 6] = 12.0
+    counts = rng.poisson(means[cell_type] * rng.lognormal(0, 0.2, (n_cells, 1))).astype(np.float32)
+    adata = ad.AnnData(X=sp.csr_matrix(counts))
+    adata.var_names = [f"ENSG{i:011d}" for i in range(n_genes)]
+    adata.var[keys.GENE_SYMBOL] = [f"Sym{i}" for i in range(n_genes)]
+    adata.obs_names = [f"c{seed}_{i}" for i in range(n_cells)]
+    adata.obs["cell_type"] = [f"type{t}" for t in cell_type]
+    adata.obs["group"] = np.where(cell_type < 2, "low", "high")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    reference = typed_counts(240, 30, seed=0, types=[0, 1, 2, 3])
+    tokenizer = ExpressionTokenizer().fit(reference)
+    config = ModelConfig(n_genes=30, n_bins=20, d_model=16, n_heads=2, n_layers=1, ffn_dim=32, max_tokens=8)
+    directory = tmp_path_factory.mktemp("mapping") / "model"
+    random_encoder_like(config, seed=3).save_pretrained(directory, tokenizer)
+    add_reference(directory, reference, ReferenceConfig(label_columns=("cell_type", "group")), progress=False)
+    return directory
+
+
+def test_map_query_writes_labels_scores_and_its_record_and_leaves_the_input_alone(model_dir):
+    query = typed_counts(100, 30, seed=1, types=[0, 1, 2, 3])
+    before = query.copy()
+    mapped = map_query(query, model=model_dir, copy=True, progress=False)
+    assert list(query.obs.columns) == list(before.obs.columns) and not query.obsm  # input untouched
+    assert mapped.obsm[keys.EMBEDDING].shape[0] == 100
+    for column in ("cell_type", "group"):
+        assert f"neurofm_{column}" in mapped.obs and f"neurofm_{column}_score" in mapped.obs
+    predicted = mapped.obs["neurofm_cell_type"].astype(str)
+    known = predicted != UNKNOWN
+    assert (predicted[known] == query.obs["cell_type"][known]).mean() >= 0.9
+    record = mapped.uns[keys.MAP_PARAMS]
+    assert record["gene_match"]["n_found"] == 30 and record["label_columns"] == ["cell_type", "group"]
+    assert sum(record["counts"]["cell_type"].values()) == 100
+    assert 0 < record["score_threshold"] < 0.5
+
+
+def test_map_query_by_symbol_on_another_gene_naming(model_dir):
+    query = typed_counts(60, 30, seed=2, types=[0, 1])
+    query.var_names = list(query.var[keys.GENE_SYMBOL].str.upper())
+    map_query(query, model=model_dir, label_columns=["group"], progress=False)
+    assert query.uns[keys.MAP_PARAMS]["gene_match"]["model_key"] == "gene_symbols"
+    assert "neurofm_cell_type" not in query.obs and "neurofm_group" in query.obs
+
+
+def test_the_map_and_reference_commands(model_dir, tmp_path, file_sha256, capsys):
+    query = typed_counts(80, 30, seed=4, types=[0, 1, 2, 3, 4])  # type4: not in the reference
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    before = file_sha256(path)
+    out = tmp_path / "query.mapped.h5ad"
+    assert main(["map", str(path), "--out", str(out), "--model", str(model_dir)]) == 0
+    assert file_sha256(path) == before
+    printed = capsys.readouterr().out
+    assert "obs['neurofm_cell_type']" in printed and "unknown" in printed
+    mapped = ad.read_h5ad(out)
+    assert mapped.n_obs == 80 and keys.EMBEDDING in mapped.obsm
+    assert set(mapped.obs["neurofm_cell_type"].astype(str)) <= {"type0", "type1", "type2", "type3", UNKNOWN}
+    novel = query.obs["cell_type"].to_numpy() == "type4"
+    assert (mapped.obs["neurofm_cell_type"].astype(str).to_numpy()[novel] == UNKNOWN).mean() >= 0.5
+    assert mapped.uns[keys.MAP_PARAMS]["input"] == str(path)
+    # a second reference for the same model, from the command
+    cells = tmp_path / "cells.h5ad"
+    typed_counts(100, 30, seed=5, types=[0, 1, 2]).write_h5ad(cells)
+    copy_dir = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(model_dir, copy_dir)
+    assert main(["reference", str(copy_dir), str(cells), "--labels", "cell_type"]) == 0
+    assert load_reference(copy_dir).label_columns == ["cell_type"]
+
+
+def bad_cases(model_dir, tmp_path):
+    bare = tmp_path / "bare"
+    config = ModelConfig(n_genes=30, n_bins=20, d_model=16, n_heads=2, n_layers=1, ffn_dim=32, max_tokens=8)
+    random_encoder_like(config).save_pretrained(bare, ExpressionTokenizer().fit(typed_counts(40, 30, 0, [0, 1])))
+    good = typed_counts(40, 30, seed=6, types=[0, 1])
+    other_genes = good.copy()
+    other_genes.var_names = [f"other{i}" for i in range(30)]
+    other_genes.var = other_genes.var.drop(columns=[keys.GENE_SYMBOL])
+    logged = good.copy()
+    logged.X = sp.csr_matrix(np.log1p(good.X.toarray()))
+    files = {}
+    for name, adata in {"good": good, "other_genes": other_genes, "logged": logged}.items():
+        files[name] = tmp_path / f"{name}.h5ad"
+        adata.write_h5ad(files[name])
+    out = str(tmp_path / "out.h5ad")
+    return {
+        "a model without a reference": (["map", str(files["good"]), "--out", out, "--model", str(bare)],
+                                        "no reference"),
+        "a label column the reference lacks": (["map", str(files["good"]), "--out", out, "--model", str(model_dir),
+                                                "--labels", "layer"], "no label column 'layer'"),
+        "too few of the model's genes": (["map", str(files["other_genes"]), "--out", out, "--model", str(model_dir)],
+                                         "of the model's"),
+        "non-count data": (["map", str(files["logged"]), "--out", out, "--model", str(model_dir)], "not integers"),
+        "a reference column the cells lack": (["reference", str(bare), str(files["good"]), "--labels", "nope"],
+                                              "no obs column"),
+    }  # fmt: skip
+
+
+def test_bad_input_to_map_and_reference_is_one_line_and_writes_nothing(model_dir, tmp_path, capsys):
+    for case, (argv, expected) in bad_cases(model_dir, tmp_path).items():
+        capsys.readouterr()
+        assert main(argv) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("neurofm: error:") and len(err.splitlines()) == 1, (case, err)
+        assert expected in err, (case, err)
+        assert not (tmp_path / "out.h5ad").exists(), case
