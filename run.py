@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
-PIPELINES = ("prepare", "pretrain", "evaluate", "full", "tune")
+PIPELINES = ("prepare", "pretrain", "evaluate", "full", "tune", "map")
 
 # Environment first: these must be set before zenml/mlflow are imported anywhere.
 os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
@@ -37,6 +37,7 @@ set_thread_policy()  # before torch is imported: on a busy machine waiting threa
 from neurofm.errors import NeurofmError  # noqa: E402
 from neurofm.runs import (  # noqa: E402
     check_labels_early,
+    check_map_early,
     check_model_early,
     resolve_inputs,
 )
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  pretrain  prepare → tokenize → pretrain (checkpoints, MLflow run, registered model)\n"
         "  evaluate  embed → probe/cluster/plots beside PCA and random-weights baselines → report\n"
         "  full      pretrain then evaluate (cached steps are reused)\n"
-        "  tune      Optuna study over pre-training hyper-parameters\n",
+        "  tune      Optuna study over pre-training hyper-parameters\n"
+        "  map       a query mapped onto a model's reference: labels transferred, unknown, scored (--label-col)\n",
     )
     parser.add_argument(
         "--pipeline", choices=PIPELINES, default="full", help="which pipeline (default: full)"
@@ -112,8 +114,15 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "evaluate.gene_column": args.gene_col,
         "tune.n_trials": args.trials,
     }
+    if args.reference_labels is not None:
+        flags["reference.label_columns"] = [c.strip() for c in args.reference_labels.split(",") if c.strip()]
+    if args.pipeline == "map":  # the query's flags
+        flags.update({"map.model": args.model, "map.query_label_column": args.label_col,
+                      "map.batch_column": args.batch_col, "map.gene_column": args.gene_col,
+                      "evaluate.model": None, "evaluate.label_column": None, "evaluate.gene_column": None,
+                      "map.reference_data": None if args.reference_data is None else str(args.reference_data)})  # fmt: skip
     values = {key: value for key, value in flags.items() if value is not None}
-    if args.label_col is not None:
+    if args.label_col is not None and args.pipeline != "map":
         values.update({"evaluate.label_mapping": None, "reports.value_counts_column": args.label_col})
     config = load_config(config_path, args.set, values)
     config["data"]["out_dir"] = str(Path(config["data"]["out_dir"]).resolve())
@@ -154,6 +163,8 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
 
         tune_from_config(config, resume=True)
         return 0
+    if args.pipeline == "map":
+        check_map_early(config)
     inputs = resolve_inputs(config)
     if args.pipeline in ("evaluate", "full"):
         check_labels_early(config, inputs)
@@ -207,6 +218,28 @@ def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def mapping_lines(mapped: dict[str, Any]) -> list[str]:
+    """What the map pipeline produced: the mapped file, labels and unknown share per column, and (when
+    scored) the transfer beside the strongest baseline."""
+    record, metrics = mapped["record"], mapped["metrics"]
+    lines = [f"  mapped: {mapped['mapped_file']} ({record['n_cells']} cells in {record['seconds']:.1f} s)"]
+    for column in record["label_columns"]:
+        lines.append(f"    obs['neurofm_{column}']: {len(record['counts'][column])} labels, "
+                     f"unknown {record['unknown_share'][column]:.1%}")  # fmt: skip
+    for metric, title in (("transfer_f1", "transfer macro-F1"), ("query_ari_optimised", "query ARI (optimised)")):
+        if f"model/{metric}" in metrics:
+            line = f"    {title:<23} model {metrics[f'model/{metric}']:.3f}"
+            if f"strongest/{metric}" in metrics:
+                best = max((m for m in metrics if m.endswith(f"/{metric}") and m.split("/")[0] not in
+                            ("model", "strongest", "margin")), key=metrics.get)  # fmt: skip
+                line += (f"   {best.split('/')[0]} {metrics[f'strongest/{metric}']:.3f}"
+                         f"   margin {metrics[f'margin/{metric}']:+.3f}")  # fmt: skip
+            lines.append(line)
+    if mapped.get("report"):
+        lines.append(f"  report: {mapped['report']}")
+    return lines
+
+
 def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
     """The closing summary printed after a run: what was produced, where, and against what baseline."""
     from pipelines import cached_steps, step_outputs
@@ -254,8 +287,11 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
         lines.extend(evaluation_lines(evaluation))
         lines.append(f"  promotion: {evaluation['promotion']}")
         lines.append(f"  report: {evaluation['report']}")
+    mapped = outputs.get("track_mapping", {}).get("map_summary")
+    if mapped:
+        lines.extend(mapping_lines(mapped))
     tracking_uri = config["tracking"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-    if pretrain or evaluation:
+    if pretrain or evaluation or mapped:
         from neurofm.tracking import default_tracking_uri
 
         lines.append(f"  MLflow UI: mlflow ui --backend-store-uri {tracking_uri or default_tracking_uri()}")

@@ -31,7 +31,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,59 +63,6 @@ def pretrain_model(reference, epochs: int, seed: int, out_dir: Path) -> Path:
     config = replace(TrainConfig(), epochs=epochs, seed=seed, progress=False, device="cpu")
     result = pretrain(reference, TokenizerConfig(), ModelConfig(), config, out_dir)
     return Path(result.model_dir)
-
-
-def pca_ref(reference, query, n_components: int = 50):
-    from sklearn.decomposition import PCA
-
-    from neurofm.evaluate.baselines import log_normalised_counts
-
-    ref_x, query_x = (np.asarray(_dense(log_normalised_counts(a)), dtype=np.float64) for a in (reference, query))
-    pca = PCA(n_components=min(n_components, ref_x.shape[1] - 1), svd_solver="randomized", random_state=0)
-    return pca.fit_transform(ref_x).astype(np.float32), pca.transform(query_x).astype(np.float32)
-
-
-def logcounts(reference, query):
-    from neurofm.evaluate.baselines import log_normalised_counts
-
-    return tuple(np.asarray(_dense(log_normalised_counts(a)), dtype=np.float32) for a in (reference, query))
-
-
-def _dense(values):
-    return values.toarray() if hasattr(values, "toarray") else values
-
-
-def scarches(reference, query, seed: int, query_epochs: int):
-    import logging
-
-    import anndata as ad
-    import scipy.sparse as sp
-    import scvi
-
-    scvi.settings.seed = seed
-    scvi.settings.verbosity = logging.ERROR
-    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False,
-             "enable_checkpointing": False, "accelerator": "cpu", "devices": 1}  # fmt: skip
-    ref = ad.AnnData(X=sp.csr_matrix(reference.X, dtype=np.float32), var=reference.var[[]])
-    ref.obs["batch"] = "reference"
-    qry = ad.AnnData(X=sp.csr_matrix(query.X, dtype=np.float32), var=query.var[[]])
-    qry.obs["batch"] = "query"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
-        arches = {"use_layer_norm": "both", "use_batch_norm": "none", "encode_covariates": True,
-                  "dropout_rate": 0.2, "n_layers": 2}  # fmt: skip  (scvi-tools' scArches tutorial)
-        model = scvi.model.SCVI(ref, n_latent=10, **arches)
-        model.train(early_stopping=True, **quiet)
-        scvi.model.SCVI.prepare_query_anndata(qry, model)
-        query_model = scvi.model.SCVI.load_query_data(qry, model)
-        query_model.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, **quiet)
-        return (
-            np.asarray(model.get_latent_representation(ref), dtype=np.float32),
-            np.asarray(query_model.get_latent_representation(qry), dtype=np.float32),
-        )
 
 
 def score(ref_x, ref_obs, query_x, query_obs, held_out: tuple[str, ...]) -> dict:
@@ -169,13 +115,15 @@ def main(argv=None) -> None:
     parser.add_argument("--scarches-query-epochs", type=int, default=200)
     parser.add_argument("--held-out", nargs="+", default=list(HELD_OUT))
     parser.add_argument("--out", default="benchmarks/results/reference_mapping.json")
+    parser.add_argument("--save-embeddings", help="directory for each method's (reference, query) embeddings (.npz)")
     args = parser.parse_args(argv)
 
     import anndata as ad
 
+    from neurofm.evaluate.transfer import baseline_embeddings
     from neurofm.mapping import ReferenceConfig, add_reference, map_labels
 
-    rows, timings = [], []
+    rows = []
     for direction in args.directions:
         ref_name, query_name = direction.split("->")
         ref_full, query_full = ad.read_h5ad(DONORS[ref_name]), ad.read_h5ad(DONORS[query_name])
@@ -190,19 +138,21 @@ def main(argv=None) -> None:
                     with tempfile.TemporaryDirectory() as tmp:
                         model_dir = pretrain_model(reference, args.epochs, seed, Path(tmp))
                         add_reference(model_dir, reference, ReferenceConfig(label_columns=LEVELS), progress=False)
-                        ref_x, frames, _ = map_labels(reference, model_dir, progress=False)
+                        ref_x, _, _ = map_labels(reference, model_dir, progress=False)
                         query_x, _, _ = map_labels(query, model_dir, progress=False)
                         whole = time.perf_counter()
-                        _, _, record = map_labels(query_full, model_dir, progress=False)
+                        map_labels(query_full, model_dir, progress=False)
                         extra["map_whole_query_s"] = round(time.perf_counter() - whole, 2)
                         extra["whole_query_cells"] = int(query_full.n_obs)
-                elif method == "pca_ref":
-                    ref_x, query_x = pca_ref(reference, query)
-                elif method == "logcounts":
-                    ref_x, query_x = logcounts(reference, query)
-                else:
-                    ref_x, query_x = scarches(reference, query, seed, args.scarches_query_epochs)
+                else:  # the map pipeline's baselines (neurofm.evaluate.transfer), fit on the reference only
+                    ref_x, query_x = baseline_embeddings(
+                        method, reference, query, scarches_query_epochs=args.scarches_query_epochs, seed=seed
+                    )
                 fit_s = time.perf_counter() - started
+                if args.save_embeddings:
+                    Path(args.save_embeddings).mkdir(parents=True, exist_ok=True)
+                    np.savez(Path(args.save_embeddings) / f"{direction.replace('->', '_to_')}_{method}_{seed}.npz",
+                             reference=ref_x, query=query_x)  # fmt: skip
                 result = score(ref_x, reference.obs, query_x, query.obs, held_out)
                 row = {"direction": direction, "method": method, "seed": seed, "fit_and_embed_s": round(fit_s, 1),
                        **extra, **result}  # fmt: skip

@@ -104,6 +104,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "label_columns": None,  # reference columns to transfer; None → all the reference has
         "query_label_column": None,  # the query's true labels (scores the transfer); None → no scores
         "batch_column": None,  # the query's batches (donor, chip…): scArches' batch key
+        "gene_column": None,  # var column naming the query's genes (e.g. gene_symbol); None → var_names
+        "min_gene_overlap": 0.5,  # share of the model's genes that must be found in the query
         "reference_data": None,  # the reference cells' .h5ad for the baselines; None → the one recorded
         "baselines": ["pca_ref", "logcounts", "scarches"],  # fit on the reference only, same protocol
         "scarches_query_epochs": 200,  # scvi-tools' reference-mapping tutorial

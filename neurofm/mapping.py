@@ -18,8 +18,9 @@ directory beside the weights, so a registered MLflow model carries it:
 
 No pickle. **The classifier** of a column is picked from the evaluation's probe menu
 (:func:`neurofm.evaluate.probe.select_probe`: logistic regression raw and z-scored over ``C``, kNN over
-``k``) by inner cross-validation on reference cells only, then fit on all of them — the very protocol
-the baselines get in the ``map`` pipeline.
+``k``) by 3-fold inner cross-validation on ≤ 3,000 reference cells (:data:`REFERENCE_PROBE`; labels with
+fewer than 3 cells take no part in the choice), then fit on all of them — the very protocol the
+baselines get in the ``map`` pipeline.
 
 **Unknown.** A query cell predicted as label ``L`` is scored by its *distance to L*: the mean Euclidean
 distance to its ``calibration_neighbors`` nearest reference cells of ``L``. The same distance of
@@ -46,6 +47,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 
+from neurofm.cpu import free_cores
 from neurofm.errors import NeurofmError
 from neurofm.evaluate.probe import ProbeConfig, probe_from_json, select_probe
 from neurofm.io import atomic_path, write_json
@@ -58,6 +60,10 @@ REFERENCE_FORMAT = "neurofm-reference"
 REFERENCE_FORMAT_VERSION = 1
 UNKNOWN = "unknown"
 N_QUANTILES = 201  # stored calibration quantiles per label (0 %, 0.5 %, …, 100 %)
+# the evaluation's classifier menu, picked by 3-fold inner CV on a seeded sample of ≤ 3,000 reference cells
+# (the evaluation's 5 folds on 5,000 took 4 minutes for 127 labels: unscaled logistic fits at C = 100 need
+# ~1,300 lbfgs iterations); the same for the model and every baseline
+REFERENCE_PROBE = ProbeConfig(select_max_cells=3000, inner_folds=3)
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,13 @@ class Reference:
     embedding: np.ndarray  # (n_cells, dims) float32
     columns: dict[str, ColumnReference]
     config: ReferenceConfig
-    meta: dict[str, Any] = field(default_factory=dict)  # source, sampling, pooling, …
+    meta: dict[str, Any] = field(default_factory=dict)  # source, store, sampling, pooling, …
+    rows: np.ndarray | None = None  # the cells' rows in their source (store or AnnData), when known
+
+    def labels(self, column: str) -> np.ndarray:
+        """The reference cells' labels of ``column`` (strings)."""
+        ref = self.columns[column]
+        return np.asarray(ref.classes, dtype=object)[ref.codes]
 
     @property
     def n_cells(self) -> int:
@@ -179,9 +191,9 @@ def _column_reference(
     labels = classes[codes]
     selectable = np.isin(codes, np.flatnonzero(np.bincount(codes) >= max(2, probe.inner_folds)))
     if len(np.unique(codes[selectable])) >= 2:  # rare labels take no part in choosing the classifier
-        name, candidate = select_probe(embedding[selectable], labels[selectable], probe)
+        name, candidate = select_probe(embedding[selectable], labels[selectable], probe, n_jobs=free_cores())
     else:
-        name, candidate = select_probe(embedding, labels, probe)
+        name, candidate = select_probe(embedding, labels, probe, n_jobs=free_cores())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier = candidate.fit(embedding.astype(np.float64), labels)  # float64, as a loaded one
@@ -228,7 +240,7 @@ def build_reference(
     :class:`NeurofmError` when a column is absent or has fewer than two labels.
     """
     config = config.validate()
-    probe = probe or ProbeConfig()
+    probe = probe or REFERENCE_PROBE
     if not config.label_columns:
         raise NeurofmError("no label columns for the reference; pass --reference-labels COL[,COL…]")
     absent = [c for c in config.label_columns if c not in obs.columns]
@@ -340,6 +352,8 @@ def save_reference(reference: Reference, model_dir: str | os.PathLike) -> Path:
 
     directory = Path(model_dir)
     tensors: dict[str, np.ndarray] = {"embedding": np.ascontiguousarray(reference.embedding, dtype=np.float32)}
+    if reference.rows is not None:
+        tensors["rows"] = np.asarray(reference.rows, dtype=np.int64)
     columns: dict[str, Any] = {}
     for column, ref in reference.columns.items():
         exported = probe_to_json(ref.classifier)
@@ -438,7 +452,8 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
             calibration=tensors[f"{column}/calibration"],
             pooled_calibration=tensors[f"{column}/pooled_calibration"],
         )
-    return Reference(embedding=embedding, columns=columns, config=config, meta=meta.get("meta", {}))
+    rows = tensors.get("rows")
+    return Reference(embedding=embedding, columns=columns, config=config, meta=meta.get("meta", {}), rows=rows)
 
 
 # --------------------------------------------------------------------------------- model directories
@@ -496,11 +511,13 @@ def add_reference(
         embedding = embed_reference_cells(model, tokenizer, subset, progress=progress)
     meta = {
         "source": source,
+        "store": str(cells.path) if isinstance(cells, CellStore) else None,
         "n_source_cells": int(len(obs)),
         "sampled": bool(len(rows) < len(obs)),
         "pooling": "auto",
     }
     reference = build_reference(embedding, obs.iloc[rows], config, probe, meta=meta)
+    reference.rows = rows
     save_reference(reference, directory)
     log.info("reference of %d cells (%s) stored in %s", reference.n_cells, ", ".join(config.label_columns), directory)
     return reference

@@ -198,6 +198,51 @@ def check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     log.info("genes of %s for the model in %s: %s", path.name, model_dir, match.describe())
 
 
+def check_map_early(config: dict[str, Any]) -> None:
+    """Before ZenML starts, for the map pipeline: a query file is given; its obs has the label and batch
+    columns named; a model directory holds a reference with the columns asked for, and its genes are found
+    in the query by :mod:`neurofm.genes`' rules. Registry URIs are checked by the pipeline."""
+    import anndata as ad
+
+    from neurofm import io, tracking
+    from neurofm.genes import match_adata
+    from neurofm.mapping import load_reference
+    from neurofm.model import load_pretrained
+
+    settings = config["map"]
+    if config["data"]["path"] is None:
+        raise NeurofmError("the map pipeline maps your cells: pass --data QUERY.h5ad (and --model, a model with a reference)")
+    path = io.check_h5ad_path(config["data"]["path"])
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        obs_columns, var = list(backed.obs.columns), backed.var.copy()
+    finally:
+        backed.file.close()
+    for flag, column in (("--label-col", settings["query_label_column"]), ("--batch-col", settings["batch_column"])):
+        if column is not None and column not in obs_columns:
+            raise NeurofmError(
+                f"{path.name} has no obs column {column!r} (columns: {obs_columns[:12]}); fix {flag}"
+            )
+    spec = settings["model"]
+    if spec is None or ":/" in str(spec):
+        return
+    tracking_config = config["tracking"]
+    model_dir = tracking.resolve_model_dir(spec, tracking_config["registered_model_name"], tracking_config["tracking_uri"])
+    reference = load_reference(model_dir)
+    for column in settings["label_columns"] or []:
+        if column not in reference.columns:
+            raise NeurofmError(
+                f"the model's reference has no label column {column!r} (it has {reference.label_columns}); "
+                "fix map.label_columns"
+            )
+    _, tokenizer = load_pretrained(model_dir)
+    match = match_adata(
+        ad.AnnData(var=var), tokenizer.gene_ids, tokenizer.gene_symbols,
+        gene_col=settings["gene_column"], min_overlap=settings["min_gene_overlap"],
+    )  # fmt: skip
+    log.info("genes of %s for the model in %s: %s", path.name, model_dir, match.describe())
+
+
 def run_notes(config: dict[str, Any], inputs: dict[str, Any], pretrained: bool = True) -> list[str]:
     """How this run differs from the pipeline's defaults on a user's data, in the words the report and
     the closing summary print: the built-in demo's shorter pre-training, a capped scVI baseline."""

@@ -189,7 +189,7 @@ def pyfunc_signature(model_dir: str | os.PathLike, n_cells: int = 3, seed: int =
         counts, columns=list(tokenizer.gene_ids), index=[f"cell_{i}" for i in range(n_cells)]
     )
     output = embed_matrix(model, tokenizer, frame_to_anndata(example), device="cpu", progress=False)
-    return example, infer_signature(example, output, params={"pooling": "mean"})
+    return example, infer_signature(example, output, params={"pooling": "mean", "labels": False})
 
 
 def _create_version(client: MlflowClient, name: str, source: str, run_id: str):

@@ -9,7 +9,7 @@ def get_pipeline(name: str) -> Any:
     """The ZenML pipeline called ``name`` (imported lazily: importing zenml is slow)."""
     import importlib
 
-    module = {"prepare": "prepare", "pretrain": "pretrain", "evaluate": "evaluate", "full": "evaluate"}[name]
+    module = {"prepare": "prepare", "pretrain": "pretrain", "evaluate": "evaluate", "full": "evaluate", "map": "map"}[name]
     return getattr(importlib.import_module(f"pipelines.{module}"), name)
 
 

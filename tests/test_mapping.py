@@ -215,3 +215,48 @@ def test_bad_input_to_map_and_reference_is_one_line_and_writes_nothing(model_dir
         assert err.startswith("neurofm: error:") and len(err.splitlines()) == 1, (case, err)
         assert expected in err, (case, err)
         assert not (tmp_path / "out.h5ad").exists(), case
+
+
+def test_the_mapping_baselines_are_fit_on_the_reference_and_project_the_query():
+    from neurofm.evaluate.baselines import (
+        log_count_features,
+        pca_reference_projection,
+        scarches_baseline,
+        shared_gene_views,
+    )
+
+    reference = typed_counts(90, 30, seed=0, types=[0, 1, 2])
+    query = typed_counts(40, 30, seed=1, types=[0, 1, 2])
+    query = query[:, ::-1].copy()  # another gene order, named by symbol
+    query.var_names = list(query.var[keys.GENE_SYMBOL].str.upper())
+    ref_view, query_view = shared_gene_views(reference, query)
+    assert list(ref_view.var[keys.GENE_SYMBOL].str.upper()) == list(query_view.var_names)
+    ref_x, query_x = pca_reference_projection(ref_view, query_view, n_components=5)
+    assert ref_x.shape == (90, 5) and query_x.shape == (40, 5)
+    again, _ = pca_reference_projection(ref_view, query_view[:10], n_components=5)  # the query never fits it
+    np.testing.assert_array_equal(again, ref_x)
+    counts_ref, counts_query = log_count_features(ref_view, query_view)
+    assert counts_ref.shape == (90, 30) and counts_query.shape == (40, 30)
+    latent_ref, latent_query = scarches_baseline(ref_view, query_view, n_latent=4, query_epochs=2, max_epochs=2)
+    assert latent_ref.shape == (90, 4) and latent_query.shape == (40, 4)
+    assert np.isfinite(latent_query).all()
+
+
+def test_the_registered_pyfunc_returns_the_transferred_labels(model_dir):
+    import mlflow
+
+    from neurofm import tracking
+
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment("pyfunc-labels")):
+        registered = tracking.log_and_register_model(model_dir, "neurofm-mapping-test")
+    pyfunc = mlflow.pyfunc.load_model(registered.uri)
+    query = typed_counts(30, 30, seed=8, types=[0, 1, 2, 3])
+    frame = pd.DataFrame(query.X.toarray(), columns=list(query.var_names), index=list(query.obs_names))
+    predicted = pyfunc.predict(frame, params={"labels": True})
+    expected = map_query(query, model=model_dir, copy=True, progress=False)
+    assert list(predicted.index) == list(query.obs_names)
+    np.testing.assert_array_equal(predicted["neurofm_cell_type"], expected.obs["neurofm_cell_type"].astype(str))
+    np.testing.assert_allclose(predicted["neurofm_group_score"], expected.obs["neurofm_group_score"], atol=1e-6)
+    embedding = predicted[[c for c in predicted if c.startswith("X_neurofm_")]].to_numpy()
+    np.testing.assert_allclose(embedding, expected.obsm[keys.EMBEDDING], atol=1e-6)
+    assert np.asarray(pyfunc.predict(frame)).shape == embedding.shape  # without the param: embeddings

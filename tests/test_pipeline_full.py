@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import anndata as ad
 import mlflow
 import pandas as pd
 import pytest
@@ -222,3 +223,61 @@ def test_registered_model_reloads_to_the_same_directory_contents(tmp_path):
         for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True)
     )
     assert registered.version == "1"
+
+
+@pytest.mark.slow
+def test_the_pretrained_model_carries_its_reference_into_the_registry(full_run):
+    from neurofm.mapping import has_reference, load_reference
+
+    model_dir = full_run["out"] / "pretrain" / "model"
+    assert has_reference(model_dir)  # the built-in demo's default_data.reference: subtype
+    reference = load_reference(model_dir)
+    assert reference.label_columns == ["subtype"] and reference.n_cells == 400
+    newest = MlflowClient().get_model_version_by_alias(MODEL_NAME, tracking.NEWEST_ALIAS)
+    registered = tracking.resolve_model_dir(f"models:/{MODEL_NAME}/{newest.version}", MODEL_NAME)
+    assert has_reference(registered)  # logged with the model, so a registered version maps too
+
+
+@pytest.mark.slow
+def test_map_pipeline_maps_scores_beside_the_baselines_and_logs_a_run(full_run, tmp_path, capsys):
+    query = full_run["out"] / "prepared.h5ad"
+    out = tmp_path / "map"
+    argv = ["--pipeline", "map", "--model", str(full_run["out"] / "pretrain" / "model"), "--data", str(query),
+            "--label-col", "subtype", "--out", str(out), "--set", "map.baselines=[pca_ref,logcounts]"]  # fmt: skip
+    code, printed, _ = _main(argv, capsys)
+    assert code == 0
+    mapped = ad.read_h5ad(out / "map" / "prepared.mapped.h5ad")
+    assert {"neurofm_subtype", "neurofm_subtype_score"} <= set(mapped.obs) and "X_neurofm" in mapped.obsm
+    transfer = pd.read_csv(out / "map" / "report" / "transfer.csv").set_index("method")
+    assert list(transfer.index) == ["model", "pca_ref", "logcounts"]
+    assert transfer.loc["model", "transfer_f1"] >= 0.9  # excitatory vs inhibitory, in distribution
+    report = (out / "map" / "report" / "report.md").read_text()
+    assert "strongest baseline" in report and "Per-class F1" in report and "coembedding_by_dataset.png" in report
+    assert "transfer macro-F1" in printed and "obs['neurofm_subtype']" in printed
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("neurofm").experiment_id],
+        filter_string="tags.`neurofm.pipeline_step` = 'map'",
+    )
+    assert runs and {"model/transfer_f1", "pca_ref/transfer_f1", "margin/transfer_f1"} <= set(runs[0].data.metrics)
+
+
+@pytest.mark.slow
+def test_map_pipeline_refuses_bad_input_in_one_line(full_run, tmp_path, capsys):
+    model = str(full_run["out"] / "pretrain" / "model")
+    query = str(full_run["out"] / "prepared.h5ad")
+    cases = {
+        "no query": (["--pipeline", "map", "--model", model], "pass --data"),
+        "a label column the query lacks": (["--pipeline", "map", "--model", model, "--data", query,
+                                             "--label-col", "nope"], "no obs column 'nope'"),
+        "a batch column the query lacks": (["--pipeline", "map", "--model", model, "--data", query,
+                                             "--batch-col", "donor"], "no obs column 'donor'"),
+        "a model without a reference": (["--pipeline", "map", "--model", str(full_run["out"] / "pretrain" / "best"),
+                                         "--data", query], "no reference"),
+    }  # fmt: skip
+    for case, (argv, expected) in cases.items():
+        out = tmp_path / case.replace(" ", "_")
+        code, _, err = _main([*argv, "--out", str(out)], capsys)
+        assert code != 0, case
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], (case, err)
+        assert not (out / "map").exists(), case

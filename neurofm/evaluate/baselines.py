@@ -147,3 +147,122 @@ def scvi_baseline(
         latent = model.get_latent_representation()
     logger.info("scVI baseline: %d latent dimensions on %d cells × %d genes", n_latent, *work.shape)
     return np.asarray(latent, dtype=np.float32)
+
+
+# ------------------------------------------------------------------ reference mapping (fit on the reference)
+
+
+def shared_gene_views(
+    reference: ad.AnnData, query: ad.AnnData, gene_col: str | None = None
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """The reference and the query restricted to the genes both measure, in one order (names matched as
+    :mod:`neurofm.genes` matches them: Ensembl versions stripped, case-insensitive; the query's names from
+    ``var[gene_col]`` when given, the reference's from var_names or, failing that, ``var['gene_symbol']``)."""
+    from neurofm.genes import data_gene_names, normalise_gene_name
+
+    query_names = [normalise_gene_name(n) for n in data_gene_names(query, gene_col)[0]]
+    best: tuple[int, list[int], list[int]] = (0, [], [])
+    candidates = [np.asarray(reference.var_names, dtype=str)]
+    if keys.GENE_SYMBOL in reference.var:
+        candidates.append(reference.var[keys.GENE_SYMBOL].astype(str).to_numpy())
+    for names in candidates:
+        position: dict[str, int] = {}
+        for column, name in enumerate(query_names):
+            position.setdefault(name, column)
+        ref_columns, query_columns, seen = [], [], set()
+        for column, name in enumerate(names):
+            key = normalise_gene_name(name)
+            if key in position and key not in seen:
+                seen.add(key)
+                ref_columns.append(column)
+                query_columns.append(position[key])
+        if len(ref_columns) > best[0]:
+            best = (len(ref_columns), ref_columns, query_columns)
+    if best[0] < 2:
+        raise NeurofmError(
+            "the reference cells and the query share fewer than 2 genes; name the query's genes with --gene-col"
+        )
+    return reference[:, best[1]], query[:, best[2]]
+
+
+def _counts(adata: ad.AnnData):
+    counts = adata.layers[keys.COUNTS_LAYER] if keys.COUNTS_LAYER in adata.layers else adata.X
+    return sp.csr_matrix(counts, dtype=np.float32)
+
+
+def pca_reference_projection(
+    reference: ad.AnnData, query: ad.AnnData, n_components: int = 50, n_top_genes: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """PCA on scanpy's recipe fit on the reference (its variable genes, its components), the query
+    projected onto them: ``(reference × k, query × k)`` float32. Same genes in both (see
+    :func:`shared_gene_views`)."""
+    ref_values = log_normalised_counts(ad.AnnData(X=_counts(reference)))
+    query_values = log_normalised_counts(ad.AnnData(X=_counts(query)))
+    genes = highly_variable(reference, ref_values, n_top_genes)
+    ref_values, query_values = (np.asarray(sp.csr_matrix(v)[:, genes].toarray(), np.float64) for v in (ref_values, query_values))
+    k = min(n_components, ref_values.shape[0] - 1, ref_values.shape[1] - 1)
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(ref_values)
+    return pca.transform(ref_values).astype(np.float32), pca.transform(query_values).astype(np.float32)
+
+
+def log_count_features(
+    reference: ad.AnnData, query: ad.AnnData, n_top_genes: int = 2000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-normalised counts (CP10k, log1p) of the shared genes as features — no embedding at all; the
+    reference's ``n_top_genes`` most variable genes when there are more."""
+    ref_values = log_normalised_counts(ad.AnnData(X=_counts(reference)))
+    query_values = log_normalised_counts(ad.AnnData(X=_counts(query)))
+    genes = highly_variable(reference, ref_values, n_top_genes)
+    return tuple(np.asarray(sp.csr_matrix(v)[:, genes].toarray(), np.float32) for v in (ref_values, query_values))
+
+
+def scarches_baseline(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    query_batches: np.ndarray | None = None,
+    n_latent: int = 10,
+    query_epochs: int = 200,
+    seed: int = 0,
+    n_top_genes: int = 2000,
+    max_epochs: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """scArches through scvi-tools: an ``SCVI`` with scArches' settings (covariates encoded, layer norm,
+    no batch norm, 2 layers, dropout 0.2) trained on the reference with early stopping and the reference
+    as one batch; the query (its own batches, ``query_batches``, or one) added by ``load_query_data`` —
+    only the new batches' weights train — for ``query_epochs`` as scvi-tools' tutorial does. Returns the
+    latent means ``(reference × n_latent, query × n_latent)``. Same genes in both. ``max_epochs`` None:
+    scvi-tools' epoch rule for the reference model (a number caps it; for tests)."""
+    import logging as _logging
+    import warnings
+
+    import scvi
+
+    ref = ad.AnnData(X=_counts(reference))
+    qry = ad.AnnData(X=_counts(query))
+    if ref.n_vars > n_top_genes:
+        genes = highly_variable(ref, ref.X, n_top_genes, flavor="seurat_v3")
+        ref, qry = ref[:, genes].copy(), qry[:, genes].copy()
+    ref.obs["batch"] = "reference"
+    qry.obs["batch"] = ["query"] * qry.n_obs if query_batches is None else [f"query {b}" for b in query_batches]
+    qry.var_names = ref.var_names
+    scvi.settings.seed = seed
+    scvi.settings.verbosity = _logging.ERROR
+    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        _logging.getLogger(name).setLevel(_logging.ERROR)
+    quiet = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+             "logger": False, "enable_checkpointing": False}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
+        model = scvi.model.SCVI(
+            ref, n_latent=n_latent, n_layers=2, dropout_rate=0.2, encode_covariates=True,
+            use_layer_norm="both", use_batch_norm="none",
+        )  # fmt: skip
+        model.train(max_epochs=max_epochs, early_stopping=True, **quiet)
+        reference_latent = model.get_latent_representation()
+        scvi.model.SCVI.prepare_query_anndata(qry, model)
+        query_model = scvi.model.SCVI.load_query_data(qry, model)
+        query_model.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, **quiet)
+        query_latent = query_model.get_latent_representation()
+    logger.info("scArches: reference %d cells, query %d cells × %d genes", ref.n_obs, qry.n_obs, ref.n_vars)
+    return np.asarray(reference_latent, np.float32), np.asarray(query_latent, np.float32)

@@ -172,29 +172,50 @@ def _inner_splitter(labels: np.ndarray, config: ProbeConfig):
     )
 
 
+def _fold_predictions(embedding, labels, menu, train, test) -> dict[str, np.ndarray]:
+    """Every menu entry's predictions for one inner fold (one z-scoring fitted for all of them)."""
+    raw = (embedding[train], embedding[test])
+    scaler = StandardScaler().fit(raw[0])
+    scaled = (scaler.transform(raw[0]), scaler.transform(raw[1]))
+    out = {}
+    for name, candidate in menu:
+        steps = candidate.named_steps
+        x_train, x_test = scaled if steps["scaler"].with_std else raw
+        estimator = clone(steps["logistic"] if "logistic" in steps else steps["knn"])
+        out[name] = estimator.fit(x_train, labels[train]).predict(x_test)
+    return out
+
+
 def _inner_predictions(
-    embedding: np.ndarray, labels: np.ndarray, menu: list[tuple[str, Pipeline]], splitter
+    embedding: np.ndarray, labels: np.ndarray, menu: list[tuple[str, Pipeline]], splitter, n_jobs: int = 1
 ) -> dict[str, np.ndarray]:
     """Every menu entry's pooled out-of-fold predictions (what ``cross_val_predict`` returns for each),
-    computed fold by fold so that a fold's z-scoring is fitted once for all its candidates."""
+    computed fold by fold so that a fold's z-scoring is fitted once for all its candidates; ``n_jobs`` > 1
+    runs the folds in that many worker processes (the same predictions: each fit is independent)."""
+    folds = list(splitter.split(embedding, labels))
+    if n_jobs > 1 and len(folds) > 1:
+        from joblib import Parallel, delayed
+
+        parts = Parallel(n_jobs=min(n_jobs, len(folds)))(
+            delayed(_fold_predictions)(embedding, labels, menu, train, test) for train, test in folds
+        )
+    else:
+        parts = [_fold_predictions(embedding, labels, menu, train, test) for train, test in folds]
     predicted = {name: np.empty(len(labels), dtype=labels.dtype) for name, _ in menu}
-    for train, test in splitter.split(embedding, labels):
-        raw = (embedding[train], embedding[test])
-        scaler = StandardScaler().fit(raw[0])
-        scaled = (scaler.transform(raw[0]), scaler.transform(raw[1]))
-        for name, candidate in menu:
-            steps = candidate.named_steps
-            x_train, x_test = scaled if steps["scaler"].with_std else raw
-            estimator = clone(steps["logistic"] if "logistic" in steps else steps["knn"])
-            predicted[name][test] = estimator.fit(x_train, labels[train]).predict(x_test)
+    for (_, test), part in zip(folds, parts, strict=True):
+        for name, values in part.items():
+            predicted[name][test] = values
     return predicted
 
 
-def select_probe(embedding: np.ndarray, labels: np.ndarray, config: ProbeConfig) -> tuple[str, Pipeline]:
+def select_probe(
+    embedding: np.ndarray, labels: np.ndarray, config: ProbeConfig, n_jobs: int = 1
+) -> tuple[str, Pipeline]:
     """The menu entry with the best inner-CV macro-F1 on these (training) cells, unfitted.
 
     Only ``embedding``/``labels`` — the labelled cells — are seen. Above ``select_max_cells`` the choice
-    is made on a seeded stratified sample of them.
+    is made on a seeded stratified sample of them. ``n_jobs``: worker processes for the inner folds
+    (the choice does not depend on it).
     """
     if len(labels) > config.select_max_cells:
         sample, _ = train_test_split(
@@ -207,7 +228,7 @@ def select_probe(embedding: np.ndarray, labels: np.ndarray, config: ProbeConfig)
     menu = probe_menu(config, len(labels))
     if len(np.unique(labels)) < 2 or len(menu) == 1:
         return menu[0]
-    predicted = _inner_predictions(embedding, labels, menu, _inner_splitter(labels, config))
+    predicted = _inner_predictions(embedding, labels, menu, _inner_splitter(labels, config), n_jobs)
     best: tuple[float, str, Pipeline] | None = None
     for name, candidate in menu:
         score = f1_score(labels, predicted[name], average="macro", zero_division=0)

@@ -207,5 +207,7 @@ def test_inner_predictions_equal_cross_val_predict_for_every_candidate():
         x, y = embedding[:n_cells], labels[:n_cells]
         menu, splitter = probe_menu(config, n_cells), _inner_splitter(y, config)
         fast = _inner_predictions(x, y, menu, splitter)
+        in_workers = _inner_predictions(x, y, menu, splitter, n_jobs=2)  # folds in 2 processes
         for name, candidate in menu:
             np.testing.assert_array_equal(fast[name], cross_val_predict(candidate, x, y, cv=splitter))
+            np.testing.assert_array_equal(in_workers[name], fast[name])

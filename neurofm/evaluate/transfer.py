@@ -1,0 +1,265 @@
+"""Scoring a reference mapping: the model's label transfer beside baselines fit on the reference only.
+
+One protocol for every method (:func:`evaluate_mapping`): its reference embedding and the reference
+labels make a :class:`neurofm.mapping.Reference` (the probe menu picked on reference cells only, the same
+``unknown`` rule); the query's cells are labelled by :func:`neurofm.mapping.transfer_labels`; the
+transfer is scored against the query's true labels — macro-F1 and accuracy of the classifier's label
+(``unknown`` aside, so every method is scored on every cell), per-class F1, the share called
+``unknown`` — and the query's own structure by the evaluation's clustering (kNN graph, Leiden sweep:
+ARI optimised and at resolution 1). The model's reference is the one stored with it; the baselines'
+(:data:`MAP_BASELINES`, :mod:`neurofm.evaluate.baselines`) are fit on the reference cells given.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from neurofm.errors import NeurofmError
+from neurofm.mapping import UNKNOWN, Reference, ReferenceConfig, build_reference, transfer_labels
+
+log = logging.getLogger(__name__)
+
+MAP_BASELINES = ("pca_ref", "logcounts", "scarches")
+HEADLINE = ("transfer_f1", "query_ari_optimised")
+
+
+@dataclass
+class TransferResult:
+    """One method's transfer to the query, scored."""
+
+    method: str
+    column: str
+    frame: pd.DataFrame  # transfer_labels' frame for the scored query cells
+    truth: np.ndarray
+    metrics: dict[str, float]
+    per_class: pd.DataFrame  # label, n_query, n_reference, f1
+    confusion: pd.DataFrame  # true × predicted (classifier labels)
+    query_embedding: np.ndarray
+    reference_embedding: np.ndarray
+    classifier: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def score_transfer(
+    method: str, reference: Reference, column: str, query_embedding: np.ndarray, truth: np.ndarray,
+    cluster: dict[str, Any] | None = None, seconds: float = 0.0,
+) -> TransferResult:  # fmt: skip
+    """Transfer ``column`` of ``reference`` to the query and score it against ``truth``."""
+    from neurofm.evaluate.cluster import cluster_embedding
+
+    frame = transfer_labels(reference, query_embedding, column)
+    truth = np.asarray(truth).astype(str)
+    predicted = frame["predicted"].astype(str).to_numpy()
+    labels = sorted(set(truth) | set(predicted))
+    scores = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
+    ref = reference.columns[column]
+    counts = ref.counts()
+    per_class = pd.DataFrame(
+        {
+            "label": labels,
+            "n_query": [int((truth == label).sum()) for label in labels],
+            "n_reference": [counts.get(label, 0) for label in labels],
+            "f1": scores,
+            "unknown_share": [
+                float((frame["label"][truth == label] == UNKNOWN).mean()) if (truth == label).any() else np.nan
+                for label in labels
+            ],
+        }
+    )
+    in_query = per_class["n_query"] > 0
+    clusters = cluster_embedding(query_embedding, truth, **(cluster or {})).metrics()
+    metrics = {
+        "transfer_f1": float(per_class.loc[in_query, "f1"].mean()),
+        "transfer_accuracy": float(accuracy_score(truth, predicted)),
+        "transfer_f1_all_labels": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "unknown_share": float((frame["label"] == UNKNOWN).mean()),
+        "query_ari_optimised": float(clusters.get("ari_optimised", np.nan)),
+        "query_nmi_optimised": float(clusters.get("nmi_optimised", np.nan)),
+        "query_ari_res1": float(clusters.get("ari_res1_mean", np.nan)),
+        "query_ari_res1_sd": float(clusters.get("ari_res1_sd", np.nan)),
+        "seconds": float(seconds),
+    }
+    confusion = pd.DataFrame(
+        confusion_matrix(truth, predicted, labels=labels), index=pd.Index(labels, name="true"), columns=labels
+    )
+    return TransferResult(
+        method=method, column=column, frame=frame, truth=truth, metrics=metrics, per_class=per_class,
+        confusion=confusion, query_embedding=np.asarray(query_embedding), reference_embedding=reference.embedding,
+        classifier=ref.classifier_name, seconds=seconds,
+    )  # fmt: skip
+
+
+def baseline_embeddings(
+    name: str, reference_cells, query_cells, *, gene_col: str | None = None, query_batches=None,
+    scarches_query_epochs: int = 200, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``(reference, query)`` embeddings of baseline ``name`` (:data:`MAP_BASELINES`), fit on the reference."""
+    from neurofm.evaluate import baselines
+
+    reference_view, query_view = baselines.shared_gene_views(reference_cells, query_cells, gene_col)
+    if name == "pca_ref":
+        return baselines.pca_reference_projection(reference_view, query_view, seed=seed)
+    if name == "logcounts":
+        return baselines.log_count_features(reference_view, query_view)
+    if name == "scarches":
+        return baselines.scarches_baseline(
+            reference_view, query_view, query_batches=query_batches, query_epochs=scarches_query_epochs, seed=seed
+        )
+    raise NeurofmError(f"unknown map baseline {name!r}; use one of {', '.join(MAP_BASELINES)}")
+
+
+def evaluate_mapping(
+    reference: Reference,
+    query_embedding: np.ndarray,
+    truth: np.ndarray,
+    column: str,
+    *,
+    reference_cells=None,
+    query_cells=None,
+    baselines: tuple[str, ...] | list[str] = MAP_BASELINES,
+    gene_col: str | None = None,
+    query_batches=None,
+    scarches_query_epochs: int = 200,
+    cluster: dict[str, Any] | None = None,
+    model_seconds: float = 0.0,
+) -> dict[str, TransferResult]:
+    """``{method: TransferResult}``: the model (its stored ``reference``) and each baseline (fit on
+    ``reference_cells``, an AnnData of the reference's raw counts with ``column`` in obs), scored on the
+    same query cells by one protocol. Without ``reference_cells`` only the model is scored."""
+    results = {"model": score_transfer("model", reference, column, query_embedding, truth, cluster, model_seconds)}
+    if reference_cells is None or not baselines:
+        return results
+    if column not in reference_cells.obs:
+        raise NeurofmError(
+            f"the reference cells have no obs column {column!r}; pass the reference data the model's reference was built from"
+        )
+    ref_config = ReferenceConfig(
+        label_columns=(column,), **{k: v for k, v in vars(reference.config).items() if k not in ("label_columns",)}
+    )
+    for name in baselines:
+        started = time.perf_counter()
+        ref_x, query_x = baseline_embeddings(
+            name, reference_cells, query_cells, gene_col=gene_col, query_batches=query_batches,
+            scarches_query_epochs=scarches_query_epochs,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        baseline_reference = build_reference(ref_x, reference_cells.obs[[column]], ref_config)
+        results[name] = score_transfer(name, baseline_reference, column, query_x, truth, cluster, seconds)
+        log.info("map baseline %s: transfer macro-F1 %.3f (%.0f s)", name, results[name].metrics["transfer_f1"], seconds)
+    return results
+
+
+def strongest(results: dict[str, TransferResult]) -> dict[str, tuple[str, float]]:
+    """The best baseline per headline metric: ``{metric: (method, value)}``."""
+    out = {}
+    for metric in HEADLINE:
+        values = {m: r.metrics[metric] for m, r in results.items() if m != "model" and np.isfinite(r.metrics[metric])}
+        if values:
+            best = max(values, key=values.get)
+            out[metric] = (best, values[best])
+    return out
+
+
+def summary_metrics(results: dict[str, TransferResult]) -> dict[str, float]:
+    """Flat ``method/metric`` numbers plus ``strongest/…`` and ``margin/…`` (model − strongest)."""
+    flat = {f"{m}/{k}": v for m, r in results.items() for k, v in r.metrics.items()}
+    for metric, (_, value) in strongest(results).items():
+        flat[f"strongest/{metric}"] = value
+        flat[f"margin/{metric}"] = results["model"].metrics[metric] - value
+    return flat
+
+
+def write_mapping_report(
+    results: dict[str, TransferResult],
+    out_dir: str | Path,
+    header: dict[str, Any],
+    reference_labels: np.ndarray | None = None,
+    query_source: str = "query",
+) -> Path:
+    """``report.md`` + ``report.html`` (figures embedded), ``transfer.csv``, ``per_class_f1.csv``,
+    ``confusion_<method>.csv`` and figures in ``out_dir``: the methods side by side, the strongest baseline
+    named, per-class F1, the model's confusion matrix, and reference and query co-embedded in one UMAP
+    coloured by dataset and by label. Returns the path of ``report.md``."""
+    from neurofm import plots
+    from neurofm.evaluate.report import render_html, render_markdown
+    from neurofm.evaluate.visualize import umap_coordinates
+    from neurofm.io import atomic_path, ensure_writable_dir, write_text
+
+    out = ensure_writable_dir(out_dir)
+    model = results["model"]
+    table = pd.DataFrame([{"method": m, "classifier": r.classifier, **r.metrics} for m, r in results.items()])
+    with atomic_path(out / "transfer.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    per_class = model.per_class.rename(columns={"f1": "model_f1"})
+    for method, result in results.items():
+        if method != "model":
+            per_class[f"{method}_f1"] = result.per_class.set_index("label")["f1"].reindex(per_class["label"]).to_numpy()
+    with atomic_path(out / "per_class_f1.csv") as tmp:
+        per_class.to_csv(tmp, index=False)
+    for method, result in results.items():
+        with atomic_path(out / f"confusion_{method}.csv") as tmp:
+            result.confusion.to_csv(tmp)
+    figures = []
+    if len(model.confusion) <= 30:
+        figures.append((plots.plot_confusion_matrix(
+            model.confusion.to_numpy(), list(model.confusion.index), out / "confusion_model.png",
+            title=f"model: {model.column} transferred to the query", column_labels=list(model.confusion.columns),
+        ), "the model's transfer: true query label (rows) against the transferred label"))  # fmt: skip
+    rng = np.random.default_rng(0)
+    ref_rows = np.sort(rng.choice(len(model.reference_embedding), min(5000, len(model.reference_embedding)), replace=False))
+    query_rows = np.sort(rng.choice(len(model.query_embedding), min(5000, len(model.query_embedding)), replace=False))
+    joint = np.concatenate([model.reference_embedding[ref_rows], model.query_embedding[query_rows]])
+    coordinates = umap_coordinates(joint, seed=0)
+    dataset = np.array(["reference"] * len(ref_rows) + [query_source] * len(query_rows))
+    figures.append((plots.plot_embedding_2d(coordinates, dataset, out / "coembedding_by_dataset.png",
+                                            "reference and query in the model's embedding (UMAP)", legend_title="dataset"),
+                    "reference and query co-embedded, coloured by dataset"))  # fmt: skip
+    if reference_labels is not None:
+        labels = np.concatenate([np.asarray(reference_labels).astype(str)[ref_rows], model.truth[query_rows]])
+        figures.append((plots.plot_embedding_2d(coordinates, labels, out / "coembedding_by_label.png",
+                                                "reference and query labels (UMAP)", annotate=len(set(labels)) > 15),
+                        "coloured by label (reference: its labels; query: its true labels)"))  # fmt: skip
+    blocks = _report_blocks(results, table, per_class, header, figures)
+    path = write_text(render_markdown(blocks), out / "report.md")
+    write_text(render_html(blocks, out), out / "report.html")
+    return path
+
+
+def _report_blocks(results, table, per_class, header, figures) -> list[tuple]:
+    model = results["model"]
+    best = strongest(results)
+    blocks: list[tuple] = [("heading", 1, f"Reference mapping: {model.column}")]
+    blocks.append(("table", ["", "value"], [[k, str(v)] for k, v in header.items()]))
+    columns = ["transfer_f1", "transfer_accuracy", "unknown_share", "query_ari_optimised", "query_ari_res1", "seconds"]
+    rows = [[r["method"], r["classifier"], *(f"{r[c]:.3f}" if c != "seconds" else f"{r[c]:.0f}" for c in columns)]
+            for r in table.to_dict("records")]  # fmt: skip
+    blocks.append(("heading", 2, "The model against the baselines (fit on the reference only)"))
+    blocks.append(("table", ["method", "classifier", "transfer macro-F1", "accuracy", "unknown", "query ARI (optimised)",
+                             "query ARI (res 1)", "seconds"], rows))  # fmt: skip
+    sentences = []
+    for metric, (method, value) in best.items():
+        margin = model.metrics[metric] - value
+        verdict = "ahead of" if margin > 0.005 else ("level with" if margin >= -0.005 else "behind")
+        sentences.append(f"{metric}: the model {model.metrics[metric]:.3f} is {verdict} the strongest baseline, "
+                         f"{method} {value:.3f} ({margin:+.3f}).")  # fmt: skip
+    if not best:
+        sentences.append("No baseline was scored (no reference cells given); the model's figures stand alone.")
+    blocks.append(("bullets", sentences))
+    methods = [c for c in per_class.columns if c.endswith("_f1")]
+    blocks.append(("heading", 2, "Per-class F1 (query cells)"))
+    blocks.append(("table", ["label", "query cells", "reference cells", *methods, "model: unknown"],
+                   [[r["label"], str(r["n_query"]), str(r["n_reference"]), *(f"{r[m]:.3f}" for m in methods),
+                     "" if pd.isna(r["unknown_share"]) else f"{r['unknown_share']:.1%}"]
+                    for r in per_class.to_dict("records")]))  # fmt: skip
+    blocks.append(("heading", 2, "Figures"))
+    blocks.append(("images", figures))
+    return blocks
