@@ -121,7 +121,7 @@ def score_mapping(mapping: dict, model_dir: Path, settings: dict[str, Any], out_
     )  # fmt: skip
     record = mapping["record"]
     header = {
-        "model": record.get("model_dir", record.get("model")),
+        "model": settings["model"] or "the newest registered version",
         "query": record.get("input"),
         "query cells scored": f"{len(rows)} of {n_query}",
         "genes": f"{record['gene_match']['n_found']} of the model's {record['gene_match']['n_model_genes']}",

@@ -232,7 +232,8 @@ def test_the_pretrained_model_carries_its_reference_into_the_registry(full_run):
     model_dir = full_run["out"] / "pretrain" / "model"
     assert has_reference(model_dir)  # the built-in demo's default_data.reference: subtype
     reference = load_reference(model_dir)
-    assert reference.label_columns == ["subtype"] and reference.n_cells == 400
+    prepared = ad.read_h5ad(full_run["out"] / "prepared.h5ad", backed="r")
+    assert reference.label_columns == ["subtype"] and reference.n_cells == prepared.n_obs  # every cell
     newest = MlflowClient().get_model_version_by_alias(MODEL_NAME, tracking.NEWEST_ALIAS)
     registered = tracking.resolve_model_dir(f"models:/{MODEL_NAME}/{newest.version}", MODEL_NAME)
     assert has_reference(registered)  # logged with the model, so a registered version maps too

@@ -723,12 +723,17 @@ def convert_anndata(adata: ad.AnnData, out_dir: str | os.PathLike, **options) ->
 class CellStore:
     """A finished cell store, opened read-only; shards are memory-mapped lazily (per process).
 
-    ``CellStore(path)`` reads the manifest and checks each shard file's size (``verify=True``: also its
-    SHA-256); a missing manifest, another format or a changed shard raises NeurofmError. Pickling drops
-    the memory maps, so a store can be handed to DataLoader workers, which re-open the files themselves.
+    ``CellStore(path)`` reads the manifest and checks each shard file's size and SHA-256 — the checksum
+    once per file and per change of it (``verify="once"``, the default: a file whose size, mtime and inode
+    match the record ``.verified.json`` of its last good check is not hashed again, so opening a store a
+    second time costs a ``stat`` per file); ``verify=True`` hashes every file every time, ``False`` checks
+    sizes only. A missing manifest, another format or a changed shard raises NeurofmError naming the shard
+    and the fix. Reads refuse what they cannot trust (pointers out of order or range, gene indices out of
+    range, non-finite or negative counts). Pickling drops the memory maps, so a store can be handed to
+    DataLoader workers, which re-open the files themselves.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, verify: bool | str = "once"):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -777,23 +782,52 @@ class CellStore:
             "n_genes": self.n_genes,
         }
 
-    def check(self, verify: bool = False) -> None:
+    def check(self, verify: bool | str = False) -> None:
         """Raise NeurofmError (one line) when a shard file is missing, of the wrong size or (``verify``)
-        of the wrong SHA-256."""
+        of the wrong SHA-256; ``verify="once"`` hashes only the files changed since their last good check."""
+        stamps = self._read_stamps() if verify == "once" else {}
+        checked: dict[str, list[int]] = {}
         for shard in self.shards:
             for name, expected in shard["files"].items():
                 file = self.path / shard["name"] / name
+                key = f"{shard['name']}/{name}"
                 problem = None
                 if not file.is_file():
                     problem = "is missing"
-                elif file.stat().st_size != expected["size"]:
-                    problem = f"has {file.stat().st_size} bytes, the manifest says {expected['size']}"
-                elif verify and file_sha256(file) != expected["sha256"]:
-                    problem = "does not match its SHA-256 in the manifest"
+                elif (stat := file.stat()).st_size != expected["size"]:
+                    problem = f"has {stat.st_size} bytes, the manifest says {expected['size']}"
+                elif verify:
+                    identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                    if stamps.get(key) != [*identity, expected["sha256"]]:
+                        if file_sha256(file) != expected["sha256"]:
+                            problem = "does not match its SHA-256 in the manifest"
+                    checked[key] = [*identity, expected["sha256"]]
                 if problem:
                     raise NeurofmError(
-                        f"cell store shard file {file} {problem} (changed or corrupt); convert the store again"
+                        f"cell store shard file {file} {problem} (changed or corrupt); convert the store again "
+                        "(in a pipeline: delete the store directory or rerun with --no-cache)"
                     )
+        if verify == "once" and checked != stamps:
+            self._write_stamps(checked)
+
+    _STAMPS = ".verified.json"
+
+    def _read_stamps(self) -> dict:
+        try:
+            stamps = json.loads((self.path / self._STAMPS).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(stamps, dict) or stamps.pop("manifest_sha256", None) != self.manifest_sha256:
+            return {}
+        return stamps
+
+    def _write_stamps(self, checked: dict) -> None:
+        """Record the files just found intact (best effort: a read-only store is hashed on every open)."""
+        try:
+            with atomic_path(self.path / self._STAMPS) as tmp:
+                tmp.write_text(json.dumps({"manifest_sha256": self.manifest_sha256, **checked}))
+        except (OSError, NeurofmError):
+            pass
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -821,12 +855,31 @@ class CellStore:
         if stop - int(self.shard_offsets[index]) > self.shard_rows[index]:
             raise ValueError("read_range must stay inside one shard")
         pointers = self._pread(index, "indptr.npy", local, local + (stop - start) + 1)
+        self._check_pointers(index, pointers)
         first, last = int(pointers[0]), int(pointers[-1])
-        return (
-            pointers - first,
-            self._pread(index, "indices.npy", first, last),
-            self._pread(index, "data.npy", first, last),
+        indices, data = self._pread(index, "indices.npy", first, last), self._pread(index, "data.npy", first, last)
+        self._check_values(index, indices, data)
+        return pointers - first, indices, data
+
+    def _damaged(self, index: int, what: str) -> NeurofmError:
+        return NeurofmError(
+            f"cell store shard {self.path / self.shards[index]['name']} {what} (corrupt); convert the store "
+            "again (in a pipeline: delete the store directory or rerun with --no-cache)"
         )
+
+    def _check_pointers(self, index: int, pointers: np.ndarray) -> None:
+        """Row pointers must rise and stay inside the shard's stored values."""
+        _, offset, dtype = self._file(index, "data.npy")
+        n_values = (self.shards[index]["files"]["data.npy"]["size"] - offset) // dtype.itemsize
+        if pointers.size and (pointers[0] < 0 or np.any(np.diff(pointers) < 0) or pointers[-1] > n_values):
+            raise self._damaged(index, "has row pointers out of order or out of range")
+
+    def _check_values(self, index: int, indices: np.ndarray, data: np.ndarray) -> None:
+        """Gene indices in range; counts finite and non-negative."""
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_genes):
+            raise self._damaged(index, f"has gene indices outside [0, {self.n_genes})")
+        if data.size and not (np.isfinite(data).all() and data.min() >= 0):
+            raise self._damaged(index, "holds non-finite or negative counts")
 
     def _file(self, index: int, name: str) -> tuple[int, int, np.dtype]:
         """(descriptor, data offset, dtype) of one shard file, opened on first use."""
@@ -900,6 +953,7 @@ class CellStore:
             shard = int(shard_of[first])
             local = int(unique_rows[first]) - int(self.shard_offsets[shard])
             pointers = self._pread(shard, "indptr.npy", local, local + (last - first) + 1)
+            self._check_pointers(shard, pointers)
             lengths[first:last] = np.diff(pointers)
             run_first[run] = pointers[0]
         indptr = np.zeros(unique_rows.size + 1, dtype=np.int64)
@@ -915,6 +969,7 @@ class CellStore:
                 stored = int(run_first[run])
                 self._pread(shard, "indices.npy", stored, stored + end - begin, out=indices[begin:end])
                 self._pread(shard, "data.npy", stored, stored + end - begin, out=data[begin:end])
+                self._check_values(shard, indices[begin:end], data[begin:end])
         matrix = sp.csr_matrix(
             (data.astype(np.float32, copy=False), indices, indptr), shape=(unique_rows.size, self.n_genes)
         )
@@ -940,12 +995,12 @@ class CellStore:
         return ad.AnnData(X=self.rows(store_rows), obs=obs, var=self.var())
 
 
-def open_store(path: str | os.PathLike, verify: bool = False) -> CellStore:
+def open_store(path: str | os.PathLike, verify: bool | str = "once") -> CellStore:
     """Open the cell store at ``path`` (see :class:`CellStore`)."""
     return CellStore(path, verify=verify)
 
 
-def open_reference(reference: dict, verify: bool = False) -> CellStore:
+def open_reference(reference: dict, verify: bool | str = "once") -> CellStore:
     """The store a ``CellStore.reference()`` dict names (what pipeline steps pass instead of an AnnData),
     checked to be the very store referenced (same manifest SHA-256)."""
     store = CellStore(reference["uri"], verify=verify)

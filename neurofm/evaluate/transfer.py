@@ -228,6 +228,7 @@ def write_mapping_report(
         figures.append((plots.plot_embedding_2d(coordinates, labels, out / "coembedding_by_label.png",
                                                 "reference and query labels (UMAP)", annotate=len(set(labels)) > 15),
                         "coloured by label (reference: its labels; query: its true labels)"))  # fmt: skip
+    figures = [(Path(path).name, caption) for path, caption in figures]  # beside the report
     blocks = _report_blocks(results, table, per_class, header, figures)
     path = write_text(render_markdown(blocks), out / "report.md")
     write_text(render_html(blocks, out), out / "report.html")

@@ -128,7 +128,7 @@ def test_changed_or_corrupt_shard_is_one_line_error(tmp_path, atlas_files):
     raw = bytearray(data.read_bytes())
     raw[-1] ^= 0xFF  # same size, other bytes: only the SHA-256 check sees it
     data.write_bytes(bytes(raw))
-    CellStore(out)  # the cheap size check passes
+    CellStore(out, verify=False)  # the cheap size check passes
     with pytest.raises(NeurofmError, match="SHA-256") as caught:
         CellStore(out, verify=True)
     assert len(str(caught.value).splitlines()) == 1
@@ -196,3 +196,63 @@ def test_dense_matrix_and_wide_counts_and_in_memory_anndata(tmp_path, synthetic_
     order = store.read_obs()["source_row"].to_numpy()
     np.testing.assert_array_equal(_dense(store.rows(np.arange(store.n_cells))), counts[order])
     assert not list(tmp_path.glob(".store.*"))  # the temporary h5ad is gone
+
+
+def test_a_store_with_64_overwritten_bytes_is_refused_before_any_training(tmp_path, atlas_files):
+    """Issue 24: a bad copy leaves the size intact; the checksum (verified once per file change) sees it."""
+    from neurofm.model import ModelConfig
+    from neurofm.tokenizer import TokenizerConfig
+    from neurofm.train import TrainConfig, pretrain
+
+    out = tmp_path / "store"
+    convert(atlas_files.counts_h5ad, out, shard_size=500)
+    CellStore(out)  # first open: every file hashed, the good state recorded
+    assert (out / ".verified.json").is_file()
+    data = out / "shard-00000" / "data.npy"
+    raw = bytearray(data.read_bytes())
+    raw[200:264] = b"\x7f" * 64
+    data.write_bytes(bytes(raw))
+    with pytest.raises(NeurofmError, match="shard-00000.*SHA-256.*convert the store again") as caught:
+        CellStore(out)
+    assert len(str(caught.value).splitlines()) == 1
+    with pytest.raises(NeurofmError, match="SHA-256"):
+        pretrain(out, TokenizerConfig(), ModelConfig(), TrainConfig(max_steps=5,
+                 device="cpu", progress=False), tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_reads_refuse_negative_or_non_finite_counts_and_pointers_out_of_range(tmp_path, atlas_files):
+    out = tmp_path / "store"
+    convert(atlas_files.counts_h5ad, out, shard_size=500)
+    indices_file = out / "shard-00001" / "indices.npy"
+    indices = np.load(indices_file)
+    indices[:3] = np.iinfo(indices.dtype).max  # genes that do not exist
+    np.save(indices_file, indices)
+    store = CellStore(out, verify=False)  # sizes agree: only the values tell
+    with pytest.raises(NeurofmError, match="gene indices outside"):
+        store.rows(np.arange(500, 510))
+    data_file = out / "shard-00001" / "data.npy"
+    if np.load(data_file).dtype.kind == "f":  # integer counts cannot be negative or non-finite
+        values = np.load(data_file)
+        values[:3] = [-1.0, np.nan, np.inf]
+        np.save(data_file, values)
+        with pytest.raises(NeurofmError, match="non-finite or negative counts"):
+            CellStore(out, verify=False).rows(np.arange(500, 510))
+    pointers_file = out / "shard-00000" / "indptr.npy"
+    pointers = np.load(pointers_file)
+    pointers[5] = pointers[-1] + 10**6
+    np.save(pointers_file, pointers)
+    with pytest.raises(NeurofmError, match="row pointers out of order or out of range"):
+        CellStore(out, verify=False).read_range(0, 10)
+
+
+def test_a_second_open_hashes_nothing(tmp_path, atlas_files, monkeypatch):
+    from neurofm.data import store as store_module
+
+    out = tmp_path / "store"
+    convert(atlas_files.counts_h5ad, out, shard_size=500)
+    CellStore(out)
+    calls, real = [], store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda path, *a, **k: calls.append(path) or real(path))
+    CellStore(out)  # nothing changed since the recorded check: no file is hashed
+    assert [c for c in calls if "shard-" in str(c)] == []
