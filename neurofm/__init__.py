@@ -5,9 +5,12 @@ The user API, scanpy style (loaded lazily, so ``import neurofm`` stays fast)::
     import scanpy as sc, neurofm
     adata = sc.read_h5ad("my_cells.h5ad")                                # raw counts
     neurofm.embed(adata, model="models:/neurofm-encoder@champion")      # obsm['X_neurofm'], uns['neurofm']
+    neurofm.map_query(adata, model="models:/neurofm-encoder@champion")  # obs['neurofm_<label>'], + _score
     model, tokenizer = neurofm.load_pretrained("outputs/pretrain/model")  # the run's model
 
 - :func:`embed` (:mod:`neurofm.embedding`) — cell embeddings into ``obsm['X_neurofm']``
+- :func:`map_query` (:mod:`neurofm.mapping`) — map cells onto a model's reference: labels transferred
+  into ``obs['neurofm_<column>']`` (``unknown`` where none matches), ``uns['neurofm_map']``
 - :func:`load_pretrained` (:mod:`neurofm.model`) — a model directory → ``(model, tokenizer)``
 - :func:`pretrain` (:mod:`neurofm.train`) — masked-bin pre-training on raw counts
 - :func:`evaluate_embeddings` (:mod:`neurofm.evaluate.compare`) — the fair protocol against baselines
@@ -33,6 +36,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "embed": ("neurofm.embedding", "embed"),
+    "map_query": ("neurofm.mapping", "map_query"),
     "load_pretrained": ("neurofm.model", "load_pretrained"),
     "pretrain": ("neurofm.train", "pretrain"),
     "evaluate_embeddings": ("neurofm.evaluate.compare", "evaluate_embeddings"),

@@ -269,3 +269,16 @@ def test_run_notes_name_the_demo_budget_and_a_capped_baseline():
     assert run_notes(load_config(None), {"default_data": True}, pretrained=False) == []
     capped = run_notes(load_config(None, ["evaluate.scvi_max_epochs=20"]), {"default_data": False})
     assert len(capped) == 1 and "capped at 20 epochs" in capped[0]
+
+
+def test_the_configuration_reference_is_current():
+    from pathlib import Path
+
+    from neurofm.config import configuration_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert page.read_text() == configuration_markdown(), (
+        "docs/configuration.md is stale: run `python -m neurofm.config > docs/configuration.md`"
+    )
+    for key in ("| `epochs` |", "| `unknown_quantile` |", "| `baselines` |", "| `C_grid` |"):
+        assert key in page.read_text()

@@ -51,6 +51,7 @@ def test_every_quick_start_line_runs_as_written(tmp_path, monkeypatch, capsys):
             exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
             adata = namespace["adata"]
             assert keys.EMBEDDING in adata.obsm and "leiden" in adata.obs
+            assert "neurofm_subtype" in adata.obs and keys.MAP_PARAMS in adata.uns  # the map_query line
             continue
         for line in code.splitlines():
             command = shlex.split(line, comments=True)
@@ -64,4 +65,6 @@ def test_every_quick_start_line_runs_as_written(tmp_path, monkeypatch, capsys):
                 raise AssertionError(f"the test does not know how to run: {line}")
     embedded = ad.read_h5ad(tmp_path / "outputs" / "prepared.neurofm.h5ad")
     assert embedded.obsm[keys.EMBEDDING].shape[0] == embedded.n_obs
+    mapped = ad.read_h5ad(tmp_path / "outputs" / "prepared.mapped.h5ad")
+    assert {"neurofm_subtype", "neurofm_subtype_score"} <= set(mapped.obs)
     assert "neurofm: error" not in capsys.readouterr().err

@@ -173,7 +173,13 @@ def _inner_splitter(labels: np.ndarray, config: ProbeConfig):
 
 
 def _fold_predictions(embedding, labels, menu, train, test) -> dict[str, np.ndarray]:
-    """Every menu entry's predictions for one inner fold (one z-scoring fitted for all of them)."""
+    """Every menu entry's predictions for one inner fold (one z-scoring fitted for all of them), on one
+    BLAS thread (tiny fits: more threads only add overhead, and in worker processes oversubscribe)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fold_predictions_unlimited(embedding, labels, menu, train, test)
+
+
+def _fold_predictions_unlimited(embedding, labels, menu, train, test) -> dict[str, np.ndarray]:
     raw = (embedding[train], embedding[test])
     scaler = StandardScaler().fit(raw[0])
     scaled = (scaler.transform(raw[0]), scaler.transform(raw[1]))
