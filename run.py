@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="pipelines:\n"
         "  prepare   load → subset → region filter → dedupe → crop (+ summary, barcode check, atlas plot)\n"
         "  pretrain  prepare → tokenize → pretrain (checkpoints, MLflow run, registered model)\n"
-        "  evaluate  embed → probe/cluster/plots beside PCA and random-weights baselines → report\n"
+        "  evaluate  embed → probe/cluster/plots beside PCA, scVI and random-weights baselines → report\n"
         "  full      pretrain then evaluate (cached steps are reused)\n"
         "  tune      Optuna study over pre-training hyper-parameters\n"
         "  map       a query mapped onto a model's reference: labels transferred, unknown, scored (--label-col)\n",

@@ -119,12 +119,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "tune": {
         "n_trials": 20,
-        "objective": "val_loss",  # or perplexity_ratio, probe_auc, fewshot5_f1, ari_optimised (neurofm.tune)
+        # perplexity_ratio: validation perplexity / the per-gene frequency table's on the same bins and masks
+        # (comparable across tokenizer.n_bins, unlike val_loss); probe_auc, fewshot5_f1 and ari_optimised
+        # score the embedding of the validation cells by the evaluation's protocol (neurofm.tune)
+        "objective": "perplexity_ratio",
         "storage": None,  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
         "study_name": "neurofm-pretrain",
         "seed": 42,
-        "pruner": {"n_startup_trials": 3, "n_warmup_steps": 2},
-        "epochs": None,  # None → train.epochs
+        "pruner": {"n_startup_trials": 3, "n_warmup_steps": 1},  # median pruning on the per-epoch curve
+        "epochs": 3,  # per trial (None → train.epochs; the best config keeps the pretrain one)
         "best_config_out": "configs/pretrain.best.yaml",
         "space": {},
     },

@@ -45,7 +45,7 @@ def evaluation_steps(
 
 @pipeline(enable_cache=True)
 def evaluate(config: dict[str, Any], inputs: dict[str, Any], resume: bool = False) -> None:
-    """Evaluate a model (newest registered version by default) against PCA and random-weights baselines."""
+    """Evaluate a model (newest registered version by default) against PCA, scVI and random-weights baselines."""
     cells = prepare_steps(config, inputs)
     model_dir, model_info = resolve_model(
         model=config["evaluate"]["model"], tracking_config=config["tracking"]
