@@ -42,7 +42,7 @@ _LAZY = {
     "evaluate_embeddings": ("neurofm.evaluate.compare", "evaluate_embeddings"),
     "TokenizerConfig": ("neurofm.tokenizer", "TokenizerConfig"),
     "ModelConfig": ("neurofm.model", "ModelConfig"),
-    "TrainConfig": ("neurofm.train", "TrainConfig"),
+    "TrainConfig": ("neurofm.train_config", "TrainConfig"),
     "ProbeConfig": ("neurofm.evaluate.probe", "ProbeConfig"),
     "ClusterConfig": ("neurofm.evaluate.cluster", "ClusterConfig"),
 }

@@ -16,31 +16,46 @@ loader.
 Epochs: ``count_head_epochs``, or (None) scVI's rule ``min(round(20000 / n_train × 400), 400)`` — the
 budget of the scVI baseline on the same cells — so the phase is long on small data and a few passes on an
 atlas. That budget is a ceiling: after every epoch the head is scored on the validation cells (the
-negative ELBO per gene, :func:`neurofm.train.validation_count_loss`), the best epoch's head is kept, and
+negative ELBO per gene, :func:`neurofm.scoring.validation_count_loss`), the best epoch's head is kept, and
 the phase stops once ``count_head_patience`` epochs in a row have not improved on it (scVI's early
 stopping, on by default here: 400 epochs over a thousand cells overfit them). Each step's latent sample
 is seeded by (seed, step, rank); the phase's result is saved (``count_head.pt``) before the best model
-is rewritten with it, so a run killed at any point resumes to the same weights.
+is rewritten with it, so a run killed at any point resumes to the same weights. The steps go through
+the same phase runner as pre-training (:func:`neurofm.loop.run_phase`: DDP, progress, early stopping)
+with the same KL schedule (:func:`neurofm.loop.kl_weight_at`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from neurofm import runtime
+from neurofm.checkpoints import BEST_DIR, MODEL_DIR
 from neurofm.data.store import CellStore
 from neurofm.io import atomic_path
-from neurofm.model import GeneEncoder, cell_inputs, feature_table
+from neurofm.loop import (
+    Phase,
+    PhaseState,
+    Schedule,
+    StepAt,
+    Window,
+    kl_weight_at,
+    run_phase,
+    stream_and_loader,
+)
+from neurofm.model import GeneEncoder, cell_inputs, feature_table, load_pretrained
+from neurofm.scoring import validation_count_loss
 from neurofm.stream import CellStream, StreamConfig, StreamLoader, densify, densify_counts
 from neurofm.tokenizer import ExpressionTokenizer
+from neurofm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +85,6 @@ def phase_steps(steps_per_epoch: list[int], max_steps: int | None) -> list[int]:
     return kept
 
 
-def phase_kl_weight(step: int, total_steps: int, config) -> float:
-    """The KL weight of the phase's ``step`` (from 0) of ``total_steps``: it reaches ``config.kl_weight``
-    after the share ``config.count_head_kl_warmup`` of the steps, rising linearly (0: at once)."""
-    ramp = config.count_head_kl_warmup * total_steps
-    return config.kl_weight * min(1.0, (step + 1) / max(1.0, ramp))
-
-
 def is_head_parameter(name: str) -> bool:
     return name.startswith(HEAD_PARAMETERS)
 
@@ -90,15 +98,91 @@ def head_state(model: GeneEncoder) -> dict[str, torch.Tensor]:
     }
 
 
+def count_head_phase(
+    model: GeneEncoder,
+    store: CellStore,
+    tokenizer: ExpressionTokenizer,
+    stream: CellStream,
+    config: TrainConfig,
+    device: torch.device,
+    out_dir: Path,
+    pretrained: PhaseState,
+) -> dict:
+    """The count head's phase of a run in ``out_dir`` on its best checkpoint (after the pre-training that
+    ended in ``pretrained``); the result is written to ``model/`` (``best/`` is left as it was, so a run
+    continued later starts from it again). Returns the phase's summary (+ the validation count loss
+    before and after). A head saved by an earlier, killed call after the same pre-training is loaded
+    instead of refit."""
+    context = runtime.current()
+    if context.enabled:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoint
+    best, _ = load_pretrained(out_dir / BEST_DIR)
+    model.load_state_dict(best.state_dict())
+    expect = {  # the pre-training the head is fit after, and the phase's settings
+        "pretrain_steps": pretrained.step,
+        "best_val_loss": float(pretrained.best_val_loss),
+        "epochs": head_epochs(stream.n_train_cells, config.count_head_epochs),
+        "batch_size": config.count_head_batch_size,
+        "lr": config.count_head_lr,
+        "patience": config.count_head_patience,
+        "kl_warmup": config.count_head_kl_warmup,
+        "max_steps": config.max_steps,
+    }
+    summary = load_head(out_dir / HEAD_FILE, model, expect)
+    if summary is None:
+        score = lambda: validation_count_loss(model, stream, device, config)  # noqa: E731
+        before = score()
+        summary = fit_count_head(model, store, tokenizer, stream.config, config, device, validate=score)
+        summary = {**expect, **summary, "val_count_loss_before": before, "val_count_loss_after": score()}
+        if context.is_main:
+            save_head(out_dir / HEAD_FILE, model, summary)
+    log.info(
+        "count head fit for %d of %d epochs (best: epoch %d; %d steps, %.0f s): validation count loss "
+        "%.4f -> %.4f",
+        *(summary[key] for key in ("epochs_run", "epochs", "best_epoch", "steps", "seconds")),
+        summary["val_count_loss_before"],
+        summary["val_count_loss_after"],
+    )
+    if context.is_main:
+        model.save_pretrained(out_dir / MODEL_DIR, tokenizer)
+    return summary
+
+
+class _CountForward(torch.nn.Module):
+    """The count head's (NLL, KL) per cell and gene with the token features frozen (each cell's vector a
+    lookup in ``table``), as a module's ``forward``, which DistributedDataParallel wraps."""
+
+    def __init__(self, model: GeneEncoder, table: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.table = table
+
+    def forward(self, bins: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cell, expression = cell_inputs(self.model, bins, "auto", self.table)
+        return self.model.count_loss(cell, counts, expression)
+
+
+@contextmanager
+def _only_the_head_trains(model: GeneEncoder) -> Iterator[list[torch.nn.Parameter]]:
+    """For the block, every parameter outside the count head frozen; yields the head's parameters."""
+    frozen = [p for name, p in model.named_parameters() if not is_head_parameter(name)]
+    was = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield [p for name, p in model.named_parameters() if is_head_parameter(name)]
+    finally:
+        for p, flag in zip(frozen, was, strict=True):
+            p.requires_grad_(flag)
+
+
 def fit_count_head(
     model: GeneEncoder,
     store: CellStore,
     tokenizer: ExpressionTokenizer,
     stream_config: StreamConfig,
-    config,  # neurofm.train.TrainConfig
+    config: TrainConfig,
     device: torch.device,
-    context: runtime.DistContext,
-    step_seed,  # (seed, step, rank) -> int, the main loop's per-step seed
     validate: Callable[[], float] | None = None,  # the validation count loss of the model as it is
 ) -> dict:
     """Fit ``model``'s count head in place on the store's training cells (see module docstring); returns
@@ -108,122 +192,110 @@ def fit_count_head(
     reads its share, the gradients are averaged over the ranks and ``validate`` must return the same
     value on every rank (it all-reduces), so every rank stops at the same epoch."""
     started = time.perf_counter()
-    stream = CellStream(
+    head_config = replace(stream_config, batch_size=config.count_head_batch_size, counts=True).validate()
+    stream, loader = stream_and_loader(
         store,
         tokenizer,
-        replace(stream_config, batch_size=config.count_head_batch_size, counts=True).validate(),
-        rank=context.rank,
-        world_size=context.world_size,
+        head_config,
         num_workers=config.num_workers,
-    )
-    loader = StreamLoader(
-        stream, num_workers=config.num_workers, pin_memory=config.pin_memory and device.type == "cuda"
+        pin_memory=config.pin_memory,
+        device=device,
     )
     epochs = head_epochs(stream.n_train_cells, config.count_head_epochs)
     steps_per_epoch = phase_steps([stream.common_batches(epoch) for epoch in range(epochs)], config.max_steps)
     total = sum(steps_per_epoch)
+    early = validate is not None and config.count_head_patience > 0
+    capped = f", capped by train.max_steps={config.max_steps}" if config.max_steps is not None else ""
+    stops = f"; stops after {config.count_head_patience} epochs without a better validation loss"
     log.info(
         "count head phase: at most %d epochs, %d steps of %d cells%s%s (train.count_head_epochs)",
-        len(steps_per_epoch), total, config.count_head_batch_size,
-        f", capped by train.max_steps={config.max_steps}" if config.max_steps is not None else "",
-        f"; stops after {config.count_head_patience} epochs without a better validation loss"
-        if validate is not None and config.count_head_patience > 0 else "",
-    )  # fmt: skip
+        len(steps_per_epoch),
+        total,
+        config.count_head_batch_size,
+        capped,
+        stops if early else "",
+    )
     summary = {"epochs": epochs, "steps": total, "batch_size": config.count_head_batch_size}
     if total == 0:
         return {**summary, "epochs_run": 0, "best_epoch": 0, "seconds": 0.0}
-    early = validate is not None and config.count_head_patience > 0
-    curve: list[float] = []
-    best_loss, best_epoch, best_head = float("inf"), 0, None
-    parameters = [p for name, p in model.named_parameters() if is_head_parameter(name)]
-    frozen = [p for name, p in model.named_parameters() if not is_head_parameter(name)]
-    was = [p.requires_grad for p in frozen]
-    for p in frozen:
-        p.requires_grad_(False)
-    optimizer = torch.optim.Adam(parameters, lr=config.count_head_lr, eps=0.01, weight_decay=1e-6)
-    table = feature_table(model)  # frozen token features: the cell vector is a lookup
-    zero_bins = stream.zero_bins.to(device)
-    progress = tqdm(
-        total=total, desc="count head", unit="step", disable=not (config.progress and context.is_main)
-    )
-    step = epochs_run = 0
-    model.train()
-    try:
-        for epoch, n_steps in enumerate(steps_per_epoch):
-            loader.epoch, loader.batches_consumed = epoch, 0
-            batches = iter(loader)
-            try:
-                for taken, raw in enumerate(batches):
-                    if taken >= n_steps:  # every rank takes as many steps (a rank-uneven tail is skipped)
-                        break
-                    torch.manual_seed(step_seed(config.seed + 7, step, context.rank))  # latent samples
-                    raw = {
-                        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                        for k, v in raw.items()
-                    }
-                    bins = densify(raw, zero_bins)
-                    counts = densify_counts(raw, bins.shape[1])
-                    cell, expression = cell_inputs(model, bins, "auto", table)
-                    nll, kl = model.count_loss(cell, counts, expression)
-                    kl_weight = phase_kl_weight(step, total, config)
-                    # scVI's scale: summed over genes (count_loss divides by n_genes), mean over cells —
-                    # Adam's eps=0.01 assumes gradients of that size
-                    loss = (nll + kl_weight * kl).mean() * model.config.n_count_genes
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if context.enabled:
-                        for p in parameters:
-                            if p.grad is not None:
-                                dist.all_reduce(p.grad)
-                                p.grad /= context.world_size
-                    optimizer.step()
-                    step += 1
-                    progress.update(1)
-                    progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-            finally:
-                batches.close()
-            epochs_run = epoch + 1
-            if epochs_run == 1 and len(steps_per_epoch) > 1:
-                pace = (time.perf_counter() - started) / max(1, step)
-                log.info(
-                    "count head phase: %.0f ms a step, at most %.0f s for the remaining %d steps",
-                    1000 * pace, pace * (total - step), total - step,
-                )  # fmt: skip
-            if early:
-                loss_now = float(validate())
-                model.train()
-                curve.append(loss_now)
-                if loss_now < best_loss:
-                    best_loss, best_epoch, best_head = loss_now, epochs_run, head_state(model)
-                elif epochs_run - best_epoch >= config.count_head_patience:
-                    log.info(
-                        "count head: no better validation loss for %d epochs, stopped",
-                        epochs_run - best_epoch,
-                    )
-                    progress.total = step  # the bar ends where the phase did, not at the ceiling
-                    progress.refresh()
-                    break
-    finally:
-        progress.close()
-        for p, flag in zip(frozen, was, strict=True):
-            p.requires_grad_(flag)
-    if best_head is not None:  # the best epoch's head (every rank holds the same parameters)
+    best_head: dict[str, torch.Tensor] = {}  # the head of the best validation so far
+
+    def keep(state: PhaseState, row: dict, is_best: bool) -> None:
+        if is_best:
+            best_head.update(head_state(model))
+
+    with _only_the_head_trains(model) as parameters:
+        optimizer = torch.optim.Adam(parameters, lr=config.count_head_lr, eps=0.01, weight_decay=1e-6)
+        schedule = Schedule(
+            total_steps=total,
+            epoch_steps=lambda epoch: steps_per_epoch[epoch] if epoch < len(steps_per_epoch) else 0,
+            patience=config.count_head_patience,
+        )
+        phase = _head_phase(model, optimizer, loader, schedule, stream, config, device)
+        if early:
+            phase = replace(phase, validate=lambda window: _scored(validate, window), after_validation=keep)
+        state = run_phase(phase)
+    if best_head:  # the best epoch's head (every rank holds the same parameters)
         model.load_state_dict(best_head, strict=False)
-    if context.enabled:  # one set of batch-norm statistics: rank 0's
+    if runtime.current().enabled:  # one set of batch-norm statistics: rank 0's
         for name, buffer in model.named_buffers():
             if is_head_parameter(name):
                 dist.broadcast(buffer, 0)
     model.eval()
+    seconds = round(time.perf_counter() - started, 1)
     result = {
         **summary,
-        "steps": step,
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch if early else epochs_run,
-        "seconds": round(time.perf_counter() - started, 1),
+        "steps": state.step,
+        "epochs_run": state.epoch,
+        "best_epoch": state.epoch,
+        "seconds": seconds,
     }
     if early:
-        result["val_count_loss_by_epoch"] = curve
+        result["best_epoch"] = state.metrics[state.best_index]["epoch"] if state.best_index >= 0 else 0
+        result["val_count_loss_by_epoch"] = [row["val_count_loss"] for row in state.metrics]
     return result
+
+
+def _scored(validate: Callable[[], float], window: Window) -> tuple[float, dict]:
+    loss = float(validate())
+    return loss, {"epoch": window.epoch, "val_count_loss": loss}
+
+
+def _head_phase(
+    model: GeneEncoder,
+    optimizer: torch.optim.Optimizer,
+    loader: StreamLoader,
+    schedule: Schedule,
+    stream: CellStream,
+    config: TrainConfig,
+    device: torch.device,
+) -> Phase:
+    """The phase :func:`fit_count_head` runs (without validation): its step is the cells' NLL + KL summed
+    over genes, at the shared KL schedule."""
+    zero_bins = stream.zero_bins.to(device)
+
+    def step(module: torch.nn.Module, raw: dict, at: StepAt) -> tuple[torch.Tensor, dict]:
+        bins = densify(raw, zero_bins)
+        nll, kl = module(bins, densify_counts(raw, bins.shape[1]))
+        kl_weight = kl_weight_at(
+            at.index, schedule.total_steps, config.kl_weight, config.count_head_kl_warmup
+        )
+        # scVI's scale: summed over genes (count_loss divides by n_genes), mean over cells — Adam's
+        # eps=0.01 assumes gradients of that size
+        loss = (nll + kl_weight * kl).mean() * model.config.n_count_genes
+        return loss, {"loss": loss}
+
+    return Phase(
+        name="count head",
+        module=_CountForward(model, feature_table(model)),  # frozen token features: a lookup
+        optimizer=optimizer,
+        loader=loader,
+        schedule=schedule,
+        step=step,
+        seed=config.seed + 7,
+        device=device,
+        progress=config.progress,
+    )
 
 
 def save_head(path: Path, model: GeneEncoder, summary: dict) -> None:

@@ -103,16 +103,11 @@ def launch_pretrain(
     An exception the callback raises (e.g. an Optuna prune) stops
     the workers and propagates. A failed worker raises NeurofmError naming the launcher log.
     """
-    from neurofm.checkpoints import METRICS_FILE
+    from neurofm.checkpoints import METRICS_FILE, read_metrics_csv
     from neurofm.data.store import CellStore
     from neurofm.io import ensure_writable_dir
-    from neurofm.train import (
-        TrainResult,
-        fit_training_tokenizer,
-        pretrain,
-        read_metrics_csv,
-        store_from_anndata,
-    )
+    from neurofm.train import TrainResult, pretrain
+    from neurofm.training_data import fit_training_tokenizer, store_from_anndata
 
     train_config = train_config.validate()
     if train_config.nproc_per_node == 1:
@@ -222,7 +217,8 @@ def _worker(job_path: str) -> None:
     from neurofm.io import write_json
     from neurofm.model import ModelConfig
     from neurofm.tokenizer import ExpressionTokenizer
-    from neurofm.train import TrainConfig, pretrain
+    from neurofm.train import pretrain
+    from neurofm.train_config import TrainConfig
 
     job = json.loads(Path(job_path).read_text())
     train_config = TrainConfig(**job["train"])

@@ -246,7 +246,7 @@ def check_map_early(config: dict[str, Any]) -> None:
 def run_notes(config: dict[str, Any], inputs: dict[str, Any], pretrained: bool = True) -> list[str]:
     """How this run differs from the pipeline's defaults on a user's data, in the words the report and
     the closing summary print: the built-in demo's shorter pre-training, a capped scVI baseline."""
-    from neurofm.train import TrainConfig
+    from neurofm.train_config import TrainConfig
 
     notes = []
     train = config["train"]

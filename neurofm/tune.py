@@ -73,7 +73,9 @@ from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir, write_json, write_text
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import TokenizerConfig
-from neurofm.train import TrainConfig, TrainResult, validation_source_rows
+from neurofm.train import TrainResult
+from neurofm.train_config import TrainConfig
+from neurofm.training_data import validation_source_rows
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ from neurofm.config import UNOBSERVED_MODES as CONFIG_UNOBSERVED
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.embedding import POOLINGS, UNOBSERVED_MODES, embed_bins, embed_matrix, resolve_pooling
 from neurofm.errors import NeurofmError
+from neurofm.loop import kl_weight_at
 from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.stream import CellStream, StreamConfig, densify_counts, fit_tokenizer
 from neurofm.tokenizer import TokenizerConfig
-from neurofm.train import kl_weight_at, pretrain
+from neurofm.train import pretrain
 from tests.test_tokenizer import synthetic_counts
 from tests.test_train import small_train_config
 
@@ -125,20 +126,24 @@ def test_a_count_head_without_count_loss_and_bad_settings_are_refused(tmp_path):
 
 def test_kl_weight_rises_linearly_over_the_warmup_share():
     config = small_train_config(kl_warmup=0.5)
-    assert [kl_weight_at(step, 100, config) for step in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
-    assert kl_weight_at(0, 100, small_train_config(kl_warmup=0.0)) == 1.0
+    weight = lambda step: kl_weight_at(step, 100, config.kl_weight, config.kl_warmup)  # noqa: E731
+    assert [weight(step) for step in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert kl_weight_at(0, 100, 1.0, small_train_config(kl_warmup=0.0).kl_warmup) == 1.0
 
 
 def test_the_phase_warms_the_kl_weight_over_its_share_of_the_steps_or_not_at_all():
-    from neurofm.count_head import phase_kl_weight
+    """The count head's phase uses the pre-training schedule with its own warm-up share."""
+
+    def weights(config, steps):
+        return [kl_weight_at(step, 100, config.kl_weight, config.count_head_kl_warmup) for step in steps]
 
     whole = small_train_config(count_head_kl_warmup=1.0)  # over the whole phase, as scVI
-    assert [phase_kl_weight(step, 100, whole) for step in (0, 49, 99)] == [0.01, 0.5, 1.0]
+    assert weights(whole, (0, 50, 99)) == [0.0, 0.5, 0.99]
     half = small_train_config(count_head_kl_warmup=0.5, kl_weight=2.0)
-    assert [phase_kl_weight(step, 100, half) for step in (0, 24, 49, 99)] == [0.04, 1.0, 2.0, 2.0]
+    assert weights(half, (0, 25, 50, 99)) == [0.0, 1.0, 2.0, 2.0]
     none = small_train_config()  # the default: the full weight from the first step
     assert none.count_head_kl_warmup == 0.0
-    assert [phase_kl_weight(step, 100, none) for step in (0, 1, 99)] == [1.0, 1.0, 1.0]
+    assert weights(none, (0, 1, 99)) == [1.0, 1.0, 1.0]
     with pytest.raises(NeurofmError, match="count_head_kl_warmup"):
         small_train_config(count_head_kl_warmup=1.5).validate()
 
@@ -290,7 +295,7 @@ def test_the_count_head_phase_fits_only_the_head_and_releases_it_as_the_run_mode
 
 @pytest.mark.parametrize("killed_at", ["before the head is saved", "before model/ is written"])
 def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path, monkeypatch, killed_at):
-    import neurofm.train as train_module
+    import neurofm.count_head as count_head_module
 
     adata = synthetic_counts(n_cells=120, n_genes=30, seed=5)
     config = small_train_config(epochs=2, count_head_epochs=4, count_head_batch_size=32)
@@ -304,7 +309,7 @@ def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path
 
     with monkeypatch.context() as patch:
         if killed_at == "before the head is saved":
-            patch.setattr(train_module, "save_head", kill)
+            patch.setattr(count_head_module, "save_head", kill)
         else:
             original = GeneEncoder.save_pretrained
 
@@ -328,8 +333,6 @@ def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path
 
 def _phase_inputs(tmp_path, n_cells=96, n_genes=20, seed=6):
     """A model with an expression-reading count head, its store and tokenizer, for fit_count_head."""
-    from neurofm import runtime
-
     adata = synthetic_counts(n_cells=n_cells, n_genes=n_genes, seed=seed)
     convert_anndata(adata, tmp_path / "store")
     store = CellStore(tmp_path / "store")
@@ -337,17 +340,13 @@ def _phase_inputs(tmp_path, n_cells=96, n_genes=20, seed=6):
     torch.manual_seed(seed)
     model = GeneEncoder(replace(EXPRESSION_MODEL, n_genes=n_genes, n_bins=tokenizer.config.n_bins))
     stream_config = StreamConfig(batch_size=16, block_size=8, buffer_blocks=2, val_fraction=0.2, counts=True)
-    return model, store, tokenizer, stream_config, runtime.DistContext()
-
-
-def _seed(seed, step, rank):
-    return seed * 1_000_003 + step * 31 + rank
+    return model, store, tokenizer, stream_config
 
 
 def test_the_count_head_phase_keeps_its_best_epoch_and_stops_after_the_patience(tmp_path):
     from neurofm.count_head import fit_count_head, head_state
 
-    model, store, tokenizer, stream_config, context = _phase_inputs(tmp_path)
+    model, store, tokenizer, stream_config = _phase_inputs(tmp_path)
     losses = iter([5.0, 4.0, 4.5, 4.2, 4.1, 3.0])  # best after epoch 2, then 3 epochs without a better one
     heads = []
 
@@ -356,9 +355,7 @@ def test_the_count_head_phase_keeps_its_best_epoch_and_stops_after_the_patience(
         return next(losses)
 
     config = small_train_config(count_head_epochs=10, count_head_batch_size=16, count_head_patience=3)
-    summary = fit_count_head(
-        model, store, tokenizer, stream_config, config, torch.device("cpu"), context, _seed, validate
-    )
+    summary = fit_count_head(model, store, tokenizer, stream_config, config, torch.device("cpu"), validate)
     assert summary["epochs"] == 10 and summary["epochs_run"] == 5 and summary["best_epoch"] == 2
     assert summary["val_count_loss_by_epoch"] == [5.0, 4.0, 4.5, 4.2, 4.1]
     stream = CellStream(store, tokenizer, stream_config)
@@ -371,13 +368,18 @@ def test_the_count_head_phase_keeps_its_best_epoch_and_stops_after_the_patience(
 def test_without_patience_the_count_head_phase_runs_every_epoch_and_keeps_the_last(tmp_path):
     from neurofm.count_head import fit_count_head, head_state
 
-    model, store, tokenizer, stream_config, context = _phase_inputs(tmp_path)
+    model, store, tokenizer, stream_config = _phase_inputs(tmp_path)
     calls = []
     config = small_train_config(count_head_epochs=4, count_head_batch_size=16, count_head_patience=0)
     summary = fit_count_head(
-        model, store, tokenizer, stream_config, config, torch.device("cpu"), context, _seed,
-        lambda: calls.append(head_state(model)) or 1.0,
-    )  # fmt: skip
+        model,
+        store,
+        tokenizer,
+        stream_config,
+        config,
+        torch.device("cpu"),
+        validate=lambda: calls.append(head_state(model)) or 1.0,
+    )
     assert calls == [] and "val_count_loss_by_epoch" not in summary
     assert summary["epochs_run"] == summary["best_epoch"] == 4
     with pytest.raises(NeurofmError, match="count_head_patience"):

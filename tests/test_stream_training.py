@@ -122,15 +122,16 @@ def test_validation_batches_held_in_blocks_equal_the_batches_made_one_by_one(tmp
 
     from neurofm.data.store import CellStore, convert_anndata
     from neurofm.masking import make_batch
+    from neurofm.scoring import validation_batches
     from neurofm.stream import CellStream, densify, fit_tokenizer
-    from neurofm.train import _validation_batches, stream_config_for
+    from neurofm.training_data import stream_config_for
 
     convert_anndata(synthetic_counts(n_cells=150, n_genes=30, seed=2), tmp_path / "store")
     store = CellStore(tmp_path / "store")
     config = _train_config(val_draws=3, cell_loss_tokens=cell_loss_tokens)
     stream = CellStream(store, fit_tokenizer(store, TokenizerConfig()), stream_config_for(config))
     cpu = torch.device("cpu")
-    held = _validation_batches(stream, 12, TINY_MODEL.mask_token, config, cpu, eval_batch_size=8)
+    held = validation_batches(stream, 12, TINY_MODEL.mask_token, config, cpu, eval_batch_size=8)
     generator = torch.Generator().manual_seed(config.seed + 1)
     expected = [
         make_batch(densify(part, stream.zero_bins), 12, TINY_MODEL.mask_token, config, generator)
