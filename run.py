@@ -3,6 +3,7 @@
     python run.py                                   # full: prepare → pretrain → evaluate, built-in data
     python run.py --pipeline prepare                # data preparation only
     python run.py --pipeline pretrain --data cells.h5ad
+    python run.py --pipeline pretrain --data a.h5ad --data b.h5ad:batch=donor   # data.files (not wired yet)
     python run.py --pipeline evaluate --model models:/neurofm-encoder@champion --label-col subtype
     python run.py --pipeline tune --trials 20
 
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="YAML run configuration (default: configs/<pipeline>.yaml)"
     )
     parser.add_argument(
-        "--data", type=Path, help=".h5ad of raw counts (default: the built-in synthetic atlas)"
+        "--data",
+        action="append",
+        type=Path,
+        help=".h5ad of raw counts (default: the built-in synthetic atlas); repeat it for several files "
+        "(data.files, each FILE or FILE:batch=COL,genes=COL)",
     )
     parser.add_argument("--metadata", type=Path, help="Allen-style cell_metadata.csv for the cluster join")
     parser.add_argument("--out", type=Path, help="output directory (default: data.out_dir of the config)")
@@ -105,7 +110,8 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
 
     config_path = args.config or ROOT / "configs" / f"{args.pipeline}.yaml"
     flags = {
-        "data.path": None if args.data is None else str(args.data),
+        "data.path": None if args.data is None or len(args.data) > 1 else str(args.data[0]),
+        "data.files": None if args.data is None or len(args.data) < 2 else [str(path) for path in args.data],
         "data.metadata_csv": None if args.metadata is None else str(args.metadata),
         "data.out_dir": None if args.out is None else str(args.out),
         "evaluate.model": args.model,
@@ -158,6 +164,12 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
     from neurofm import io
 
     io.ensure_writable_dir(config["data"]["out_dir"])
+    if config["data"]["files"] is not None:
+        raise NeurofmError(
+            f"{len(config['data']['files'])} data files: the pipelines do not pre-train on several files yet "
+            "(the training loop must first skip the genes a file does not measure); convert them into one "
+            "store with `neurofm convert A.h5ad B.h5ad … OUT_DIR` and pass one file with --data meanwhile"
+        )
     if args.pipeline == "tune":
         from pipelines.tune import tune_from_config
 

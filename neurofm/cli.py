@@ -6,6 +6,7 @@
     neurofm make-synthetic OUT_DIR [--cells N] [--genes G] [--seed S]
     neurofm embed IN.h5ad --out OUT.h5ad [--model URI_OR_DIR] [--gene-col C] [--min-gene-overlap F]
     neurofm convert IN.h5ad OUT_DIR [--genes FILE] [--shard-size N] [--seed S] [--metadata CSV --clusters ID ...]
+    neurofm convert A.h5ad[:batch=COL,genes=COL] B.h5ad … OUT_DIR [--batch-col C] [--gene-col C]
     neurofm reference MODEL_DIR CELLS.h5ad --labels COL[,COL…] [--max-cells N] [--unknown-quantile Q]
     neurofm map QUERY.h5ad --out OUT.h5ad [--model URI_OR_DIR] [--labels COL[,COL…]] [--gene-col C]
 
@@ -141,6 +142,9 @@ def _read_gene_list(value: str) -> list[str]:
 def _convert(args: argparse.Namespace) -> int:
     from neurofm.data.store import CellStore, Selection, convert
 
+    if len(args.files) > 1 or args.batch_col or args.gene_col or "=" in args.files[0].rpartition(":")[2]:
+        return _convert_many(args)
+    args.file = args.files[0]
     if args.clusters and not args.metadata:
         raise NeurofmError("--clusters needs --metadata CELL_METADATA_CSV to look the cells' clusters up")
     selection = Selection(
@@ -167,12 +171,55 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_many(args: argparse.Namespace) -> int:
+    from neurofm.data.store import CellStore, InputFile, convert_many
+
+    if args.genes or args.metadata or args.clusters or args.region:
+        raise NeurofmError(
+            "--genes, --metadata, --clusters and --region select cells/genes of one input file; convert one "
+            "file with them, or several files without them"
+        )
+    inputs = [InputFile.parse(spec, args.batch_col, args.gene_col) for spec in args.files]
+    manifest = convert_many(
+        inputs, args.out_dir, shard_size=args.shard_size, seed=args.seed, layer=args.layer, progress=True
+    )
+    if args.verify:
+        CellStore(args.out_dir, verify=True)
+    for record in manifest["datasets"]:
+        genes = record["genes"]
+        print(
+            f"{record['name']}: {record['n_cells']} cells, {record['n_measured']} genes measured "
+            f"({genes['n_matched']} matched by {genes['matched_by']}, {genes['n_added']} new, "
+            f"{genes['n_duplicates_dropped']} duplicates dropped); batch: {record['batch_column'] or 'the dataset'}"
+        )
+    print(
+        f"{args.out_dir}: {manifest['n_cells']} cells × {manifest['n_genes']} genes (union) from "
+        f"{len(manifest['datasets'])} files in {len(manifest['shards'])} shards"
+    )
+    return 0
+
+
 def _add_convert(commands) -> None:
     convert = commands.add_parser(
-        "convert", help="write a pre-shuffled, sharded cell store for streaming pre-training"
+        "convert",
+        help="write a pre-shuffled, sharded cell store for streaming pre-training (one or several files)",
+        description="One file: its cells (with an optional selection). Several files: one store of the union "
+        "of their genes (matched by ID or symbol as neurofm embed does; mouse to human by upper-cased symbol, "
+        "an approximate orthology), their cells shuffled together, obs['dataset'] and obs['batch'] per cell. "
+        "Per file options: FILE.h5ad:batch=COL,genes=COL,name=NAME (else --batch-col/--gene-col).",
     )
-    convert.add_argument("file", help="input .h5ad (raw counts; read backed, in row blocks)")
+    convert.add_argument(
+        "files",
+        nargs="+",
+        metavar="IN.h5ad",
+        help="input .h5ad file(s) (raw counts; read backed, in row blocks), each optionally "
+        "FILE:batch=COL,genes=COL,name=NAME",
+    )
     convert.add_argument("out_dir", help="output store directory (new, empty, or an unfinished store)")
+    convert.add_argument(
+        "--batch-col", help="obs column of each file's batches (default: the file's name is the batch)"
+    )
+    convert.add_argument("--gene-col", help="var column naming each file's genes (default: var_names)")
     convert.add_argument("--genes", help="gene IDs to keep, in order: a file (one per line) or a comma list")
     convert.add_argument("--shard-size", type=int, default=65536, help="cells per shard (default 65536)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the cell permutation (default 0)")

@@ -34,6 +34,9 @@ DATACLASS_SECTIONS = {
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         "path": None,  # .h5ad of raw counts; None → the built-in synthetic atlas (see default_data)
+        # several .h5ad files pre-trained as one cell store (instead of path; `neurofm convert A B … OUT`):
+        # a list of paths or {path, batch_column, gene_column, name} mappings; None → path
+        "files": None,
         "metadata_csv": None,  # Allen-style cell_metadata.csv for the cluster join (None → no subset)
         "cluster_csv": None,  # cluster.csv, for the atlas plot
         "annotation_csv": None,  # cluster_annotation_term.csv, for the atlas plot
@@ -255,7 +258,32 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
         full[section] = dataclasses.asdict(instance)
     _check_evaluate(full["evaluate"])
     _check_map(full["map"])
+    _check_data_files(full["data"])
     return full
+
+
+def _check_data_files(data: Mapping[str, Any]) -> None:
+    """``data.files``: None, or a non-empty list of paths / {path, batch_column, gene_column, name}
+    mappings, not together with ``data.path``."""
+    files = data["files"]
+    if files is None:
+        return
+    if not isinstance(files, list) or not files:
+        raise NeurofmError(
+            f"data.files must be a list of .h5ad paths or {{path, batch_column, gene_column}} mappings, got {files!r}"
+        )
+    if data["path"] is not None:
+        raise NeurofmError("data.path and data.files are both set; use data.files alone for several files")
+    for entry in files:
+        if isinstance(entry, Mapping):
+            unknown = sorted(set(entry) - {"path", "batch_column", "gene_column", "name"})
+            if unknown or not isinstance(entry.get("path"), str):
+                raise NeurofmError(
+                    f"data.files entry {dict(entry)} has unknown keys {unknown} or no path; use "
+                    "{path: FILE.h5ad, batch_column: COL, gene_column: COL}"
+                )
+        elif not isinstance(entry, str):
+            raise NeurofmError(f"data.files entry {entry!r} is neither a path nor a mapping with a path")
 
 
 EVALUATE_BASELINES = ("pca", "scvi", "random")

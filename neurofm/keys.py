@@ -16,6 +16,8 @@ CELL_CLASS = "class"  # obs: "excitatory" / "inhibitory" (synthetic data)
 X_COORD = "x"  # obs / metadata: 2-D atlas coordinate (the Allen release's UMAP-like layout)
 Y_COORD = "y"
 GENE_ID_INDEX = "gene_identifier"  # name of the var index (Ensembl IDs) in Allen files
+DATASET = "dataset"  # obs of a multi-file cell store: the file (dataset name) a cell came from
+BATCH = "batch"  # obs of a multi-file cell store: the file's batch column value, else the dataset name
 
 # Allen atlas CSV columns (cluster.csv / cluster_annotation_term.csv), joined onto obs via cluster_alias
 CLUSTER_LABEL = "label"  # cluster.csv and cluster_annotation_term.csv: the taxonomy term label

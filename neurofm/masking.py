@@ -56,12 +56,21 @@ def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarra
 
 
 def sample_genes(
-    n_cells: int, n_genes: int, n_tokens: int, generator: torch.Generator, device: torch.device | None = None
+    n_cells: int,
+    n_genes: int,
+    n_tokens: int,
+    generator: torch.Generator,
+    device: torch.device | None = None,
+    observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(n_cells, n_tokens) gene indices, a uniform sample without replacement per cell, sorted."""
+    """(n_cells, n_tokens) gene indices, a uniform sample without replacement per cell, sorted; with
+    ``observed`` (cells × genes bool) drawn among each cell's observed genes first (a cell with fewer
+    than ``n_tokens`` of them gets unobserved ones too: :func:`make_batch` pads those)."""
     if n_tokens >= n_genes:
         return torch.arange(n_genes, device=device).expand(n_cells, n_genes).clone()
     keys = torch.rand(n_cells, n_genes, generator=generator, device=generator.device)
+    if observed is not None:
+        keys = torch.where(observed.to(keys.device), keys, keys - 2.0)  # below every observed gene's key
     return keys.topk(n_tokens, dim=1).indices.sort(dim=1).values.to(device)
 
 
@@ -134,19 +143,24 @@ def make_batch(
     config: MaskingSettings,
     generator: torch.Generator,
     counts: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
 ) -> MaskedBatch:
     """Sample genes and masks for the cells in ``bins`` (cells × all genes); ``counts`` (the same cells'
-    raw counts) ride along for the count head."""
-    gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device)
+    raw counts) ride along for the count head. ``observed`` (cells × genes bool, a multi-file store's
+    :func:`neurofm.stream.observed_mask`): tokens are drawn among each cell's measured genes; a token
+    that still falls on an unmeasured gene is padding (``padding_mask``), never masked nor scored."""
+    gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device, observed)
     token_bins = torch.gather(bins, 1, gene_ids).long()
-    masked = mask_tokens(token_bins, config.mask_ratio, config.nonzero_mask_share, generator)
+    padding = None if observed is None else ~torch.gather(observed.to(bins.device), 1, gene_ids)
+    masked = mask_tokens(token_bins, config.mask_ratio, config.nonzero_mask_share, generator, padding)
     labels = torch.where(masked, token_bins, torch.full_like(token_bins, IGNORE_INDEX))
+    every = token_bins if padding is None else torch.where(padding, IGNORE_INDEX, token_bins)
     return MaskedBatch(
         gene_ids=gene_ids,
         input_bins=torch.where(masked, torch.full_like(token_bins, mask_token), token_bins),
         labels=labels,
-        cell_labels=labels if config.cell_loss_tokens == "masked" else token_bins,
-        padding_mask=None,
+        cell_labels=labels if config.cell_loss_tokens == "masked" else every,
+        padding_mask=padding,
         counts=counts,
         full_bins=bins if counts is not None and config.count_input == "all_genes" else None,
     )

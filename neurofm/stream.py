@@ -28,6 +28,11 @@ Batch format (a dict, what the training loop's ``make_batch`` consumes as its ``
 - ``"bins"``: ``torch.int16`` (cells × n_genes) — every gene's bin in the tokenizer's gene order (zeros
   included, as the model samples ``max_tokens_per_cell`` genes among all genes of a cell);
 - ``"rows"``: ``torch.int64`` (cells,) — the cells' store rows (obs in ``store.read_obs()``);
+- ``"dataset"``: ``torch.int64`` (cells,) — each cell's dataset (its source file) in a multi-file store
+  (``store.dataset_names``; all 0 in a single-file store). ``CellStream.observed_genes`` (bool, datasets ×
+  genes) says which genes a dataset measures and :func:`observed_mask` gives a batch's (cells × genes)
+  mask: where it is False the gene was *not measured* (not a zero) — its dense bin is the zero-bin
+  placeholder, its count 0; it is not in the cell's library size and must get no token and no loss;
 - ``"worker"``: ``torch.int64`` scalar — the logical worker that made it (the loader's position bookkeeping).
 
 With ``StreamConfig(output="sparse")`` a batch carries the non-zeros only — ``"indptr"`` int64 (cells + 1),
@@ -37,8 +42,14 @@ processes or to the GPU for 20,000 genes; :func:`densify` turns either format in
 :class:`StreamLoader` wraps the DataLoader (workers, pinned memory) and keeps the position (a batch counts
 as consumed once it has been yielded): its
 ``state_dict()`` is ``{"epoch", "batches_consumed", "seed", "world_size", "rank", "num_workers",
-"n_cells", "batch_size", "block_size", "buffer_blocks"}``; ``load_state_dict`` on a fresh loader continues
-with exactly the batches an uninterrupted run would have produced.
+"n_cells", "batch_size", "block_size", "buffer_blocks", "draw"}``; ``load_state_dict`` on a fresh loader
+continues with exactly the batches an uninterrupted run would have produced.
+
+How batches draw from the files of a multi-file store (``StreamConfig.draw``): ``"proportional"`` (default)
+is the plain shuffle — the store's cells are permuted across files, so each file fills a batch in
+proportion to its size; ``"balanced"`` draws each training cell a seeded number of times per epoch
+(:meth:`CellStream.copies`) so that every file fills about the same share of the epoch (small files
+repeat, large ones are subsampled; the epoch keeps about the same number of cells; 16 bytes per cell).
 """
 
 from __future__ import annotations
@@ -61,6 +72,8 @@ from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer, TokenizerConfig, _
 
 log = logging.getLogger(__name__)
 
+DRAWS = ("proportional", "balanced")
+
 
 @dataclass
 class StreamConfig:
@@ -74,10 +87,14 @@ class StreamConfig:
     seed: int = 42  # seeds the validation set, the block order of every epoch and the buffer shuffles
     output: str = "dense"  # "dense": (cells × genes) bins; "sparse": bins of the non-zeros only (densify())
     counts: bool = False  # also the raw counts ("counts", or "nonzero_counts" when sparse; densify_counts())
+    draw: str = "proportional"  # multi-file store: "proportional" (each file as its size: the plain shuffle)
+    #                             or "balanced" (each file an equal share of an epoch's cells, see the docs)
 
     def validate(self) -> StreamConfig:
         if self.output not in ("dense", "sparse"):
             raise NeurofmError(f"stream output={self.output!r} is unknown; use 'dense' or 'sparse'")
+        if self.draw not in DRAWS:
+            raise NeurofmError(f"stream draw={self.draw!r} is unknown; use one of {', '.join(DRAWS)}")
         for name in ("batch_size", "block_size", "buffer_blocks", "max_val_cells"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NeurofmError(f"stream {name}={getattr(self, name)!r} must be a positive integer")
@@ -186,6 +203,43 @@ def sample_rows(n_rows: int, exclude_rows: np.ndarray | None, size: int, seed_ke
     return np.sort(np.random.default_rng(seed_key).choice(rows, size=size, replace=False))
 
 
+def _measured_edges(
+    tokenizer: ExpressionTokenizer, dense: np.ndarray, observed: np.ndarray, cell_datasets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, constant) of the genes in the columns of ``dense`` (sampled cells × genes), each gene
+    fit on the cells whose dataset (``cell_datasets``) measures it (``observed``: datasets × genes)."""
+    if observed.all():
+        return tokenizer._fit_edges(dense), np.ptp(dense, axis=0) == 0
+    patterns, which = np.unique(observed.T, axis=0, return_inverse=True)  # genes measured by the same files
+    which = np.asarray(which).ravel()
+    edges, constant = None, np.ones(dense.shape[1], dtype=bool)
+    for index, pattern in enumerate(patterns):
+        genes, cells = np.flatnonzero(which == index), np.flatnonzero(pattern[cell_datasets])
+        if cells.size < MIN_CELLS:
+            log.warning("%d genes are measured in only %d sampled cells; their bins are unreliable",
+                        genes.size, cells.size)  # fmt: skip
+        values = dense[np.ix_(cells, genes)] if cells.size else np.zeros((1, genes.size), dense.dtype)
+        part = tokenizer._fit_edges(values)
+        if edges is None:
+            edges = np.full((dense.shape[1], part.shape[1]), np.inf)
+        edges[genes, : part.shape[1]] = part
+        constant[genes] = np.ptp(values, axis=0) == 0
+    return edges, constant
+
+
+def _normalised(store: CellStore, rows: np.ndarray, config: TokenizerConfig) -> sp.csc_matrix:
+    """log1p(CP-``target_sum``) values of store ``rows`` (CSC), as ``ExpressionTokenizer.normalise``."""
+    counts = store.rows(rows)
+    counts.indptr = counts.indptr.astype(np.int64)
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
+    scale = np.divide(np.float32(config.target_sum), library, out=np.zeros_like(library), where=library > 0)
+    values = counts.data
+    values *= np.repeat(scale, np.diff(counts.indptr))
+    if config.log1p:
+        np.log1p(values, out=values)
+    return counts.tocsc()
+
+
 def fit_tokenizer(
     store: CellStore,
     config: TokenizerConfig | None = None,
@@ -201,7 +255,9 @@ def fit_tokenizer(
     The sample is ``min(max_cells, max_nonzeros / mean non-zeros per cell)`` cells drawn with
     ``default_rng([seed, 11])`` among the rows not in ``exclude_rows`` (pass the validation rows). The
     edges are exactly those of ``ExpressionTokenizer.fit`` on the sampled cells, computed ``chunk_values``
-    dense values at a time (genes in column chunks). Returns a fitted tokenizer in the store's gene order.
+    dense values at a time (genes in column chunks). In a multi-file store a gene's edges (and its
+    constant-gene check) use only the sampled cells of the datasets that measure it
+    (``store.observed_genes``). Returns a fitted tokenizer in the store's gene order.
     """
     tokenizer = ExpressionTokenizer((config or TokenizerConfig()).validate())
     if tokenizer.config.counts_layer is not None:
@@ -217,25 +273,18 @@ def fit_tokenizer(
     n_sample = sample.size
     if n_sample < MIN_CELLS:
         raise NeurofmError(f"only {n_sample} training cells; fitting bin edges needs at least {MIN_CELLS}")
-    counts = store.rows(sample)
-    counts.indptr = counts.indptr.astype(np.int64)
     binner_config = tokenizer.config
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel().astype(np.float32)
-    scale = np.divide(
-        np.float32(binner_config.target_sum), library, out=np.zeros_like(library), where=library > 0
-    )
-    values = counts.data
-    values *= np.repeat(scale, np.diff(counts.indptr))
-    if binner_config.log1p:
-        np.log1p(values, out=values)
-    normalised = counts.tocsc()
-    del counts, values
+    normalised = _normalised(store, sample, binner_config)
     genes_per_chunk = max(1, chunk_values // n_sample)
+    observed, sample_datasets = store.observed_genes, store.cell_datasets()[sample]
     edges_parts, constant_parts = [], []
     for g0 in range(0, store.n_genes, genes_per_chunk):
         dense = normalised[:, g0 : g0 + genes_per_chunk].toarray()
-        constant_parts.append(np.ptp(dense, axis=0) == 0)
-        edges_parts.append(tokenizer._fit_edges(dense))
+        part, constant_part = _measured_edges(
+            tokenizer, dense, observed[:, g0 : g0 + genes_per_chunk], sample_datasets
+        )
+        edges_parts.append(part)
+        constant_parts.append(constant_part)
     constant = np.concatenate(constant_parts)
     if constant.all():
         raise NeurofmError(
@@ -352,6 +401,8 @@ class CellStream(IterableDataset):
         is_val[self.val_rows] = 1
         self._val_before = np.concatenate([[0], np.cumsum(is_val[:-1])])  # val rows before each row
         self._is_val = is_val[:-1].astype(bool)
+        self.cell_datasets = self.store.cell_datasets()
+        self._draws: tuple[int, np.ndarray, np.ndarray] | None = None  # balanced: (epoch, copies, cumsum)
         self.block_ranges = _blocks(self.store, self.config.block_size)
         self.epoch = 0
         self._numpy_batches = False  # StreamLoader sets it: workers send numpy, the loader converts
@@ -362,7 +413,39 @@ class CellStream(IterableDataset):
     def n_train_cells(self) -> int:
         return self.store.n_cells - self.val_rows.size
 
-    def _train_rows_in(self, ranges: np.ndarray) -> np.ndarray:
+    @property
+    def observed_genes(self) -> torch.Tensor:
+        """bool (datasets × genes): the genes each dataset of the store measures (batch key ``dataset``
+        indexes its rows; :func:`observed_mask` gives a batch's cells × genes mask)."""
+        return torch.from_numpy(self.store.observed_genes)
+
+    def copies(self, epoch: int) -> np.ndarray | None:
+        """``draw="balanced"``: how many times each store row is drawn in ``epoch`` (validation rows 0),
+        else None. A dataset's training rows each get ``w = n_train / (n_datasets × its training rows)``
+        draws on average: ``floor(w)``, plus one with probability ``w - floor(w)`` (seeded by
+        ``(seed, epoch)``), so every dataset fills about the same share of the epoch."""
+        if self.config.draw != "balanced":
+            return None
+        return self._balanced(epoch)[0]
+
+    def _balanced(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._draws is None or self._draws[0] != epoch:
+            train = ~self._is_val
+            per_dataset = np.bincount(self.cell_datasets[train], minlength=len(self.store.datasets))
+            present = per_dataset > 0
+            weight = np.zeros(per_dataset.size)
+            weight[present] = train.sum() / (present.sum() * per_dataset[present])
+            row_weight = weight[self.cell_datasets]
+            draw = np.random.default_rng([self.config.seed, epoch, 17]).random(row_weight.size)
+            copies = (np.floor(row_weight) + (draw < row_weight - np.floor(row_weight))).astype(np.int64)
+            copies[~train] = 0
+            self._draws = (epoch, copies, np.concatenate([[0], np.cumsum(copies)]))
+        return self._draws[1], self._draws[2]
+
+    def _train_rows_in(self, ranges: np.ndarray, epoch: int) -> np.ndarray:
+        if self.config.draw == "balanced":
+            cumulative = self._balanced(epoch)[1]
+            return cumulative[ranges[:, 1]] - cumulative[ranges[:, 0]]
         return (ranges[:, 1] - ranges[:, 0]) - (
             self._val_before[ranges[:, 1]] - self._val_before[ranges[:, 0]]
         )
@@ -377,7 +460,7 @@ class CellStream(IterableDataset):
             ranges[i : i + self.config.buffer_blocks]
             for i in range(0, len(ranges), self.config.buffer_blocks)
         ]
-        group_rows = np.array([int(self._train_rows_in(g).sum()) for g in groups], dtype=np.int64)
+        group_rows = np.array([int(self._train_rows_in(g, epoch).sum()) for g in groups], dtype=np.int64)
         return _WorkerPlan(groups, group_rows)
 
     def worker_batches(self, epoch: int, rank: int | None = None) -> list[int]:
@@ -445,6 +528,11 @@ class CellStream(IterableDataset):
                 else:
                     yield batch
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_draws"] = None  # per-cell draw counts: recomputed in each worker, not sent to it
+        return state
+
     def _worker_iter(self, logical: int, skip_batches: int) -> Iterator[dict]:
         size = self.config.batch_size
         plan = self.worker_plan(self.epoch, logical)
@@ -482,6 +570,9 @@ class CellStream(IterableDataset):
         matrix = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
         rows = np.concatenate(rows)
         train = np.flatnonzero(~self._is_val[rows])
+        copies = self.copies(self.epoch)
+        if copies is not None:  # balanced: each row as many times as it is drawn this epoch
+            train = np.repeat(train, copies[rows[train]])
         rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, logical, group])
         pick = train[rng.permutation(train.size)]
         return rows[pick], matrix[pick]
@@ -496,7 +587,8 @@ class CellStream(IterableDataset):
     def _format(self, indptr, indices, bins, rows: np.ndarray, worker_tag: int, counts=None) -> dict:
         """A batch from the CSR of its cells' non-zero ``bins`` (already binned) and, with
         ``config.counts``, their raw ``counts`` (the same non-zeros)."""
-        batch = {"rows": np.array(rows, dtype=np.int64), "worker": worker_tag}
+        rows = np.array(rows, dtype=np.int64)
+        batch = {"rows": rows, "dataset": self.cell_datasets[rows].astype(np.int64), "worker": worker_tag}
         if self.config.output == "dense":
             batch["bins"] = self.binner.densify(indptr, indices, bins)
             if self.config.counts:
@@ -559,6 +651,15 @@ def densify(batch: dict, zero_bins: torch.Tensor) -> torch.Tensor:
     rows = torch.repeat_interleave(torch.arange(n_cells, device=device), indptr.diff())
     dense[rows, batch["genes"].long()] = batch["nonzero_bins"]
     return dense
+
+
+def observed_mask(batch: dict, observed_genes: torch.Tensor) -> torch.Tensor:
+    """bool (cells × genes): True where the cell's dataset measured the gene (``observed_genes`` is
+    ``CellStream.observed_genes``), on the device of ``batch``'s tensors. False marks an unobserved gene:
+    its bin in ``densify`` and its count in ``densify_counts`` are placeholders (the zero bin, 0), not
+    measurements — give it no token and do not decode or score it."""
+    dataset = batch["dataset"]
+    return observed_genes.to(dataset.device)[dataset.long()]
 
 
 def densify_counts(batch: dict, n_genes: int) -> torch.Tensor:
@@ -642,6 +743,7 @@ class StreamLoader:
             "batch_size": config.batch_size,
             "block_size": config.block_size,
             "buffer_blocks": config.buffer_blocks,
+            "draw": config.draw,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -655,8 +757,9 @@ class StreamLoader:
             "batch_size",
             "block_size",
             "buffer_blocks",
+            "draw",
         ):
-            if state.get(key) != mine[key]:
+            if state.get(key, mine[key] if key == "draw" else None) != mine[key]:
                 raise NeurofmError(
                     f"the saved loader position was made with {key}={state.get(key)!r}, this loader has "
                     f"{mine[key]!r}; resume with the same settings"

@@ -35,8 +35,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from neurofm import keys
 from neurofm.data.atlas import _matrix_element, _normalise_cluster_ids, read_cell_metadata, read_csr_rows
 from neurofm.data.dedupe import unique_names
 from neurofm.data.region import filter_region
+from neurofm.data.vocabulary import FileGenes, union_genes
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, check_h5ad_path, ensure_writable_dir, file_fingerprint, write_json
 
@@ -298,6 +300,141 @@ def _check_block_counts(values: np.ndarray, path: Path) -> None:
         raise NeurofmError(f"{path.name} holds counts >= 2**32; these are not UMI counts")
 
 
+def _check_out_dir(out_dir: str | os.PathLike, shard_size: int) -> Path:
+    """``out_dir`` ready for a store (new, empty or an earlier store/conversion of it)."""
+    if shard_size < 1:
+        raise NeurofmError(f"shard_size must be a positive number of cells, got {shard_size}")
+    out_dir = ensure_writable_dir(out_dir)
+    if any(out_dir.iterdir()) and not ((out_dir / MANIFEST).exists() or (out_dir / _PROGRESS).exists()):
+        raise NeurofmError(
+            f"{out_dir} is a non-empty directory that is not a cell store; choose an empty or new directory"
+        )
+    return out_dir
+
+
+def _check_csr(element, source_name: str, path: Path) -> None:
+    if isinstance(element, h5py.Group) and element.attrs.get("encoding-type", "") != "csr_matrix":
+        raise NeurofmError(
+            f"{path.name} stores {source_name} as {element.attrs.get('encoding-type', 'unknown')}; "
+            "convert needs CSR rows — re-save it with adata.X = adata.X.tocsr()"
+        )
+
+
+def _fingerprint(path: Path) -> dict:
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sample_sha256": file_fingerprint(path)}
+
+
+def _plan_for(plan_record: dict, n_cells: int, shard_size: int) -> _Plan:
+    key = hashlib.sha256(json.dumps(plan_record, sort_keys=True).encode()).hexdigest()
+    return _Plan(key=key, n_cells=int(n_cells), shard_size=int(shard_size))
+
+
+def _finished_store(out_dir: Path, plan: _Plan, what: str) -> dict | None:
+    """The manifest of the finished store in ``out_dir`` made by ``plan`` (intact), else None — and then
+    the directory is no store any more (its manifest removed) until the new manifest lands."""
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        existing = json.loads(manifest_path.read_text())
+    except ValueError:
+        existing = {}
+    if existing.get("plan") == plan.key:
+        try:
+            CellStore(out_dir, verify=False)
+        except NeurofmError:
+            pass
+        else:
+            log.info("%s is already a finished store of %s; kept", out_dir, what)
+            return existing
+    manifest_path.unlink()
+    return None
+
+
+def _write_shards(
+    source,
+    destination: np.ndarray,
+    plan: _Plan,
+    out_dir: Path,
+    read_nonzeros: int,
+    progress: bool,
+    on_shard_written: Callable[[int], None] | None,
+) -> dict[int, dict]:
+    """Every shard of ``plan`` final in ``out_dir`` (finished ones of the same plan kept): their records."""
+    progress_dir = out_dir / _PROGRESS
+    progress_dir.mkdir(exist_ok=True)
+    done = {}
+    for index in range(plan.n_shards):
+        record = _finished_shard(out_dir / _shard_name(index), plan.key)
+        if record is not None:
+            done[index] = record
+    for stale in out_dir.glob("shard-*"):
+        if stale.is_dir() and int(stale.name.split("-")[1]) not in done:
+            shutil.rmtree(stale)
+    if done:
+        log.info("resuming: %d of %d shards already written", len(done), plan.n_shards)
+    pending = [k for k in range(plan.n_shards) if k not in done]
+    if not pending:
+        return done
+    with ThreadPoolExecutor(max_workers=2) as pool:  # copies, hashing and fsync release the GIL
+        try:
+            _scatter_into_shards(
+                source, destination, plan, pending, progress_dir, read_nonzeros, np.uint16, progress, pool
+            )
+        except _WideCounts:
+            log.info("a count exceeds 65,535: writing the shards' counts as uint32")
+            _scatter_into_shards(
+                source, destination, plan, pending, progress_dir, read_nonzeros, np.uint32, progress, pool
+            )
+        for index in pending:
+            done[index] = _finalize_shard(index, plan, progress_dir, out_dir, pool)
+            if on_shard_written is not None:
+                on_shard_written(index)
+    _fsync_directory(out_dir)
+    return done
+
+
+def _write_obs(out_dir: Path, store_obs: pd.DataFrame) -> None:
+    """``obs.parquet`` (atomically); object columns as strings (parquet wants one type per column)."""
+    store_obs.index = unique_names(pd.Index(store_obs.index.astype(str)))
+    store_obs.index.name = "obs_name"
+    for column in store_obs.columns:
+        if store_obs[column].dtype == object:
+            store_obs[column] = store_obs[column].astype(str).where(store_obs[column].notna(), None)
+    with atomic_path(out_dir / OBS_FILE) as tmp:
+        store_obs.to_parquet(tmp)
+
+
+def _manifest(plan: _Plan, seed: int, gene_ids: list, gene_symbols, columns: list, done: dict, out_dir: Path):
+    """The manifest fields every store has (the caller adds where its cells came from)."""
+    return {
+        "format": STORE_FORMAT,
+        "format_version": STORE_VERSION,
+        "plan": plan.key,
+        "n_cells": plan.n_cells,
+        "n_genes": len(gene_ids),
+        "shard_size": plan.shard_size,
+        "seed": int(seed),
+        "gene_ids": list(gene_ids),
+        "gene_symbols": gene_symbols,
+        "obs_file": OBS_FILE,
+        "obs_columns": list(columns),
+        "obs_sha256": file_sha256(out_dir / OBS_FILE),
+        "shards": [{k: v for k, v in done[index].items() if k != "plan"} for index in range(plan.n_shards)],
+    }
+
+
+def _finish(manifest: dict, out_dir: Path, plan: _Plan, started: float) -> dict:
+    write_json(manifest, out_dir / MANIFEST)
+    shutil.rmtree(out_dir / _PROGRESS, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info(
+        "wrote cell store %s: %d cells × %d genes in %d shards (%.1f s, %.0f cells/s)",
+        out_dir, plan.n_cells, manifest["n_genes"], plan.n_shards, seconds, plan.n_cells / max(seconds, 1e-9),
+    )  # fmt: skip
+    return manifest
+
+
 def convert(
     in_h5ad: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -318,165 +455,231 @@ def convert(
     bytes per kept cell for the plan). ``on_shard_written(index)`` is called after
     each shard is final (a test hook). A finished store with the same inputs is returned as is.
     Raises NeurofmError for a non-.h5ad input, a matrix that is not CSR or dense, non-integer counts or
-    a selection that keeps nothing.
+    a selection that keeps nothing. Several files make one store with :func:`convert_many`.
     """
     started = time.perf_counter()
     selection = selection or Selection()
     path = check_h5ad_path(in_h5ad)
-    if shard_size < 1:
-        raise NeurofmError(f"shard_size must be a positive number of cells, got {shard_size}")
-    out_dir = ensure_writable_dir(out_dir)
-    if any(out_dir.iterdir()) and not ((out_dir / MANIFEST).exists() or (out_dir / _PROGRESS).exists()):
-        raise NeurofmError(
-            f"{out_dir} is a non-empty directory that is not a cell store; choose an empty or new directory"
-        )
-    handle = _open_h5(path)
-    with handle:
+    out_dir = _check_out_dir(out_dir, shard_size)
+    with _open_h5(path) as handle:
         obs = _read_frame(handle, "obs", path)
         var = _read_frame(handle, "var", path)
         element, source_name = _matrix_element(handle, layer, path)
-        if isinstance(element, h5py.Group) and element.attrs.get("encoding-type", "") != "csr_matrix":
-            raise NeurofmError(
-                f"{path.name} stores {source_name} as {element.attrs.get('encoding-type', 'unknown')}; "
-                "convert needs CSR rows — re-save it with adata.X = adata.X.tocsr()"
-            )
+        _check_csr(element, source_name, path)
         rows, kept_obs = _select_cells(obs, selection, path)
         gene_columns = _select_genes(var, selection.genes, path)
         kept_var = var if gene_columns is None else var.iloc[gene_columns]
-        n_genes = len(kept_var)
-        if n_genes == 0 or len(var) == 0 or len(obs) == 0:
+        if len(kept_var) == 0 or len(var) == 0 or len(obs) == 0:
             raise NeurofmError(
-                f"{path} holds an empty matrix ({len(obs)} cells × {len(var)} genes, {n_genes} genes "
+                f"{path} holds an empty matrix ({len(obs)} cells × {len(var)} genes, {len(kept_var)} genes "
                 "kept); pass an .h5ad with counts"
             )
-        fingerprint = {
-            "path": str(path.resolve()),
-            "size": path.stat().st_size,
-            "sample_sha256": file_fingerprint(path),
-        }
-        describe = selection.describe()
-        plan_record = {
-            "source": fingerprint,
-            "selection": describe,
-            "layer": source_name,
-            "seed": int(seed),
-            "shard_size": int(shard_size),
-            "format": [STORE_FORMAT, STORE_VERSION],
-        }
-        plan = _Plan(
-            key=hashlib.sha256(json.dumps(plan_record, sort_keys=True).encode()).hexdigest(),
-            n_cells=int(rows.size),
-            shard_size=int(shard_size),
-        )
-        manifest_path = out_dir / MANIFEST
-        if manifest_path.is_file():
-            try:
-                existing = json.loads(manifest_path.read_text())
-            except ValueError:
-                existing = {}
-            if existing.get("plan") == plan.key:
-                try:
-                    CellStore(out_dir, verify=False)
-                except NeurofmError:
-                    pass
-                else:
-                    log.info("%s is already a finished store of %s; kept", out_dir, path.name)
-                    return existing
-            manifest_path.unlink()  # from here on the directory is not a store until the new manifest lands
-
+        fingerprint, describe = _fingerprint(path), selection.describe()
+        plan_record = {"source": fingerprint, "selection": describe, "layer": source_name, "seed": int(seed),
+                       "shard_size": int(shard_size), "format": [STORE_FORMAT, STORE_VERSION]}  # fmt: skip
+        plan = _plan_for(plan_record, rows.size, shard_size)
+        if (existing := _finished_store(out_dir, plan, path.name)) is not None:
+            return existing
         permutation = np.random.default_rng(seed).permutation(rows.size)
         destination = np.empty(rows.size, dtype=np.int64)  # store row of the i-th kept (sorted) source row
         destination[permutation] = np.arange(rows.size)
-        progress_dir = out_dir / _PROGRESS
-        progress_dir.mkdir(exist_ok=True)
-        done = {}
-        for index in range(plan.n_shards):
-            record = _finished_shard(out_dir / _shard_name(index), plan.key)
-            if record is not None:
-                done[index] = record
-        for stale in out_dir.glob("shard-*"):
-            if stale.is_dir() and int(stale.name.split("-")[1]) not in done:
-                shutil.rmtree(stale)
-        if done:
-            log.info("resuming: %d of %d shards already written", len(done), plan.n_shards)
-        pending = [k for k in range(plan.n_shards) if k not in done]
-        if pending:
-            source = _Source(element, rows, gene_columns, path)
-            with ThreadPoolExecutor(max_workers=2) as pool:  # copies, hashing and fsync release the GIL
-                try:
-                    _scatter_into_shards(
-                        source,
-                        destination,
-                        plan,
-                        pending,
-                        progress_dir,
-                        read_nonzeros,
-                        np.uint16,
-                        progress,
-                        pool,
-                    )
-                except _WideCounts:
-                    log.info("a count exceeds 65,535: writing the shards' counts as uint32")
-                    _scatter_into_shards(
-                        source,
-                        destination,
-                        plan,
-                        pending,
-                        progress_dir,
-                        read_nonzeros,
-                        np.uint32,
-                        progress,
-                        pool,
-                    )
-                for index in pending:
-                    done[index] = _finalize_shard(index, plan, progress_dir, out_dir, pool)
-                    if on_shard_written is not None:
-                        on_shard_written(index)
-            _fsync_directory(out_dir)
-
-    # obs in store order; index = unique obs names
-    store_obs = kept_obs.iloc[permutation].copy()
-    store_obs.index = unique_names(pd.Index(store_obs.index.astype(str)))
-    store_obs.index.name = "obs_name"
+        source = _Source(element, rows, gene_columns, path)
+        done = _write_shards(source, destination, plan, out_dir, read_nonzeros, progress, on_shard_written)
+    store_obs = kept_obs.iloc[permutation].copy()  # obs in store order; index = unique obs names
     store_obs[SOURCE_ROW] = rows[permutation]
-    for column in store_obs.columns:  # parquet wants one type per column
-        if store_obs[column].dtype == object:
-            store_obs[column] = store_obs[column].astype(str).where(store_obs[column].notna(), None)
-    with atomic_path(out_dir / OBS_FILE) as tmp:
-        store_obs.to_parquet(tmp)
-    gene_ids = np.asarray(kept_var.index.astype(str))
-    manifest = {
-        "format": STORE_FORMAT,
-        "format_version": STORE_VERSION,
-        "plan": plan.key,
-        "n_cells": plan.n_cells,
-        "n_genes": n_genes,
-        "shard_size": plan.shard_size,
-        "seed": int(seed),
-        "gene_ids": gene_ids.tolist(),
-        "gene_symbols": (
-            kept_var[keys.GENE_SYMBOL].astype(str).tolist() if keys.GENE_SYMBOL in kept_var.columns else None
-        ),
-        "obs_file": OBS_FILE,
-        "obs_columns": [c for c in store_obs.columns],
-        "obs_sha256": file_sha256(out_dir / OBS_FILE),
-        "shards": [{k: v for k, v in done[index].items() if k != "plan"} for index in range(plan.n_shards)],
-        "source": {**fingerprint, "layer": source_name, "n_cells": len(obs), "n_genes": len(var)},
-        "selection": describe,
-    }
-    write_json(manifest, manifest_path)
-    shutil.rmtree(progress_dir, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    log.info(
-        "wrote cell store %s: %d cells × %d genes in %d shards (%.1f s, %.0f cells/s)",
-        out_dir,
-        plan.n_cells,
-        n_genes,
-        plan.n_shards,
-        seconds,
-        plan.n_cells / max(seconds, 1e-9),
-    )
-    return manifest
+    _write_obs(out_dir, store_obs)
+    has_symbols = keys.GENE_SYMBOL in kept_var.columns
+    symbols = kept_var[keys.GENE_SYMBOL].astype(str).tolist() if has_symbols else None
+    gene_ids = kept_var.index.astype(str).tolist()
+    manifest = _manifest(plan, seed, gene_ids, symbols, store_obs.columns, done, out_dir)
+    manifest["source"] = {**fingerprint, "layer": source_name, "n_cells": len(obs), "n_genes": len(var)}
+    manifest["selection"] = describe
+    return _finish(manifest, out_dir, plan, started)
+
+
+# ------------------------------------------------------------------------------------------ several files
+CELL_DATASETS_FILE = "datasets.npy"  # multi-file store: uint16 dataset index of every store row
+_INPUT_KEYS = {"path": "path", "batch": "batch_column", "genes": "gene_column", "name": "name"}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of a multi-file store (:func:`convert_many`).
+
+    ``batch_column``: the obs column of its batches (None: the dataset name is every cell's batch);
+    ``gene_column``: the var column naming its genes (None: ``var_names``); ``name``: the dataset name
+    (None: the file's stem, made unique).
+    """
+
+    path: str
+    batch_column: str | None = None
+    gene_column: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def parse(
+        cls, spec: str | os.PathLike | Mapping | InputFile, batch_column: str | None = None,
+        gene_column: str | None = None,
+    ) -> InputFile:  # fmt: skip
+        """An input from ``PATH``, ``PATH:batch=COL,genes=COL,name=NAME`` (any of the three keys) or a
+        mapping ``{path, batch_column, gene_column, name}``; ``batch_column``/``gene_column`` fill the
+        keys the spec leaves out."""
+        if isinstance(spec, InputFile):
+            values = asdict(spec)
+        elif isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - set(_INPUT_KEYS.values()))
+            if unknown or "path" not in spec:
+                raise NeurofmError(
+                    f"data file entry {dict(spec)} has unknown keys {unknown} or no path; use "
+                    "{path: FILE.h5ad, batch_column: COL, gene_column: COL}"
+                )
+            values = dict(spec)
+        else:
+            values = _parse_spec(str(spec))
+        values.setdefault("batch_column", batch_column)
+        values.setdefault("gene_column", gene_column)
+        return cls(**{key: values.get(key) for key in ("path", "batch_column", "gene_column", "name")})
+
+
+def _parse_spec(text: str) -> dict:
+    """``PATH[:key=value,…]`` → {path, batch_column, gene_column, name} (keys given only)."""
+    path, _, options = text.rpartition(":") if "=" in text.rpartition(":")[2] else (text, "", "")
+    values: dict[str, Any] = {"path": path}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key.strip() not in _INPUT_KEYS or key.strip() == "path" or not value.strip():
+            raise NeurofmError(
+                f"input {text!r}: {option!r} is not batch=COL, genes=COL or name=NAME; write e.g. "
+                "cells.h5ad:batch=donor,genes=gene_symbol"
+            )
+        values[_INPUT_KEYS[key.strip()]] = value.strip()
+    return values
+
+
+@dataclass
+class _Input:
+    """One opened input: what convert_many reads of it."""
+
+    spec: InputFile
+    path: Path
+    obs: pd.DataFrame
+    genes: FileGenes
+    element: Any
+    layer: str
+
+
+def _open_input(stack: ExitStack, spec: InputFile, layer: str | None) -> _Input:
+    path = check_h5ad_path(spec.path)
+    handle = stack.enter_context(_open_h5(path))
+    obs, var = _read_frame(handle, "obs", path), _read_frame(handle, "var", path)
+    element, source_name = _matrix_element(handle, layer, path)
+    _check_csr(element, source_name, path)
+    if len(obs) == 0 or len(var) == 0:
+        raise NeurofmError(
+            f"{path} holds an empty matrix ({len(obs)} × {len(var)}); pass an .h5ad with counts"
+        )
+    for column, table, flag in ((spec.batch_column, obs, "batch"), (spec.gene_column, var, "genes")):
+        if column is not None and column not in table.columns:
+            raise NeurofmError(
+                f"{path.name} has no {'obs' if flag == 'batch' else 'var'} column {column!r} (columns: "
+                f"{list(table.columns)[:8]}); name an existing one ({path.name}:{flag}=COL) or leave it out"
+            )
+    if spec.gene_column is None:
+        names, key = var.index.astype(str).to_numpy(), "var_names"
+    else:
+        names, key = var[spec.gene_column].astype(str).to_numpy(), f"var['{spec.gene_column}']"
+    symbols = var[keys.GENE_SYMBOL].astype(str).to_numpy() if keys.GENE_SYMBOL in var.columns else None
+    return _Input(spec, path, obs, FileGenes(names, key, symbols), element, source_name)
+
+
+def _dataset_names(inputs: Sequence[_Input]) -> list[str]:
+    names = [item.spec.name or item.path.stem for item in inputs]
+    return list(unique_names(pd.Index(names))) if len(set(names)) < len(names) else names
+
+
+def _multi_obs(inputs: Sequence[_Input], names: list[str]) -> pd.DataFrame:
+    """All files' obs, one after the other, + ``dataset``, ``batch`` and ``source_row`` (row in its file)."""
+    parts = []
+    for item, name in zip(inputs, names, strict=True):
+        obs = item.obs.copy()
+        column = item.spec.batch_column
+        obs[keys.BATCH] = name if column is None else obs[column].astype(str).to_numpy()
+        obs[keys.DATASET] = name
+        obs[SOURCE_ROW] = np.arange(len(obs), dtype=np.int64)
+        parts.append(obs)
+    return pd.concat(parts, axis=0, join="outer")
+
+
+def convert_many(
+    files: Sequence[str | os.PathLike | Mapping | InputFile],
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 65536,
+    seed: int = 0,
+    layer: str | None = None,
+    read_nonzeros: int = 1 << 23,
+    progress: bool = False,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> dict:
+    """One cell store from several ``.h5ad`` files (each a path, a ``PATH:batch=COL,genes=COL`` spec, a
+    mapping or an :class:`InputFile`); return the manifest.
+
+    The store holds the union gene vocabulary (:mod:`neurofm.data.vocabulary`); the cells of all files
+    are permuted together (``seed``) and written file by file in the same one-pass, row-block way as
+    :func:`convert` (never densified; resumable; ``shard_size``, ``layer``, ``read_nonzeros`` as there).
+    obs gets ``dataset`` (the dataset name), ``batch`` (the file's batch column, else the dataset name)
+    and ``source_row`` (the row in its file); ``datasets.npy`` holds each store row's dataset index; the
+    manifest's ``datasets`` list records per file its source, cells, gene match and ``measured_genes``
+    (the store genes it measures: the others are unobserved for its cells, not zero).
+    """
+    started = time.perf_counter()
+    specs = [InputFile.parse(spec) for spec in files]
+    if not specs:
+        raise NeurofmError("convert_many needs at least one input file; pass .h5ad paths")
+    out_dir = _check_out_dir(out_dir, shard_size)
+    with ExitStack() as stack:
+        inputs = [_open_input(stack, spec, layer) for spec in specs]
+        names = _dataset_names(inputs)
+        union = union_genes([item.genes for item in inputs])
+        records = [
+            {"name": name, **_fingerprint(item.path), "layer": item.layer, "n_cells": len(item.obs),
+             "batch_column": item.spec.batch_column, "gene_column": item.spec.gene_column,
+             "genes": record, "n_measured": int(union.measured(f).size),
+             "measured_genes": union.measured(f).tolist()}
+            for f, (item, name, record) in enumerate(zip(inputs, names, union.records, strict=True))
+        ]  # fmt: skip
+        plan_record = {"datasets": [{k: v for k, v in r.items() if k != "measured_genes"} for r in records],
+                       "seed": int(seed), "shard_size": int(shard_size), "format": [STORE_FORMAT, STORE_VERSION]}  # fmt: skip
+        n_cells = sum(len(item.obs) for item in inputs)
+        plan = _plan_for(plan_record, n_cells, shard_size)
+        if (existing := _finished_store(out_dir, plan, f"{len(inputs)} files")) is not None:
+            return existing
+        permutation = np.random.default_rng(seed).permutation(n_cells)
+        destination = np.empty(n_cells, dtype=np.int64)  # store row of each cell (files one after the other)
+        destination[permutation] = np.arange(n_cells)
+        sources = _Sources([
+            _Source(item.element, np.arange(len(item.obs)), None, item.path, column_map=column)
+            for item, column in zip(inputs, union.columns, strict=True)
+        ])  # fmt: skip
+        done = _write_shards(sources, destination, plan, out_dir, read_nonzeros, progress, on_shard_written)
+        store_obs = _multi_obs(inputs, names).iloc[permutation].copy()
+    _write_obs(out_dir, store_obs)
+    dataset_of_cell = np.repeat(np.arange(len(inputs), dtype=np.uint16), np.diff(sources.offsets))
+    manifest = _manifest(plan, seed, union.gene_ids, union.gene_symbols, store_obs.columns, done, out_dir)
+    manifest["datasets"] = records
+    manifest["cell_datasets"] = _write_cell_datasets(out_dir, dataset_of_cell[permutation])
+    for record in records:
+        log.info("dataset %s: %d cells, %d of the store's %d genes measured (%s)", record["name"],
+                 record["n_cells"], record["n_measured"], union.n_genes, record["genes"]["matched_by"])  # fmt: skip
+    return _finish(manifest, out_dir, plan, started)
+
+
+def _write_cell_datasets(out_dir: Path, dataset_of_row: np.ndarray) -> dict:
+    """Write ``datasets.npy`` (atomically, fsync'ed); its manifest record {file, size, sha256}."""
+    with atomic_path(out_dir / CELL_DATASETS_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(dataset_of_row, dtype=np.uint16), allow_pickle=False)
+    return {"file": CELL_DATASETS_FILE, **_synced_digest(out_dir / CELL_DATASETS_FILE)}
 
 
 def _read_blocks(rows: np.ndarray, lengths: np.ndarray, read_nonzeros: int):
@@ -497,7 +700,16 @@ class _WideCounts(Exception):
 class _Source:
     """The kept rows of the source matrix, read in row blocks (CSR group or dense dataset)."""
 
-    def __init__(self, element, rows: np.ndarray, gene_columns: np.ndarray | None, path: Path):
+    def __init__(
+        self,
+        element,
+        rows: np.ndarray,
+        gene_columns: np.ndarray | None,
+        path: Path,
+        column_map: np.ndarray | None = None,
+    ):
+        """``gene_columns``: the source columns kept, in store order; or ``column_map``: the store gene
+        of every source column (-1: dropped), as a multi-file store maps a file onto its vocabulary."""
         self.element, self.rows, self.path = element, rows, path
         self.is_csr = isinstance(element, h5py.Group)
         n_source_genes = int(element.attrs["shape"][1]) if self.is_csr else int(element.shape[1])
@@ -507,6 +719,12 @@ class _Source:
             self.column_map = np.full(n_source_genes, -1, dtype=np.int32)
             self.column_map[gene_columns] = np.arange(gene_columns.size, dtype=np.int32)
             self.reordered = not np.all(np.diff(gene_columns) > 0)
+        elif column_map is not None:
+            self.column_map = np.asarray(column_map, dtype=np.int32)
+            kept = self.column_map[self.column_map >= 0]
+            identity = kept.size == n_source_genes and np.array_equal(kept, np.arange(n_source_genes))
+            self.column_map = None if identity else self.column_map
+            self.reordered = not np.all(np.diff(kept) > 0)
         if self.is_csr:
             self.indptr = element["indptr"][:].astype(np.int64)
             self.stored = self.indptr[rows + 1] - self.indptr[rows]  # values per kept row in the file
@@ -554,6 +772,50 @@ class _Source:
         return lengths
 
 
+class _Sources:
+    """Several :class:`_Source` read one after the other, as one: rows numbered across all of them."""
+
+    def __init__(self, sources: Sequence[_Source]):
+        self.sources = list(sources)
+        self.offsets = np.concatenate([[0], np.cumsum([s.rows.size for s in self.sources])]).astype(np.int64)
+
+    def blocks(self, read_nonzeros: int):
+        for offset, source in zip(self.offsets[:-1].tolist(), self.sources, strict=True):
+            for start, stop, data, indices, row_lengths in source.blocks(read_nonzeros):
+                yield start + offset, stop + offset, data, indices, row_lengths
+
+    def kept_lengths(self, read_nonzeros: int) -> np.ndarray:
+        return np.concatenate([source.kept_lengths(read_nonzeros) for source in self.sources])
+
+
+def _create_shard_files(
+    lengths: np.ndarray,
+    destination: np.ndarray,
+    plan: _Plan,
+    pending: list[int],
+    progress_dir: Path,
+    data_dtype,
+) -> np.ndarray:
+    """Create the pending shards' files (``indptr`` written, the others sized) from the kept rows'
+    stored-value ``lengths``; return each kept row's value offset inside its shard."""
+    store_lengths = np.empty_like(lengths)
+    store_lengths[destination] = lengths
+    offsets = np.empty(lengths.size, dtype=np.int64)
+    for k in range(plan.n_shards):
+        first, last = k * plan.shard_size, min((k + 1) * plan.shard_size, plan.n_cells)
+        indptr = np.concatenate([[0], np.cumsum(store_lengths[first:last])]).astype(np.int64)
+        offsets_sel = np.flatnonzero((destination >= first) & (destination < last))
+        offsets[offsets_sel] = indptr[:-1][destination[offsets_sel] - first]
+        if k in pending:
+            directory = progress_dir / _shard_name(k)
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            np.save(directory / "indptr.npy", indptr)
+            for name, dtype in (("indices.npy", np.int32), ("data.npy", data_dtype)):
+                np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=(int(indptr[-1]),))
+    return offsets
+
+
 def _scatter_into_shards(
     source: _Source,
     destination: np.ndarray,
@@ -571,25 +833,9 @@ def _scatter_into_shards(
     source order is copied straight to its final offset in the shard files (memory-mapped, re-opened
     per read block so that written pages leave this process's resident memory).
     """
-    lengths = source.kept_lengths(read_nonzeros)
-    store_lengths = np.empty_like(lengths)
-    store_lengths[destination] = lengths
-    offsets = np.empty(lengths.size, dtype=np.int64)  # value offset of each kept row inside its shard
-    shard_values = np.zeros(plan.n_shards, dtype=np.int64)
-    for k in range(plan.n_shards):
-        first, last = k * plan.shard_size, min((k + 1) * plan.shard_size, plan.n_cells)
-        indptr = np.concatenate([[0], np.cumsum(store_lengths[first:last])]).astype(np.int64)
-        shard_values[k] = indptr[-1]
-        offsets_in_store_order = indptr[:-1]
-        offsets_sel = np.flatnonzero((destination >= first) & (destination < last))
-        offsets[offsets_sel] = offsets_in_store_order[destination[offsets_sel] - first]
-        if k in pending:
-            directory = progress_dir / _shard_name(k)
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir()
-            np.save(directory / "indptr.npy", indptr)
-            for name, dtype in (("indices.npy", np.int32), ("data.npy", data_dtype)):
-                np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=(int(indptr[-1]),))
+    offsets = _create_shard_files(
+        source.kept_lengths(read_nonzeros), destination, plan, pending, progress_dir, data_dtype
+    )
     is_pending = np.zeros(plan.n_shards, dtype=bool)
     is_pending[pending] = True
     limit = np.iinfo(data_dtype).max
@@ -759,6 +1005,7 @@ class CellStore:
         self.gene_ids = np.asarray(self.manifest["gene_ids"], dtype=str)
         self._mapped: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._files: dict[tuple[int, str], tuple[int, int, np.dtype]] = {}  # (fd, data offset, dtype)
+        self._cell_datasets: np.ndarray | None = None
         self.check(verify=verify)
 
     @property
@@ -787,28 +1034,38 @@ class CellStore:
         of the wrong SHA-256; ``verify="once"`` hashes only the files changed since their last good check."""
         stamps = self._read_stamps() if verify == "once" else {}
         checked: dict[str, list[int]] = {}
-        for shard in self.shards:
-            for name, expected in shard["files"].items():
-                file = self.path / shard["name"] / name
-                key = f"{shard['name']}/{name}"
-                problem = None
-                if not file.is_file():
-                    problem = "is missing"
-                elif (stat := file.stat()).st_size != expected["size"]:
-                    problem = f"has {stat.st_size} bytes, the manifest says {expected['size']}"
-                elif verify:
-                    identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-                    if stamps.get(key) != [*identity, expected["sha256"]]:
-                        if file_sha256(file) != expected["sha256"]:
-                            problem = "does not match its SHA-256 in the manifest"
-                    checked[key] = [*identity, expected["sha256"]]
-                if problem:
-                    raise NeurofmError(
-                        f"cell store shard file {file} {problem} (changed or corrupt); convert the store again "
-                        "(in a pipeline: delete the store directory or rerun with --no-cache)"
-                    )
+        for key, expected in self._recorded_files():
+            file = self.path / key
+            problem = None
+            if not file.is_file():
+                problem = "is missing"
+            elif (stat := file.stat()).st_size != expected["size"]:
+                problem = f"has {stat.st_size} bytes, the manifest says {expected['size']}"
+            elif verify:
+                identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                if stamps.get(key) != [*identity, expected["sha256"]]:
+                    if file_sha256(file) != expected["sha256"]:
+                        problem = "does not match its SHA-256 in the manifest"
+                checked[key] = [*identity, expected["sha256"]]
+            if problem:
+                raise NeurofmError(
+                    f"cell store file {file} {problem} (changed or corrupt); convert the store again "
+                    "(in a pipeline: delete the store directory or rerun with --no-cache)"
+                )
         if verify == "once" and checked != stamps:
             self._write_stamps(checked)
+
+    def _recorded_files(self) -> list[tuple[str, dict]]:
+        """(path inside the store, its {size, sha256}) of every file the manifest records."""
+        files = [
+            (f"{shard['name']}/{name}", expected)
+            for shard in self.shards
+            for name, expected in shard["files"].items()
+        ]
+        if "cell_datasets" in self.manifest:
+            record = self.manifest["cell_datasets"]
+            files.append((record["file"], record))
+        return files
 
     _STAMPS = ".verified.json"
 
@@ -828,6 +1085,48 @@ class CellStore:
                 tmp.write_text(json.dumps({"manifest_sha256": self.manifest_sha256, **checked}))
         except (OSError, NeurofmError):
             pass
+
+    # ------------------------------------------------------------------------------ datasets
+    @property
+    def datasets(self) -> list[dict]:
+        """Per source file (``convert_many``): its manifest record (name, source, gene match,
+        ``measured_genes``). A single-file store is one dataset measuring every gene."""
+        if "datasets" in self.manifest:
+            return self.manifest["datasets"]
+        return [{"name": Path(self.manifest.get("source", {}).get("path", "cells")).stem,
+                 "n_cells": self.n_cells, "measured_genes": None}]  # fmt: skip
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return [record["name"] for record in self.datasets]
+
+    @property
+    def observed_genes(self) -> np.ndarray:
+        """bool (datasets × genes): which store genes each dataset measures (the others are unobserved
+        in its cells: no token, not in the library size — never a measured zero)."""
+        observed = np.zeros((len(self.datasets), self.n_genes), dtype=bool)
+        for index, record in enumerate(self.datasets):
+            measured = record.get("measured_genes")
+            observed[index, slice(None) if measured is None else np.asarray(measured, dtype=np.int64)] = True
+        return observed
+
+    def cell_datasets(self) -> np.ndarray:
+        """uint16 (n_cells,): the dataset index of every store row (zeros for a single-file store)."""
+        if "cell_datasets" not in self.manifest:
+            return np.zeros(self.n_cells, dtype=np.uint16)
+        if self._cell_datasets is None:
+            path = self.path / self.manifest["cell_datasets"]["file"]
+            try:
+                values = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise NeurofmError(f"cannot read {path} ({error}); convert the store again") from None
+            if values.shape != (self.n_cells,) or (values.size and int(values.max()) >= len(self.datasets)):
+                raise NeurofmError(
+                    f"{path} does not give a dataset of each of the {self.n_cells} cells (corrupt); convert the "
+                    "store again"
+                )
+            self._cell_datasets = values
+        return self._cell_datasets
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

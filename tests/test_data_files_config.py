@@ -1,0 +1,56 @@
+"""Several data files in a run configuration: ``data.files`` and ``run.py --data A --data B``."""
+
+from __future__ import annotations
+
+import pytest
+
+import run
+from neurofm.config import load_config
+from neurofm.errors import NeurofmError
+
+
+def test_data_files_take_paths_and_mappings():
+    files = ["a.h5ad", {"path": "b.h5ad", "batch_column": "donor", "gene_column": "gene_symbol"}]
+    config = load_config(None, values={"data.files": files})
+    assert config["data"]["files"] == files and config["data"]["path"] is None
+    assert load_config(None)["data"]["files"] is None
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"data.files": []}, "must be a list"),
+        ({"data.files": "a.h5ad"}, "must be a list"),
+        ({"data.files": ["a.h5ad"], "data.path": "b.h5ad"}, "both set"),
+        ({"data.files": [{"path": "a.h5ad", "batch": "donor"}]}, "unknown keys \\['batch'\\]"),
+        ({"data.files": [{"batch_column": "donor"}]}, "no path"),
+        ({"data.files": [3]}, "neither a path"),
+    ],
+)
+def test_bad_data_files_are_refused_naming_the_fix(values, message):
+    with pytest.raises(NeurofmError, match=message):
+        load_config(None, values=values)
+
+
+def test_one_data_flag_keeps_data_path_and_several_fill_data_files(tmp_path):
+    one = run.load_run_config(run.build_parser().parse_args(["--data", "a.h5ad", "--out", str(tmp_path)]))
+    assert one["data"]["path"] == "a.h5ad" and one["data"]["files"] is None
+    argv = [
+        "--pipeline",
+        "pretrain",
+        "--data",
+        "a.h5ad",
+        "--data",
+        "b.h5ad:batch=donor",
+        "--out",
+        str(tmp_path),
+    ]
+    several = run.load_run_config(run.build_parser().parse_args(argv))
+    assert several["data"]["path"] is None and several["data"]["files"] == ["a.h5ad", "b.h5ad:batch=donor"]
+
+
+def test_several_data_files_end_in_one_line_until_the_pipelines_take_them(tmp_path, capsys):
+    argv = ["--pipeline", "pretrain", "--data", "a.h5ad", "--data", "b.h5ad", "--out", str(tmp_path)]
+    assert run.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "neurofm convert A.h5ad B.h5ad" in error
