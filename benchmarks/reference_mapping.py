@@ -55,12 +55,14 @@ def sample(adata, n_cells: int, seed: int):
     return adata[rows].copy()
 
 
-def pretrain_model(reference, epochs: int, seed: int, out_dir: Path) -> Path:
+def pretrain_model(reference, epochs: int, seed: int, out_dir: Path, count_head_epochs: int | None = None) -> Path:
     from neurofm.model import ModelConfig
     from neurofm.tokenizer import TokenizerConfig
     from neurofm.train import TrainConfig, pretrain
 
     config = replace(TrainConfig(), epochs=epochs, seed=seed, progress=False, device="cpu")
+    if count_head_epochs is not None:  # capped: scVI's rule gives 400 epochs at 10,000 cells
+        config = replace(config, count_head_epochs=count_head_epochs)
     result = pretrain(reference, TokenizerConfig(), ModelConfig(), config, out_dir)
     return Path(result.model_dir)
 
@@ -108,6 +110,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3, help="pre-training epochs of the model")
+    parser.add_argument("--count-head-epochs", type=int, default=None,
+                        help="cap the count head's phase (None: scVI's rule, up to 400 epochs, early-stopped)")
     parser.add_argument("--ref-cells", type=int, default=10_000)
     parser.add_argument("--query-cells", type=int, default=10_000)
     parser.add_argument("--directions", nargs="+", default=["donor1->donor2", "donor2->donor1"])
@@ -136,7 +140,7 @@ def main(argv=None) -> None:
                 extra: dict = {}
                 if method == "model":
                     with tempfile.TemporaryDirectory() as tmp:
-                        model_dir = pretrain_model(reference, args.epochs, seed, Path(tmp))
+                        model_dir = pretrain_model(reference, args.epochs, seed, Path(tmp), args.count_head_epochs)
                         add_reference(model_dir, reference, ReferenceConfig(label_columns=LEVELS), progress=False)
                         ref_x, _, _ = map_labels(reference, model_dir, progress=False)
                         query_x, _, _ = map_labels(query, model_dir, progress=False)
