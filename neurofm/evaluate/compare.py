@@ -28,7 +28,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,31 @@ MODEL = "model"
 CONTROLS = ("random",)  # controls: shown, never the "strongest baseline"
 
 
+@dataclass(frozen=True)
+class _Protocol:
+    """What every method shares in one evaluation: the split, the settings and the cell samples."""
+
+    split: ProbeSplit
+    probe_config: ProbeConfig
+    cluster_config: ClusterConfig
+    seed: int
+    figures: bool
+    views: tuple[str, ...]
+    label_efficiency_shots: Sequence[Shot]
+    label_efficiency_draws: int
+    max_cells_cluster: int | None
+    max_cells_visualize: int | None
+    cluster_cells: np.ndarray | None  # the seeded sample clustered; None: every cell
+    view_cells: np.ndarray | None  # the seeded sample drawn in t-SNE/UMAP; None: every cell
+
+    @property
+    def same_cells(self) -> bool:
+        """Whether t-SNE/UMAP draw exactly the clustered cells (so the kNN graph and cluster UMAPs apply)."""
+        if self.view_cells is None or self.cluster_cells is None:
+            return self.view_cells is None and self.cluster_cells is None
+        return bool(np.array_equal(self.view_cells, self.cluster_cells))
+
+
 def evaluate_embeddings(
     embeddings: Mapping[str, np.ndarray],
     labels: np.ndarray,
@@ -130,6 +155,55 @@ def evaluate_embeddings(
     started = time.perf_counter()
     probe_config = probe_config or ProbeConfig()
     cluster_config = cluster_config or ClusterConfig()
+    labels = _check_inputs(embeddings, labels)
+    out_dir = ensure_writable_dir(out_dir)
+    protocol = _Protocol(
+        split=split or make_split(labels, probe_config, groups),
+        probe_config=probe_config,
+        cluster_config=cluster_config,
+        seed=seed,
+        figures=figures,
+        views=tuple(views),
+        label_efficiency_shots=label_efficiency_shots,
+        label_efficiency_draws=label_efficiency_draws,
+        max_cells_cluster=max_cells_cluster,
+        max_cells_visualize=max_cells_visualize,
+        cluster_cells=subsample_cells(len(labels), max_cells_cluster, seed),
+        view_cells=subsample_cells(len(labels), max_cells_visualize, seed),
+    )
+    timings: dict[str, float] = {}
+    methods = _evaluate_methods(embeddings, labels, protocol, out_dir, timings)
+    efficiency_started = time.perf_counter()
+    efficiency = _label_efficiency(embeddings, labels, protocol)
+    timings["label_efficiency"] = time.perf_counter() - efficiency_started
+    _add_fewshot_metrics(methods, efficiency)
+    strongest = strongest_baselines(methods)
+    summary_all = _summary(methods, efficiency, strongest)
+    summary = {key: value for key, value in summary_all.items() if math.isfinite(value)}
+    baselines = _baselines_table(methods)
+    paths = _write_run_tables(baselines, efficiency, summary, out_dir, protocol)
+    timings["total"] = time.perf_counter() - started
+    class_counts = _counts(labels)
+    result = EvaluationResult(
+        out_dir=out_dir,
+        methods=methods,
+        baselines=baselines,
+        label_efficiency=efficiency,
+        summary=summary,
+        split=protocol.split,
+        classes=list(class_counts),
+        class_counts=class_counts,
+        settings=_settings(protocol, len(labels), strongest, list(methods)),
+        timings=timings,
+        paths=paths,
+    )
+    paths["run_meta"] = _write_run_meta(result, labels, groups, summary_all)
+    return result
+
+
+def _check_inputs(embeddings: Mapping[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """The checked labels; refuses no embeddings, method names unfit for a folder, and embeddings of
+    different numbers of cells (or of another number than the labels)."""
     if not embeddings:
         raise NeurofmError("no embeddings to evaluate; pass e.g. {'model': X_model, 'pca': X_pca}")
     for name in embeddings:
@@ -138,78 +212,103 @@ def evaluate_embeddings(
     n_cells = {name: np.asarray(matrix).shape[0] for name, matrix in embeddings.items()}
     if len(set(n_cells.values())) != 1:
         raise NeurofmError(f"embeddings cover different numbers of cells {n_cells}; embed the same cells")
-    labels = check_labels(labels, n_cells=next(iter(n_cells.values())))
-    out_dir = ensure_writable_dir(out_dir)
-    split = split or make_split(labels, probe_config, groups)
-    classes, counts = np.unique(labels, return_counts=True)
-    timings: dict[str, float] = {}
-    cluster_cells = subsample_cells(len(labels), max_cells_cluster, seed)
-    view_cells = subsample_cells(len(labels), max_cells_visualize, seed)
-    if cluster_cells is not None:
-        logger.info("clustering a seeded sample of %d of %d cells", len(cluster_cells), len(labels))
+    return check_labels(labels, n_cells=next(iter(n_cells.values())))
 
+
+def _evaluate_methods(
+    embeddings: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    protocol: _Protocol,
+    out_dir: Path,
+    timings: dict[str, float],
+) -> dict[str, MethodResult]:
+    """Every method's result, its files under ``out_dir/<method>``; each one's seconds go into ``timings``.
+
+    Clustering runs on ``protocol.cluster_cells`` when a sample was drawn (logged once here).
+    """
+    if protocol.cluster_cells is not None:
+        logger.info("clustering a seeded sample of %d of %d cells", len(protocol.cluster_cells), len(labels))
     methods: dict[str, MethodResult] = {}
     for name, matrix in embeddings.items():
         method_started = time.perf_counter()
-        embedding = probe_module.check_embedding(matrix)
-        probe_result = run_probe(embedding, labels, probe_config, split=split)
-        cluster_rows = slice(None) if cluster_cells is None else cluster_cells
-        cluster_result = cluster_embedding(
-            embedding[cluster_rows], labels[cluster_rows], **asdict(cluster_config)
-        )
-        metrics = {**probe_result.metrics(), **cluster_result.metrics()}
-        method = MethodResult(
-            name=name,
-            embedding_dim=int(embedding.shape[1]),
-            probe=probe_result,
-            clusters=cluster_result,
-            visualization=None,
-            metrics=metrics,
-        )
-        method.paths.update(_write_method_tables(method, out_dir / name))
-        if figures:
-            same_cells = (view_cells is None and cluster_cells is None) or (
-                view_cells is not None
-                and cluster_cells is not None
-                and np.array_equal(view_cells, cluster_cells)
-            )
-            view_rows = slice(None) if view_cells is None else view_cells
-            method.visualization = visualize(
-                embedding[view_rows],
-                labels[view_rows],
-                out_dir / name,
-                seed=seed,
-                n_neighbors=cluster_config.n_neighbors,
-                metric=cluster_config.metric,
-                name=name,
-                graph=cluster_result.graph if same_cells else None,
-                methods=tuple(views),
-            )
-            method.paths.update(method.visualization.paths)
-            method.paths.update(
-                _write_method_figures(
-                    method, embedding, labels, out_dir / name, view_rows if same_cells else None
-                )
-            )
-        methods[name] = method
+        methods[name] = _evaluate_method(name, matrix, labels, protocol, out_dir / name)
         timings[name] = time.perf_counter() - method_started
-        logger.info("evaluated %s in %.1f s: %s", name, timings[name], _headline(metrics))
+        logger.info("evaluated %s in %.1f s: %s", name, timings[name], _headline(methods[name].metrics))
+    return methods
 
-    efficiency_started = time.perf_counter()
-    efficiency = label_efficiency(
+
+def _evaluate_method(
+    name: str, matrix: np.ndarray, labels: np.ndarray, protocol: _Protocol, directory: Path
+) -> MethodResult:
+    """Probe and cluster one embedding; write its tables (and figures, when on) under ``directory``."""
+    embedding = probe_module.check_embedding(matrix)
+    probe_result = run_probe(embedding, labels, protocol.probe_config, split=protocol.split)
+    cluster_rows = slice(None) if protocol.cluster_cells is None else protocol.cluster_cells
+    cluster_result = cluster_embedding(
+        embedding[cluster_rows], labels[cluster_rows], **asdict(protocol.cluster_config)
+    )
+    method = MethodResult(
+        name=name,
+        embedding_dim=int(embedding.shape[1]),
+        probe=probe_result,
+        clusters=cluster_result,
+        visualization=None,
+        metrics={**probe_result.metrics(), **cluster_result.metrics()},
+    )
+    method.paths.update(_write_method_tables(method, directory))
+    if protocol.figures:
+        _draw_method(method, embedding, labels, protocol, directory)
+    return method
+
+
+def _draw_method(
+    method: MethodResult, embedding: np.ndarray, labels: np.ndarray, protocol: _Protocol, directory: Path
+) -> None:
+    """Compute the 2-D views of one method and draw all its figures; sets ``method.visualization`` and
+    adds the figure paths to ``method.paths``."""
+    same_cells = protocol.same_cells
+    view_rows = slice(None) if protocol.view_cells is None else protocol.view_cells
+    method.visualization = visualize(
+        embedding[view_rows],
+        labels[view_rows],
+        directory,
+        seed=protocol.seed,
+        n_neighbors=protocol.cluster_config.n_neighbors,
+        metric=protocol.cluster_config.metric,
+        name=method.name,
+        graph=method.clusters.graph if same_cells else None,
+        methods=protocol.views,
+    )
+    method.paths.update(method.visualization.paths)
+    method.paths.update(
+        _write_method_figures(method, embedding, labels, directory, view_rows if same_cells else None)
+    )
+
+
+def _label_efficiency(
+    embeddings: Mapping[str, np.ndarray], labels: np.ndarray, protocol: _Protocol
+) -> pd.DataFrame:
+    """The label-efficiency table of every method (see :func:`label_efficiency`), on the shared split."""
+    return label_efficiency(
         {name: np.asarray(matrix) for name, matrix in embeddings.items()},
         labels,
-        shots=label_efficiency_shots,
-        n_draws=label_efficiency_draws,
-        seed=seed,
-        split=split,
-        probe_config=probe_config,
+        shots=protocol.label_efficiency_shots,
+        n_draws=protocol.label_efficiency_draws,
+        seed=protocol.seed,
+        split=protocol.split,
+        probe_config=protocol.probe_config,
     )
-    timings["label_efficiency"] = time.perf_counter() - efficiency_started
 
-    for row in efficiency.itertuples(index=False):  # the few-shot headline joins the method's metrics
+
+def _add_fewshot_metrics(methods: Mapping[str, MethodResult], efficiency: pd.DataFrame) -> None:
+    """Add ``fewshot<shots>_f1`` and ``fewshot<shots>_f1_sd`` to every method's metrics."""
+    for row in efficiency.itertuples(index=False):
         methods[row.method].metrics[f"fewshot{row.shots}_f1"] = float(row.f1_mean)
         methods[row.method].metrics[f"fewshot{row.shots}_f1_sd"] = float(row.f1_sd)
+
+
+def _baselines_table(methods: Mapping[str, MethodResult]) -> pd.DataFrame:
+    """One row per method in :data:`BASELINE_COLUMNS` order, the few-shot columns after them."""
     baselines = pd.DataFrame(
         [
             {
@@ -221,65 +320,70 @@ def evaluate_embeddings(
             for m in methods.values()
         ]
     )
-    baselines = baselines.reindex(
+    return baselines.reindex(
         columns=BASELINE_COLUMNS + [c for c in baselines.columns if c.startswith("fewshot")]
     )
-    strongest = strongest_baselines(methods)
-    summary_all = _summary(methods, efficiency, strongest)
-    summary = {key: value for key, value in summary_all.items() if math.isfinite(value)}
-    undefined = sorted(set(summary_all) - set(summary))
 
+
+def _write_run_tables(
+    baselines: pd.DataFrame,
+    efficiency: pd.DataFrame,
+    summary: Mapping[str, float],
+    out_dir: Path,
+    protocol: _Protocol,
+) -> dict[str, Path]:
+    """Write baselines.csv, label_efficiency.csv (and its figure, when on) and summary.json; their paths."""
     paths: dict[str, Path] = {}
     paths["baselines"] = _write_csv(baselines, out_dir / "baselines.csv", index=False)
     paths["label_efficiency"] = _write_csv(efficiency, out_dir / "label_efficiency.csv", index=False)
-    if figures:
+    if protocol.figures:
         paths["label_efficiency_plot"] = plots.plot_label_efficiency(
             efficiency,
             out_dir / "label_efficiency.png",
-            title=f"Label efficiency ({label_efficiency_draws} draws per shot count, shared test set)",
+            title=f"Label efficiency ({protocol.label_efficiency_draws} draws per shot count, shared test set)",
         )
     paths["summary"] = write_json(summary, out_dir / "summary.json")
-    timings["total"] = time.perf_counter() - started
+    return paths
 
-    settings = {
-        "probe": probe_module.config_dict(probe_config),
-        "cluster": cluster_module.config_dict(cluster_config),
+
+def _settings(
+    protocol: _Protocol, n_cells: int, strongest: dict[str, dict[str, Any]], method_names: list[str]
+) -> dict[str, Any]:
+    """Every setting of the run, as recorded in run_meta.json and shown in the report."""
+    return {
+        "probe": probe_module.config_dict(protocol.probe_config),
+        "cluster": cluster_module.config_dict(protocol.cluster_config),
         "label_efficiency": {
-            "shots": [str(s) for s in label_efficiency_shots],
-            "n_draws": label_efficiency_draws,
-            "seed": seed,
+            "shots": [str(s) for s in protocol.label_efficiency_shots],
+            "n_draws": protocol.label_efficiency_draws,
+            "seed": protocol.seed,
         },
         "visualize": {
-            "seed": seed,
+            "seed": protocol.seed,
             "tsne_max_iter": TSNE_MAX_ITER,
             "tsne_angle": TSNE_ANGLE,
-            "figures": figures,
-            "views": list(views),
-            "max_cells_visualize": max_cells_visualize,
-            "n_cells_visualized": len(labels) if view_cells is None else len(view_cells),
+            "figures": protocol.figures,
+            "views": list(protocol.views),
+            "max_cells_visualize": protocol.max_cells_visualize,
+            "n_cells_visualized": n_cells if protocol.view_cells is None else len(protocol.view_cells),
         },
-        "max_cells_cluster": max_cells_cluster,
-        "n_cells_clustered": len(labels) if cluster_cells is None else len(cluster_cells),
+        "max_cells_cluster": protocol.max_cells_cluster,
+        "n_cells_clustered": n_cells if protocol.cluster_cells is None else len(protocol.cluster_cells),
         "strongest_baselines": strongest,
-        "split": split.describe(),
-        "methods": list(methods),
+        "split": protocol.split.describe(),
+        "methods": method_names,
         "pca_baseline_note": "PCA is unsupervised and, unless fit_indices was used, fit on all cells",
     }
-    result = EvaluationResult(
-        out_dir=out_dir,
-        methods=methods,
-        baselines=baselines,
-        label_efficiency=efficiency,
-        summary=summary,
-        split=split,
-        classes=[str(c) for c in classes],
-        class_counts={str(c): int(n) for c, n in zip(classes, counts, strict=True)},
-        settings=settings,
-        timings=timings,
-        paths=paths,
-    )
+
+
+def _write_run_meta(
+    result: EvaluationResult, labels: np.ndarray, groups: np.ndarray | None, summary_all: Mapping[str, float]
+) -> Path:
+    """Write run_meta.json (settings, data, every metric with the undefined ones named, per-method
+    details, timings, package versions; non-finite values as null) into the run's folder; its path."""
+    split = result.split
     run_meta = {
-        "settings": settings,
+        "settings": result.settings,
         "data": {
             "n_cells": int(len(labels)),
             "classes": result.classes,
@@ -289,13 +393,12 @@ def evaluate_embeddings(
             "n_groups": None if groups is None else int(len(np.unique(np.asarray(groups)))),
         },
         "metrics": summary_all,
-        "undefined_metrics": undefined,
-        "methods": {name: _method_meta(method, out_dir) for name, method in methods.items()},
-        "timings_s": timings,
+        "undefined_metrics": sorted(set(summary_all) - set(result.summary)),
+        "methods": {name: _method_meta(method, result.out_dir) for name, method in result.methods.items()},
+        "timings_s": result.timings,
         "versions": _versions(),
     }
-    paths["run_meta"] = write_json(_finite_or_none(run_meta), out_dir / "run_meta.json")
-    return result
+    return write_json(_finite_or_none(run_meta), result.out_dir / "run_meta.json")
 
 
 def _headline(metrics: Mapping[str, float]) -> str:
