@@ -74,8 +74,22 @@ def _mean_sd(mean: Any, sd: Any) -> str:
 
 
 def _blocks(result: EvaluationResult, report_dir: Path, extra: Mapping[str, Any] | None) -> list[Block]:
-    settings, split = result.settings, result.split
-    probe, cluster = settings["probe"], settings["cluster"]
+    """Every block of the report, in order: title (and the "Model" table from ``extra``), data and
+    protocol, the baselines table, the comparison with the strongest baseline, label efficiency,
+    per-method figures (linked relative to ``report_dir``) and notes."""
+    return (
+        _title_blocks(extra)
+        + _protocol_blocks(result)
+        + _baselines_blocks(result)
+        + _comparison_sentences(result)
+        + _label_efficiency_blocks(result, report_dir)
+        + _figure_blocks(result, report_dir)
+        + _notes_blocks()
+    )
+
+
+def _title_blocks(extra: Mapping[str, Any] | None) -> list[Block]:
+    """The title, when the report was generated, and a "Model" table of ``extra`` when given."""
     blocks: list[Block] = [
         ("heading", 1, "neurofm evaluation report"),
         (
@@ -89,8 +103,35 @@ def _blocks(result: EvaluationResult, report_dir: Path, extra: Mapping[str, Any]
             ("heading", 2, "Model"),
             ("table", ["item", "value"], [[str(k), _format(v)] for k, v in extra.items()]),
         ]
+    return blocks
 
+
+def _protocol_blocks(result: EvaluationResult) -> list[Block]:
+    """ "Data and protocol": the cells and classes, the probe and its split, the clustering, the methods."""
+    settings = result.settings
+    probe = settings["probe"]
     classes = ", ".join(f"{name} ({count})" for name, count in result.class_counts.items())
+    return [
+        ("heading", 2, "Data and protocol"),
+        (
+            "bullets",
+            [
+                f"{sum(result.class_counts.values())} cells; classes: {classes}",
+                "Probe: the same classifier menu for every method — logistic regression on the raw and "
+                f"on the z-scored embedding (C in {list(probe['C_grid'])}) and k-nearest neighbours "
+                f"(k in {list(probe['k_grid'])}) — picked by inner cross-validation on the labelled "
+                "(training) cells only (leave-one-out when there are at most "
+                f"{probe['loo_max_cells']} of them); {_split_text(result)}",
+                _clustering_text(result),
+                "Methods: " + ", ".join(result.methods),
+            ],
+        ),
+    ]
+
+
+def _split_text(result: EvaluationResult) -> str:
+    """The hold-out split and the cross-validation, in words."""
+    split, probe = result.split, result.settings["probe"]
     split_text = (
         ("group-aware hold-out (no group on both sides)" if split.grouped else "stratified hold-out")
         + f", test share {probe['test_size']}, seed {probe['seed']}: {len(split.train_indices)} training / "
@@ -103,56 +144,38 @@ def _blocks(result: EvaluationResult, report_dir: Path, extra: Mapping[str, Any]
         if split.cv_folds
         else "no cross-validation"
     )
+    return f"{split_text}; {cv_text}"
+
+
+def _clustering_text(result: EvaluationResult) -> str:
+    """The clustering protocol in words: graph, Leiden, the headline and resolution-1 scores, the sample."""
+    settings = result.settings
+    cluster = settings["cluster"]
+    n_cells = sum(result.class_counts.values())
     resolution_text = (
         f"chosen by modularity among {cluster['resolutions']} (label-free)"
         if cluster["select_resolution"]
         else f"{cluster['resolution']}"
     )
-    blocks += [
-        ("heading", 2, "Data and protocol"),
-        (
-            "bullets",
-            [
-                f"{sum(result.class_counts.values())} cells; classes: {classes}",
-                "Probe: the same classifier menu for every method — logistic regression on the raw and "
-                f"on the z-scored embedding (C in {list(probe['C_grid'])}) and k-nearest neighbours "
-                f"(k in {list(probe['k_grid'])}) — picked by inner cross-validation on the labelled "
-                "(training) cells only (leave-one-out when there are at most "
-                f"{probe['loo_max_cells']} of them); {split_text}; {cv_text}",
-                f"Clustering: kNN graph ({cluster['n_neighbors']} neighbours, {cluster['metric']}), "
-                f"Leiden; headline: the best ARI and the best NMI over resolutions "
-                f"{min(cluster['optimise_resolutions'])}–{max(cluster['optimise_resolutions'])} (scib's "
-                f"cluster-optimised metric); beside it ARI at resolution {resolution_text} as mean ± sd over "
-                f"seeds {list(cluster['seeds'])}; silhouette of the labels in the embedding (−1 … 1)"
-                + (
-                    f"; on a seeded sample of {settings['n_cells_clustered']} of "
-                    f"{sum(result.class_counts.values())} cells"
-                    if settings.get("n_cells_clustered", 0) < sum(result.class_counts.values())
-                    else ""
-                ),
-                "Methods: " + ", ".join(result.methods),
-            ],
-        ),
-    ]
+    return (
+        f"Clustering: kNN graph ({cluster['n_neighbors']} neighbours, {cluster['metric']}), "
+        f"Leiden; headline: the best ARI and the best NMI over resolutions "
+        f"{min(cluster['optimise_resolutions'])}–{max(cluster['optimise_resolutions'])} (scib's "
+        f"cluster-optimised metric); beside it ARI at resolution {resolution_text} as mean ± sd over "
+        f"seeds {list(cluster['seeds'])}; silhouette of the labels in the embedding (−1 … 1)"
+        + (
+            f"; on a seeded sample of {settings['n_cells_clustered']} of {n_cells} cells"
+            if settings.get("n_cells_clustered", 0) < n_cells
+            else ""
+        )
+    )
 
+
+def _baselines_blocks(result: EvaluationResult) -> list[Block]:
+    """ "The model against its baselines": one row per method over :data:`_HEADLINE_COLUMNS`."""
     header = ["method"] + [title for _, title, _ in _HEADLINE_COLUMNS]
-    rows = []
-    for record in result.baselines.to_dict(orient="records"):
-        row = [str(record["method"])]
-        for column, _, sd_column in _HEADLINE_COLUMNS:
-            value = record.get(column)
-            if sd_column:
-                row.append(_mean_sd(value, record.get(sd_column)))
-            elif column == "embedding_dim":
-                row.append("–" if value is None or not math.isfinite(float(value)) else str(int(value)))
-            elif column == "probe_classifier":
-                row.append(str(value))
-            elif column == "n_clusters_res1_mean":
-                row.append("–" if value is None or not math.isfinite(float(value)) else f"{float(value):.1f}")
-            else:
-                row.append(_format(value))
-        rows.append(row)
-    blocks += [
+    rows = [_headline_row(record) for record in result.baselines.to_dict(orient="records")]
+    return [
         ("heading", 2, "The model against its baselines"),
         (
             "paragraph",
@@ -163,41 +186,66 @@ def _blocks(result: EvaluationResult, report_dir: Path, extra: Mapping[str, Any]
         ),
         ("table", header, rows),
     ]
-    blocks += _comparison_sentences(result)
 
+
+def _headline_row(record: Mapping[str, Any]) -> list[str]:
+    """One baselines.csv record as report cells: the method, then each headline column formatted."""
+    row = [str(record["method"])]
+    for column, _, sd_column in _HEADLINE_COLUMNS:
+        value = record.get(column)
+        if sd_column:
+            row.append(_mean_sd(value, record.get(sd_column)))
+        elif column == "embedding_dim":
+            row.append("–" if value is None or not math.isfinite(float(value)) else str(int(value)))
+        elif column == "probe_classifier":
+            row.append(str(value))
+        elif column == "n_clusters_res1_mean":
+            row.append("–" if value is None or not math.isfinite(float(value)) else f"{float(value):.1f}")
+        else:
+            row.append(_format(value))
+    return row
+
+
+def _label_efficiency_blocks(result: EvaluationResult, report_dir: Path) -> list[Block]:
+    """ "Label efficiency": a table per metric (macro-F1, accuracy, ROC-AUC) by shots, and its figure;
+    nothing when the run has no label-efficiency rows."""
     efficiency = result.label_efficiency
-    if len(efficiency):
-        shots = list(dict.fromkeys(efficiency["shots"].astype(str)))
-        for metric, title in (("f1", "macro-F1"), ("accuracy", "accuracy"), ("auc", "ROC-AUC")):
-            table_rows = []
-            for method in dict.fromkeys(efficiency["method"]):
-                part = efficiency[efficiency["method"] == method].set_index("shots")
-                table_rows.append(
-                    [method]
-                    + [_mean_sd(part.loc[s, f"{metric}_mean"], part.loc[s, f"{metric}_sd"]) for s in shots]
-                )
-            if metric == "f1":
-                blocks += [
-                    ("heading", 2, "Label efficiency"),
-                    (
-                        "paragraph",
-                        f"Probe trained on k labelled cells per class drawn from the training part "
-                        f"({settings['label_efficiency']['n_draws']} draws, the same for every method), "
-                        "scored on the shared test cells; mean ± sd over draws.",
-                    ),
-                ]
-            blocks += [
-                ("paragraph", f"Probe {title} by labelled cells per class:"),
-                ("table", ["method"] + shots, table_rows),
-            ]
-        if "label_efficiency_plot" in result.paths:
-            blocks.append(
-                (
-                    "images",
-                    [(_relative(result.paths["label_efficiency_plot"], report_dir), "label efficiency")],
-                )
+    if not len(efficiency):
+        return []
+    blocks: list[Block] = []
+    shots = list(dict.fromkeys(efficiency["shots"].astype(str)))
+    for metric, title in (("f1", "macro-F1"), ("accuracy", "accuracy"), ("auc", "ROC-AUC")):
+        table_rows = []
+        for method in dict.fromkeys(efficiency["method"]):
+            part = efficiency[efficiency["method"] == method].set_index("shots")
+            table_rows.append(
+                [method]
+                + [_mean_sd(part.loc[s, f"{metric}_mean"], part.loc[s, f"{metric}_sd"]) for s in shots]
             )
+        if metric == "f1":
+            blocks += [
+                ("heading", 2, "Label efficiency"),
+                (
+                    "paragraph",
+                    f"Probe trained on k labelled cells per class drawn from the training part "
+                    f"({result.settings['label_efficiency']['n_draws']} draws, the same for every method), "
+                    "scored on the shared test cells; mean ± sd over draws.",
+                ),
+            ]
+        blocks += [
+            ("paragraph", f"Probe {title} by labelled cells per class:"),
+            ("table", ["method"] + shots, table_rows),
+        ]
+    if "label_efficiency_plot" in result.paths:
+        blocks.append(
+            ("images", [(_relative(result.paths["label_efficiency_plot"], report_dir), "label efficiency")])
+        )
+    return blocks
 
+
+def _figure_blocks(result: EvaluationResult, report_dir: Path) -> list[Block]:
+    """ "Figures: <method>" for every method that drew any of :data:`_METHOD_FIGURES`."""
+    blocks: list[Block] = []
     for name, method in result.methods.items():
         figures = [
             (_relative(method.paths[key], report_dir), f"{name}: {caption}")
@@ -206,7 +254,11 @@ def _blocks(result: EvaluationResult, report_dir: Path, extra: Mapping[str, Any]
         ]
         if figures:
             blocks += [("heading", 2, f"Figures: {name}"), ("images", figures)]
+    return blocks
 
+
+def _notes_blocks() -> list[Block]:
+    """ "Notes": how to read the PCA baseline, the clusters and the undefined metrics."""
     notes = [
         "The PCA baseline is unsupervised (it never sees labels) but is fit on all cells, test cells "
         "included, as is usual in single-cell analysis.",
@@ -216,8 +268,7 @@ def _blocks(result: EvaluationResult, report_dir: Path, extra: Mapping[str, Any]
         "Undefined metrics (e.g. AUC when the test part lacks a class) are shown as '–' and left out of "
         "summary.json.",
     ]
-    blocks += [("heading", 2, "Notes"), ("bullets", notes)]
-    return blocks
+    return [("heading", 2, "Notes"), ("bullets", notes)]
 
 
 def _comparison_sentences(result: EvaluationResult) -> list[Block]:
