@@ -254,71 +254,11 @@ def cluster_embedding(
     labels = check_labels(labels, n_cells=embedding.shape[0])
     graph = neighbor_graph(embedding, n_neighbors, metric, seed)
     network = _igraph(graph)
-
-    sweep = pd.DataFrame()
-    if select_resolution:
-        if not resolutions:
-            raise NeurofmError(
-                "select_resolution is on but no resolutions are given; list some, e.g. [0.5, 1.0]"
-            )
-        rows, partitions = [], {}
-        for value in resolutions:
-            clusters, modularity = leiden(network, float(value), seed)
-            partitions[float(value)] = (clusters, modularity)
-            rows.append(
-                {"resolution": float(value), "n_clusters": int(clusters.max() + 1), "modularity": modularity}
-            )
-        sweep = pd.DataFrame(rows)
-        chosen = float(sweep.loc[sweep["modularity"].idxmax(), "resolution"])
-        clusters, modularity = partitions[chosen]
-    else:
-        chosen = float(resolution)
-        clusters, modularity = leiden(network, chosen, seed)
-
-    matched: dict[str, float] = {}
-    if match_n_classes:
-        n_classes = len(np.unique(labels))
-        matched_clusters, matched_resolution = _match_n_classes(network, n_classes, seed)
-        matched = {
-            "resolution": matched_resolution,
-            "n_clusters": int(matched_clusters.max() + 1),
-            "ari": float(adjusted_rand_score(labels, matched_clusters)),
-            "nmi": float(normalized_mutual_info_score(labels, matched_clusters)),
-        }
-
-    seed_rows = []
-    for value in seeds:
-        seed_clusters = clusters if int(value) == seed else leiden(network, chosen, int(value))[0]
-        seed_rows.append(
-            {
-                "seed": int(value),
-                "ari": float(adjusted_rand_score(labels, seed_clusters)),
-                "nmi": float(normalized_mutual_info_score(labels, seed_clusters)),
-                "n_clusters": int(seed_clusters.max() + 1),
-            }
-        )
-    optimised_rows = []
-    for value in optimise_resolutions:
-        sweep_clusters, _ = leiden(network, float(value), seed)
-        optimised_rows.append(
-            {
-                "resolution": float(value),
-                "ari": float(adjusted_rand_score(labels, sweep_clusters)),
-                "nmi": float(normalized_mutual_info_score(labels, sweep_clusters)),
-                "n_clusters": int(sweep_clusters.max() + 1),
-            }
-        )
-    silhouette = float("nan")
-    if 2 <= len(np.unique(labels)) < len(labels):
-        silhouette = float(
-            silhouette_score(
-                embedding,
-                labels,
-                sample_size=min(silhouette_max_cells, len(labels)),
-                random_state=seed,
-            )
-        )
-
+    chosen, clusters, modularity, sweep = _partition(network, config)
+    matched = _matched_scores(network, labels, seed) if match_n_classes else {}
+    seed_scores = _seed_scores(network, labels, chosen, clusters, config)
+    optimised = _optimised_scores(network, labels, config)
+    silhouette = _label_silhouette(embedding, labels, silhouette_max_cells, seed)
     cluster_table, majority_confusion, majority_accuracy = majority_vote(clusters, labels)
     return ClusterResult(
         clusters=clusters,
@@ -336,9 +276,87 @@ def cluster_embedding(
         config=config,
         sweep=sweep,
         matched=matched,
-        seed_scores=pd.DataFrame(seed_rows),
-        optimised=pd.DataFrame(optimised_rows),
+        seed_scores=seed_scores,
+        optimised=optimised,
         silhouette=silhouette,
+    )
+
+
+def _partition(network: ig.Graph, config: ClusterConfig) -> tuple[float, np.ndarray, float, pd.DataFrame]:
+    """The headline partition: ``(resolution, clusters, modularity, sweep)``.
+
+    At ``config.resolution``, or with ``select_resolution`` the resolution of ``config.resolutions``
+    whose partition has the highest modularity; ``sweep`` lists every resolution tried (resolution,
+    n_clusters, modularity), empty when none was swept.
+    """
+    if not config.select_resolution:
+        chosen = float(config.resolution)
+        clusters, modularity = leiden(network, chosen, config.seed)
+        return chosen, clusters, modularity, pd.DataFrame()
+    if not config.resolutions:
+        raise NeurofmError("select_resolution is on but no resolutions are given; list some, e.g. [0.5, 1.0]")
+    rows, partitions = [], {}
+    for value in config.resolutions:
+        clusters, modularity = leiden(network, float(value), config.seed)
+        partitions[float(value)] = (clusters, modularity)
+        rows.append(
+            {"resolution": float(value), "n_clusters": int(clusters.max() + 1), "modularity": modularity}
+        )
+    sweep = pd.DataFrame(rows)
+    chosen = float(sweep.loc[sweep["modularity"].idxmax(), "resolution"])
+    clusters, modularity = partitions[chosen]
+    return chosen, clusters, modularity, sweep
+
+
+def _agreement(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    """ARI and NMI of ``clusters`` against ``labels``, and the number of clusters."""
+    return {
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "n_clusters": int(clusters.max() + 1),
+    }
+
+
+def _matched_scores(network: ig.Graph, labels: np.ndarray, seed: int) -> dict[str, float]:
+    """Resolution, n_clusters, ARI and NMI of the partition with as many clusters as classes."""
+    n_classes = len(np.unique(labels))
+    matched_clusters, matched_resolution = _match_n_classes(network, n_classes, seed)
+    return {
+        "resolution": matched_resolution,
+        "n_clusters": int(matched_clusters.max() + 1),
+        "ari": float(adjusted_rand_score(labels, matched_clusters)),
+        "nmi": float(normalized_mutual_info_score(labels, matched_clusters)),
+    }
+
+
+def _seed_scores(
+    network: ig.Graph, labels: np.ndarray, resolution: float, clusters: np.ndarray, config: ClusterConfig
+) -> pd.DataFrame:
+    """One row per Leiden seed of ``config.seeds`` at ``resolution``: seed, ari, nmi, n_clusters
+    (``clusters`` is reused for ``config.seed``)."""
+    rows = []
+    for value in config.seeds:
+        seed_clusters = clusters if int(value) == config.seed else leiden(network, resolution, int(value))[0]
+        rows.append({"seed": int(value), **_agreement(labels, seed_clusters)})
+    return pd.DataFrame(rows)
+
+
+def _optimised_scores(network: ig.Graph, labels: np.ndarray, config: ClusterConfig) -> pd.DataFrame:
+    """One row per resolution of ``config.optimise_resolutions``: resolution, ari, nmi, n_clusters."""
+    rows = []
+    for value in config.optimise_resolutions:
+        sweep_clusters, _ = leiden(network, float(value), config.seed)
+        rows.append({"resolution": float(value), **_agreement(labels, sweep_clusters)})
+    return pd.DataFrame(rows)
+
+
+def _label_silhouette(embedding: np.ndarray, labels: np.ndarray, max_cells: int, seed: int) -> float:
+    """Silhouette of the labels in ``embedding`` on a seeded sample of at most ``max_cells`` cells;
+    NaN with one label or with as many labels as cells."""
+    if not 2 <= len(np.unique(labels)) < len(labels):
+        return float("nan")
+    return float(
+        silhouette_score(embedding, labels, sample_size=min(max_cells, len(labels)), random_state=seed)
     )
 
 
