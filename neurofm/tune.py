@@ -192,75 +192,91 @@ def parse_space(space: Mapping[str, Any]) -> list[ParamSpec]:
         raise NeurofmError(
             "tune.space is empty; add e.g. 'train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}'"
         )
-    specs = []
-    for name, spec in space.items():
-        section, _, key = str(name).partition(".")
-        if section not in TUNABLE_SECTIONS or not key:
-            raise NeurofmError(
-                f"tune.space.{name}: name must be section.key with section one of "
-                f"{', '.join(TUNABLE_SECTIONS)} (e.g. train.lr); fix the search space"
-            )
-        cls = TUNABLE_SECTIONS[section]
-        fields = [f.name for f in dataclasses.fields(cls)]
-        if key not in fields:
-            raise NeurofmError(
-                f"tune.space.{name}: {section} has no key {key!r}; known keys: {', '.join(fields)}"
-            )
-        if name in FIXED_KEYS:
-            raise NeurofmError(f"tune.space.{name} cannot be tuned: {FIXED_KEYS[name]}")
-        if not isinstance(spec, Mapping) or spec.get("type") not in PARAM_TYPES:
-            raise NeurofmError(
-                f"tune.space.{name}: needs 'type' one of {', '.join(PARAM_TYPES)}, got {spec!r}; "
-                "e.g. {type: int, low: 1, high: 4}"
-            )
-        kind = spec["type"]
-        extra = sorted(set(spec) - SPEC_KEYS[kind] - {"type"})
-        if extra:
-            raise NeurofmError(
-                f"tune.space.{name}: unknown key(s) {', '.join(extra)} for type {kind}; "
-                f"allowed: {', '.join(sorted(SPEC_KEYS[kind]))}"
-            )
-        field_type = _field_type(cls, key)
-        if kind == "categorical":
-            choices = spec.get("choices")
-            if not isinstance(choices, (list, tuple)) or not choices:
-                raise NeurofmError(f"tune.space.{name}: choices must be a non-empty list, e.g. [64, 128]")
-            for choice in choices:
-                if choice is not None and not isinstance(choice, (bool, int, float, str)):
-                    raise NeurofmError(
-                        f"tune.space.{name}: choice {choice!r} must be a number, string, bool or null"
-                    )
-                _check_value(section, key, choice)
-            param = ParamSpec(name, kind, choices=tuple(choices))
-        else:
-            if field_type not in (int, float):
-                raise NeurofmError(
-                    f"tune.space.{name}: {key} is not numeric; use type: categorical with choices"
-                )
-            if kind == "float" and field_type is int:
-                raise NeurofmError(
-                    f"tune.space.{name}: {key} is an integer setting; use type: int or categorical"
-                )
-            integer = kind == "int"
-            low = _number(name, "low", spec.get("low"), integer)
-            high = _number(name, "high", spec.get("high"), integer)
-            use_log = spec.get("log", False)
-            step = spec.get("step")
-            if not isinstance(use_log, bool):
-                raise NeurofmError(f"tune.space.{name}: log must be true or false")
-            if not low < high:
-                raise NeurofmError(f"tune.space.{name}: low={low} must be below high={high}")
-            if use_log and low <= 0:
-                raise NeurofmError(f"tune.space.{name}: log scale needs low > 0 (got {low})")
-            if step is not None:
-                step = _number(name, "step", step, integer)
-                if step <= 0 or (use_log and kind == "float"):
-                    raise NeurofmError(f"tune.space.{name}: step must be > 0 and cannot be combined with log")
-            for value in (low, high):
-                _check_value(section, key, float(value) if kind == "float" and field_type is float else value)
-            param = ParamSpec(name, kind, low=low, high=high, log=use_log, step=step)
-        specs.append(param)
-    return specs
+    return [_parse_param(name, spec) for name, spec in space.items()]
+
+
+def _parse_param(name: str, spec: Any) -> ParamSpec:
+    """One checked dimension of ``tune.space`` (see :func:`parse_space`)."""
+    section, key = _tunable_key(name)
+    _check_spec_keys(name, spec)
+    if spec["type"] == "categorical":
+        return _categorical_param(name, section, key, spec)
+    return _numeric_param(name, section, key, spec)
+
+
+def _tunable_key(name: str) -> tuple[str, str]:
+    """``(section, key)`` of a space entry's name; refuses unknown sections or keys and derived keys."""
+    section, _, key = str(name).partition(".")
+    if section not in TUNABLE_SECTIONS or not key:
+        raise NeurofmError(
+            f"tune.space.{name}: name must be section.key with section one of "
+            f"{', '.join(TUNABLE_SECTIONS)} (e.g. train.lr); fix the search space"
+        )
+    fields = [f.name for f in dataclasses.fields(TUNABLE_SECTIONS[section])]
+    if key not in fields:
+        raise NeurofmError(
+            f"tune.space.{name}: {section} has no key {key!r}; known keys: {', '.join(fields)}"
+        )
+    if name in FIXED_KEYS:
+        raise NeurofmError(f"tune.space.{name} cannot be tuned: {FIXED_KEYS[name]}")
+    return section, key
+
+
+def _check_spec_keys(name: str, spec: Any) -> None:
+    """Refuse a spec that is not a mapping with a known ``type``, or that has keys its type does not take."""
+    if not isinstance(spec, Mapping) or spec.get("type") not in PARAM_TYPES:
+        raise NeurofmError(
+            f"tune.space.{name}: needs 'type' one of {', '.join(PARAM_TYPES)}, got {spec!r}; "
+            "e.g. {type: int, low: 1, high: 4}"
+        )
+    kind = spec["type"]
+    extra = sorted(set(spec) - SPEC_KEYS[kind] - {"type"})
+    if extra:
+        raise NeurofmError(
+            f"tune.space.{name}: unknown key(s) {', '.join(extra)} for type {kind}; "
+            f"allowed: {', '.join(sorted(SPEC_KEYS[kind]))}"
+        )
+
+
+def _categorical_param(name: str, section: str, key: str, spec: Mapping[str, Any]) -> ParamSpec:
+    """A ``categorical`` dimension: a non-empty list of plain values, each accepted by the field."""
+    choices = spec.get("choices")
+    if not isinstance(choices, (list, tuple)) or not choices:
+        raise NeurofmError(f"tune.space.{name}: choices must be a non-empty list, e.g. [64, 128]")
+    for choice in choices:
+        if choice is not None and not isinstance(choice, (bool, int, float, str)):
+            raise NeurofmError(f"tune.space.{name}: choice {choice!r} must be a number, string, bool or null")
+        _check_value(section, key, choice)
+    return ParamSpec(name, "categorical", choices=tuple(choices))
+
+
+def _numeric_param(name: str, section: str, key: str, spec: Mapping[str, Any]) -> ParamSpec:
+    """A ``float`` or ``int`` dimension of a numeric field: ``low < high`` (both accepted by the field),
+    ``log`` a bool needing ``low > 0``, ``step`` positive and not combined with a float log scale."""
+    kind = spec["type"]
+    field_type = _field_type(TUNABLE_SECTIONS[section], key)
+    if field_type not in (int, float):
+        raise NeurofmError(f"tune.space.{name}: {key} is not numeric; use type: categorical with choices")
+    if kind == "float" and field_type is int:
+        raise NeurofmError(f"tune.space.{name}: {key} is an integer setting; use type: int or categorical")
+    integer = kind == "int"
+    low = _number(name, "low", spec.get("low"), integer)
+    high = _number(name, "high", spec.get("high"), integer)
+    use_log = spec.get("log", False)
+    step = spec.get("step")
+    if not isinstance(use_log, bool):
+        raise NeurofmError(f"tune.space.{name}: log must be true or false")
+    if not low < high:
+        raise NeurofmError(f"tune.space.{name}: low={low} must be below high={high}")
+    if use_log and low <= 0:
+        raise NeurofmError(f"tune.space.{name}: log scale needs low > 0 (got {low})")
+    if step is not None:
+        step = _number(name, "step", step, integer)
+        if step <= 0 or (use_log and kind == "float"):
+            raise NeurofmError(f"tune.space.{name}: step must be > 0 and cannot be combined with log")
+    for value in (low, high):
+        _check_value(section, key, float(value) if kind == "float" and field_type is float else value)
+    return ParamSpec(name, kind, low=low, high=high, log=use_log, step=step)
 
 
 def apply_params(base_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -655,7 +671,6 @@ def run_study(
     extending ``extends`` (relative to that file). Returns a :class:`StudyResult`.
     """
     base_config = validate(base_config)
-    settings = deep_merge(DEFAULTS["tune"], tune_config or base_config.get("tune") or {})
     overrides = {
         "objective": objective,
         "n_trials": n_trials,
@@ -664,16 +679,74 @@ def run_study(
         "seed": seed,
         "best_config_out": best_config_out,
     }
+    settings = _study_settings(base_config, tune_config, overrides)
+    objective, n_trials, epochs = settings["objective"], settings["n_trials"], settings["epochs"]
+    specs = parse_space(settings["space"])
+    _check_objective(adata, base_config, objective, specs, evaluate_fn)
+    out_dir = ensure_writable_dir(out_dir)
+    study, storage_text = _open_study(adata, base_config, settings, specs, out_dir, resume, pruner)
+    if not study.trials and enqueue_base:
+        _enqueue_base(study, base_config, specs)
+
+    remaining = n_trials - count_finished(study)
+    runner = _Study(adata, base_config, specs, objective, epochs, out_dir, evaluate_fn)
+    log.info(
+        "study %s (%s): %d of %d trials finished, %d to run; storage %s",
+        study.study_name,
+        objective,
+        count_finished(study),
+        n_trials,
+        max(remaining, 0),
+        storage_text,
+    )
+    tracking_config = base_config["tracking"]
+    with tracking.start_or_resume_run(
+        tracking_config["experiment"],
+        run_id=study.user_attrs.get("mlflow_run_id"),
+        run_name=f"tune-{study.study_name}",
+        tags={"neurofm.pipeline_step": "tune", "optuna.study_name": study.study_name},
+        tracking_uri=tracking_config["tracking_uri"],
+    ) as run:
+        study.set_user_attr("mlflow_run_id", run.info.run_id)
+        _log_study_params(settings, specs, base_config, storage_text)
+        n_before = _count_ended(study)
+        if remaining > 0:
+            study.optimize(runner.run_trial, n_trials=remaining, gc_after_trial=True)
+        n_run_now = _count_ended(study) - n_before
+        result = _summarise(
+            study, settings, base_config, storage_text, n_run_now, run.info.run_id, extends, out_dir
+        )
+        _log_study_result(study, result)
+    return result
+
+
+def _study_settings(
+    base_config: Mapping[str, Any], tune_config: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``tune`` settings: defaults, then ``tune_config`` (else the base configuration's ``tune``),
+    then the ``overrides`` that are not None; refuses an unknown objective, ``n_trials`` below 1 and
+    ``epochs`` that is neither null nor at least 1."""
+    settings = deep_merge(DEFAULTS["tune"], tune_config or base_config.get("tune") or {})
     settings.update({key: value for key, value in overrides.items() if value is not None})
-    objective, n_trials, seed = settings["objective"], settings["n_trials"], settings["seed"]
+    objective, n_trials, epochs = settings["objective"], settings["n_trials"], settings["epochs"]
     if objective not in OBJECTIVES:
         raise NeurofmError(f"tune.objective={objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
     if not isinstance(n_trials, int) or n_trials < 1:
         raise NeurofmError(f"tune.n_trials={n_trials!r} must be an integer >= 1; e.g. --trials 20")
-    epochs = settings["epochs"]
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise NeurofmError(f"tune.epochs={epochs!r} must be an integer >= 1 or null (train.epochs)")
-    specs = parse_space(settings["space"])
+    return settings
+
+
+def _check_objective(
+    adata: ad.AnnData,
+    base_config: Mapping[str, Any],
+    objective: str,
+    specs: list[ParamSpec],
+    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None,
+) -> None:
+    """Warn when ``val_loss`` is compared across trials that change the task itself; refuse an embedding
+    objective (scored by neurofm) whose labels cannot be resolved from ``adata``, before any training."""
     task_keys = [spec.name for spec in specs if spec.name.startswith(TASK_KEYS)]
     if objective == "val_loss" and task_keys:
         log.warning(
@@ -688,11 +761,27 @@ def run_study(
             adata, base_config["evaluate"]["label_column"], base_config["evaluate"]["label_mapping"]
         )
 
-    out_dir = ensure_writable_dir(out_dir)
+
+def _open_study(
+    adata: ad.AnnData,
+    base_config: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    specs: list[ParamSpec],
+    out_dir: Path,
+    resume: bool,
+    pruner: optuna.pruners.BasePruner | None,
+) -> tuple[optuna.Study, str]:
+    """``(study, storage description)``: the study created, or loaded to resume, ready to optimise.
+
+    Refuses an existing study when ``resume`` is off, and one run with other data, base settings,
+    objective, space or epochs (the signature stored in its user attributes). Sets a TPE sampler seeded
+    by ``seed`` + the number of trials so far (a resumed study does not repeat earlier samples), the
+    pruner (``pruner`` or a median pruner from ``settings``), and fails trials a killed process left
+    running.
+    """
     optuna_storage, storage_text = open_storage(settings["storage"], out_dir)
     name = settings["study_name"]
-    direction = OBJECTIVES[objective]
-    signature = _signature(adata, base_config, objective, specs, epochs)
+    signature = _signature(adata, base_config, settings["objective"], specs, settings["epochs"])
     existing = {summary.study_name for summary in optuna.get_all_study_summaries(optuna_storage)}
     if name in existing and not resume:
         raise NeurofmError(
@@ -700,7 +789,10 @@ def run_study(
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=optuna_storage, study_name=name, direction=direction, load_if_exists=True
+        storage=optuna_storage,
+        study_name=name,
+        direction=OBJECTIVES[settings["objective"]],
+        load_if_exists=True,
     )
     saved = study.user_attrs.get("neurofm_signature")
     if saved is not None and saved != signature:
@@ -709,85 +801,56 @@ def run_study(
             "epochs; resume with the same ones or pick another tune.study_name"
         )
     study.set_user_attr("neurofm_signature", signature)
-    # a fresh deterministic stream per (re)start, so a resumed study does not repeat earlier samples
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    study.sampler = optuna.samplers.TPESampler(seed=settings["seed"] + len(study.trials))
     study.pruner = pruner or optuna.pruners.MedianPruner(**settings["pruner"])
     fail_stale_trials(study, optuna_storage)
-    if not study.trials and enqueue_base:
-        _enqueue_base(study, base_config, specs)
+    return study, storage_text
 
-    remaining = n_trials - count_finished(study)
-    tracking_config = base_config["tracking"]
-    runner = _Study(adata, base_config, specs, objective, epochs, out_dir, evaluate_fn)
-    log.info(
-        "study %s (%s): %d of %d trials finished, %d to run; storage %s",
-        name,
-        objective,
-        count_finished(study),
-        n_trials,
-        max(remaining, 0),
-        storage_text,
-    )
-    with tracking.start_or_resume_run(
-        tracking_config["experiment"],
-        run_id=study.user_attrs.get("mlflow_run_id"),
-        run_name=f"tune-{name}",
-        tags={"neurofm.pipeline_step": "tune", "optuna.study_name": name},
-        tracking_uri=tracking_config["tracking_uri"],
-    ) as run:
-        study.set_user_attr("mlflow_run_id", run.info.run_id)
-        tracking.log_params(
-            {
-                "tune": {
-                    "objective": objective,
-                    "direction": direction,
-                    "seed": seed,
-                    "epochs": epochs,
-                    "storage": storage_text,
-                    "space": json.dumps({s.name: dataclasses.asdict(s) for s in specs}),
-                },
-                "base": {section: base_config[section] for section in TUNABLE_SECTIONS},
-            }
-        )
-        n_before = _count_ended(study)
-        if remaining > 0:
-            study.optimize(runner.run_trial, n_trials=remaining, gc_after_trial=True)
-        n_run_now = _count_ended(study) - n_before
-        result = _summarise(
-            study,
-            settings,
-            base_config,
-            objective,
-            storage_text,
-            n_run_now,
-            run.info.run_id,
-            extends,
-            seed,
-            out_dir,
-        )
-        tracking.set_tags(
-            {
-                "best.trial": result.best_trial,
-                "best.value": result.best_value,
-                **{f"best.{k}": v for k, v in result.best_params.items()},
-            }
-        )
-        tracking.log_metrics(
-            {
-                "best_value": result.best_value,
-                "n_complete": result.n_complete,
-                "n_pruned": result.n_pruned,
-                **{f"best_{k}": v for k, v in result.best_metrics.items()},
+
+def _log_study_params(
+    settings: Mapping[str, Any], specs: list[ParamSpec], base_config: Mapping[str, Any], storage_text: str
+) -> None:
+    """Log the study's settings (``tune.*``) and the base configuration (``base.*``) to the active run."""
+    tracking.log_params(
+        {
+            "tune": {
+                "objective": settings["objective"],
+                "direction": OBJECTIVES[settings["objective"]],
+                "seed": settings["seed"],
+                "epochs": settings["epochs"],
+                "storage": storage_text,
+                "space": json.dumps({s.name: dataclasses.asdict(s) for s in specs}),
             },
-            step=result.n_trials,
-        )
-        for row in _trial_rows(study):
-            if row["state"] == "COMPLETE":
-                tracking.log_metrics({"trial_value": row["value"]}, step=row["number"])
-        tracking.log_artifacts(list(result.artifacts.values()), artifact_path="study")
-        if result.best_config_path is not None:
-            tracking.log_artifacts([result.best_config_path], artifact_path="study")
-    return result
+            "base": {section: base_config[section] for section in TUNABLE_SECTIONS},
+        }
+    )
+
+
+def _log_study_result(study: optuna.Study, result: StudyResult) -> None:
+    """Log the best trial (tags ``best.*``, metrics ``best_*``), every completed trial's value and the
+    study's files to the active run."""
+    tracking.set_tags(
+        {
+            "best.trial": result.best_trial,
+            "best.value": result.best_value,
+            **{f"best.{k}": v for k, v in result.best_params.items()},
+        }
+    )
+    tracking.log_metrics(
+        {
+            "best_value": result.best_value,
+            "n_complete": result.n_complete,
+            "n_pruned": result.n_pruned,
+            **{f"best_{k}": v for k, v in result.best_metrics.items()},
+        },
+        step=result.n_trials,
+    )
+    for row in _trial_rows(study):
+        if row["state"] == "COMPLETE":
+            tracking.log_metrics({"trial_value": row["value"]}, step=row["number"])
+    tracking.log_artifacts(list(result.artifacts.values()), artifact_path="study")
+    if result.best_config_path is not None:
+        tracking.log_artifacts([result.best_config_path], artifact_path="study")
 
 
 def _count_ended(study: optuna.Study) -> int:
@@ -798,14 +861,15 @@ def _summarise(
     study: optuna.Study,
     settings: dict,
     base_config: Mapping[str, Any],
-    objective: str,
     storage_text: str,
     n_run_now: int,
     run_id: str,
     extends: str | None,
-    seed: int,
     out_dir: Path,
 ) -> StudyResult:
+    """The :class:`StudyResult` of a study with at least one completed trial; writes its plots,
+    ``best_params.json`` and (with ``settings['best_config_out']``) the best configuration's YAML."""
+    objective, seed = settings["objective"], settings["seed"]
     states = [trial.state for trial in study.trials]
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -814,26 +878,8 @@ def _summarise(
             "raise tune.epochs or tune.pruner.n_warmup_steps, and run again"
         )
     best = study.best_trial
-    metrics = {
-        k: v for k, v in best.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    base = next(
-        (t for t in study.get_trials(deepcopy=False, states=finished) if t.user_attrs.get("is_base_config")),
-        None,
-    )
-    base_trial = None
-    if base is not None:
-        base_trial = {
-            "number": base.number,
-            "state": base.state.name,
-            "value": base.value,
-            **{
-                k: v
-                for k, v in base.user_attrs.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            },
-        }
+    metrics = _numeric_attrs(best)
+    base_trial = _base_trial(study)
     artifacts = _write_study_outputs(study, objective, seed, out_dir)
     best_record = {
         "study": study.study_name,
@@ -874,3 +920,22 @@ def _summarise(
         mlflow_run_id=run_id,
         artifacts=artifacts,
     )
+
+
+def _numeric_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, int | float]:
+    """The trial's numeric user attributes (its training summary and objective), booleans left out."""
+    return {
+        k: v for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def _base_trial(study: optuna.Study) -> dict[str, Any] | None:
+    """Number, state, value and numeric attributes of the finished base-configuration trial, or None."""
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    base = next(
+        (t for t in study.get_trials(deepcopy=False, states=finished) if t.user_attrs.get("is_base_config")),
+        None,
+    )
+    if base is None:
+        return None
+    return {"number": base.number, "state": base.state.name, "value": base.value, **_numeric_attrs(base)}
