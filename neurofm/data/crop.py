@@ -162,94 +162,21 @@ def crop(
     positions in the input) and ``uns['sparsity_summary']`` (``before``/``after`` dicts of
     :func:`sparsity_summary`). Raises NeurofmError for invalid sizes/parameters or an empty result.
     """
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise NeurofmError(
-            f"cannot crop an empty dataset ({adata.n_obs} cells × {adata.n_vars} genes); "
-            "check the earlier filters"
-        )
-    for name, value in (("n_cells", n_cells), ("n_genes", n_genes)):
-        if value is not None and (
-            not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1
-        ):
-            raise NeurofmError(f"{name}={value!r} must be a positive integer or None (keep all)")
-    if not 0.0 <= min_detection <= 1.0 or not 0.0 < detection_backoff < 1.0:
-        raise NeurofmError(
-            f"min_detection={min_detection} must lie in [0, 1] and "
-            f"detection_backoff={detection_backoff} in (0, 1)"
-        )
-    if n_strata < 1:
-        raise NeurofmError(f"n_strata={n_strata} must be at least 1")
-
+    _check_crop_arguments(adata, n_cells, n_genes, min_detection, detection_backoff, n_strata)
     rng = np.random.default_rng(seed)
     matrix = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
     matrix = matrix.tocsr()
-
-    # 1. cells
-    if n_cells is None or n_cells >= adata.n_obs:
-        if n_cells is not None and n_cells > adata.n_obs:
-            log.warning(
-                "crop asked for %d cells but only %d exist; keeping all of them", n_cells, adata.n_obs
-            )
-        cell_indices = np.arange(adata.n_obs)
-    else:
-        cell_indices = _stratified_cells(np.diff(matrix.indptr), int(n_cells), n_strata, rng)
+    cell_indices = _sample_cells(matrix, n_cells, n_strata, rng)
     sampled = matrix[cell_indices]
 
-    # 2. genes
     detection, spread = _gene_statistics(sampled)
-    floor = min_detection_floor if drop_all_zero else 0.0
-    threshold = min_detection
     wanted = adata.n_vars if n_genes is None else int(n_genes)
-
-    def candidates_at(level: float) -> np.ndarray:
-        passing = detection >= level
-        if drop_all_zero:
-            passing &= detection > 0
-        return np.flatnonzero(passing)
-
-    candidates = candidates_at(threshold)
-    while candidates.size < wanted and threshold > floor:
-        previous = threshold
-        threshold = threshold * detection_backoff
-        threshold = threshold if threshold >= floor else 0.0
-        log.warning(
-            "only %d genes are detected in >= %.4g of the sampled cells (%d wanted); "
-            "lowering min_detection to %.4g",
-            candidates.size,
-            previous,
-            wanted,
-            threshold,
-        )
-        candidates = candidates_at(threshold)
-    if candidates.size == 0:
-        raise NeurofmError(
-            "no gene is detected in the sampled cells; the crop would be empty — check the input counts"
-        )
-    if n_genes is not None and candidates.size < wanted:
-        log.warning(
-            "only %d genes pass the detection filter; keeping all %d (%d wanted)",
-            candidates.size,
-            candidates.size,
-            wanted,
-        )
-    if n_genes is None or candidates.size <= wanted:
-        gene_indices = candidates
-    else:
-        weights = detection[candidates] ** alpha * (spread[candidates] + 1e-8) ** beta
-        gene_indices = np.sort(rng.choice(candidates, size=wanted, replace=False, p=weights / weights.sum()))
-
-    # 3. all-zero cells
-    cropped = sampled[:, gene_indices]
-    if drop_all_zero:
-        nonempty = np.diff(cropped.indptr) > 0
-        if not nonempty.all():
-            log.info("dropping %d cells with no counts over the chosen genes", int((~nonempty).sum()))
-            cell_indices, cropped = cell_indices[nonempty], cropped[nonempty]
-    if cropped.shape[0] == 0:
-        raise NeurofmError(
-            "every sampled cell is all-zero over the chosen genes; the crop would be empty — keep more genes"
-        )
-
+    floor = min_detection_floor if drop_all_zero else 0.0
+    candidates, threshold = _candidate_genes(
+        detection, wanted, min_detection, detection_backoff, floor, drop_all_zero
+    )
+    gene_indices = _draw_genes(candidates, detection, spread, n_genes, alpha, beta, rng)
+    cell_indices, cropped = _cells_with_counts(cell_indices, sampled[:, gene_indices], drop_all_zero)
     cropped.sort_indices()
     result = ad.AnnData(
         X=cropped,
@@ -279,3 +206,128 @@ def crop(
     }
     result.uns[keys.SPARSITY_SUMMARY] = {"before": sparsity_summary(adata), "after": sparsity_summary(result)}
     return result
+
+
+def _check_crop_arguments(
+    adata: ad.AnnData,
+    n_cells: int | None,
+    n_genes: int | None,
+    min_detection: float,
+    detection_backoff: float,
+    n_strata: int,
+) -> None:
+    """Refuse an empty dataset, sizes that are not positive integers (or None), a detection threshold
+    outside [0, 1], a back-off factor outside (0, 1) and fewer than one stratum."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise NeurofmError(
+            f"cannot crop an empty dataset ({adata.n_obs} cells × {adata.n_vars} genes); "
+            "check the earlier filters"
+        )
+    for name, value in (("n_cells", n_cells), ("n_genes", n_genes)):
+        if value is not None and (
+            not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1
+        ):
+            raise NeurofmError(f"{name}={value!r} must be a positive integer or None (keep all)")
+    if not 0.0 <= min_detection <= 1.0 or not 0.0 < detection_backoff < 1.0:
+        raise NeurofmError(
+            f"min_detection={min_detection} must lie in [0, 1] and "
+            f"detection_backoff={detection_backoff} in (0, 1)"
+        )
+    if n_strata < 1:
+        raise NeurofmError(f"n_strata={n_strata} must be at least 1")
+
+
+def _sample_cells(
+    matrix: sp.csr_matrix, n_cells: int | None, n_strata: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Sorted positions of the cells kept: all of them when ``n_cells`` is None or not below the number of
+    cells (more than exist: a warning), else a depth-stratified sample (:func:`_stratified_cells`)."""
+    n_obs = matrix.shape[0]
+    if n_cells is not None and n_cells < n_obs:
+        return _stratified_cells(np.diff(matrix.indptr), int(n_cells), n_strata, rng)
+    if n_cells is not None and n_cells > n_obs:
+        log.warning("crop asked for %d cells but only %d exist; keeping all of them", n_cells, n_obs)
+    return np.arange(n_obs)
+
+
+def _candidate_genes(
+    detection: np.ndarray,
+    wanted: int,
+    min_detection: float,
+    detection_backoff: float,
+    floor: float,
+    drop_all_zero: bool,
+) -> tuple[np.ndarray, float]:
+    """``(candidate gene positions, detection threshold used)``: genes detected in at least the threshold's
+    share of the sampled cells (and in some cell at all with ``drop_all_zero``). The threshold starts at
+    ``min_detection`` and is multiplied by ``detection_backoff`` (0 once under ``floor``), with a warning
+    each time, while fewer than ``wanted`` genes pass. Raises NeurofmError when no gene is a candidate."""
+
+    def candidates_at(level: float) -> np.ndarray:
+        passing = detection >= level
+        if drop_all_zero:
+            passing &= detection > 0
+        return np.flatnonzero(passing)
+
+    threshold = min_detection
+    candidates = candidates_at(threshold)
+    while candidates.size < wanted and threshold > floor:
+        previous = threshold
+        threshold = threshold * detection_backoff
+        threshold = threshold if threshold >= floor else 0.0
+        log.warning(
+            "only %d genes are detected in >= %.4g of the sampled cells (%d wanted); "
+            "lowering min_detection to %.4g",
+            candidates.size,
+            previous,
+            wanted,
+            threshold,
+        )
+        candidates = candidates_at(threshold)
+    if candidates.size == 0:
+        raise NeurofmError(
+            "no gene is detected in the sampled cells; the crop would be empty — check the input counts"
+        )
+    return candidates, threshold
+
+
+def _draw_genes(
+    candidates: np.ndarray,
+    detection: np.ndarray,
+    spread: np.ndarray,
+    n_genes: int | None,
+    alpha: float,
+    beta: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Sorted positions of the genes kept: ``n_genes`` candidates drawn without replacement with weight
+    ``detection**alpha * spread**beta``, or every candidate when ``n_genes`` is None or not above their
+    number (fewer than ``n_genes``: a warning)."""
+    if n_genes is not None and candidates.size < n_genes:
+        log.warning(
+            "only %d genes pass the detection filter; keeping all %d (%d wanted)",
+            candidates.size,
+            candidates.size,
+            n_genes,
+        )
+    if n_genes is None or candidates.size <= n_genes:
+        return candidates
+    weights = detection[candidates] ** alpha * (spread[candidates] + 1e-8) ** beta
+    return np.sort(rng.choice(candidates, size=int(n_genes), replace=False, p=weights / weights.sum()))
+
+
+def _cells_with_counts(
+    cell_indices: np.ndarray, cropped: sp.csr_matrix, drop_all_zero: bool
+) -> tuple[np.ndarray, sp.csr_matrix]:
+    """``cell_indices`` and ``cropped`` without the cells that have no count over the chosen genes when
+    ``drop_all_zero`` (how many is logged). Raises NeurofmError when no cell is left."""
+    if drop_all_zero:
+        nonempty = np.diff(cropped.indptr) > 0
+        if not nonempty.all():
+            log.info("dropping %d cells with no counts over the chosen genes", int((~nonempty).sum()))
+            cell_indices, cropped = cell_indices[nonempty], cropped[nonempty]
+    if cropped.shape[0] == 0:
+        raise NeurofmError(
+            "every sampled cell is all-zero over the chosen genes; the crop would be empty — keep more genes"
+        )
+    return cell_indices, cropped
