@@ -363,57 +363,17 @@ def subset_by_clusters(
     path = check_h5ad_path(h5ad_path)
     if chunk_size < 1:
         raise NeurofmError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    usecols = None if metadata_columns is None else [*metadata_columns]
-    metadata = read_cell_metadata(
-        metadata_csv, required_columns=(obs_name_column, cluster_column), usecols=usecols
+    metadata, wanted = _subset_metadata(
+        metadata_csv, cluster_ids, obs_name_column, cluster_column, metadata_columns
     )
-    integer_column = pd.api.types.is_integer_dtype(metadata[cluster_column])
-    wanted = _normalise_cluster_ids(cluster_ids, integer_column)
-    if not integer_column:
-        metadata[cluster_column] = metadata[cluster_column].astype(str)
-    metadata[obs_name_column] = metadata[obs_name_column].astype(str)
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise NeurofmError(
-            f"cannot open {path} ({error}); the file is truncated or not an .h5ad — re-export it"
-        ) from None
-    with handle:
+    with _open_h5ad(path) as handle:
         try:
             obs_names = _read_obs_names(handle)
         except (KeyError, TypeError, ValueError) as error:
             raise NeurofmError(f"{path} has no readable obs index ({error}); pass an AnnData .h5ad") from None
-        if not obs_names.isin(metadata[obs_name_column]).any():
-            raise NeurofmError(
-                f"no obs_name of {path.name} (e.g. {obs_names[0]!r}) appears in metadata column "
-                f"'{obs_name_column}' (e.g. {metadata[obs_name_column].iloc[0]!r}); set obs_name_column "
-                "to the column whose values are the .h5ad obs_names (`neurofm check-ids` shows which matches)"
-            )
-        duplicated = metadata[obs_name_column].duplicated()
-        if duplicated.any():
-            raise NeurofmError(
-                f"metadata column '{obs_name_column}' repeats {int(duplicated.sum())} value(s) such as "
-                f"{metadata[obs_name_column][duplicated].iloc[0]!r}; pick a column that identifies each cell"
-            )
-        metadata = metadata.set_index(obs_name_column)
+        metadata = _index_by_obs_names(metadata, obs_names, obs_name_column, path)
         position = metadata.index.get_indexer(obs_names)  # -1: obs_name absent from the metadata
-        in_metadata = position >= 0
-        joined_clusters = pd.Series(metadata[cluster_column].to_numpy()[position[in_metadata]])
-        keep = np.zeros(obs_names.size, dtype=bool)
-        keep[in_metadata] = joined_clusters.isin(wanted).to_numpy()
-        kept_clusters = metadata[cluster_column].to_numpy()[position[keep]]
-        found = set(kept_clusters.tolist())
-        if not keep.any():
-            present = joined_clusters.value_counts().index[:10].tolist()
-            raise NeurofmError(
-                f"cluster IDs {wanted} match no cell of {path.name} "
-                f"({int(in_metadata.sum())} cells joined to the "
-                f"metadata; their most common '{cluster_column}' values: {present}); choose IDs from those"
-            )
-        if unmatched := [value for value in wanted if value not in found]:
-            log.warning(
-                "cluster IDs %s match no cell of %s; keeping the %d others", unmatched, path.name, len(found)
-            )
+        keep = _cells_in_clusters(metadata[cluster_column], position, wanted, cluster_column, path)
         rows = np.flatnonzero(keep)
         element, source = _matrix_element(handle, layer, path)
         counts = _read_rows(element, rows, chunk_size, path, source)
@@ -421,15 +381,8 @@ def subset_by_clusters(
         var = ad.io.read_elem(handle["var"])
         uns = ad.io.read_elem(handle["uns"]) if "uns" in handle else {}
 
-    obs.index = obs.index.astype(str)
-    for column in obs.columns:
-        if isinstance(obs[column].dtype, pd.CategoricalDtype):
-            obs[column] = obs[column].cat.remove_unused_categories()
-    joined = metadata.iloc[position[keep]]
-    for column in joined.columns:
-        if column not in obs.columns:
-            obs[column] = joined[column].to_numpy()
-    obs[keys.SUBTYPE] = pd.Categorical(np.char.add(label_prefix, kept_clusters.astype(str)))
+    kept_clusters = metadata[cluster_column].to_numpy()[position[keep]]
+    obs = _subset_obs(obs, metadata.iloc[position[keep]], kept_clusters, label_prefix)
     adata = ad.AnnData(X=_as_counts_matrix(counts), obs=obs, var=var, uns=uns)
     per_cluster = pd.Series(kept_clusters).value_counts()
     adata.uns[keys.SUBSET_PARAMS] = {
@@ -445,6 +398,102 @@ def subset_by_clusters(
         "n_cells_per_cluster": {str(key): int(value) for key, value in per_cluster.items()},
     }
     log.info(
-        "subset %d of %d cells in clusters %s from %s", rows.size, obs_names.size, sorted(found), path.name
+        "subset %d of %d cells in clusters %s from %s",
+        rows.size,
+        obs_names.size,
+        sorted(set(kept_clusters.tolist())),
+        path.name,
     )
     return adata
+
+
+def _subset_metadata(
+    metadata_csv: str | os.PathLike,
+    cluster_ids: Sequence[int] | int,
+    obs_name_column: str,
+    cluster_column: str,
+    metadata_columns: Sequence[str] | None,
+) -> tuple[pd.DataFrame, list]:
+    """``(metadata, wanted cluster IDs)``: the metadata columns read (obs names as strings, cluster IDs as
+    strings unless the column is integer) and ``cluster_ids`` normalised to the column's type."""
+    usecols = None if metadata_columns is None else [*metadata_columns]
+    metadata = read_cell_metadata(
+        metadata_csv, required_columns=(obs_name_column, cluster_column), usecols=usecols
+    )
+    integer_column = pd.api.types.is_integer_dtype(metadata[cluster_column])
+    wanted = _normalise_cluster_ids(cluster_ids, integer_column)
+    if not integer_column:
+        metadata[cluster_column] = metadata[cluster_column].astype(str)
+    metadata[obs_name_column] = metadata[obs_name_column].astype(str)
+    return metadata, wanted
+
+
+def _open_h5ad(path: Path) -> h5py.File:
+    """``path`` opened read-only with h5py; NeurofmError when it is not a readable HDF5 file."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise NeurofmError(
+            f"cannot open {path} ({error}); the file is truncated or not an .h5ad — re-export it"
+        ) from None
+
+
+def _index_by_obs_names(
+    metadata: pd.DataFrame, obs_names: pd.Index, obs_name_column: str, path: Path
+) -> pd.DataFrame:
+    """``metadata`` indexed by ``obs_name_column``; refuses a column that names none of the file's cells
+    or repeats a value."""
+    if not obs_names.isin(metadata[obs_name_column]).any():
+        raise NeurofmError(
+            f"no obs_name of {path.name} (e.g. {obs_names[0]!r}) appears in metadata column "
+            f"'{obs_name_column}' (e.g. {metadata[obs_name_column].iloc[0]!r}); set obs_name_column "
+            "to the column whose values are the .h5ad obs_names (`neurofm check-ids` shows which matches)"
+        )
+    duplicated = metadata[obs_name_column].duplicated()
+    if duplicated.any():
+        raise NeurofmError(
+            f"metadata column '{obs_name_column}' repeats {int(duplicated.sum())} value(s) such as "
+            f"{metadata[obs_name_column][duplicated].iloc[0]!r}; pick a column that identifies each cell"
+        )
+    return metadata.set_index(obs_name_column)
+
+
+def _cells_in_clusters(
+    clusters: pd.Series, position: np.ndarray, wanted: list, cluster_column: str, path: Path
+) -> np.ndarray:
+    """A mask over the file's cells: joined to the metadata (``position`` >= 0 into ``clusters``) and in
+    a ``wanted`` cluster. Refuses IDs that match no cell; warns about the IDs that match none when
+    others do."""
+    in_metadata = position >= 0
+    joined_clusters = pd.Series(clusters.to_numpy()[position[in_metadata]])
+    keep = np.zeros(position.size, dtype=bool)
+    keep[in_metadata] = joined_clusters.isin(wanted).to_numpy()
+    if not keep.any():
+        present = joined_clusters.value_counts().index[:10].tolist()
+        raise NeurofmError(
+            f"cluster IDs {wanted} match no cell of {path.name} "
+            f"({int(in_metadata.sum())} cells joined to the "
+            f"metadata; their most common '{cluster_column}' values: {present}); choose IDs from those"
+        )
+    found = set(clusters.to_numpy()[position[keep]].tolist())
+    if unmatched := [value for value in wanted if value not in found]:
+        log.warning(
+            "cluster IDs %s match no cell of %s; keeping the %d others", unmatched, path.name, len(found)
+        )
+    return keep
+
+
+def _subset_obs(
+    obs: pd.DataFrame, joined: pd.DataFrame, kept_clusters: np.ndarray, label_prefix: str
+) -> pd.DataFrame:
+    """The kept cells' obs: string index, unused categories removed, every ``joined`` metadata column not
+    already there, and ``obs['subtype']`` = ``label_prefix`` + cluster ID."""
+    obs.index = obs.index.astype(str)
+    for column in obs.columns:
+        if isinstance(obs[column].dtype, pd.CategoricalDtype):
+            obs[column] = obs[column].cat.remove_unused_categories()
+    for column in joined.columns:
+        if column not in obs.columns:
+            obs[column] = joined[column].to_numpy()
+    obs[keys.SUBTYPE] = pd.Categorical(np.char.add(label_prefix, kept_clusters.astype(str)))
+    return obs
