@@ -127,7 +127,41 @@ def _design(
     n_duplicate_barcodes: int,
     median_library_size: float,
 ) -> _Design:
+    """The atlas design for ``seed``: genes, clusters, their expression profiles, cells and annotation.
+
+    Every random draw comes from one generator seeded by ``seed``, in this order: genes, profiles, the
+    cells' clusters, libraries, barcodes, regions, layout. Raises NeurofmError for sizes too small for
+    the markers or clusters, or cluster/region numbers out of range.
+    """
     markers = _marker_symbols()
+    _check_design_sizes(n_cells, n_genes, n_excitatory_clusters, n_inhibitory_clusters, n_regions, markers)
+    rng = np.random.default_rng(seed)
+    var, symbol_position, generic_positions = _genes(rng, n_genes, markers, n_duplicate_symbols)
+    clusters = _clusters(n_excitatory_clusters, n_inhibitory_clusters)
+    profiles, dispersion = _profiles(rng, clusters, symbol_position, generic_positions, n_genes)
+    cluster_index = _cell_clusters(rng, n_cells, len(clusters))
+    library_size, library_index, library_labels = _libraries(rng, n_cells, median_library_size)
+    barcodes, cell_labels = _cell_labels(rng, library_labels, n_duplicate_barcodes)
+    regions = _regions(rng, n_cells, n_regions)
+    xy = _layout(rng, clusters, cluster_index)
+    obs = _cell_obs(
+        clusters, cluster_index, library_index, library_labels, barcodes, cell_labels, regions, xy
+    )
+    clusters[keys.CLUSTER_N_CELLS] = np.bincount(cluster_index, minlength=len(clusters))
+    annotation = _annotation(clusters)
+    return _Design(var, obs, clusters, annotation, profiles, cluster_index, library_size, dispersion)
+
+
+def _check_design_sizes(
+    n_cells: int,
+    n_genes: int,
+    n_excitatory_clusters: int,
+    n_inhibitory_clusters: int,
+    n_regions: int,
+    markers: list[str],
+) -> None:
+    """Refuse fewer genes than the markers + 20, fewer than 10 cells per cluster, no cluster of a class,
+    or a number of regions outside 1..6."""
     if n_genes < len(markers) + 20:
         raise NeurofmError(
             f"n_genes={n_genes} is too small for the synthetic atlas; use n_genes >= {len(markers) + 20}"
@@ -142,9 +176,16 @@ def _design(
             f"need >= 1 excitatory and >= 1 inhibitory cluster and 1..{len(_REGIONS)} regions; "
             f"got {n_excitatory_clusters}, {n_inhibitory_clusters}, {n_regions}"
         )
-    rng = np.random.default_rng(seed)
 
-    # --- genes -----------------------------------------------------------------------------------------
+
+def _genes(
+    rng: np.random.Generator, n_genes: int, markers: list[str], n_duplicate_symbols: int
+) -> tuple[pd.DataFrame, dict[str, int], np.ndarray]:
+    """``(var, marker symbol → position in var, positions of generic genes before shuffling)``.
+
+    var: Ensembl-like sorted IDs, ``gene_symbol`` the markers then ``GENE#####`` (``n_duplicate_symbols``
+    generic symbols used twice), the symbols shuffled over the IDs as in real files.
+    """
     n_generic = n_genes - len(markers)
     symbols = np.array(markers + [f"GENE{i:05d}" for i in range(1, n_generic + 1)], dtype=object)
     is_generic = np.arange(n_genes) >= len(markers)
@@ -157,12 +198,17 @@ def _design(
     order = rng.permutation(n_genes)  # markers are scattered through the ID-sorted var, as in real files
     var = pd.DataFrame({keys.GENE_SYMBOL: symbols[order]}, index=pd.Index(gene_ids, name=keys.GENE_ID_INDEX))
     symbol_position = {s: i for i, s in enumerate(var[keys.GENE_SYMBOL]) if not s.startswith("GENE")}
+    return var, symbol_position, generic_positions
 
-    # --- clusters --------------------------------------------------------------------------------------
+
+def _clusters(n_excitatory_clusters: int, n_inhibitory_clusters: int) -> pd.DataFrame:
+    """One row per cluster: cluster_alias, class, supercluster, subcluster, label (no cell counts yet).
+
+    About two clusters per supercluster, so base names (superclusters) group several clusters.
+    """
     exc_names = list(_EXCITATORY_SUPERCLUSTERS)
     inh_names = list(_INHIBITORY_SUPERCLUSTERS)
     rows = []
-    # about two clusters per supercluster, so base names (superclusters) group several clusters
     n_exc_super = min(len(exc_names), max(1, -(-n_excitatory_clusters // 2)))
     n_inh_super = min(len(inh_names), max(1, -(-n_inhibitory_clusters // 2)))
     for k in range(n_excitatory_clusters):
@@ -172,9 +218,20 @@ def _design(
     clusters = pd.DataFrame(rows, columns=[keys.CLUSTER_ALIAS, keys.CELL_CLASS, "supercluster"])
     clusters["subcluster"] = clusters.groupby("supercluster").cumcount() + 1
     clusters[keys.CLUSTER_LABEL] = [f"CS202210140_{alias + 1}" for alias in clusters[keys.CLUSTER_ALIAS]]
-    n_clusters = len(clusters)
+    return clusters
 
-    # --- expression profiles ---------------------------------------------------------------------------
+
+def _profiles(
+    rng: np.random.Generator,
+    clusters: pd.DataFrame,
+    symbol_position: dict[str, int],
+    generic_positions: np.ndarray,
+    n_genes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(profiles, dispersion)``: per-cluster relative expression (rows sum to 1) — pan-neuronal genes
+    high, class markers and class programs, supercluster markers, a program of its own per cluster —
+    and the per-gene negative-binomial shape."""
+    n_generic, n_clusters = len(generic_positions), len(clusters)
     base = rng.lognormal(mean=0.0, sigma=1.3, size=n_genes)
     base[[symbol_position[s] for s in _PAN_NEURONAL]] *= 8.0
     log_fold = rng.normal(0.0, 0.15, size=(n_clusters, n_genes))  # cluster-level noise on every gene
@@ -202,12 +259,23 @@ def _design(
     profiles = base[None, :] * np.exp(log_fold)
     profiles /= profiles.sum(axis=1, keepdims=True)
     dispersion = rng.lognormal(np.log(2.0), 0.5, size=n_genes)
+    return profiles, dispersion
 
-    # --- cells -----------------------------------------------------------------------------------------
+
+def _cell_clusters(rng: np.random.Generator, n_cells: int, n_clusters: int) -> np.ndarray:
+    """Each cell's cluster row: Dirichlet cluster sizes, every cluster given at least two cells."""
     cluster_weights = rng.dirichlet(np.full(n_clusters, 6.0))
     cluster_index = rng.choice(n_clusters, size=n_cells, p=cluster_weights)
     cluster_index[: 2 * n_clusters] = np.tile(np.arange(n_clusters), 2)  # every cluster has cells
     rng.shuffle(cluster_index)
+    return cluster_index
+
+
+def _libraries(
+    rng: np.random.Generator, n_cells: int, median_library_size: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(library_size, library_index, library_labels)`` per cell: log-normal depth around
+    ``median_library_size`` times a per-library (batch) factor, libraries ``10X<run>_<n>`` in order."""
     library_size = rng.lognormal(np.log(median_library_size), 0.45, size=n_cells)
     # depth also varies by library (batch), as in real runs
     n_libraries = max(4, int(np.ceil(n_cells / _CELLS_PER_LIBRARY)))
@@ -217,6 +285,15 @@ def _design(
         np.char.add("10X", (100 + library_index // 8).astype(str)),
         np.char.add("_", (1 + library_index % 8).astype(str)),
     )
+    return library_size, library_index, library_labels
+
+
+def _cell_labels(
+    rng: np.random.Generator, library_labels: np.ndarray, n_duplicate_barcodes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(barcodes, cell_labels)``: random 16-mers (``n_duplicate_barcodes`` of them repeated in another
+    library) and the unique ``<library_label>:<barcode>`` labels."""
+    n_cells = len(library_labels)
     barcodes = _random_barcodes(rng, n_cells)
     if n_duplicate_barcodes:
         # the same barcode in two different libraries: harmless for cell_label, a trap for barcode joins
@@ -230,12 +307,21 @@ def _design(
         cell_labels = np.where(
             cell_labels.duplicated(), np.char.add(cell_labels.to_numpy(str), "-1"), cell_labels
         )
+    return barcodes, cell_labels
 
+
+def _regions(rng: np.random.Generator, n_cells: int, n_regions: int) -> pd.Categorical:
+    """Each cell's anatomical division, drawn from the first ``n_regions`` regions by their weights."""
     region_weights = _REGION_WEIGHTS[:n_regions] / _REGION_WEIGHTS[:n_regions].sum()
     regions = np.array(_REGIONS[:n_regions])[rng.choice(n_regions, size=n_cells, p=region_weights)]
+    return pd.Categorical(regions, categories=_REGIONS[:n_regions])
 
-    # 2-D layout like the atlas' UMAP: superclusters on a ring (excitatory left, inhibitory right),
-    # clusters around their supercluster, cells around their cluster.
+
+def _layout(rng: np.random.Generator, clusters: pd.DataFrame, cluster_index: np.ndarray) -> np.ndarray:
+    """A 2-D layout like the atlas' UMAP: superclusters on a ring (excitatory left, inhibitory right),
+    clusters around their supercluster, cells around their cluster; ``(n_cells, 2)``."""
+    exc_names = list(_EXCITATORY_SUPERCLUSTERS)
+    inh_names = list(_INHIBITORY_SUPERCLUSTERS)
     supercluster_names = list(dict.fromkeys(clusters["supercluster"]))
     angle = np.linspace(0.6 * np.pi, 1.4 * np.pi, max(2, sum(n in exc_names for n in supercluster_names)))
     angle_inh = np.linspace(
@@ -247,12 +333,24 @@ def _design(
     for name, a in zip([n for n in supercluster_names if n in inh_names], angle_inh, strict=False):
         centres[name] = 10.0 * np.array([np.cos(a), np.sin(a)])
     cluster_centre = np.stack([centres[n] for n in clusters["supercluster"]]) + rng.normal(
-        0, 1.6, (n_clusters, 2)
+        0, 1.6, (len(clusters), 2)
     )
-    xy = cluster_centre[cluster_index] + rng.normal(0, 0.55, size=(n_cells, 2))
+    return cluster_centre[cluster_index] + rng.normal(0, 0.55, size=(len(cluster_index), 2))
 
+
+def _cell_obs(
+    clusters: pd.DataFrame,
+    cluster_index: np.ndarray,
+    library_index: np.ndarray,
+    library_labels: np.ndarray,
+    barcodes: np.ndarray,
+    cell_labels: np.ndarray,
+    regions: pd.Categorical,
+    xy: np.ndarray,
+) -> pd.DataFrame:
+    """The cells' obs (index ``cell_label``): the Allen metadata columns plus ``subtype`` and ``class``."""
     aliases = clusters[keys.CLUSTER_ALIAS].to_numpy()[cluster_index]
-    obs = pd.DataFrame(
+    return pd.DataFrame(
         {
             keys.CELL_BARCODE: barcodes,
             keys.LIBRARY_LABEL: pd.Categorical(library_labels),
@@ -262,14 +360,17 @@ def _design(
             keys.CLUSTER_ALIAS: aliases,
             keys.X_COORD: xy[:, 0].round(4),
             keys.Y_COORD: xy[:, 1].round(4),
-            keys.REGION: pd.Categorical(regions, categories=_REGIONS[:n_regions]),
+            keys.REGION: regions,
             keys.SUBTYPE: np.char.add("cluster_", aliases.astype(str)),
             keys.CELL_CLASS: clusters[keys.CELL_CLASS].to_numpy()[cluster_index],
         },
         index=pd.Index(cell_labels, name=keys.CELL_LABEL),
     )
-    clusters[keys.CLUSTER_N_CELLS] = np.bincount(cluster_index, minlength=n_clusters)
 
+
+def _annotation(clusters: pd.DataFrame) -> pd.DataFrame:
+    """cluster_annotation_term rows: one per supercluster, then one per cluster (with its cell count)."""
+    supercluster_names = list(dict.fromkeys(clusters["supercluster"]))
     cluster_terms = pd.DataFrame(
         {
             keys.CLUSTER_LABEL: clusters[keys.CLUSTER_LABEL],
@@ -298,8 +399,7 @@ def _design(
             ],
         }
     )
-    annotation = pd.concat([supercluster_terms, cluster_terms], ignore_index=True)
-    return _Design(var, obs, clusters, annotation, profiles, cluster_index, library_size, dispersion)
+    return pd.concat([supercluster_terms, cluster_terms], ignore_index=True)
 
 
 def _negative_binomial_counts(rng: np.random.Generator, design: _Design, rows: slice) -> sp.csr_matrix:
