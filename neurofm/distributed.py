@@ -104,10 +104,9 @@ def launch_pretrain(
     the workers and propagates. A failed worker raises NeurofmError naming the launcher log.
     """
     from neurofm.checkpoints import METRICS_FILE, read_metrics_csv
-    from neurofm.data.store import CellStore
     from neurofm.io import ensure_writable_dir
-    from neurofm.train import TrainResult, pretrain
-    from neurofm.training_data import fit_training_tokenizer, store_from_anndata
+    from neurofm.train import pretrain
+    from neurofm.training_data import fit_training_tokenizer
 
     train_config = train_config.validate()
     if train_config.nproc_per_node == 1:
@@ -122,51 +121,92 @@ def launch_pretrain(
             resume=resume,
         )
     out_dir = ensure_writable_dir(out_dir)
-    work_dir = out_dir / WORK_DIR
-    work_dir.mkdir(exist_ok=True)
-    for stale in (work_dir / RESULT_FILE, work_dir / LOG_FILE):
-        stale.unlink(missing_ok=True)
-    converted = None
-    if isinstance(data, CellStore):
-        store = data
-    elif isinstance(data, (str, os.PathLike)):
-        store = CellStore(data)
-    else:  # an AnnData: converted once here, read by every rank
-        converted = work_dir / "cells"
-        shutil.rmtree(converted, ignore_errors=True)
-        store = store_from_anndata(data, converted)
-    data_path = store.path
+    work_dir = _fresh_work_dir(out_dir)
+    store, converted = _job_store(data, work_dir)
     if tokenizer is None:
         tokenizer = fit_training_tokenizer(store, tokenizer_config, train_config)
     tokenizer_dir = tokenizer.save(work_dir / "tokenizer")
     job = write_job(
-        work_dir, data_path, tokenizer_dir, asdict(model_config), asdict(train_config), out_dir, resume
+        work_dir, store.path, tokenizer_dir, asdict(model_config), asdict(train_config), out_dir, resume
     )
     nproc = train_config.nproc_per_node
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "neurofm.distributed", str(job),
     ]  # fmt: skip
+    env = _worker_env(train_config.num_threads, nproc)
+    log.info("launching %d training processes: %s", nproc, " ".join(command))
+    seen = len(read_metrics_csv(out_dir / METRICS_FILE)) if resume else 0
+    try:
+        returncode = _run_workers(
+            command, env, work_dir / LOG_FILE, out_dir / METRICS_FILE, seen, on_epoch_end
+        )
+    finally:
+        if converted is not None:  # a copy of the input; the job and log stay for the record
+            shutil.rmtree(converted, ignore_errors=True)
+    return _read_result(work_dir, out_dir, returncode)
+
+
+def _fresh_work_dir(out_dir: Path) -> Path:
+    """``out_dir/.distributed``, created, without the result and launcher log of an earlier launch."""
+    work_dir = out_dir / WORK_DIR
+    work_dir.mkdir(exist_ok=True)
+    for stale in (work_dir / RESULT_FILE, work_dir / LOG_FILE):
+        stale.unlink(missing_ok=True)
+    return work_dir
+
+
+def _job_store(data, work_dir: Path):
+    """``(cell store, converted copy or None)``: a store or store directory is used in place; an AnnData
+    is converted once into ``work_dir/cells`` (the copy the caller removes), read by every rank."""
+    from neurofm.data.store import CellStore
+    from neurofm.training_data import store_from_anndata
+
+    if isinstance(data, CellStore):
+        return data, None
+    if isinstance(data, (str, os.PathLike)):
+        return CellStore(data), None
+    converted = work_dir / "cells"
+    shutil.rmtree(converted, ignore_errors=True)
+    return store_from_anndata(data, converted), converted
+
+
+def _worker_env(num_threads: int | None, nproc: int) -> dict[str, str]:
+    """The workers' environment: this one, with the cores shared out between the ``nproc`` processes
+    (``OMP_NUM_THREADS``: ``num_threads``, else cores // nproc) and this very neurofm on the path."""
     env = dict(os.environ)
-    threads = train_config.num_threads or max(1, (os.cpu_count() or 1) // nproc)
+    threads = num_threads or max(1, (os.cpu_count() or 1) // nproc)
     env["OMP_NUM_THREADS"] = str(threads)  # the cores shared out, not oversubscribed
     root = str(Path(__file__).resolve().parent.parent)  # the workers import this very neurofm
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    log.info("launching %d training processes: %s", nproc, " ".join(command))
+    return env
 
-    seen = len(read_metrics_csv(out_dir / METRICS_FILE)) if resume else 0
-    with open(work_dir / LOG_FILE, "w") as log_handle:
+
+def _run_workers(
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    metrics_path: Path,
+    seen: int,
+    on_epoch_end: Callable[[int, dict], None] | None,
+) -> int:
+    """Run ``command`` (output to ``log_path``) until it exits and return its exit code; meanwhile call
+    ``on_epoch_end(step, row)`` for each row rank 0 adds to ``metrics_path`` after the first ``seen``.
+    Any exception (the callback's included) terminates the workers (killed after 30 s) and propagates."""
+    from neurofm.checkpoints import read_metrics_csv
+
+    with open(log_path, "w") as log_handle:
         process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, env=env)
         try:
             while True:
                 finished = process.poll() is not None
-                rows = read_metrics_csv(out_dir / METRICS_FILE)
+                rows = read_metrics_csv(metrics_path)
                 for row in rows[seen:]:
                     if on_epoch_end is not None:
                         on_epoch_end(int(row["step"]), row)
                 seen = max(seen, len(rows))
                 if finished:
-                    break
+                    return process.returncode
                 time.sleep(0.5)
         except BaseException:
             process.terminate()
@@ -175,13 +215,18 @@ def launch_pretrain(
             except subprocess.TimeoutExpired:
                 process.kill()
             raise
-        finally:
-            if converted is not None:  # a copy of the input; the job and log stay for the record
-                shutil.rmtree(converted, ignore_errors=True)
+
+
+def _read_result(work_dir: Path, out_dir: Path, returncode: int):
+    """The rank-0 :class:`~neurofm.train.TrainResult` from ``result.json`` and the metrics file; raises
+    NeurofmError naming the launcher log's telling line when the workers failed."""
+    from neurofm.checkpoints import METRICS_FILE, read_metrics_csv
+    from neurofm.train import TrainResult
+
     result_path = work_dir / RESULT_FILE
-    if process.returncode != 0 or not result_path.is_file():
+    if returncode != 0 or not result_path.is_file():
         raise NeurofmError(
-            f"distributed training failed (exit {process.returncode}): {_last_error(work_dir / LOG_FILE)}; "
+            f"distributed training failed (exit {returncode}): {_last_error(work_dir / LOG_FILE)}; "
             f"see {work_dir / LOG_FILE}"
         )
     saved = json.loads(result_path.read_text())
