@@ -53,7 +53,15 @@ from neurofm.loop import (
 )
 from neurofm.model import GeneEncoder, cell_inputs, feature_table, load_pretrained
 from neurofm.scoring import validation_count_loss
-from neurofm.stream import CellStream, StreamConfig, StreamLoader, densify, densify_counts
+from neurofm.stream import (
+    CellStream,
+    StreamConfig,
+    StreamLoader,
+    batch_observed,
+    densify,
+    densify_counts,
+    unobserved_genes,
+)
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train_config import TrainConfig
 
@@ -157,9 +165,11 @@ class _CountForward(torch.nn.Module):
         self.model = model
         self.table = table
 
-    def forward(self, bins: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cell, expression = cell_inputs(self.model, bins, "auto", self.table)
-        return self.model.count_loss(cell, counts, expression)
+    def forward(
+        self, bins: torch.Tensor, counts: torch.Tensor, observed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cell, expression = cell_inputs(self.model, bins, "auto", self.table, observed)
+        return self.model.count_loss(cell, counts, expression, observed)
 
 
 @contextmanager
@@ -273,15 +283,17 @@ def _head_phase(
     """The phase :func:`fit_count_head` runs (without validation): its step is the cells' NLL + KL summed
     over genes, at the shared KL schedule."""
     zero_bins = stream.zero_bins.to(device)
+    observed_genes = unobserved_genes(stream)  # None for a single-file store
 
     def step(module: torch.nn.Module, raw: dict, at: StepAt) -> tuple[torch.Tensor, dict]:
         bins = densify(raw, zero_bins)
-        nll, kl = module(bins, densify_counts(raw, bins.shape[1]))
+        observed = batch_observed(raw, observed_genes)  # only measured genes are read and scored
+        nll, kl = module(bins, densify_counts(raw, bins.shape[1]), *(() if observed is None else (observed,)))
         kl_weight = kl_weight_at(
             at.index, schedule.total_steps, config.kl_weight, config.count_head_kl_warmup
         )
-        # scVI's scale: summed over genes (count_loss divides by n_genes), mean over cells — Adam's
-        # eps=0.01 assumes gradients of that size
+        # scVI's scale: summed over genes (count_loss divides by n_genes; with unmeasured genes by each
+        # cell's measured count genes), mean over cells — Adam's eps=0.01 assumes gradients of that size
         loss = (nll + kl_weight * kl).mean() * model.config.n_count_genes
         return loss, {"loss": loss}
 

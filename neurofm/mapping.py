@@ -461,7 +461,9 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
 
 def embed_reference_cells(model, tokenizer, cells, progress: bool = True, batch_size: int = 256) -> np.ndarray:
     """Embeddings of every cell of ``cells`` (an AnnData of raw counts, or a ``CellStore``), read 4,096
-    cells at a time, with the model's own genes."""
+    cells at a time, with the model's own genes. In a multi-file store each cell is embedded with only
+    the genes its file measured (the others are unobserved: out of the library size and the pooling,
+    as for query data that lacks genes)."""
     from neurofm.data.store import CellStore
     from neurofm.embedding import embed_matrix
     from neurofm.genes import match_adata
@@ -471,12 +473,17 @@ def embed_reference_cells(model, tokenizer, cells, progress: bool = True, batch_
         return embed_matrix(model, tokenizer, cells, batch_size=batch_size, progress=progress, match=match)
     import anndata as ad
 
-    var = cells.var()
+    var, observed, datasets = cells.var(), cells.observed_genes, cells.cell_datasets()
     parts = []
     for start in range(0, cells.n_cells, 4096):
-        block = ad.AnnData(X=cells.rows(np.arange(start, min(start + 4096, cells.n_cells))), var=var)
-        match = match_adata(block, tokenizer.gene_ids, tokenizer.gene_symbols)
-        parts.append(embed_matrix(model, tokenizer, block, batch_size=batch_size, progress=False, match=match))
+        rows = np.arange(start, min(start + 4096, cells.n_cells))
+        counts, part = cells.rows(rows), np.empty((rows.size, model.embedding_dim), dtype=np.float32)
+        for dataset in np.unique(datasets[rows]):  # one file's cells with the genes it measured
+            mine, genes = np.flatnonzero(datasets[rows] == dataset), np.flatnonzero(observed[dataset])
+            block = ad.AnnData(X=counts[mine][:, genes], var=var.iloc[genes])
+            match = match_adata(block, tokenizer.gene_ids, tokenizer.gene_symbols, min_overlap=0.0)
+            part[mine] = embed_matrix(model, tokenizer, block, batch_size, progress=False, match=match)
+        parts.append(part)
     return np.concatenate(parts) if parts else np.zeros((0, model.embedding_dim), dtype=np.float32)
 
 

@@ -117,6 +117,8 @@ class MaskedBatch:
     padding_mask: torch.Tensor | None
     counts: torch.Tensor | None = None  # (cells, all genes) raw counts, for the count head
     full_bins: torch.Tensor | None = None  # (cells, all genes) bins the count head reads ("all_genes")
+    observed: torch.Tensor | None = None  # (cells, all genes) bool, the genes the count head reads and
+    #                                       scores (a multi-file store's measured genes); None: all
 
     def rows(self, part: slice) -> MaskedBatch:
         """The cells ``part`` of the batch (a rank's share under DDP)."""
@@ -128,6 +130,7 @@ class MaskedBatch:
             None if self.padding_mask is None else self.padding_mask[part],
             None if self.counts is None else self.counts[part],
             None if self.full_bins is None else self.full_bins[part],
+            None if self.observed is None else self.observed[part],
         )
 
     @property
@@ -148,7 +151,8 @@ def make_batch(
     """Sample genes and masks for the cells in ``bins`` (cells × all genes); ``counts`` (the same cells'
     raw counts) ride along for the count head. ``observed`` (cells × genes bool, a multi-file store's
     :func:`neurofm.stream.observed_mask`): tokens are drawn among each cell's measured genes; a token
-    that still falls on an unmeasured gene is padding (``padding_mask``), never masked nor scored."""
+    that still falls on an unmeasured gene is padding (``padding_mask``), never masked nor scored; with
+    ``counts`` the mask rides along too (``MaskedBatch.observed``) for the count head."""
     gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device, observed)
     token_bins = torch.gather(bins, 1, gene_ids).long()
     padding = None if observed is None else ~torch.gather(observed.to(bins.device), 1, gene_ids)
@@ -163,6 +167,7 @@ def make_batch(
         padding_mask=padding,
         counts=counts,
         full_bins=bins if counts is not None and config.count_input == "all_genes" else None,
+        observed=observed if counts is not None else None,
     )
 
 
@@ -204,7 +209,8 @@ def stream_frequency_table(
     seeded sample of ``max_cells`` of them (``default_rng([seed, 13])``). Each chunk of ``chunk_cells``
     rows is binned sparsely (only non-zeros; a gene's zeros all fall in its zero bin) and counted with
     ``np.bincount`` — never a dense (cells × genes) matrix. Equal to ``frequency_table`` of the dense
-    bins of the same cells."""
+    bins of the same cells. In a multi-file store each gene counts only the cells whose file measured
+    it (``store.observed_genes``); a gene no counted cell measured is uniform."""
     binner = SparseBinner(tokenizer)
     rows = sample_rows(store.n_cells, exclude_rows, max_cells, [seed, 13])
     n_genes, n_bins = binner.n_genes, binner.n_bins
@@ -217,6 +223,12 @@ def stream_frequency_table(
         counts += np.bincount(genes * n_bins + bins, minlength=n_genes * n_bins)
         nonzero_per_gene += np.bincount(genes, minlength=n_genes)
     counts = counts.reshape(n_genes, n_bins)
-    counts[np.arange(n_genes), binner.zero_bins.astype(np.int64)] += rows.size - nonzero_per_gene
+    observed = store.observed_genes  # (datasets, genes)
+    if observed.all():
+        measuring = rows.size
+    else:
+        files = np.bincount(store.cell_datasets()[rows], minlength=observed.shape[0])
+        measuring = files @ observed.astype(np.int64)  # per gene: the counted cells whose file measured it
+    counts[np.arange(n_genes), binner.zero_bins.astype(np.int64)] += measuring - nonzero_per_gene
     table = counts + smoothing
     return table / table.sum(axis=1, keepdims=True), int(rows.size)

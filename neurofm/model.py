@@ -340,12 +340,14 @@ class GeneEncoder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         counts: torch.Tensor | None = None,
         full_bins: torch.Tensor | None = None,
+        observed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """:meth:`pretrain_logits` plus, with a count head and the cells' raw ``counts`` (batch, n_genes),
         the count head's per-cell negative-binomial NLL and KL divergence, each divided by the count genes
         (``None, None`` otherwise). The count head reads the cell vector of ``full_bins`` (batch,
         n_genes: every gene's bin, as at embedding time) when given, else that of the visible tokens.
-        The latent is sampled (reparameterised) in training mode."""
+        ``observed`` (batch, n_genes bool; None: all) marks the genes each cell's file measured: the
+        count head reads and scores only those. The latent is sampled (reparameterised) in training mode."""
         hidden = self.encode(gene_ids, bin_ids, padding_mask)
         keep = self.visible(bin_ids, padding_mask)
         cell = self.pool(self.cell_features(gene_ids, bin_ids), keep)
@@ -357,8 +359,9 @@ class GeneEncoder(nn.Module):
         if full_bins is None:  # "sampled": the visible tokens
             expression = self.expression_features(bin_ids, gene_ids, keep)
         else:
-            cell, expression = self.pooled_cell(full_bins), self.expression_features(full_bins)
-        nll, kl = self.count_loss(cell, counts, expression)
+            cell = self.pooled_cell(full_bins, observed)
+            expression = self.expression_features(full_bins, keep=observed)
+        nll, kl = self.count_loss(cell, counts, expression, observed)
         return logits, cell_logits, nll, kl
 
     def visible(self, bin_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,10 +374,11 @@ class GeneEncoder(nn.Module):
             keep = keep & (bin_ids > 0)
         return keep
 
-    def pooled_cell(self, bins: torch.Tensor) -> torch.Tensor:
+    def pooled_cell(self, bins: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, d_model) cell vectors of whole cells: ``bins`` (batch, n_genes) holds every gene's bin;
         pooled over every gene, or over the genes with bin > 0 for ``cell_pooling="nonzero"`` — the
-        cell vector ``neurofm.embed`` pools (pooling ``"auto"``).
+        cell vector ``neurofm.embed`` pools (pooling ``"auto"``); with ``observed`` (batch, n_genes bool)
+        over each cell's measured genes only.
 
         Computed over the cells' non-zero genes, so memory and time grow with those, not with cells ×
         genes × d_model (1.3 GB for 32 cells of a 20,000-gene atlas, with autograd): a token's features
@@ -388,6 +392,8 @@ class GeneEncoder(nn.Module):
         nonzero = self.config.cell_pooling == "nonzero"  # the mean over the genes with bin > 0
         reference = torch.zeros_like(all_genes) if nonzero else bins.min(0).values
         changed = bins != reference if not nonzero else bins > 0
+        if observed is not None:
+            changed = changed & observed
         n_changed = changed.sum(1)
         width = max(1, int(n_changed.max()) if n_cells else 1)
         # each cell's changed genes first, in gene order (a stable sort of "unchanged"), then padding
@@ -398,6 +404,10 @@ class GeneEncoder(nn.Module):
             summed = (features * valid[..., None].to(features.dtype)).sum(1)
             return summed / n_changed.clamp(min=1)[:, None].to(summed.dtype)
         delta = features - self.cell_features(genes, reference[genes])
+        if observed is not None:  # each cell's measured genes at their reference bin
+            base = observed.to(features.dtype) @ self.cell_features(all_genes[None], reference[None])[0]
+            summed = base + (delta * valid[..., None].to(delta.dtype)).sum(1)
+            return summed / observed.sum(1, keepdim=True).clamp(min=1).to(summed.dtype)
         base = self.cell_features(all_genes[None], reference[None])[0].sum(0)  # (d_model,)
         return (base[None, :] + (delta * valid[..., None].to(delta.dtype)).sum(1)) / n_genes
 
@@ -442,21 +452,31 @@ class GeneEncoder(nn.Module):
         return summed / n_genes
 
     def count_loss(
-        self, cell: torch.Tensor, counts: torch.Tensor, expression: torch.Tensor | None = None
+        self,
+        cell: torch.Tensor,
+        counts: torch.Tensor,
+        expression: torch.Tensor | None = None,
+        observed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL, KL), each (batch,) and divided by the count genes: the count head's negative-binomial NLL
         of the raw ``counts`` (batch, n_genes: every gene's, of which the count genes are scored; or
         batch, n_count_genes: those already) from the latent of the cell vectors ``cell`` (and, with
         ``latent_reads_expression``, of :meth:`expression_features` ``expression``; sampled in
-        training mode, its mean otherwise) and the latent's KL divergence from N(0, I)."""
+        training mode, its mean otherwise) and the latent's KL divergence from N(0, I). ``observed``
+        (bool, the shape of ``counts``; None: all) limits the NLL to each cell's measured count genes and
+        divides both terms by their number instead (a 141-gene file weighs like a 2,000-gene one)."""
         mean, log_var = self.latent(cell, expression)
         latent = mean
         if self.training:
             latent = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
         if self.count_gene_index is not None and counts.shape[1] == self.config.n_genes:
             counts = counts[:, self.count_gene_index]
-        nll = self.count_nll(latent, counts)
+            observed = None if observed is None else observed[:, self.count_gene_index]
+        nll = self.count_nll(latent, counts, observed)
         kl = 0.5 * (mean.float().pow(2) + log_var.float().exp() - 1.0 - log_var.float()).sum(1)
+        if observed is not None:
+            n_measured = observed.sum(1).clamp(min=1).float()
+            return nll / n_measured, kl / n_measured
         n_count = self.config.n_count_genes
         return nll / n_count, kl / n_count
 
@@ -497,14 +517,22 @@ class GeneEncoder(nn.Module):
         mean, log_var = self.latent_encoder[1:](hidden).float().chunk(2, dim=-1)
         return mean, log_var.clamp(-10.0, 10.0)
 
-    def count_nll(self, latent: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def count_nll(
+        self, latent: torch.Tensor, counts: torch.Tensor, observed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(batch,) negative-binomial NLL of each cell's raw ``counts`` (batch, n_genes), summed over genes:
         gene g's mean is ``softmax(count_decoder(latent))_g × library`` (library = the cell's total count
         over the count genes, an offset, so the latent need not carry depth), its dispersion theta_g
-        learned per gene. ``counts`` (batch, n_count_genes) are the count genes' counts."""
+        learned per gene. ``counts`` (batch, n_count_genes) are the count genes' counts. ``observed``
+        (same shape, bool): only those genes are decoded (the softmax runs over them), counted in the
+        library and scored; the others' counts are placeholders and never read."""
         counts = counts.float()
+        decoded = self.count_decoder(latent).float()
+        if observed is not None:
+            counts = counts * observed
+            decoded = decoded.masked_fill(~observed, -1e9)  # no share of the library
         library = counts.sum(1, keepdim=True).clamp(min=1.0)
-        log_mu = F.log_softmax(self.count_decoder(latent).float(), dim=-1) + library.log()
+        log_mu = F.log_softmax(decoded, dim=-1) + library.log()
         log_theta = self.count_log_theta.float()
         log_theta_mu = torch.logaddexp(log_theta, log_mu)  # log(theta + mu)
         theta = log_theta.exp()
@@ -515,6 +543,8 @@ class GeneEncoder(nn.Module):
             + theta * (log_theta - log_theta_mu)
             + counts * (log_mu - log_theta_mu)
         )
+        if observed is not None:
+            log_likelihood = torch.where(observed, log_likelihood, torch.zeros_like(log_likelihood))
         return -log_likelihood.sum(1)
 
     @property
@@ -670,7 +700,9 @@ def cell_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What :func:`embed_bins` feeds ``model.embedding_from_cell``: the pooled cell vectors (cells,
     d_model), looked up in ``table`` (no gradient flows into the token features), and the count head's
-    ``expression_features`` (``None`` unless the model's latent reads the expression). Memory is
+    ``expression_features`` (``None`` unless the model's latent reads the expression). ``observed``
+    (bool): the genes measured — per gene (n_genes,), or per cell (cells, n_genes) for the cells of a
+    multi-file store (``neurofm.stream.observed_mask``); only those are pooled and read. Memory is
     O(cells × genes) ids, never cells × genes × d_model."""
     n_bin_ids = model.config.n_bins + 1
     pooling = resolve_pooling(model, pooling)
@@ -686,8 +718,10 @@ def cell_inputs(
         table = feature_table(model)
     gene_offsets = torch.arange(bins.shape[1], device=bins.device) * n_bin_ids
     rows = bins.long() + gene_offsets  # (cells, genes) rows of the table
-    keep = None if observed is None else observed[None, :].expand(bins.shape[0], -1)
-    expression = model.expression_features(bins, keep=keep)  # None unless the latent reads it
+    keep = None if observed is None or observed.ndim == 2 else observed[None, :].expand(bins.shape[0], -1)
+    expression = model.expression_features(bins, keep=observed if keep is None else keep)
+    if observed is not None and observed.ndim == 2:  # per cell: one bag of its measured genes each
+        return _pooled_per_cell(rows, bins, table, pooling, observed), expression
     if observed is not None:
         rows, bins = rows[:, observed], bins[:, observed]
     if pooling == "mean_nonzero":
@@ -699,3 +733,18 @@ def cell_inputs(
     else:  # "mean": the cell vector the cell head was trained on; "max": element-wise
         pooled = F.embedding_bag(rows, table, mode="max" if pooling == "max" else "mean")
     return pooled, expression
+
+
+def _pooled_per_cell(
+    rows: torch.Tensor, bins: torch.Tensor, table: torch.Tensor, pooling: str, observed: torch.Tensor
+) -> torch.Tensor:
+    """:func:`cell_inputs`' pooling over each cell's own ``observed`` genes (cells × genes bool)."""
+    keep = observed.clone()
+    if pooling == "mean_nonzero":
+        keep &= bins > 0
+        empty = ~keep.any(1)
+        keep[empty] = observed[empty]  # cells with every measured bin 0: the plain mean of those
+    keep[~keep.any(1)] = True  # a cell that measured nothing: every gene (no such cell in a store)
+    n_kept = keep.sum(1)
+    offsets = torch.cumsum(n_kept, 0) - n_kept
+    return F.embedding_bag(rows[keep], table, offsets, mode="max" if pooling == "max" else "mean")

@@ -21,7 +21,7 @@ from neurofm import runtime
 from neurofm.loop import Window, to_device
 from neurofm.masking import IGNORE_INDEX, MaskedBatch, make_batch
 from neurofm.model import GeneEncoder, cell_inputs, feature_table
-from neurofm.stream import CellStream, densify, densify_counts
+from neurofm.stream import CellStream, batch_observed, densify, densify_counts, unobserved_genes
 from neurofm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ def losses(model, batch: MaskedBatch, device: torch.device, config: TrainConfig,
     forward = model.pretrain_outputs if isinstance(model, GeneEncoder) else model
     with autocast(device, config):
         logits, cell_logits, count_nll, count_kl = forward(
-            batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts, batch.full_bins
+            *(batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts, batch.full_bins),
+            *(() if batch.observed is None else (batch.observed,)),
         )
     token_loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
@@ -73,6 +74,7 @@ def validation_count_loss(
     context = runtime.current()
     model.eval()
     zero_bins = stream.zero_bins.to(device)
+    observed_genes = unobserved_genes(stream)
     total, n_cells, table = 0.0, 0, None
     for index, part in enumerate(stream.validation_batches(batch_size)):
         if index % context.world_size != context.rank:
@@ -80,18 +82,26 @@ def validation_count_loss(
         part = to_device(part, device)
         bins = densify(part, zero_bins)
         counts = densify_counts(part, bins.shape[1])
+        observed = batch_observed(part, observed_genes)  # None: every gene measured
         if config.count_input == "all_genes":  # a lookup in the feature table, as at embedding time
             if table is None:
                 table = feature_table(model)
-            cell, expression = cell_inputs(model, bins, "auto", table)
+            cell, expression = cell_inputs(model, bins, "auto", table, observed)
         else:  # "sampled": the visible tokens of a fixed draw, as in training
             generator = torch.Generator(device=device).manual_seed(config.seed + 2 + index)
-            batch = make_batch(bins, config.max_tokens_per_cell, model.config.mask_token, config, generator)
+            batch = make_batch(
+                bins,
+                config.max_tokens_per_cell,
+                model.config.mask_token,
+                config,
+                generator,
+                observed=observed,
+            )
             keep = model.visible(batch.input_bins, batch.padding_mask)
             cell = model.pool(model.cell_features(batch.gene_ids, batch.input_bins), keep)
             expression = model.expression_features(batch.input_bins, batch.gene_ids, keep)
         with autocast(device, config):
-            nll, kl = model.count_loss(cell, counts, expression)
+            nll, kl = model.count_loss(cell, counts, expression, observed)
         total += float((nll + kl).sum())
         n_cells += bins.shape[0]
     total, n_cells = runtime.all_reduce_sums([total, n_cells], context)
@@ -142,6 +152,7 @@ def validation_batches(
     each, drawn once from a generator seeded ``seed + 1``."""
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     zero_bins = stream.zero_bins.to(device)
+    observed_genes = unobserved_genes(stream)  # unmeasured genes get no token, as in training
     # Every batch's token tensors are views into one block per field, filled in place: each part's
     # (cells × genes) temporaries then reuse the same memory, whereas small tensors kept alive between
     # them fragment the heap (RSS grew to 1.7 GB while holding 156 MB on a 20,000-gene store).
@@ -155,9 +166,10 @@ def validation_batches(
         return blocks[name][offset : offset + value.shape[0]].copy_(value)
 
     for part in stream.validation_batches(eval_batch_size):
-        bins = densify(to_device(part, device), zero_bins)
+        part = to_device(part, device)
+        bins, observed = densify(part, zero_bins), batch_observed(part, observed_genes)
         for _ in range(config.val_draws):
-            made = make_batch(bins, n_tokens, mask_token, config, generator)
+            made = make_batch(bins, n_tokens, mask_token, config, generator, observed=observed)
             labels = kept("labels", made.labels)
             batches.append(
                 replace(
@@ -244,7 +256,8 @@ def demo_prediction(
     first cell."""
     model.eval()
     with autocast(device, config):
-        logits = model(batch.gene_ids[:1], batch.input_bins[:1], None)[0].float()
+        padding = None if batch.padding_mask is None else batch.padding_mask[:1]
+        logits = model(batch.gene_ids[:1], batch.input_bins[:1], padding)[0].float()
     probabilities = logits.softmax(-1)
     scored = (batch.labels[0] != IGNORE_INDEX).nonzero().flatten()
     lines = [

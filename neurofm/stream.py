@@ -328,21 +328,58 @@ def variable_genes(
     """Sorted store-gene indices of the ``n_top_genes`` most variable genes: scanpy's Seurat-v3 ranking
     (variance of the standardised raw counts against a loess fit of mean and variance, scVI's recipe) on
     a seeded sample of at most ``max_cells`` cells drawn with ``default_rng([seed, 13])`` among the rows
-    not in ``exclude_rows`` (pass the validation rows). Every gene when the store has no more."""
+    not in ``exclude_rows`` (pass the validation rows). Every gene when the store has no more. In a
+    multi-file store each gene's statistics count only the sampled cells whose file measured it
+    (:func:`_measured_variances`)."""
     if n_top_genes >= store.n_genes:
         return np.arange(store.n_genes)
     import anndata as ad
     import scanpy as sc
 
     sample = sample_rows(store.n_cells, exclude_rows, max_cells, [seed, 13])
-    work = ad.AnnData(X=store.rows(sample))  # float32 CSR raw counts
-    sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat_v3")
-    chosen = np.flatnonzero(work.var["highly_variable"].to_numpy())
+    observed = store.observed_genes
+    if not observed.all():
+        measuring = observed[store.cell_datasets()[sample]]  # (sampled cells, genes)
+        variances = _measured_variances(store.rows(sample), measuring)
+        chosen = np.sort(np.argsort(-variances, kind="stable")[:n_top_genes])
+    else:
+        work = ad.AnnData(X=store.rows(sample))  # float32 CSR raw counts
+        sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat_v3")
+        chosen = np.flatnonzero(work.var["highly_variable"].to_numpy())
     log.info(
         "count head: the %d most variable of %d genes (Seurat v3 on %d training cells)",
         chosen.size, store.n_genes, sample.size,
     )  # fmt: skip
     return chosen
+
+
+def _measured_variances(counts: sp.csr_matrix, measuring: np.ndarray) -> np.ndarray:
+    """Seurat v3's normalised variance per gene (scanpy's ``flavor="seurat_v3"``, one batch) of raw
+    ``counts`` (cells × genes CSR), each gene over its ``measuring`` cells (cells × genes bool) only:
+    their mean and variance, a loess fit of log variance on log mean, values clipped at mean +
+    sqrt(cells) × the fitted standard deviation. A gene fewer than 2 cells measured, or constant, gets
+    -inf (never chosen before a measured, varying one)."""
+    from skmisc.loess import loess
+
+    n_cells = measuring.sum(0).astype(np.float64)  # per gene; unmeasured counts are 0 placeholders
+    values, genes = counts.data.astype(np.float64), counts.indices
+    total = np.bincount(genes, values, minlength=counts.shape[1])
+    mean = total / np.maximum(n_cells, 1)
+    var = (np.bincount(genes, values**2, minlength=counts.shape[1]) - n_cells * mean**2) / np.maximum(
+        n_cells - 1, 1
+    )
+    varying = (n_cells > 1) & (var > 0)
+    fit = loess(np.log10(mean[varying]), np.log10(var[varying]), span=0.3, degree=2)
+    fit.fit()
+    reg_std = np.ones_like(mean)
+    reg_std[varying] = np.sqrt(10**fit.outputs.fitted_values)
+    clipped = np.minimum(values, (reg_std * np.sqrt(n_cells) + mean)[genes])
+    clipped_sum = np.bincount(genes, clipped, minlength=counts.shape[1])
+    clipped_squares = np.bincount(genes, clipped**2, minlength=counts.shape[1])
+    normalised = (n_cells * mean**2 + clipped_squares - 2 * clipped_sum * mean) / (
+        np.maximum(n_cells - 1, 1) * reg_std**2
+    )
+    return np.where(varying, normalised, -np.inf)
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -660,6 +697,18 @@ def observed_mask(batch: dict, observed_genes: torch.Tensor) -> torch.Tensor:
     measurements — give it no token and do not decode or score it."""
     dataset = batch["dataset"]
     return observed_genes.to(dataset.device)[dataset.long()]
+
+
+def unobserved_genes(stream: CellStream) -> torch.Tensor | None:
+    """``stream.observed_genes`` where some dataset leaves genes unmeasured, else None (a single-file
+    store: every gene measured, so the training code takes its unmasked path, unchanged)."""
+    observed = stream.observed_genes
+    return None if bool(observed.all()) else observed
+
+
+def batch_observed(batch: dict, observed_genes: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`observed_mask` of ``batch``, or None when ``observed_genes`` is (see :func:`unobserved_genes`)."""
+    return None if observed_genes is None else observed_mask(batch, observed_genes)
 
 
 def densify_counts(batch: dict, n_genes: int) -> torch.Tensor:

@@ -104,7 +104,15 @@ from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported f
 from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.runtime import resolve_device  # noqa: F401  (re-exported: callers import it from train)
 from neurofm.scoring import ValidationSet, demo_prediction, log_row, losses, metrics_row, validation_batches
-from neurofm.stream import CellStream, StreamLoader, densify, densify_counts, variable_genes
+from neurofm.stream import (
+    CellStream,
+    StreamLoader,
+    batch_observed,
+    densify,
+    densify_counts,
+    unobserved_genes,
+    variable_genes,
+)
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 from neurofm.train_config import TrainConfig  # re-exported: callers import it from train
 from neurofm.training_data import (  # noqa: F401  (re-exported for the steps, tests and benchmarks)
@@ -171,8 +179,8 @@ class _PretrainForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None, full_bins=None):
-        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts, full_bins)
+    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None, full_bins=None, observed=None):
+        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts, full_bins, observed)
 
 
 def pretrain(
@@ -376,12 +384,16 @@ def _pretrain_phase(
     config, device = run.config, run.device
     generator = torch.Generator(device=device)
     zero_bins = stream.zero_bins.to(device)
+    observed_genes = unobserved_genes(stream)  # None for a single-file store
 
     def step(module: torch.nn.Module, raw: dict, at: StepAt) -> tuple[torch.Tensor, dict]:
         generator.manual_seed(at.seed)  # gene samples and masks
         bins = densify(raw, zero_bins)
         counts = densify_counts(raw, bins.shape[1]) if run.with_counts else None
-        batch = make_batch(bins, run.n_tokens, run.model_config.mask_token, config, generator, counts)
+        observed = batch_observed(raw, observed_genes)  # unmeasured genes: no token, no count loss
+        batch = make_batch(
+            bins, run.n_tokens, run.model_config.mask_token, config, generator, counts, observed
+        )
         # each rank's mean over its own cells; DDP averages the gradients over the ranks
         token_loss, cell_loss, count_nll, count_kl, _ = losses(module, batch, device, config)
         loss = token_loss + config.cell_loss_weight * cell_loss
