@@ -22,3 +22,10 @@ from neurofm.cpu import set_thread_policy  # noqa: E402
 
 set_thread_policy()  # as run.py does, before torch is imported
 (_SESSION_DIR / "home").mkdir(parents=True, exist_ok=True)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml): one worker per core, at most 4. Most tests are single-threaded Python
+    (ZenML, scikit-learn, Leiden), so two workers on a 2-core machine halve most of the suite's time; every
+    worker is a pytest session of its own, with its own stores (above)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))

@@ -257,26 +257,6 @@ def test_too_few_cells_are_refused(tmp_path):
         )
 
 
-@pytest.mark.integration
-def test_short_pretrain_on_real_data_beats_the_frequency_table(tmp_path):
-    data = (
-        Path(__file__).resolve().parents[2]
-        / "shared"
-        / "data"
-        / "subset_2523_210_Cerebral-cortex.screened.h5ad"
-    )
-    if not data.is_file():
-        pytest.skip(f"shared real data not found at {data}")
-    from neurofm.io import read_h5ad
-
-    adata = read_h5ad(data)
-    config = TrainConfig(epochs=6, progress=False, count_head_epochs=2)
-    result = pretrain(adata, TokenizerConfig(), ModelConfig(), config, tmp_path)
-    assert 6.5 < result.baseline_perplexity < 6.9  # the original's table scores 6.71
-    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
-    assert result.metrics[-1]["val_perplexity"] < result.baseline_perplexity
-
-
 def test_streamed_frequency_table_equals_the_dense_one_and_skips_validation_rows(tmp_path):
     from neurofm.train import fit_training_tokenizer, split_store, store_from_anndata, stream_frequency_table
 
