@@ -3,7 +3,7 @@
     python run.py                                   # full: prepare → pretrain → evaluate, built-in data
     python run.py --pipeline prepare                # data preparation only
     python run.py --pipeline pretrain --data cells.h5ad
-    python run.py --pipeline pretrain --data a.h5ad --data b.h5ad:batch=donor   # data.files (not wired yet)
+    python run.py --pipeline pretrain --data a.h5ad --data b.h5ad:batch=donor   # data.files: one store
     python run.py --pipeline evaluate --model models:/neurofm-encoder@champion --label-col subtype
     python run.py --pipeline tune --trials 20
 
@@ -164,11 +164,10 @@ def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
     from neurofm import io
 
     io.ensure_writable_dir(config["data"]["out_dir"])
-    if config["data"]["files"] is not None:
+    if config["data"]["files"] is not None and args.pipeline != "pretrain":
         raise NeurofmError(
-            f"{len(config['data']['files'])} data files: the pipelines do not pre-train on several files yet "
-            "(the training loop must first skip the genes a file does not measure); convert them into one "
-            "store with `neurofm convert A.h5ad B.h5ad … OUT_DIR` and pass one file with --data meanwhile"
+            f"{len(config['data']['files'])} data files: only --pipeline pretrain takes several files (one "
+            f"store of their union of genes); {args.pipeline} does not yet — run it on one file's --data"
         )
     if args.pipeline == "tune":
         from pipelines.tune import tune_from_config
@@ -262,7 +261,7 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
 
     lines = ["", f"neurofm {pipeline}: run {run.name} {run.status}"]
     if pipeline != "prepare":
-        inputs = {"default_data": config["data"]["path"] is None}
+        inputs = {"default_data": config["data"]["path"] is None and config["data"]["files"] is None}
         lines.extend(
             f"  note: {note}" for note in run_notes(config, inputs, pipeline in ("pretrain", "full"))
         )

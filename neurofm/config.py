@@ -240,11 +240,12 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
                 f"unknown key(s) {', '.join(extra)} in config section '{section}'; known keys: {', '.join(defaults)}"
             )
         full[section] = deep_merge(defaults, values)
+    builtin_data = full["data"]["path"] is None and full["data"]["files"] is None  # the synthetic atlas
     for section in DATACLASS_SECTIONS:
         values = config.get(section) or {}
         if not isinstance(values, Mapping):
             raise NeurofmError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
-        if section == "train" and full["data"]["path"] is None:  # the built-in data's own budget
+        if section == "train" and builtin_data:  # the built-in data's own budget
             demo = full["default_data"]["train"] or {}
             if not isinstance(demo, Mapping):
                 raise NeurofmError(
@@ -252,7 +253,7 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
                 )
             budget_keys = {"epochs", "max_steps"}
             values = {**demo, **values} if not budget_keys & set(values) else dict(values)
-        if section == "reference" and full["data"]["path"] is None and "label_columns" not in values:
+        if section == "reference" and builtin_data and "label_columns" not in values:
             values = {**(full["default_data"]["reference"] or {}), **values}
         instance = dataclass_from_dict(_dataclass_for(section), values, section)
         full[section] = dataclasses.asdict(instance)

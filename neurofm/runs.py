@@ -25,6 +25,8 @@ def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
     from neurofm import io
 
     data = config["data"]
+    if data["files"] is not None:
+        return _several_files(config)
     if data["path"] is None:
         defaults = config["default_data"]
         files = default_atlas(defaults)
@@ -63,6 +65,43 @@ def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
         "crop": dict(config["crop"]),
         "default_data": False,
         "name": path.stem,
+    }
+
+
+def _several_files(config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`resolve_inputs` for ``data.files``: each file's spec (a path or a mapping, as
+    ``neurofm.data.store.InputFile.parse`` takes it) with its path checked and made absolute, and its
+    fingerprint. Cluster subsets, region filters and crops are single-file selections: refused here."""
+    from neurofm import io
+    from neurofm.data.store import InputFile
+
+    if config["subset"]["cluster_ids"] or config["region"]["value"] is not None:
+        raise NeurofmError(
+            "subset.cluster_ids / region.value select cells of one file; with several data files "
+            "(data.files) select them per file first, or clear those settings"
+        )
+    if any(config["crop"].get(key) is not None for key in ("n_cells", "n_genes")):
+        raise NeurofmError("crop.n_cells / crop.n_genes crop one file; clear them for several data files")
+    specs, fingerprints = [], []
+    for entry in config["data"]["files"]:
+        spec = InputFile.parse(entry)
+        path = io.check_h5ad_path(spec.path)
+        specs.append({"path": str(path.resolve()), "batch_column": spec.batch_column,
+                      "gene_column": spec.gene_column, "name": spec.name})  # fmt: skip
+        fingerprints.append(io.file_fingerprint(path))
+    return {
+        "files": specs,
+        "fingerprints": fingerprints,
+        "path": None,
+        "fingerprint": None,
+        "metadata_csv": None,
+        "cluster_csv": None,
+        "annotation_csv": None,
+        "cluster_ids": [],
+        "region": None,
+        "crop": dict(config["crop"]),
+        "default_data": False,
+        "name": "+".join(Path(spec["path"]).stem for spec in specs),
     }
 
 

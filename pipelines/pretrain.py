@@ -5,6 +5,9 @@ The tokenize and pretrain steps get the store's reference (uri + manifest hash),
 - ``--data X.h5ad`` (no crop): ``convert_cells`` converts the file once into a store, the cluster subset
   and region filter applied on the way — cached on the file's fingerprint and the selection, so no
   step ever holds the atlas in memory;
+- ``--data A.h5ad --data B.h5ad`` (``data.files``): ``convert_files`` converts them once into one store
+  of the union of their genes (``neurofm.data.store.convert_many``), cached on the files' fingerprints;
+  pre-training skips the genes each file did not measure;
 - the built-in data, or a crop: the prepare steps (synthetic atlas, subset, crop) make the small
   AnnData as before and ``store_cells`` writes it as a store.
 """
@@ -17,7 +20,7 @@ from zenml import pipeline
 
 from pipelines.prepare import prepare_steps
 from pipelines.settings import step_settings
-from steps.data import convert_cells, store_cells
+from steps.data import convert_cells, convert_files, store_cells
 from steps.train import pretrain_model, tokenize
 
 
@@ -32,6 +35,14 @@ def store_steps(config: dict[str, Any], inputs: dict[str, Any], need_cells: bool
     """(prepared AnnData or None, cell store reference). ``need_cells=False`` lets a user .h5ad skip the
     prepare steps (see the module docstring)."""
     out_dir = config["data"]["out_dir"]
+    if inputs.get("files"):  # several files (data.files): one store of the union of their genes
+        reference = convert_files(
+            files=inputs["files"],
+            fingerprints=inputs["fingerprints"],
+            out_dir=out_dir,
+            layer=config["data"]["layer"],
+        )
+        return None, reference
     if not need_cells and uses_direct_conversion(config, inputs):
         subset = config["subset"]
         selection = {

@@ -132,6 +132,36 @@ def convert_cells(
 
 
 @step(cache_policy=depends_on("data"))
+def convert_files(
+    files: list[Any],
+    fingerprints: list[str],
+    out_dir: str,
+    shard_size: int = 65536,
+    seed: int = 0,
+    layer: str | None = None,
+) -> Annotated[dict, "cell_store"]:
+    """Convert several .h5ad files once into one cell store of the union of their genes
+    (``neurofm.data.store.convert_many``: the cells of all files shuffled together, ``obs['dataset']``
+    and ``obs['batch']`` per cell, each file's measured genes in the manifest) and return its reference
+    (see ``convert_cells``). Cached on the files' ``fingerprints`` and specs; the store lives in
+    ``<out_dir>/stores/many-<key>``, an interrupted conversion resumes there."""
+    import hashlib
+    import json
+
+    from neurofm.data.store import CellStore, convert_many
+
+    key = hashlib.sha256(
+        json.dumps([files, fingerprints, shard_size, seed, layer], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    target = Path(out_dir) / "stores" / f"many-{key}"
+    convert_many(files, target, shard_size=shard_size, seed=seed, layer=layer)  # a finished store is kept
+    store = CellStore(target)
+    log.info("cell store %s: %d cells × %d genes from %d files", target, store.n_cells, store.n_genes,
+             len(store.datasets))  # fmt: skip
+    return store.reference()
+
+
+@step(cache_policy=depends_on("data"))
 def store_cells(adata: ad.AnnData, out_dir: str) -> Annotated[dict, "cell_store"]:
     """Small prepared data onto the same path as an atlas: ``adata`` written as a cell store under
     ``<out_dir>/stores/`` (``convert_anndata``); returns its reference (see ``convert_cells``)."""
