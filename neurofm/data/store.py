@@ -49,7 +49,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from neurofm import keys
-from neurofm.data.atlas import _matrix_element, _normalise_cluster_ids, read_cell_metadata, read_csr_rows
+from neurofm.data.atlas import (
+    _matrix_element,
+    _normalise_cluster_ids,
+    _open_h5ad,
+    read_cell_metadata,
+    read_csr_rows,
+)
 from neurofm.data.dedupe import unique_names
 from neurofm.data.region import filter_region
 from neurofm.data.vocabulary import FileGenes, union_genes
@@ -124,15 +130,6 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
 
 
 # ------------------------------------------------------------------------------------------ selection
-def _open_h5(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise NeurofmError(
-            f"cannot open {path} ({error}); the file is truncated or not an .h5ad — re-export it"
-        ) from None
-
-
 def _read_frame(handle: h5py.File, name: str, path: Path) -> pd.DataFrame:
     try:
         return ad.io.read_elem(handle[name])
@@ -461,7 +458,7 @@ def convert(
     selection = selection or Selection()
     path = check_h5ad_path(in_h5ad)
     out_dir = _check_out_dir(out_dir, shard_size)
-    with _open_h5(path) as handle:
+    with _open_h5ad(path) as handle:
         obs = _read_frame(handle, "obs", path)
         var = _read_frame(handle, "var", path)
         element, source_name = _matrix_element(handle, layer, path)
@@ -570,7 +567,7 @@ class _Input:
 
 def _open_input(stack: ExitStack, spec: InputFile, layer: str | None) -> _Input:
     path = check_h5ad_path(spec.path)
-    handle = stack.enter_context(_open_h5(path))
+    handle = stack.enter_context(_open_h5ad(path))
     obs, var = _read_frame(handle, "obs", path), _read_frame(handle, "var", path)
     element, source_name = _matrix_element(handle, layer, path)
     _check_csr(element, source_name, path)
