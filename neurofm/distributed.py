@@ -14,14 +14,14 @@
 - each rank's loss is the mean over its own batch; DDP averages the gradients over the ranks;
 - validation batches are split between ranks and the sums are all-reduced;
 - rank 0 alone writes checkpoints, the resume state, the metrics and the final outputs, and calls
-  ``on_epoch_end`` (MLflow logging, Optuna pruning) with each validation's step.
+  ``on_validation`` (MLflow logging, Optuna pruning) with each validation's step.
 
 Two ways to run it:
 
 - ``launch_pretrain(...)`` (what the pretrain step calls when ``train.nproc_per_node > 1``) converts an
   AnnData to a cell store in a work directory (a store is used in place) and writes the tokenizer there, starts ``python -m torch.distributed.run --standalone
   --nproc_per_node N -m neurofm.distributed JOB.json``, forwards each validation's metrics to
-  ``on_epoch_end`` as rank 0 writes them, and returns the same :class:`~neurofm.train.TrainResult`
+  ``on_validation`` as rank 0 writes them, and returns the same :class:`~neurofm.train.TrainResult`
   as ``pretrain`` — one MLflow run and one registered version, made by the calling process;
 - by hand on a multi-GPU or multi-node machine::
 
@@ -88,7 +88,7 @@ def launch_pretrain(
     model_config,
     train_config,
     out_dir: str | os.PathLike,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
+    on_validation: Callable[[int, dict], None] | None = None,
     resume: bool = False,
     *,
     tokenizer_config=None,
@@ -97,8 +97,8 @@ def launch_pretrain(
     directly, in this process, when that is 1).
 
     ``data``: an AnnData, a :class:`~neurofm.data.store.CellStore` or a store directory (see ``pretrain``).
-    Returns the rank-0 :class:`~neurofm.train.TrainResult`. ``on_epoch_end`` runs here, in the calling
-    process, as ``on_epoch_end(step, metrics)`` once per validation as rank 0 writes it.
+    Returns the rank-0 :class:`~neurofm.train.TrainResult`. ``on_validation`` runs here, in the calling
+    process, as ``on_validation(step, metrics)`` once per validation as rank 0 writes it.
     ``tokenizer=None`` fits one from ``tokenizer_config`` on the training rows, as ``pretrain`` does.
     An exception the callback raises (e.g. an Optuna prune) stops
     the workers and propagates. A failed worker raises NeurofmError naming the launcher log.
@@ -117,7 +117,7 @@ def launch_pretrain(
             model_config=model_config,
             train_config=train_config,
             out_dir=out_dir,
-            on_epoch_end=on_epoch_end,
+            on_validation=on_validation,
             resume=resume,
         )
     out_dir = ensure_writable_dir(out_dir)
@@ -139,7 +139,7 @@ def launch_pretrain(
     seen = len(read_metrics_csv(out_dir / METRICS_FILE)) if resume else 0
     try:
         returncode = _run_workers(
-            command, env, work_dir / LOG_FILE, out_dir / METRICS_FILE, seen, on_epoch_end
+            command, env, work_dir / LOG_FILE, out_dir / METRICS_FILE, seen, on_validation
         )
     finally:
         if converted is not None:  # a copy of the input; the job and log stay for the record
@@ -188,10 +188,10 @@ def _run_workers(
     log_path: Path,
     metrics_path: Path,
     seen: int,
-    on_epoch_end: Callable[[int, dict], None] | None,
+    on_validation: Callable[[int, dict], None] | None,
 ) -> int:
     """Run ``command`` (output to ``log_path``) until it exits and return its exit code; meanwhile call
-    ``on_epoch_end(step, row)`` for each row rank 0 adds to ``metrics_path`` after the first ``seen``.
+    ``on_validation(step, row)`` for each row rank 0 adds to ``metrics_path`` after the first ``seen``.
     Any exception (the callback's included) terminates the workers (killed after 30 s) and propagates."""
     from neurofm.checkpoints import read_metrics_csv
 
@@ -202,8 +202,8 @@ def _run_workers(
                 finished = process.poll() is not None
                 rows = read_metrics_csv(metrics_path)
                 for row in rows[seen:]:
-                    if on_epoch_end is not None:
-                        on_epoch_end(int(row["step"]), row)
+                    if on_validation is not None:
+                        on_validation(int(row["step"]), row)
                 seen = max(seen, len(rows))
                 if finished:
                     return process.returncode

@@ -37,7 +37,7 @@ positions every time; that table counts the training rows' bins streamed once (a
 The same loop runs data-parallel under ``torchrun`` (see ``neurofm.distributed``): each rank streams its
 own blocks of the store (``CellStream`` splits them by rank) and every rank steps
 ``CellStream.common_batches`` times per epoch; DDP averages the gradients (``neurofm.loop``); validation
-sums are all-reduced; rank 0 alone writes outputs and calls ``on_epoch_end``. ``nproc_per_node > 1`` makes the
+sums are all-reduced; rank 0 alone writes outputs and calls ``on_validation``. ``nproc_per_node > 1`` makes the
 pretrain step launch it.
 
 Run on the shared data::
@@ -189,7 +189,7 @@ def pretrain(
     model_config: ModelConfig | None = None,
     train_config: TrainConfig | None = None,
     out_dir: str | os.PathLike = "pretrain",
-    on_epoch_end: Callable[[int, dict], None] | None = None,
+    on_validation: Callable[[int, dict], None] | None = None,
     resume: bool = False,
     *,
     tokenizer: ExpressionTokenizer | None = None,
@@ -206,7 +206,7 @@ def pretrain(
     Training runs ``max_steps`` steps (None: ``epochs`` epochs) and validates every ``val_every_steps``
     steps (None: at each epoch end) and at the last step; after each validation, once checkpoints and
     the resume state are written, the metrics dict (keys ``METRIC_COLUMNS``) goes to
-    ``on_epoch_end(step, metrics)``; an exception raised there (e.g. an Optuna prune) stops training and
+    ``on_validation(step, metrics)``; an exception raised there (e.g. an Optuna prune) stops training and
     propagates. ``resume=True`` continues from ``out_dir/resume_state.pt`` — mid-epoch, with the loader
     position — bit-identical to an uninterrupted run on CPU. Returns a :class:`TrainResult`.
     """
@@ -241,7 +241,7 @@ def pretrain(
             val_rows=val_rows,
         )
         with _torch_threads(train_config.num_threads):
-            return _pretrain(run, on_epoch_end, resume)
+            return _pretrain(run, on_validation, resume)
     finally:
         cleanup()
 
@@ -284,7 +284,7 @@ class _Run:
         return self.model_config.latent_dim > 0  # the count head needs every gene's raw count
 
 
-def _pretrain(run: _Run, on_epoch_end: Callable[[int, dict], None] | None, resume: bool) -> TrainResult:
+def _pretrain(run: _Run, on_validation: Callable[[int, dict], None] | None, resume: bool) -> TrainResult:
     started = time.perf_counter()
     config = run.config
     if run.with_counts and config.count_loss_weight <= 0:
@@ -308,7 +308,7 @@ def _pretrain(run: _Run, on_epoch_end: Callable[[int, dict], None] | None, resum
     if resume:
         saved = load_resume_state(run.out_dir, model, optimizer, run.model_config, run.tokenizer, config)
         start = PhaseState(**saved)
-    phase = _pretrain_phase(run, model, optimizer, loader, schedule, stream, validation, on_epoch_end)
+    phase = _pretrain_phase(run, model, optimizer, loader, schedule, stream, validation, on_validation)
     state = run_phase(phase, start)
     return _finish(run, model, stream, validation, state, started)
 
@@ -377,10 +377,10 @@ def _pretrain_phase(
     schedule: Schedule,
     stream: CellStream,
     validation: ValidationSet,
-    on_epoch_end: Callable[[int, dict], None] | None,
+    on_validation: Callable[[int, dict], None] | None,
 ) -> Phase:
     """Pre-training as a phase: the masked-bin step, the metrics row as its validation, and checkpoints,
-    the resume state and ``on_epoch_end`` after each (rank 0)."""
+    the resume state and ``on_validation`` after each (rank 0)."""
     config, device = run.config, run.device
     generator = torch.Generator(device=device)
     zero_bins = stream.zero_bins.to(device)
@@ -410,8 +410,8 @@ def _pretrain_phase(
         if runtime.current().is_main:
             write_checkpoint(run.out_dir, model, run.tokenizer, optimizer, asdict(state), is_best, config)
             log_row(row)
-            if on_epoch_end is not None:
-                on_epoch_end(state.step, dict(row))
+            if on_validation is not None:
+                on_validation(state.step, dict(row))
 
     return Phase(
         name="pretrain",

@@ -475,7 +475,7 @@ class _Study:
                 f"invalid combination {params}: {str(error).split(' (got')[0]}"
             ) from None
 
-        def on_epoch_end(step: int, metrics: dict) -> None:  # once per validation
+        def on_validation(step: int, metrics: dict) -> None:  # once per validation
             tracking.log_metrics(metrics, step=step)
             trial.report(_intermediate(metrics, self.objective), step)
             if trial.should_prune():
@@ -491,7 +491,7 @@ class _Study:
             model_config,
             train_config,
             self.out_dir / "trials" / f"trial_{trial.number:04d}",
-            on_epoch_end=on_epoch_end,
+            on_validation=on_validation,
             tokenizer_config=tokenizer_config,
         )
         summary = _trial_summary(result)

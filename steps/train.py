@@ -119,7 +119,7 @@ def pretrain_model(
             model_config,
             train_config,
             run_dir,
-            on_epoch_end=lambda step, metrics: tracking.log_metrics(metrics, step=step),
+            on_validation=lambda step, metrics: tracking.log_metrics(metrics, step=step),
             resume=resume,
         )
         final = {

@@ -206,7 +206,7 @@ def test_callback_sees_each_validation_and_can_stop_training(tmp_path):
             SMALL_MODEL,
             small_train_config(epochs=5),
             tmp_path,
-            on_epoch_end=stop_after_two,
+            on_validation=stop_after_two,
         )
     # 48 training cells in batches of 16: validation (by default) after each epoch of 3 steps
     assert [(step, epoch) for step, epoch, _ in seen] == [(3, 1), (6, 2)]
@@ -289,7 +289,7 @@ def test_step_based_run_validates_every_n_steps_and_resumes_mid_epoch_exactly(tm
             raise KeyboardInterrupt("stopped")
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain(adata, TokenizerConfig(), SMALL_MODEL, config(7), tmp_path / "b", on_epoch_end=stop_at_4)
+        pretrain(adata, TokenizerConfig(), SMALL_MODEL, config(7), tmp_path / "b", on_validation=stop_at_4)
     state = torch.load(tmp_path / "b" / "resume_state.pt", weights_only=True)
     assert state["loader"]["epoch"] == 1 and state["loader"]["batches_consumed"] == 1
     resumed = pretrain(adata, TokenizerConfig(), SMALL_MODEL, config(7), tmp_path / "b", resume=True)
