@@ -167,6 +167,8 @@ def main(argv=None) -> None:
                 row = {"direction": direction, "method": method, "seed": seed, "fit_and_embed_s": round(fit_s, 1),
                        **extra, **result}  # fmt: skip
                 rows.append(row)
+                write_report({"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "partial": True},
+                             args.out)  # after every row: a stopped run keeps what it measured
                 f1s = "  ".join(f"{level} F1 {result[level]['transfer_f1']:.3f}" for level in levels)
                 print(f"{direction:16s} {method:10s} seed {seed}: {f1s}  ARI-opt {result['query_ari_optimised']:.3f}"
                       f"  unknown {result[levels[0]]['unknown_share']:.3f}  ({fit_s:.0f} s)", flush=True)
