@@ -17,7 +17,7 @@ directory beside the weights, so a registered MLflow model carries it:
   rule, counts per label, the cells' source and how they were sampled.
 
 No pickle. **The classifier** of a column is picked from the evaluation's probe menu
-(:func:`neurofm.evaluate.probe.select_probe`: logistic regression raw and z-scored over ``C``, kNN over
+(:func:`neurofm.classify.select_probe`: logistic regression raw and z-scored over ``C``, kNN over
 ``k``) by 3-fold inner cross-validation on ≤ 3,000 reference cells (:data:`REFERENCE_PROBE`; labels with
 fewer than 3 cells take no part in the choice), then fit on all of them — the very protocol the
 baselines get in the ``map`` pipeline.
@@ -47,9 +47,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 
+from neurofm.classify import ProbeConfig, probe_from_json, probe_to_json, select_probe
 from neurofm.cpu import free_cores
 from neurofm.errors import NeurofmError
-from neurofm.evaluate.probe import ProbeConfig, probe_from_json, select_probe
 from neurofm.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,6 @@ def save_reference(reference: Reference, model_dir: str | os.PathLike) -> Path:
     """Write ``reference.safetensors`` + ``reference.json`` into ``model_dir`` (atomically, each)."""
     from safetensors.numpy import save_file
 
-    from neurofm.evaluate.probe import probe_to_json
 
     directory = Path(model_dir)
     tensors: dict[str, np.ndarray] = {"embedding": np.ascontiguousarray(reference.embedding, dtype=np.float32)}

@@ -77,6 +77,59 @@ def test_no_import_cycles_among_the_projects_modules():
             visit(node, [node])
 
 
+def _folder(name: str) -> str:
+    """The node of ``name`` in the folder-level graph: a sub-package of ``neurofm`` (``neurofm.evaluate``,
+    ``neurofm.data``) stands for all its modules; a top-level module (``neurofm.mapping``) for itself."""
+    parts = name.split(".")
+    if parts[0] == "neurofm" and len(parts) > 2:
+        return ".".join(parts[:2])
+    return ".".join(parts[:2]) if parts[0] == "neurofm" else parts[0]
+
+
+def folder_cycles(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Pairs of folder-level nodes that reach each other (a loop at the folder level)."""
+    folders: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        folders.setdefault(_folder(name), set()).update(_folder(t) for t in targets)
+    for node, targets in folders.items():
+        targets.discard(node)
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in folders.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    reach = {node: reachable(node) for node in folders}
+    return sorted({tuple(sorted((a, b))) for a in folders for b in reach[a] if b != a and a in reach.get(b, set())})
+
+
+def test_no_import_loops_between_folders():
+    """``neurofm/evaluate`` may use ``neurofm.mapping`` or the reverse, never both (the same for every
+    sub-package and top-level module): a loop through several modules of a folder is a loop too."""
+    modules = _project_modules()
+    graph = {name: _imports(path, name, set(modules)) for name, path in modules.items()}
+    for name in graph:  # a package's __init__ importing its own submodules
+        graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
+    loops = folder_cycles(graph)
+    assert not loops, f"folders importing each other (directly or through others): {loops}"
+
+
+def test_the_folder_check_sees_a_loop_through_a_folder():
+    graph = {
+        "neurofm.mapping": {"neurofm.evaluate.probe"},
+        "neurofm.evaluate.probe": {"neurofm.io"},
+        "neurofm.evaluate.transfer": {"neurofm.mapping"},
+        "neurofm.io": set(),
+    }
+    assert folder_cycles(graph) == [("neurofm.evaluate", "neurofm.mapping")]
+    graph["neurofm.mapping"] = {"neurofm.classify"}
+    assert folder_cycles(graph) == []
+
+
 def test_the_science_package_never_imports_zenml_or_the_layers_above_it():
     modules = _project_modules()
     for name, path in modules.items():

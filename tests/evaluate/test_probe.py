@@ -173,7 +173,7 @@ def test_the_choice_never_sees_the_test_cells():
 def test_few_labels_are_chosen_by_leave_one_out():
     from sklearn.model_selection import LeaveOneOut
 
-    from neurofm.evaluate.probe import _inner_splitter
+    from neurofm.classify import _inner_splitter
 
     labels = np.array(["a"] * 5 + ["b"] * 5)
     assert isinstance(_inner_splitter(labels, ProbeConfig()), LeaveOneOut)
@@ -197,7 +197,7 @@ def test_bad_embeddings_and_labels_are_refused():
 def test_inner_predictions_equal_cross_val_predict_for_every_candidate():
     from sklearn.model_selection import cross_val_predict
 
-    from neurofm.evaluate.probe import _inner_predictions, _inner_splitter, probe_menu
+    from neurofm.classify import _inner_predictions, _inner_splitter, probe_menu
 
     rng = np.random.default_rng(3)
     labels = np.array(["a", "b", "c"] * 12)
