@@ -1,14 +1,20 @@
 """Test-session isolation, loaded by pytest before any test module imports zenml or mlflow.
 
 Every session gets its own ZenML config/store, MLflow tracking store and neurofm home under a temp
-dir; nothing touches the user's home directory or the project's own .neurofm/.
+dir; nothing touches the user's home directory or the project's own .neurofm/. The dir is removed when
+the session ends (in the controller and in every xdist worker); tests/test_suite_hygiene.py checks it.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="neurofm-tests-"))
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # a session that never reaches unconfigure
 os.environ["NEUROFM_TEST_SESSION_DIR"] = str(_SESSION_DIR)
 os.environ["ZENML_CONFIG_PATH"] = str(_SESSION_DIR / "zenml")
 os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
@@ -29,3 +35,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
     (ZenML, scikit-learn, Leiden), so two workers on a 2-core machine halve most of the suite's time; every
     worker is a pytest session of its own, with its own stores (above)."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """Remove this process's session dir (stores, neurofm home) once the session is over."""
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
