@@ -31,10 +31,9 @@ def test_a_test_run_removes_its_session_dirs(tmp_path):
     temp.mkdir()
     record = tmp_path / "session_dir.txt"
     env = {**os.environ, "TMPDIR": str(temp), RECORD: str(record)}
-    for name in list(env):  # the inner run's conftest.py and xdist set their own
-        if name.startswith("PYTEST_XDIST_") or name in ("NEUROFM_TEST_SESSION_DIR", "NEUROFM_HOME",
-                                                         "MLFLOW_TRACKING_URI", "ZENML_CONFIG_PATH"):
-            del env[name]
+    session = ("NEUROFM_TEST_SESSION_DIR", "NEUROFM_HOME", "MLFLOW_TRACKING_URI", "ZENML_CONFIG_PATH")
+    for name in [name for name in env if name in session or name.startswith("PYTEST_XDIST_")]:
+        del env[name]  # the inner run's conftest.py and xdist set their own
     process = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-n", "1", "-p", "no:cacheprovider", "--basetemp",
          str(tmp_path / "basetemp"), "tests/test_suite_hygiene.py::test_the_session_runs_in_its_own_temp_dir"],
