@@ -24,10 +24,36 @@ os.environ["NEUROFM_HOME"] = str(_SESSION_DIR / "home")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'home' / 'mlflow.db'}"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":  # set by xdist before a worker reads this file
+    # the workers share the cores, so OpenMP's waiting threads sleep rather than spin on a core the other
+    # worker needs (neurofm.cpu: spinning beside a busy process made pre-training 3.5x slower, sleeping 1.5x);
+    # set_thread_policy would pick the same on a busy machine, but decides from a 0.2-s sample
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from neurofm.cpu import set_thread_policy  # noqa: E402
 
 set_thread_policy()  # as run.py does, before torch is imported
 (_SESSION_DIR / "home").mkdir(parents=True, exist_ok=True)
+
+
+# The longest test files, longest first (fresh-clone `--durations` in BENCHMARKS.md "The suite"). With
+# `--dist loadfile --no-loadscope-reorder` (pyproject.toml) the workers take whole files in collection order, so
+# these start first and the short files fill in behind them: the workers finish together. Without the order,
+# xdist sends the files with the most tests first and the slowest file started last, minutes behind the other.
+SLOWEST_FIRST = (
+    "tests/test_pipeline_real.py",
+    "tests/test_mlflow_ui.py",
+    "tests/test_first_run.py",
+    "tests/test_readme.py",
+    "tests/test_pipeline_full.py",
+    "tests/test_distributed.py",
+    "tests/test_concurrency.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Put the files of ``SLOWEST_FIRST`` first, in that order; every other file keeps its place."""
+    rank = {path: index for index, path in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
