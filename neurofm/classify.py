@@ -10,6 +10,7 @@ pickled.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from neurofm.errors import NeurofmError
+
+logger = logging.getLogger(__name__)
 
 PROBE_FORMAT = "neurofm-linear-probe"
 PROBE_FORMAT_VERSION = 2
@@ -225,3 +228,253 @@ def probe_from_json(data: dict[str, Any]) -> Pipeline:
         pipeline = Pipeline([("scaler", scaler), ("logistic", logistic)])
     pipeline.classifier_name = data.get("classifier", "")
     return pipeline
+
+
+# ------------------------------------------------------------------------------------- the label head
+
+FEATURE_SETS = ("genes", "embedding", "genes+embedding")  # what a head can read, simplest first
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The label head of a reference: a softmax classifier trained on the reference cells' labels.
+
+    Its inputs are z-scored cell features — the log-normalised expression of the model's genes, the
+    model's embedding, or both side by side. ``features="auto"`` trains one head per available set and
+    keeps the one with the best macro-F1 on a held-out share of the *reference* cells (the query is never
+    seen). Training stops early on that share's loss; the weights of the best epoch are kept.
+    """
+
+    features: str = "auto"  # "auto" or one of FEATURE_SETS
+    hidden: int = 256  # units of the one hidden layer (ReLU); 0: a linear head (multinomial logistic)
+    dropout: float = 0.1  # on the hidden layer, in training
+    max_epochs: int = 40  # passes over the training cells at most
+    patience: int = 3  # epochs without a lower held-out loss before training stops
+    batch_size: int = 512
+    learning_rate: float = 2e-3  # Adam
+    weight_decay: float = 1e-4  # L2 on the weights (Adam's decoupled decay)
+    validation_share: float = 0.1  # held-out reference cells per label (labels with < 5 cells: none)
+    seed: int = 0  # the held-out share, the initial weights and the batches
+
+    def validate(self) -> HeadConfig:
+        if self.features != "auto" and self.features not in FEATURE_SETS:
+            raise NeurofmError(
+                f"reference.head.features={self.features!r} is unknown; use auto or one of {', '.join(FEATURE_SETS)}"
+            )
+        if not 0.0 < self.validation_share < 0.5:
+            raise NeurofmError(
+                f"reference.head.validation_share={self.validation_share} must be in (0, 0.5); e.g. 0.1"
+            )
+        for name in ("max_epochs", "patience", "batch_size"):
+            if getattr(self, name) < 1:
+                raise NeurofmError(
+                    f"reference.head.{name}={getattr(self, name)} must be >= 1; pass a positive number"
+                )
+        if self.hidden < 0 or not 0.0 <= self.dropout < 1.0:
+            raise NeurofmError(
+                "reference.head.hidden must be >= 0 and dropout in [0, 1); e.g. hidden=256, dropout=0.1"
+            )
+        return self
+
+
+@dataclass
+class LabelHead:
+    """A fitted label head: z-scoring, then ``layers`` (weight, bias) with ReLU between them, then softmax.
+
+    Inference is plain numpy (float32); features the query lacks (NaN) count as the reference mean."""
+
+    classes: list[str]
+    features: str  # one of FEATURE_SETS
+    mean: np.ndarray  # (n_features,)
+    scale: np.ndarray  # (n_features,)
+    layers: list[tuple[np.ndarray, np.ndarray]]  # (in, out) weights and (out,) biases
+    validation_f1: float = float("nan")  # macro-F1 on the held-out reference cells
+    epochs: int = 0  # epochs trained (the best one's weights kept)
+
+    @property
+    def classes_(self) -> np.ndarray:  # the scikit-learn name, as transfer code reads it
+        return np.asarray(self.classes, dtype=object)
+
+    @property
+    def name(self) -> str:
+        shape = "linear" if len(self.layers) == 1 else f"mlp {self.layers[0][0].shape[1]}"
+        return f"head {shape} on {self.features}"
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = (np.asarray(x, dtype=np.float32) - self.mean) / self.scale
+        h[~np.isfinite(h)] = 0.0
+        for index, (weight, bias) in enumerate(self.layers):
+            h = h @ weight + bias
+            if index < len(self.layers) - 1:
+                np.maximum(h, 0.0, out=h)
+        return h
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        logits = self.logits(x)
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        return logits / logits.sum(axis=1, keepdims=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.logits(x).argmax(axis=1)]
+
+    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
+        """The head as named arrays (for safetensors): ``prefix/mean``, ``/scale``, ``/w0``, ``/b0``, …"""
+        out = {f"{prefix}/mean": self.mean, f"{prefix}/scale": self.scale}
+        for index, (weight, bias) in enumerate(self.layers):
+            out[f"{prefix}/w{index}"], out[f"{prefix}/b{index}"] = weight, bias
+        return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in out.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "head", "features": self.features, "n_layers": len(self.layers),
+                "validation_f1": self.validation_f1, "epochs": self.epochs}  # fmt: skip
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, np.ndarray], prefix: str, classes: list[str], info: dict[str, Any]
+    ) -> LabelHead:
+        layers = [
+            (tensors[f"{prefix}/w{i}"], tensors[f"{prefix}/b{i}"]) for i in range(int(info["n_layers"]))
+        ]
+        return cls(
+            classes=list(classes), features=info["features"], mean=tensors[f"{prefix}/mean"],
+            scale=tensors[f"{prefix}/scale"], layers=layers, validation_f1=float(info.get("validation_f1", "nan")),
+            epochs=int(info.get("epochs", 0)),
+        )  # fmt: skip
+
+
+def held_out_share(codes: np.ndarray, share: float, seed: int, min_cells: int = 5) -> np.ndarray:
+    """Boolean mask of a stratified held-out share: ``round(share × n)`` (≥ 1) cells of every label with at
+    least ``min_cells`` cells; rarer labels are all kept for training."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(codes), dtype=bool)
+    for code in np.unique(codes):
+        rows = np.flatnonzero(codes == code)
+        if len(rows) >= min_cells:
+            held[rng.choice(rows, size=max(1, int(round(share * len(rows)))), replace=False)] = True
+    return held
+
+
+def _zscore(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.nanmean(x, axis=0) if np.isnan(x).any() else x.mean(axis=0)
+    scale = np.nanstd(x, axis=0) if np.isnan(x).any() else x.std(axis=0)
+    mean = np.nan_to_num(mean, nan=0.0)
+    scale = np.where(np.isfinite(scale) & (scale > 1e-6), scale, 1.0)
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def train_head(
+    x: np.ndarray, codes: np.ndarray, classes: list[str], features: str, config: HeadConfig, held: np.ndarray
+) -> LabelHead:
+    """A :class:`LabelHead` on ``x`` (cells × features; NaN = unobserved) for integer ``codes`` into
+    ``classes``, trained on the cells outside ``held`` and stopped early on the loss of those in it. Runs on
+    one CPU thread: the network is small, and a second thread beside a busy process made it 10-25×
+    slower (BENCHMARKS.md, "Label heads")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_head(x, codes, classes, features, config, held)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(
+    x: np.ndarray, codes: np.ndarray, classes: list[str], features: str, config: HeadConfig, held: np.ndarray
+) -> LabelHead:
+    import torch
+    from torch import nn
+
+    x = np.asarray(x, dtype=np.float32)
+    mean, scale = _zscore(x[~held])
+    z = (x - mean) / scale
+    z[~np.isfinite(z)] = 0.0
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    n_in, n_out = z.shape[1], len(classes)
+    if config.hidden:
+        network = nn.Sequential(
+            nn.Linear(n_in, config.hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, n_out),
+        )
+    else:
+        network = nn.Sequential(nn.Linear(n_in, n_out))
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    train_x, train_y = torch.from_numpy(z[~held]), torch.from_numpy(codes[~held].astype(np.int64))
+    held_x, held_y = torch.from_numpy(z[held]), torch.from_numpy(codes[held].astype(np.int64))
+    loss_fn = nn.CrossEntropyLoss()
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+    epoch = 0
+    for epoch in range(1, config.max_epochs + 1):
+        network.train()
+        for batch in torch.randperm(len(train_y), generator=generator).split(config.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(network(train_x[batch]), train_y[batch]).backward()
+            optimizer.step()
+        if not len(held_y):  # nothing held out (every label rare): a fixed number of epochs
+            best = (0.0, epoch, [p.detach().clone() for p in network.state_dict().values()])
+            continue
+        network.eval()
+        with torch.no_grad():
+            held_loss = float(loss_fn(network(held_x), held_y))
+        if best is None or held_loss < best[0] - 1e-4:
+            best = (held_loss, epoch, [p.detach().clone() for p in network.state_dict().values()])
+        elif epoch - best[1] >= config.patience:
+            break
+    assert best is not None
+    network.load_state_dict(dict(zip(network.state_dict(), best[2], strict=True)))
+    linears = [module for module in network if isinstance(module, nn.Linear)]
+    layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
+    head = LabelHead(
+        classes=list(classes), features=features, mean=mean, scale=scale, layers=layers, epochs=best[1]
+    )
+    if len(held_y):
+        predicted = head.logits(x[held]).argmax(axis=1)
+        head.validation_f1 = float(f1_score(codes[held], predicted, average="macro", zero_division=0))
+    return head
+
+
+def head_features(features: str, expression: np.ndarray | None, embedding: np.ndarray) -> np.ndarray:
+    """The input matrix of a head reading ``features`` (see :data:`FEATURE_SETS`)."""
+    if features != "embedding" and expression is None:
+        raise NeurofmError(f"a head on {features} needs the cells' gene expression; pass expression=")
+    parts = {"genes": [expression], "embedding": [embedding], "genes+embedding": [expression, embedding]}[
+        features
+    ]
+    return np.hstack([np.asarray(p, dtype=np.float32) for p in parts])
+
+
+def fit_head(
+    labels: np.ndarray, embedding: np.ndarray, expression: np.ndarray | None, config: HeadConfig | None = None
+) -> LabelHead:
+    """The reference's label head for ``labels`` (strings, one per cell), reading the embedding and/or the
+    log-normalised ``expression`` (cells × genes, NaN = unobserved). With ``features="auto"`` every
+    available feature set is tried on the same held-out reference cells and the best macro-F1 kept (ties:
+    the simpler set, in :data:`FEATURE_SETS` order)."""
+    config = (config or HeadConfig()).validate()
+    classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+    held = held_out_share(codes, config.validation_share, config.seed)
+    if config.features != "auto":
+        candidates = [config.features]
+    else:
+        candidates = ["embedding"] if expression is None else list(FEATURE_SETS)
+    best: LabelHead | None = None
+    for features in candidates:
+        head = train_head(
+            head_features(features, expression, embedding), codes, list(classes), features, config, held
+        )
+        logger.info(
+            "label head on %s: held-out macro-F1 %.3f after %d epochs",
+            features,
+            head.validation_f1,
+            head.epochs,
+        )
+        if best is None or head.validation_f1 > best.validation_f1 + 1e-9:
+            best = head
+    assert best is not None
+    return best

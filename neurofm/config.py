@@ -472,7 +472,8 @@ def configuration_markdown() -> str:
     for section, defaults in DEFAULTS.items():
         sections.append((section, defaults, comments.get(section, {}), "`neurofm/config.py`"))
     nested = {"evaluate.probe": "neurofm.evaluate.probe:ProbeConfig",
-              "evaluate.cluster": "neurofm.evaluate.cluster:ClusterConfig"}  # fmt: skip
+              "evaluate.cluster": "neurofm.evaluate.cluster:ClusterConfig",
+              "reference.head": "neurofm.classify:HeadConfig"}  # fmt: skip
     for section, spec in {**DATACLASS_SECTIONS, **nested}.items():
         module, _, name = spec.partition(":")
         cls = getattr(importlib.import_module(module), name)
@@ -482,7 +483,8 @@ def configuration_markdown() -> str:
         lines += [f"## `{section}`", "", f"Defaults from {where}.", "", "| key | default | meaning |", "|---|---|---|"]
         for key, value in values.items():
             note = notes.get(key, "").replace("|", "\\|")
-            lines.append(f"| `{key}` | {shown(value)} | {note} |")
+            default = f"see `{section}.{key}`" if dataclasses.is_dataclass(value) else shown(value)
+            lines.append(f"| `{key}` | {default} | {note} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

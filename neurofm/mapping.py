@@ -9,18 +9,18 @@ by :func:`add_reference` or by ``pretrain`` with ``reference.label_columns``) li
 directory beside the weights, so a registered MLflow model carries it:
 
 - ``reference.safetensors`` — the reference cells' embedding (``embedding``, cells × dims, float32);
-  per label column ``C``: ``C/codes`` (int32 per cell), the fitted classifier (``C/coef``,
-  ``C/intercept``, ``C/scaler_mean``, ``C/scaler_scale`` for a logistic one; a kNN one is the
-  embedding and codes) and the calibration (``C/calibration``: per label, sorted quantiles of the
+  per label column ``C``: ``C/codes`` (int32 per cell), the label head (``C/head/mean``, ``/scale``,
+  ``/w0``, ``/b0``, …) and the calibration (``C/calibration``: per label, sorted quantiles of the
   reference cells' own neighbour distances);
-- ``reference.json`` — format, label columns, classes, the classifier chosen per column, the unknown
-  rule, counts per label, the cells' source and how they were sampled.
+- ``reference.json`` — format, label columns, classes, the head of each column (the features it reads,
+  its held-out macro-F1), the unknown rule, counts per label, the cells' source and how they were sampled.
 
-No pickle. **The classifier** of a column is picked from the evaluation's probe menu
-(:func:`neurofm.classify.select_probe`: logistic regression raw and z-scored over ``C``, kNN over
-``k``) by 3-fold inner cross-validation on ≤ 3,000 reference cells (:data:`REFERENCE_PROBE`; labels with
-fewer than 3 cells take no part in the choice), then fit on all of them — the very protocol the
-baselines get in the ``map`` pipeline.
+No pickle. **The classifier** of a column is a label head (:class:`neurofm.classify.LabelHead`, settings
+``reference.head``): a softmax network trained on the reference cells' labels, reading the
+log-normalised expression of the model's genes, the model's embedding, or both — by default whichever of
+the three scores best on a held-out share of the reference cells (the query is never seen). It trains in
+seconds even at a hundred labels. A version-1 reference (a classifier of the probe menu on the
+embedding) still loads and maps.
 
 **Unknown.** A query cell predicted as label ``L`` is scored by its *distance to L*: the mean Euclidean
 distance to its ``calibration_neighbors`` nearest reference cells of ``L``. The same distance of
@@ -36,19 +36,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 
-from neurofm.classify import ProbeConfig, probe_from_json, probe_to_json, select_probe
-from neurofm.cpu import free_cores
+from neurofm.classify import HeadConfig, LabelHead, fit_head, head_features, probe_from_json
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, write_json
 
@@ -57,13 +54,9 @@ log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference.safetensors"
 REFERENCE_META = "reference.json"
 REFERENCE_FORMAT = "neurofm-reference"
-REFERENCE_FORMAT_VERSION = 1
+REFERENCE_FORMAT_VERSION = 2  # 2: label heads; 1: a probe-menu classifier on the embedding (still loads)
 UNKNOWN = "unknown"
 N_QUANTILES = 201  # stored calibration quantiles per label (0 %, 0.5 %, …, 100 %)
-# the evaluation's classifier menu, picked by 3-fold inner CV on a seeded sample of ≤ 3,000 reference cells
-# (the evaluation's 5 folds on 5,000 took 4 minutes for 127 labels: unscaled logistic fits at C = 100 need
-# ~1,300 lbfgs iterations); the same for the model and every baseline
-REFERENCE_PROBE = ProbeConfig(select_max_cells=3000, inner_folds=3)
 
 
 @dataclass(frozen=True)
@@ -71,7 +64,9 @@ class ReferenceConfig:
     """How a reference is built from labelled cells and how ``unknown`` is decided."""
 
     label_columns: tuple[str, ...] = ()  # obs columns whose labels are transferred (empty: no reference)
-    max_cells: int = 200_000  # a seeded sample above this many cells (every label keeps ≥ min_cells_per_label)
+    max_cells: int = (
+        200_000  # a seeded sample above this many cells (every label keeps ≥ min_cells_per_label)
+    )
     min_cells_per_label: int = 50  # cells of each label kept by the sample (all, when it has fewer)
     calibration_neighbors: int = 15  # k of the distance to a label
     calibration_max_cells: int = 2000  # reference cells per label whose own distances calibrate it
@@ -79,17 +74,27 @@ class ReferenceConfig:
     unknown_quantile: float = 0.99  # a query cell farther from its label than this share of the
     #                                 label's reference cells is called unknown (1.0: never unknown)
     seed: int = 0  # the sample and the calibration cells
+    head: HeadConfig = field(default_factory=HeadConfig)  # the label head of every column
+
+    def __post_init__(self) -> None:
+        if isinstance(self.head, dict):  # from a configuration file or reference.json
+            object.__setattr__(self, "head", HeadConfig(**self.head))
 
     def validate(self) -> ReferenceConfig:
+        self.head.validate()
         if not 0.5 <= self.unknown_quantile <= 1.0:
             raise NeurofmError(
                 f"reference.unknown_quantile={self.unknown_quantile} must be in [0.5, 1]; e.g. 0.99"
             )
         for name in ("max_cells", "calibration_neighbors", "calibration_max_cells", "min_calibration_cells"):
             if getattr(self, name) < 1:
-                raise NeurofmError(f"reference.{name}={getattr(self, name)} must be >= 1; pass a positive number")
+                raise NeurofmError(
+                    f"reference.{name}={getattr(self, name)} must be >= 1; pass a positive number"
+                )
         if len(set(self.label_columns)) != len(self.label_columns):
-            raise NeurofmError(f"reference.label_columns {list(self.label_columns)} repeats a column; name each once")
+            raise NeurofmError(
+                f"reference.label_columns {list(self.label_columns)} repeats a column; name each once"
+            )
         return self
 
 
@@ -100,7 +105,9 @@ class ColumnReference:
     column: str
     classes: list[str]
     codes: np.ndarray  # (n_cells,) int32 index into classes
-    classifier: Pipeline  # fitted on the reference embedding (classes as strings)
+    classifier: (
+        LabelHead | Pipeline
+    )  # a label head; a version-1 reference: a menu classifier on the embedding
     classifier_name: str
     calibration: np.ndarray  # (n_classes, N_QUANTILES) sorted distance quantiles; NaN row = pooled
     pooled_calibration: np.ndarray  # (N_QUANTILES,)
@@ -181,26 +188,23 @@ def _label_distances(index: NearestNeighbors, points: np.ndarray, k: int, leave_
 
 
 def _quantiles(values: np.ndarray) -> np.ndarray:
-    return np.quantile(values, np.linspace(0.0, 1.0, N_QUANTILES)) if len(values) else np.full(N_QUANTILES, np.nan)
+    return (
+        np.quantile(values, np.linspace(0.0, 1.0, N_QUANTILES))
+        if len(values)
+        else np.full(N_QUANTILES, np.nan)
+    )
 
 
 def _column_reference(
-    embedding: np.ndarray, labels: np.ndarray, column: str, config: ReferenceConfig, probe: ProbeConfig
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    column: str,
+    config: ReferenceConfig,
+    expression: np.ndarray | None,
 ) -> ColumnReference:
     classes, codes = np.unique(labels.astype(str), return_inverse=True)
-    labels = classes[codes]
-    selectable = np.isin(codes, np.flatnonzero(np.bincount(codes) >= max(2, probe.inner_folds)))
-    if len(np.unique(codes[selectable])) >= 2:  # rare labels take no part in choosing the classifier
-        name, candidate = select_probe(embedding[selectable], labels[selectable], probe, n_jobs=free_cores())
-    else:
-        name, candidate = select_probe(embedding, labels, probe, n_jobs=free_cores())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        classifier = candidate.fit(embedding.astype(np.float64), labels)  # float64, as a loaded one
-    if "logistic" in classifier.named_steps:  # the layout a JSON-loaded probe has: same predictions
-        logistic = classifier.named_steps["logistic"]
-        logistic.coef_ = np.ascontiguousarray(logistic.coef_)
-    classifier.classifier_name = name
+    classifier = fit_head(classes[codes], embedding, expression, config.head)
+    name = classifier.name
     rng = np.random.default_rng(config.seed)
     calibration = np.full((len(classes), N_QUANTILES), np.nan)
     pooled: list[np.ndarray] = []
@@ -209,10 +213,14 @@ def _column_reference(
         if len(rows) < max(2, config.min_calibration_cells):
             continue
         index = NearestNeighbors().fit(embedding[rows])
-        probe_rows = rows if len(rows) <= config.calibration_max_cells else rng.choice(
-            rows, config.calibration_max_cells, replace=False
+        probe_rows = (
+            rows
+            if len(rows) <= config.calibration_max_cells
+            else rng.choice(rows, config.calibration_max_cells, replace=False)
         )
-        own = _label_distances(index, embedding[probe_rows], config.calibration_neighbors, leave_self_out=True)
+        own = _label_distances(
+            index, embedding[probe_rows], config.calibration_neighbors, leave_self_out=True
+        )
         calibration[code] = _quantiles(own)
         pooled.append(own)
     pooled_values = np.concatenate(pooled) if pooled else np.zeros(1)
@@ -231,27 +239,32 @@ def build_reference(
     embedding: np.ndarray,
     obs: pd.DataFrame,
     config: ReferenceConfig,
-    probe: ProbeConfig | None = None,
+    expression: np.ndarray | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Reference:
     """A :class:`Reference` of the cells ``embedding`` (rows of ``obs``) for ``config.label_columns``.
 
-    Cells whose label is missing (NaN/None/empty) take no part in that column. Raises
-    :class:`NeurofmError` when a column is absent or has fewer than two labels.
+    ``expression`` (cells × the model's genes, log-normalised, NaN = unobserved; see
+    :func:`expression_matrix`) lets the label heads read the genes too; without it they read the
+    embedding only. Raises :class:`NeurofmError` when a column is absent, has fewer than two labels or
+    cells without a label.
     """
     config = config.validate()
-    probe = probe or REFERENCE_PROBE
     if not config.label_columns:
-        raise NeurofmError("no label columns for the reference; pass --reference-labels COL[,COL…]")
+        raise NeurofmError(
+            "no label columns for the reference; pass --labels COL[,COL…] (run.py pretrain: --reference-labels)"
+        )
     absent = [c for c in config.label_columns if c not in obs.columns]
     if absent:
         raise NeurofmError(
             f"the reference cells have no obs column(s) {absent} (columns: {list(obs.columns)[:20]}); "
-            "name existing columns in --reference-labels"
+            "name existing columns in --labels (run.py pretrain: --reference-labels)"
         )
     embedding = np.asarray(embedding, dtype=np.float32)
     if embedding.shape[0] != len(obs):
         raise NeurofmError(f"{embedding.shape[0]} embeddings for {len(obs)} cells; pass one row per cell")
+    if expression is not None and len(expression) != len(obs):
+        raise NeurofmError(f"{len(expression)} expression rows for {len(obs)} cells; pass one row per cell")
     columns: dict[str, ColumnReference] = {}
     for column in config.label_columns:
         values = obs[column]
@@ -260,14 +273,14 @@ def build_reference(
         if len(np.unique(labels[labelled])) < 2:
             raise NeurofmError(
                 f"obs[{column!r}] of the reference cells has fewer than two labels; a reference needs two "
-                "or more — name another column in --reference-labels"
+                "or more — name another column in --labels (run.py pretrain: --reference-labels)"
             )
         if not labelled.all():
             raise NeurofmError(
                 f"obs[{column!r}] has {int((~labelled).sum())} cells without a label; fill them or drop "
                 "those cells before building the reference"
             )
-        columns[column] = _column_reference(embedding, labels, column, config, probe)
+        columns[column] = _column_reference(embedding, labels, column, config, expression)
         log.info(
             "reference %s: %d labels, classifier %s", column, len(columns[column].classes),
             columns[column].classifier_name,
@@ -284,37 +297,61 @@ def _score_from_quantiles(distances: np.ndarray, quantiles: np.ndarray) -> np.nd
     return 1.0 - np.interp(distances, quantiles, levels, left=0.0, right=1.0)
 
 
-def transfer_labels(reference: Reference, query_embedding: np.ndarray, column: str) -> pd.DataFrame:
-    """Predicted labels of query cells for one reference column.
-
-    Returns a frame (one row per query cell): ``label`` (a reference label, or ``unknown``),
-    ``predicted`` (the classifier's label before the unknown rule), ``probability`` (the classifier's
-    probability of it), ``score`` (the calibrated match score in [0, 1], see the module docstring),
-    ``distance`` (mean distance to the predicted label's nearest reference cells).
-    """
+def _check_column(reference: Reference, column: str, flag: str = "--labels") -> ColumnReference:
     if column not in reference.columns:
         raise NeurofmError(
             f"the model's reference has no label column {column!r} (it has {reference.label_columns}); "
-            "pass one of those, or rebuild the reference with that column"
+            f"pass one of those with {flag}, or rebuild the reference with that column"
         )
-    ref = reference.columns[column]
+    return reference.columns[column]
+
+
+def _check_query(reference: Reference, query_embedding: np.ndarray) -> np.ndarray:
     query = np.asarray(query_embedding, dtype=np.float32)
     if query.ndim != 2 or query.shape[1] != reference.embedding.shape[1]:
         raise NeurofmError(
             f"query embedding has shape {query.shape}, the reference {reference.embedding.shape[1]} dimensions; "
             "embed the query with the reference's model"
         )
-    probabilities = ref.classifier.predict_proba(query.astype(np.float64))
-    classes = np.asarray(ref.classifier.classes_).astype(str)
+    return query
+
+
+def needs_expression(reference: Reference, columns: list[str] | None = None) -> bool:
+    """Whether a label head of these columns (default: all) reads the cells' gene expression."""
+    heads = [reference.columns[c].classifier for c in (columns or reference.label_columns)]
+    return any(isinstance(h, LabelHead) and h.features != "embedding" for h in heads)
+
+
+def predict_labels(
+    reference: Reference, column: str, embedding: np.ndarray, expression: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, probability)``: each cell's predicted label (an index into the column's classes) and the
+    classifier's probability of it. Call it on blocks of cells to bound memory."""
+    ref = _check_column(reference, column)
+    if isinstance(ref.classifier, LabelHead):
+        probabilities = ref.classifier.predict_proba(
+            head_features(ref.classifier.features, expression, embedding)
+        )
+    else:  # a version-1 reference: a menu classifier on the embedding
+        probabilities = ref.classifier.predict_proba(np.asarray(embedding, dtype=np.float64))
     best = probabilities.argmax(axis=1)
-    predicted = classes[best]
     code_of = {name: code for code, name in enumerate(ref.classes)}
-    predicted_codes = np.array([code_of[name] for name in predicted], dtype=np.int64)
+    to_code = np.array([code_of[str(name)] for name in ref.classifier.classes_], dtype=np.int64)
+    return to_code[best], probabilities[np.arange(len(best)), best]
+
+
+def label_frame(
+    reference: Reference, column: str, query_embedding: np.ndarray, codes: np.ndarray, probability: np.ndarray
+) -> pd.DataFrame:
+    """The transfer frame of :func:`transfer_labels` from predicted ``codes`` (see :func:`predict_labels`):
+    the unknown rule scores each cell by its distance to its predicted label's reference cells."""
+    ref = _check_column(reference, column)
+    query = _check_query(reference, query_embedding)
     distance = np.zeros(len(query))
     score = np.ones(len(query))
     k = reference.config.calibration_neighbors
-    for code in np.unique(predicted_codes):
-        cells = np.flatnonzero(predicted_codes == code)
+    for code in np.unique(codes):
+        cells = np.flatnonzero(codes == code)
         rows = np.flatnonzero(ref.codes == code)
         index = NearestNeighbors().fit(reference.embedding[rows])
         distance[cells] = _label_distances(index, query[cells], k, leave_self_out=False)
@@ -322,17 +359,39 @@ def transfer_labels(reference: Reference, query_embedding: np.ndarray, column: s
         if np.isnan(quantiles).any():
             quantiles = ref.pooled_calibration
         score[cells] = _score_from_quantiles(distance[cells], quantiles)
+    predicted = np.asarray(ref.classes, dtype=object)[codes]
     threshold = 1.0 - reference.config.unknown_quantile
     label = np.where(score < threshold, UNKNOWN, predicted).astype(object)
     return pd.DataFrame(
         {
             "label": label,
             "predicted": predicted,
-            "probability": probabilities[np.arange(len(query)), best],
+            "probability": probability,
             "score": score,
             "distance": distance,
         }
     )
+
+
+def transfer_labels(
+    reference: Reference, query_embedding: np.ndarray, column: str, expression: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Predicted labels of query cells for one reference column.
+
+    ``expression`` (the query cells' :func:`expression_matrix`) is needed when the column's head reads
+    genes (:func:`needs_expression`). Returns a frame (one row per query cell): ``label`` (a reference
+    label, or ``unknown``), ``predicted`` (the head's label before the unknown rule), ``probability`` (the
+    head's probability of it), ``score`` (the calibrated match score in [0, 1], see the module
+    docstring), ``distance`` (mean distance to the predicted label's nearest reference cells).
+    """
+    _check_column(reference, column)
+    query = _check_query(reference, query_embedding)
+    if expression is not None and len(expression) != len(query):
+        raise NeurofmError(
+            f"{len(expression)} expression rows for {len(query)} query cells; pass one row per cell"
+        )
+    codes, probability = predict_labels(reference, column, query, expression)
+    return label_frame(reference, column, query, codes, probability)
 
 
 # --------------------------------------------------------------------------------------- save / load
@@ -348,29 +407,26 @@ def save_reference(reference: Reference, model_dir: str | os.PathLike) -> Path:
     """Write ``reference.safetensors`` + ``reference.json`` into ``model_dir`` (atomically, each)."""
     from safetensors.numpy import save_file
 
-
     directory = Path(model_dir)
-    tensors: dict[str, np.ndarray] = {"embedding": np.ascontiguousarray(reference.embedding, dtype=np.float32)}
+    tensors: dict[str, np.ndarray] = {
+        "embedding": np.ascontiguousarray(reference.embedding, dtype=np.float32)
+    }
     if reference.rows is not None:
         tensors["rows"] = np.asarray(reference.rows, dtype=np.int64)
     columns: dict[str, Any] = {}
     for column, ref in reference.columns.items():
-        exported = probe_to_json(ref.classifier)
+        if not isinstance(ref.classifier, LabelHead):
+            raise NeurofmError(
+                f"column {column!r} has a version-1 classifier; rebuild the reference to save it"
+            )
         tensors[f"{column}/codes"] = ref.codes.astype(np.int32)
         tensors[f"{column}/calibration"] = ref.calibration.astype(np.float64)
         tensors[f"{column}/pooled_calibration"] = ref.pooled_calibration.astype(np.float64)
-        for name in ("scaler_mean", "scaler_scale"):
-            if exported[name] is not None:
-                tensors[f"{column}/{name}"] = np.asarray(exported[name], dtype=np.float64)
-        if exported["kind"] == "logistic":
-            tensors[f"{column}/coef"] = np.asarray(exported["coef"], dtype=np.float64)
-            tensors[f"{column}/intercept"] = np.asarray(exported["intercept"], dtype=np.float64)
+        tensors.update(ref.classifier.tensors(f"{column}/head"))
         columns[column] = {
             "classes": ref.classes,
             "classifier": ref.classifier_name,
-            "kind": exported["kind"],
-            "classifier_classes": exported["classes"],
-            "params": exported["params"],
+            "head": ref.classifier.describe(),
             "counts": ref.counts(),
         }
     with atomic_path(directory / REFERENCE_FILE) as tmp:
@@ -429,7 +485,10 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
         raise NeurofmError(
             f"the reference in {directory} is unreadable ({str(error)[:80]}); rebuild it with neurofm reference"
         ) from None
-    if meta.get("format") != REFERENCE_FORMAT or meta.get("format_version") != REFERENCE_FORMAT_VERSION:
+    if meta.get("format") != REFERENCE_FORMAT or meta.get("format_version") not in (
+        1,
+        REFERENCE_FORMAT_VERSION,
+    ):
         raise NeurofmError(
             f"{directory / REFERENCE_META} is not a version-{REFERENCE_FORMAT_VERSION} neurofm reference; "
             "rebuild it with neurofm reference"
@@ -441,7 +500,10 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
     columns: dict[str, ColumnReference] = {}
     for column, info in meta["columns"].items():
         codes = tensors[f"{column}/codes"].astype(np.int64)
-        classifier = _classifier(column, info, tensors, codes, embedding, info["classes"])
+        if "head" in info:
+            classifier = LabelHead.from_tensors(tensors, f"{column}/head", info["classes"], info["head"])
+        else:  # version 1
+            classifier = _classifier(column, info, tensors, codes, embedding, info["classes"])
         columns[column] = ColumnReference(
             column=column,
             classes=list(info["classes"]),
@@ -452,50 +514,102 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
             pooled_calibration=tensors[f"{column}/pooled_calibration"],
         )
     rows = tensors.get("rows")
-    return Reference(embedding=embedding, columns=columns, config=config, meta=meta.get("meta", {}), rows=rows)
+    return Reference(
+        embedding=embedding, columns=columns, config=config, meta=meta.get("meta", {}), rows=rows
+    )
 
 
 # --------------------------------------------------------------------------------- model directories
 
 
-def embed_reference_cells(model, tokenizer, cells, progress: bool = True, batch_size: int = 256) -> np.ndarray:
-    """Embeddings of every cell of ``cells`` (an AnnData of raw counts, or a ``CellStore``), read 4,096
-    cells at a time, with the model's own genes. In a multi-file store each cell is embedded with only
-    the genes its file measured (the others are unobserved: out of the library size and the pooling,
-    as for query data that lacks genes)."""
+_BLOCK = 4096  # cells read at a time
+
+
+def expression_matrix(adata, match, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """(cells, the model's genes) float32 ``log1p(CP10k)`` expression of the cells ``start:stop`` (default:
+    all) of ``adata`` (raw counts; backed works, read 4,096 cells at a time) on the genes of ``match`` (a
+    :class:`neurofm.genes.GeneMatch`); a cell's library size is its total over the model genes found, and
+    genes not found are NaN."""
+    import scipy.sparse as sp
+
+    from neurofm.tokenizer import normalise_counts
+
+    found = np.flatnonzero(match.observed)
+    stop = adata.n_obs if stop is None else stop
+    out = np.full((stop - start, match.n_model_genes), np.nan, dtype=np.float32)
+    for first in range(start, stop, _BLOCK):
+        block = adata[first : min(first + _BLOCK, stop)].X
+        block = sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+        out[first - start : first - start + block.shape[0], found] = normalise_counts(
+            block[:, match.source[found]]
+        )
+    return out
+
+
+def cells_expression(adata, tokenizer, gene_col: str | None = None) -> np.ndarray:
+    """:func:`expression_matrix` of every cell of ``adata`` on ``tokenizer``'s genes (matched as
+    :func:`neurofm.embed` matches them, by ``var_names`` or ``var[gene_col]``)."""
+    from neurofm.genes import match_adata
+
+    match = match_adata(adata, tokenizer.gene_ids, tokenizer.gene_symbols, gene_col=gene_col, min_overlap=0.0)
+    return expression_matrix(adata, match)
+
+
+def reference_features(model, tokenizer, cells, rows: np.ndarray | None = None, progress: bool = True,
+                       batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``(embedding, expression)`` of the cells ``rows`` (default: all) of ``cells`` (an AnnData of raw
+    counts, or a ``CellStore``) with the model's own genes (:func:`expression_matrix`). In a multi-file
+    store each cell is read with only the genes its file measured (the others are unobserved: out of the
+    library size and the pooling, as for query data that lacks genes)."""
+    import anndata as ad
+
     from neurofm.data.store import CellStore
     from neurofm.embedding import embed_matrix
     from neurofm.genes import match_adata
 
+    n_cells = cells.n_cells if isinstance(cells, CellStore) else cells.n_obs
+    rows = np.arange(n_cells) if rows is None else np.asarray(rows)
     if not isinstance(cells, CellStore):
-        match = match_adata(cells, tokenizer.gene_ids, tokenizer.gene_symbols)
-        return embed_matrix(model, tokenizer, cells, batch_size=batch_size, progress=progress, match=match)
-    import anndata as ad
-
+        subset = cells if len(rows) == n_cells else cells[rows]
+        match = match_adata(subset, tokenizer.gene_ids, tokenizer.gene_symbols)
+        embedding = embed_matrix(
+            model, tokenizer, subset, batch_size=batch_size, progress=progress, match=match
+        )
+        return embedding, expression_matrix(subset, match)
     var, observed, datasets = cells.var(), cells.observed_genes, cells.cell_datasets()
-    parts = []
-    for start in range(0, cells.n_cells, 4096):
-        rows = np.arange(start, min(start + 4096, cells.n_cells))
-        counts, part = cells.rows(rows), np.empty((rows.size, model.embedding_dim), dtype=np.float32)
-        for dataset in np.unique(datasets[rows]):  # one file's cells with the genes it measured
-            mine, genes = np.flatnonzero(datasets[rows] == dataset), np.flatnonzero(observed[dataset])
+    embedding = np.empty((len(rows), model.embedding_dim), dtype=np.float32)
+    expression = np.empty((len(rows), tokenizer.n_genes), dtype=np.float32)
+    for start in range(0, len(rows), _BLOCK):
+        part = rows[start : start + _BLOCK]
+        counts = cells.rows(part)
+        for dataset in np.unique(datasets[part]):  # one file's cells with the genes it measured
+            mine, genes = np.flatnonzero(datasets[part] == dataset), np.flatnonzero(observed[dataset])
             block = ad.AnnData(X=counts[mine][:, genes], var=var.iloc[genes])
             match = match_adata(block, tokenizer.gene_ids, tokenizer.gene_symbols, min_overlap=0.0)
-            part[mine] = embed_matrix(model, tokenizer, block, batch_size, progress=False, match=match)
-        parts.append(part)
-    return np.concatenate(parts) if parts else np.zeros((0, model.embedding_dim), dtype=np.float32)
+            embedding[start + mine] = embed_matrix(
+                model, tokenizer, block, batch_size, progress=False, match=match
+            )
+            expression[start + mine] = expression_matrix(block, match)
+    return embedding, expression
+
+
+def embed_reference_cells(
+    model, tokenizer, cells, progress: bool = True, batch_size: int = 256
+) -> np.ndarray:
+    """The embeddings of :func:`reference_features` of every cell of ``cells``."""
+    return reference_features(model, tokenizer, cells, progress=progress, batch_size=batch_size)[0]
 
 
 def add_reference(
     model_dir: str | os.PathLike,
     cells,
     config: ReferenceConfig,
-    probe: ProbeConfig | None = None,
     source: str | None = None,
     progress: bool = True,
 ) -> Reference:
     """Embed ``cells`` (AnnData or ``CellStore``, with the label columns in obs) with the model in
-    ``model_dir``, build their reference (:func:`build_reference`) and store it in ``model_dir``."""
+    ``model_dir``, build their reference (:func:`build_reference`, heads reading genes and embedding)
+    and store it in ``model_dir``."""
     from neurofm.data.store import CellStore
     from neurofm.model import load_pretrained
 
@@ -507,14 +621,10 @@ def add_reference(
     if absent:
         raise NeurofmError(
             f"the reference cells have no obs column(s) {absent} (columns: {list(obs.columns)[:20]}); "
-            "name existing columns in --reference-labels"
+            "name existing columns in --labels (run.py pretrain: --reference-labels)"
         )
     rows = sample_reference_cells(obs, config)
-    if isinstance(cells, CellStore):
-        embedding = embed_reference_cells(model, tokenizer, cells, progress=progress)[rows]
-    else:
-        subset = cells if len(rows) == cells.n_obs else cells[rows]
-        embedding = embed_reference_cells(model, tokenizer, subset, progress=progress)
+    embedding, expression = reference_features(model, tokenizer, cells, rows, progress=progress)
     meta = {
         "source": source,
         "store": str(cells.path) if isinstance(cells, CellStore) else None,
@@ -522,10 +632,15 @@ def add_reference(
         "sampled": bool(len(rows) < len(obs)),
         "pooling": "auto",
     }
-    reference = build_reference(embedding, obs.iloc[rows], config, probe, meta=meta)
+    reference = build_reference(embedding, obs.iloc[rows], config, expression, meta=meta)
     reference.rows = rows
     save_reference(reference, directory)
-    log.info("reference of %d cells (%s) stored in %s", reference.n_cells, ", ".join(config.label_columns), directory)
+    log.info(
+        "reference of %d cells (%s) stored in %s",
+        reference.n_cells,
+        ", ".join(config.label_columns),
+        directory,
+    )
     return reference
 
 
@@ -538,6 +653,29 @@ def _resolve(model, tokenizer, reference, tracking_uri):
             raise NeurofmError("a loaded model needs its reference: pass reference=, or a model directory")
         reference = load_reference(record["model_dir"])
     return loaded, loaded_tokenizer, record, reference
+
+
+def _transfer_in_blocks(adata, tokenizer, reference: Reference, columns: list[str], embedding: np.ndarray,
+                       gene_col: str | None) -> dict[str, pd.DataFrame]:  # fmt: skip
+    """:func:`transfer_labels` of every column, the heads fed 4,096 query cells at a time (the expression
+    of a million cells is never held at once)."""
+    from neurofm.genes import match_adata
+
+    match = None
+    if needs_expression(reference, columns):
+        match = match_adata(
+            adata, tokenizer.gene_ids, tokenizer.gene_symbols, gene_col=gene_col, min_overlap=0.0
+        )
+    codes = {c: np.empty(len(embedding), dtype=np.int64) for c in columns}
+    probability = {c: np.empty(len(embedding)) for c in columns}
+    for start in range(0, len(embedding), _BLOCK):
+        stop = min(start + _BLOCK, len(embedding))
+        expression = None if match is None else expression_matrix(adata, match, start, stop)
+        for column in columns:
+            codes[column][start:stop], probability[column][start:stop] = predict_labels(
+                reference, column, embedding[start:stop], expression
+            )
+    return {c: label_frame(reference, c, embedding, codes[c], probability[c]) for c in columns}
 
 
 def map_labels(
@@ -587,7 +725,7 @@ def map_labels(
         progress=progress,
         tracking_uri=tracking_uri,
     )
-    frames = {column: transfer_labels(reference, embedding, column) for column in columns}
+    frames = _transfer_in_blocks(adata, tokenizer, reference, columns, embedding, gene_col)
     seconds = time.perf_counter() - started
     threshold = 1.0 - reference.config.unknown_quantile
     map_record = {
@@ -596,8 +734,12 @@ def map_labels(
         "reference": reference.describe(),
         "label_columns": columns,
         "score_threshold": threshold,
-        "counts": {c: {str(k): int(v) for k, v in f["label"].value_counts().items()} for c, f in frames.items()},
-        "unknown_share": {c: float((f["label"] == UNKNOWN).mean()) if len(f) else 0.0 for c, f in frames.items()},
+        "counts": {
+            c: {str(k): int(v) for k, v in f["label"].value_counts().items()} for c, f in frames.items()
+        },
+        "unknown_share": {
+            c: float((f["label"] == UNKNOWN).mean()) if len(f) else 0.0 for c, f in frames.items()
+        },
         "n_cells": int(adata.n_obs),
         "seconds": seconds,
         "embedding": embed_record,
@@ -699,7 +841,9 @@ def map_file(
     if out_path.suffix != ".h5ad":
         raise NeurofmError(f"output {out_path} must end in .h5ad; pass e.g. --out cells.mapped.h5ad")
     if out_path.resolve() == in_path.resolve():
-        raise NeurofmError(f"output {out_path} is the input file; map writes a new file — choose another --out")
+        raise NeurofmError(
+            f"output {out_path} is the input file; map writes a new file — choose another --out"
+        )
     key_added = options.pop("key_added", None) or keys.EMBEDDING
     adata = read_h5ad(in_path, backed=True)
     try:

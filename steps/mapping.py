@@ -61,7 +61,11 @@ def _reference_cells(reference, settings: dict[str, Any]):
     source = settings["reference_data"] or reference.meta.get("source")
     if source and str(source).endswith(".h5ad") and Path(source).is_file():
         cells = read_h5ad(source)
-        if reference.rows is not None and len(reference.rows) < cells.n_obs and settings["reference_data"] is None:
+        if (
+            reference.rows is not None
+            and len(reference.rows) < cells.n_obs
+            and settings["reference_data"] is None
+        ):
             cells = cells[reference.rows].copy()
         return cells, str(source)
     return None, (
@@ -71,7 +75,9 @@ def _reference_cells(reference, settings: dict[str, Any]):
 
 
 @step(cache_policy=depends_on("mapping", "evaluate", "plots"))
-def score_mapping(mapping: dict, model_dir: Path, settings: dict[str, Any], out_dir: str) -> Annotated[dict, "map_scores"]:
+def score_mapping(
+    mapping: dict, model_dir: Path, settings: dict[str, Any], out_dir: str
+) -> Annotated[dict, "map_scores"]:
     """With ``map.query_label_column``: the transfer scored beside the baselines (``map.baselines``, fit
     on the reference's cells) on a seeded sample of the query, and ``<out_dir>/map/report/report.md`` /
     ``report.html``, ``transfer.csv``, ``per_class_f1.csv``, confusion tables and figures. Without it:
@@ -79,7 +85,8 @@ def score_mapping(mapping: dict, model_dir: Path, settings: dict[str, Any], out_
     import anndata as ad
 
     from neurofm.evaluate.transfer import evaluate_mapping, summary_metrics, write_mapping_report
-    from neurofm.mapping import ReferenceConfig, build_reference, load_reference
+    from neurofm.mapping import ReferenceConfig, build_reference, cells_expression, load_reference
+    from neurofm.model import load_pretrained
 
     label_column = settings["query_label_column"]
     if label_column is None:
@@ -99,16 +106,31 @@ def score_mapping(mapping: dict, model_dir: Path, settings: dict[str, Any], out_
     from neurofm import keys
 
     truth = query_cells.obs[label_column].astype(str).to_numpy()
-    batches = None if settings["batch_column"] is None else query_cells.obs[settings["batch_column"]].astype(str).to_numpy()
+    batches = (
+        None
+        if settings["batch_column"] is None
+        else query_cells.obs[settings["batch_column"]].astype(str).to_numpy()
+    )
     reference_cells, where = _reference_cells(reference, settings)
     notes = [] if reference_cells is not None else [where]
     scored_reference = reference
-    if reference_cells is not None and limit is not None and reference_cells.n_obs > limit:  # the same cells for all
+    tokenizer = load_pretrained(model_dir)[1]
+    query_expression = cells_expression(query_cells, tokenizer, settings["gene_column"])
+    if (
+        reference_cells is not None and limit is not None and reference_cells.n_obs > limit
+    ):  # the same cells for all
         keep = np.sort(np.random.default_rng(1).choice(reference_cells.n_obs, limit, replace=False))
         reference_cells = reference_cells[keep].copy()
         config = ReferenceConfig(**{**vars(reference.config), "label_columns": (column,)})
-        scored_reference = build_reference(reference.embedding[keep], reference_cells.obs[[column]], config)
-        notes.append(f"every method's reference: a seeded sample of {limit} of the reference's {reference.n_cells} cells")
+        scored_reference = build_reference(
+            reference.embedding[keep],
+            reference_cells.obs[[column]],
+            config,
+            cells_expression(reference_cells, tokenizer),
+        )
+        notes.append(
+            f"every method's reference: a seeded sample of {limit} of the reference's {reference.n_cells} cells"
+        )
     if reference_cells is not None and column not in reference_cells.obs:
         reference_cells = None
         notes.append(f"the reference cells lack obs[{column!r}]; baselines not scored")
@@ -117,7 +139,7 @@ def score_mapping(mapping: dict, model_dir: Path, settings: dict[str, Any], out_
         reference_cells=reference_cells, query_cells=query_cells, baselines=list(settings["baselines"]),
         gene_col=settings["gene_column"], query_batches=batches,
         scarches_query_epochs=settings["scarches_query_epochs"],
-        model_seconds=mapping["seconds"],
+        model_seconds=mapping["seconds"], query_expression=query_expression,
     )  # fmt: skip
     record = mapping["record"]
     header = {
@@ -148,7 +170,12 @@ def track_mapping(
     tags = {"neurofm.pipeline_step": "map", "neurofm.data": data_name,
             "neurofm.model_uri": str(model_info.get("model_uri"))}  # fmt: skip
     if model_info.get("model_version") is not None:
-        tags.update({"neurofm.model_name": model_info["model_name"], "neurofm.model_version": str(model_info["model_version"])})
+        tags.update(
+            {
+                "neurofm.model_name": model_info["model_name"],
+                "neurofm.model_version": str(model_info["model_version"]),
+            }
+        )
     with tracking.start_run(tracking_config["experiment"], run_name=f"map-{data_name}", tags=tags,
                             tracking_uri=tracking_config["tracking_uri"]) as run:  # fmt: skip
         tracking.log_params({"map": {k: v for k, v in settings.items() if k != "model"}})

@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse as sp
 
 from neurofm import keys
+from neurofm.classify import HeadConfig, LabelHead, fit_head
 from neurofm.cli import main
 from neurofm.embedding import random_encoder_like
 from neurofm.errors import NeurofmError
-from neurofm.evaluate.probe import ProbeConfig
 from neurofm.mapping import (
     UNKNOWN,
     ReferenceConfig,
@@ -42,7 +42,7 @@ def blobs(n_per: int, which: list[int], seed: int) -> tuple[np.ndarray, np.ndarr
 def reference_of(points, labels, **settings) -> object:
     obs = pd.DataFrame({"cell_type": labels, "coarse": np.where(labels == "type0", "a", "b")})
     config = ReferenceConfig(label_columns=("cell_type", "coarse"), **settings)
-    return build_reference(points, obs, config, ProbeConfig(C_grid=(1.0,), k_grid=(5,)))
+    return build_reference(points, obs, config)
 
 
 def test_transfer_labels_known_cells_and_calls_a_type_the_reference_lacks_unknown():
@@ -60,25 +60,103 @@ def test_transfer_labels_known_cells_and_calls_a_type_the_reference_lacks_unknow
     assert (transfer_labels(never, query, "cell_type")["label"] != UNKNOWN).all()
 
 
-@pytest.mark.parametrize("menu", [{"C_grid": (), "k_grid": (5,)}, {"C_grid": (1.0,), "k_grid": ()}])
-def test_a_saved_reference_predicts_exactly_what_it_predicted_before(tmp_path, menu):
+@pytest.mark.parametrize(
+    "head", [{"hidden": 0}, {"hidden": 32}, {"hidden": 32, "features": "genes+embedding"}]
+)
+def test_a_saved_reference_predicts_exactly_what_it_predicted_before(tmp_path, head):
     points, labels = blobs(60, [0, 1, 2], seed=2)
+    genes = np.random.default_rng(0).normal(size=(len(points), 5)).astype(np.float32)
     obs = pd.DataFrame({"cell_type": labels})
-    reference = build_reference(points, obs, ReferenceConfig(label_columns=("cell_type",)), ProbeConfig(**menu))
+    config = ReferenceConfig(label_columns=("cell_type",), head=HeadConfig(**head))
+    reference = build_reference(points, obs, config, expression=genes)
     save_reference(reference, tmp_path)
     assert has_reference(tmp_path)
     loaded = load_reference(tmp_path)
     query, _ = blobs(30, [0, 1, 2, 3], seed=3)
+    query_genes = np.random.default_rng(1).normal(size=(len(query), 5)).astype(np.float32)
+    query_genes[:, 0] = np.nan  # a gene the query lacks: the reference mean
     pd.testing.assert_frame_equal(
-        transfer_labels(reference, query, "cell_type"), transfer_labels(loaded, query, "cell_type")
+        transfer_labels(reference, query, "cell_type", query_genes),
+        transfer_labels(loaded, query, "cell_type", query_genes),
     )
     assert loaded.columns["cell_type"].classifier_name == reference.columns["cell_type"].classifier_name
+    assert loaded.config == reference.config
     assert "pickle" not in (tmp_path / "reference.json").read_text()
+    if head.get("features") == "genes+embedding":
+        with pytest.raises(NeurofmError, match="gene expression"):
+            transfer_labels(loaded, query, "cell_type")
+
+
+def test_the_head_picks_the_features_that_carry_the_labels_on_reference_cells_only():
+    rng = np.random.default_rng(4)
+    labels = np.repeat(["a", "b", "c"], 150)
+    codes = np.unique(labels, return_inverse=True)[1]
+    informative = (
+        rng.normal(size=(len(labels), 3)).astype(np.float32) + 4.0 * np.eye(3, dtype=np.float32)[codes]
+    )
+    noise = rng.normal(size=(len(labels), 4)).astype(np.float32)
+    head = fit_head(labels, embedding=noise, expression=informative, config=HeadConfig(hidden=16))
+    assert head.features in ("genes", "genes+embedding") and head.validation_f1 >= 0.95
+    head = fit_head(labels, embedding=informative, expression=noise, config=HeadConfig(hidden=16))
+    assert head.features in ("embedding", "genes+embedding") and head.validation_f1 >= 0.95
+    only = fit_head(labels, embedding=noise, expression=None, config=HeadConfig(hidden=16))
+    assert only.features == "embedding" and only.validation_f1 < 0.7
+    again = fit_head(labels, embedding=noise, expression=informative, config=HeadConfig(hidden=16))
+    np.testing.assert_array_equal(
+        again.layers[0][0], fit_head(labels, noise, informative, HeadConfig(hidden=16)).layers[0][0]
+    )
+    with pytest.raises(NeurofmError, match="features"):
+        HeadConfig(features="pca").validate()
+
+
+def test_a_version_1_reference_still_loads_and_maps(tmp_path):
+    """References saved before the label heads (a probe-menu classifier on the embedding) keep working."""
+    import json
+
+    from safetensors.numpy import save_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from neurofm.classify import probe_to_json
+
+    points, labels = blobs(60, [0, 1, 2], seed=2)
+    reference = build_reference(
+        points, pd.DataFrame({"cell_type": labels}), ReferenceConfig(label_columns=("cell_type",))
+    )
+    save_reference(reference, tmp_path)
+    menu = Pipeline([("scaler", StandardScaler()), ("logistic", LogisticRegression(C=1.0))]).fit(
+        points, labels
+    )
+    exported = probe_to_json(menu)
+    meta = json.loads((tmp_path / "reference.json").read_text())
+    meta["format_version"] = 1
+    meta["config"].pop("head")
+    info = meta["columns"]["cell_type"]
+    info.pop("head")
+    info.update(classifier="logistic C=1 z-scored", kind="logistic", classifier_classes=exported["classes"],
+                params=exported["params"])  # fmt: skip
+    from safetensors.numpy import load_file
+
+    tensors = {
+        k: v for k, v in load_file(str(tmp_path / "reference.safetensors")).items() if "/head/" not in k
+    }
+    tensors.update({f"cell_type/{name}": np.asarray(exported[name], dtype=np.float64)
+                    for name in ("coef", "intercept", "scaler_mean", "scaler_scale")})  # fmt: skip
+    save_file(tensors, str(tmp_path / "reference.safetensors"))
+    (tmp_path / "reference.json").write_text(json.dumps(meta))
+    loaded = load_reference(tmp_path)
+    query, truth = blobs(30, [0, 1, 2], seed=3)
+    frame = transfer_labels(loaded, query, "cell_type")
+    np.testing.assert_array_equal(frame["predicted"].to_numpy(), menu.predict(query))
+    assert not isinstance(loaded.columns["cell_type"].classifier, LabelHead)
 
 
 def test_a_sampled_reference_keeps_every_label():
     labels = np.array(["common"] * 990 + ["rare"] * 10)
-    rows = sample_reference_cells(pd.DataFrame({"c": labels}), ReferenceConfig(label_columns=("c",), max_cells=100))
+    rows = sample_reference_cells(
+        pd.DataFrame({"c": labels}), ReferenceConfig(label_columns=("c",), max_cells=100)
+    )
     assert 100 <= len(rows) <= 110 and np.all(np.diff(rows) > 0)
     assert (labels[rows] == "rare").sum() == 10
 
@@ -91,7 +169,9 @@ def test_build_reference_refuses_bad_labels_in_one_line():
     with pytest.raises(NeurofmError, match="fewer than two labels"):
         build_reference(points, pd.DataFrame({"c": ["x"] * 40}), ReferenceConfig(label_columns=("c",)))
     with pytest.raises(NeurofmError, match="without a label"):
-        build_reference(points, pd.DataFrame({"c": [None] + list(labels[1:])}), ReferenceConfig(label_columns=("c",)))
+        build_reference(
+            points, pd.DataFrame({"c": [None] + list(labels[1:])}), ReferenceConfig(label_columns=("c",))
+        )
     with pytest.raises(NeurofmError, match="unknown_quantile"):
         ReferenceConfig(label_columns=("c",), unknown_quantile=0.2).validate()
 
@@ -182,7 +262,9 @@ def test_the_map_and_reference_commands(model_dir, tmp_path, file_sha256, capsys
 def bad_cases(model_dir, tmp_path):
     bare = tmp_path / "bare"
     config = ModelConfig(n_genes=30, n_bins=20, d_model=16, n_heads=2, n_layers=1, ffn_dim=32, max_tokens=8)
-    random_encoder_like(config).save_pretrained(bare, ExpressionTokenizer().fit(typed_counts(40, 30, 0, [0, 1])))
+    random_encoder_like(config).save_pretrained(
+        bare, ExpressionTokenizer().fit(typed_counts(40, 30, 0, [0, 1]))
+    )
     good = typed_counts(40, 30, seed=6, types=[0, 1])
     other_genes = good.copy()
     other_genes.var_names = [f"other{i}" for i in range(30)]
@@ -237,7 +319,9 @@ def test_the_mapping_baselines_are_fit_on_the_reference_and_project_the_query():
     np.testing.assert_array_equal(again, ref_x)
     counts_ref, counts_query = log_count_features(ref_view, query_view)
     assert counts_ref.shape == (90, 30) and counts_query.shape == (40, 30)
-    latent_ref, latent_query = scarches_baseline(ref_view, query_view, n_latent=4, query_epochs=2, max_epochs=2)
+    latent_ref, latent_query = scarches_baseline(
+        ref_view, query_view, n_latent=4, query_epochs=2, max_epochs=2
+    )
     assert latent_ref.shape == (90, 4) and latent_query.shape == (40, 4)
     assert np.isfinite(latent_query).all()
 
@@ -255,8 +339,12 @@ def test_the_registered_pyfunc_returns_the_transferred_labels(model_dir):
     predicted = pyfunc.predict(frame, params={"labels": True})
     expected = map_query(query, model=model_dir, copy=True, progress=False)
     assert list(predicted.index) == list(query.obs_names)
-    np.testing.assert_array_equal(predicted["neurofm_cell_type"], expected.obs["neurofm_cell_type"].astype(str))
-    np.testing.assert_allclose(predicted["neurofm_group_score"], expected.obs["neurofm_group_score"], atol=1e-6)
+    np.testing.assert_array_equal(
+        predicted["neurofm_cell_type"], expected.obs["neurofm_cell_type"].astype(str)
+    )
+    np.testing.assert_allclose(
+        predicted["neurofm_group_score"], expected.obs["neurofm_group_score"], atol=1e-6
+    )
     embedding = predicted[[c for c in predicted if c.startswith("X_neurofm_")]].to_numpy()
     np.testing.assert_allclose(embedding, expected.obsm[keys.EMBEDDING], atol=1e-6)
     assert np.asarray(pyfunc.predict(frame)).shape == embedding.shape  # without the param: embeddings

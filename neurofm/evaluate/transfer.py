@@ -1,8 +1,8 @@
 """Scoring a reference mapping: the model's label transfer beside baselines fit on the reference only.
 
 One protocol for every method (:func:`evaluate_mapping`): its reference embedding and the reference
-labels make a :class:`neurofm.mapping.Reference` (the probe menu picked on reference cells only, the same
-``unknown`` rule); the query's cells are labelled by :func:`neurofm.mapping.transfer_labels`; the
+labels make a :class:`neurofm.mapping.Reference` (the same label head, trained on reference cells only, the
+same ``unknown`` rule); the query's cells are labelled by :func:`neurofm.mapping.transfer_labels`; the
 transfer is scored against the query's true labels — macro-F1 and accuracy of the classifier's label
 (``unknown`` aside, so every method is scored on every cell), per-class F1, the share called
 ``unknown`` — and the query's own structure by the evaluation's clustering (kNN graph, Leiden sweep:
@@ -51,12 +51,13 @@ class TransferResult:
 
 def score_transfer(
     method: str, reference: Reference, column: str, query_embedding: np.ndarray, truth: np.ndarray,
-    cluster: dict[str, Any] | None = None, seconds: float = 0.0,
+    cluster: dict[str, Any] | None = None, seconds: float = 0.0, expression: np.ndarray | None = None,
 ) -> TransferResult:  # fmt: skip
-    """Transfer ``column`` of ``reference`` to the query and score it against ``truth``."""
+    """Transfer ``column`` of ``reference`` to the query and score it against ``truth`` (``expression``: the
+    query cells' genes, for a head that reads them)."""
     from neurofm.evaluate.cluster import cluster_embedding
 
-    frame = transfer_labels(reference, query_embedding, column)
+    frame = transfer_labels(reference, query_embedding, column, expression)
     truth = np.asarray(truth).astype(str)
     predicted = frame["predicted"].astype(str).to_numpy()
     labels = sorted(set(truth) | set(predicted))
@@ -70,7 +71,9 @@ def score_transfer(
             "n_reference": [counts.get(label, 0) for label in labels],
             "f1": scores,
             "unknown_share": [
-                float((frame["label"][truth == label] == UNKNOWN).mean()) if (truth == label).any() else np.nan
+                float((frame["label"][truth == label] == UNKNOWN).mean())
+                if (truth == label).any()
+                else np.nan
                 for label in labels
             ],
         }
@@ -112,7 +115,11 @@ def baseline_embeddings(
         return baselines.log_count_features(reference_view, query_view)
     if name == "scarches":
         return baselines.scarches_baseline(
-            reference_view, query_view, query_batches=query_batches, query_epochs=scarches_query_epochs, seed=seed
+            reference_view,
+            query_view,
+            query_batches=query_batches,
+            query_epochs=scarches_query_epochs,
+            seed=seed,
         )
     raise NeurofmError(f"unknown map baseline {name!r}; use one of {', '.join(MAP_BASELINES)}")
 
@@ -131,11 +138,17 @@ def evaluate_mapping(
     scarches_query_epochs: int = 200,
     cluster: dict[str, Any] | None = None,
     model_seconds: float = 0.0,
+    query_expression: np.ndarray | None = None,
 ) -> dict[str, TransferResult]:
-    """``{method: TransferResult}``: the model (its stored ``reference``) and each baseline (fit on
-    ``reference_cells``, an AnnData of the reference's raw counts with ``column`` in obs), scored on the
-    same query cells by one protocol. Without ``reference_cells`` only the model is scored."""
-    results = {"model": score_transfer("model", reference, column, query_embedding, truth, cluster, model_seconds)}
+    """``{method: TransferResult}``: the model (its stored ``reference``, its label head fed the query's
+    ``query_expression`` when it reads genes) and each baseline (fit on ``reference_cells``, an AnnData of
+    the reference's raw counts with ``column`` in obs; the same label head on the baseline's features),
+    scored on the same query cells by one protocol. Without ``reference_cells`` only the model is scored."""
+    results = {
+        "model": score_transfer(
+            "model", reference, column, query_embedding, truth, cluster, model_seconds, query_expression
+        )
+    }
     if reference_cells is None or not baselines:
         return results
     if column not in reference_cells.obs:
@@ -143,7 +156,8 @@ def evaluate_mapping(
             f"the reference cells have no obs column {column!r}; pass the reference data the model's reference was built from"
         )
     ref_config = ReferenceConfig(
-        label_columns=(column,), **{k: v for k, v in vars(reference.config).items() if k not in ("label_columns",)}
+        label_columns=(column,),
+        **{k: v for k, v in vars(reference.config).items() if k not in ("label_columns",)},
     )
     for name in baselines:
         started = time.perf_counter()
@@ -154,7 +168,12 @@ def evaluate_mapping(
         seconds = time.perf_counter() - started
         baseline_reference = build_reference(ref_x, reference_cells.obs[[column]], ref_config)
         results[name] = score_transfer(name, baseline_reference, column, query_x, truth, cluster, seconds)
-        log.info("map baseline %s: transfer macro-F1 %.3f (%.0f s)", name, results[name].metrics["transfer_f1"], seconds)
+        log.info(
+            "map baseline %s: transfer macro-F1 %.3f (%.0f s)",
+            name,
+            results[name].metrics["transfer_f1"],
+            seconds,
+        )
     return results
 
 
@@ -162,7 +181,11 @@ def strongest(results: dict[str, TransferResult]) -> dict[str, tuple[str, float]
     """The best baseline per headline metric: ``{metric: (method, value)}``."""
     out = {}
     for metric in HEADLINE:
-        values = {m: r.metrics[metric] for m, r in results.items() if m != "model" and np.isfinite(r.metrics[metric])}
+        values = {
+            m: r.metrics[metric]
+            for m, r in results.items()
+            if m != "model" and np.isfinite(r.metrics[metric])
+        }
         if values:
             best = max(values, key=values.get)
             out[metric] = (best, values[best])
@@ -202,7 +225,9 @@ def write_mapping_report(
     per_class = model.per_class.rename(columns={"f1": "model_f1"})
     for method, result in results.items():
         if method != "model":
-            per_class[f"{method}_f1"] = result.per_class.set_index("label")["f1"].reindex(per_class["label"]).to_numpy()
+            per_class[f"{method}_f1"] = (
+                result.per_class.set_index("label")["f1"].reindex(per_class["label"]).to_numpy()
+            )
     with atomic_path(out / "per_class_f1.csv") as tmp:
         per_class.to_csv(tmp, index=False)
     for method, result in results.items():
@@ -215,8 +240,12 @@ def write_mapping_report(
             title=f"model: {model.column} transferred to the query", column_labels=list(model.confusion.columns),
         ), "the model's transfer: true query label (rows) against the transferred label"))  # fmt: skip
     rng = np.random.default_rng(0)
-    ref_rows = np.sort(rng.choice(len(model.reference_embedding), min(5000, len(model.reference_embedding)), replace=False))
-    query_rows = np.sort(rng.choice(len(model.query_embedding), min(5000, len(model.query_embedding)), replace=False))
+    ref_rows = np.sort(
+        rng.choice(len(model.reference_embedding), min(5000, len(model.reference_embedding)), replace=False)
+    )
+    query_rows = np.sort(
+        rng.choice(len(model.query_embedding), min(5000, len(model.query_embedding)), replace=False)
+    )
     joint = np.concatenate([model.reference_embedding[ref_rows], model.query_embedding[query_rows]])
     coordinates = umap_coordinates(joint, seed=0)
     dataset = np.array(["reference"] * len(ref_rows) + [query_source] * len(query_rows))
@@ -240,7 +269,14 @@ def _report_blocks(results, table, per_class, header, figures) -> list[tuple]:
     best = strongest(results)
     blocks: list[tuple] = [("heading", 1, f"Reference mapping: {model.column}")]
     blocks.append(("table", ["", "value"], [[k, str(v)] for k, v in header.items()]))
-    columns = ["transfer_f1", "transfer_accuracy", "unknown_share", "query_ari_optimised", "query_ari_res1", "seconds"]
+    columns = [
+        "transfer_f1",
+        "transfer_accuracy",
+        "unknown_share",
+        "query_ari_optimised",
+        "query_ari_res1",
+        "seconds",
+    ]
     rows = [[r["method"], r["classifier"], *(f"{r[c]:.3f}" if c != "seconds" else f"{r[c]:.0f}" for c in columns)]
             for r in table.to_dict("records")]  # fmt: skip
     blocks.append(("heading", 2, "The model against the baselines (fit on the reference only)"))
@@ -253,7 +289,9 @@ def _report_blocks(results, table, per_class, header, figures) -> list[tuple]:
         sentences.append(f"{metric}: the model {model.metrics[metric]:.3f} is {verdict} the strongest baseline, "
                          f"{method} {value:.3f} ({margin:+.3f}).")  # fmt: skip
     if not best:
-        sentences.append("No baseline was scored (no reference cells given); the model's figures stand alone.")
+        sentences.append(
+            "No baseline was scored (no reference cells given); the model's figures stand alone."
+        )
     blocks.append(("bullets", sentences))
     methods = [c for c in per_class.columns if c.endswith("_f1")]
     blocks.append(("heading", 2, "Per-class F1 (query cells)"))

@@ -1,0 +1,164 @@
+"""Label heads across donors: what the model's features add to a classifier on the genes (issue 30).
+
+M1 donor 1 → donor 2 and donor 2 → donor 1 (``../shared/data/allen_m1_10x_donor{1,2}_141markers.h5ad``),
+whole donors, two label levels (``subclass_approx``, 18; ``cluster_label``, 127). Per (direction, seed) one
+model pre-trained on the *reference donor only* (``--epochs``, the same budget for every row, named in the
+JSON), given as ``--models DIR`` holding ``<ref>_seed<N>/`` model directories (``--pretrain`` makes the
+missing ones). The query donor is never seen by pre-training, the reference or any setting.
+
+Rows, every one scored on every query cell by the same macro-F1 / accuracy of the predicted label
+(``unknown`` aside):
+
+- ``neurofm reference`` + ``neurofm map``: the command line end to end (wall seconds of each), the
+  default head (``reference.head``: features chosen on held-out *reference* cells);
+- the same head (MLP, 256 hidden; and linear) on the genes alone, on the embedding alone, on both —
+  the ablation that says what the model adds;
+- the strongest simple baseline of issue 30: a z-scored logistic regression (C = 1, lbfgs) on the
+  log-normalised genes (CellTypist's recipe), fit on the whole reference donor.
+
+    python benchmarks/mapping_heads.py --models /tmp/bench/models --seeds 0 [--pretrain --epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._bench import write_report  # noqa: E402
+from benchmarks.reference_mapping import DONORS, pretrain_model  # noqa: E402
+
+LEVELS = ("subclass_approx", "cluster_label")
+
+
+def scores(truth, predicted) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    truth, predicted = np.asarray(truth).astype(str), np.asarray(predicted).astype(str)
+    return {"f1": round(float(f1_score(truth, predicted, average="macro", zero_division=0)), 4),
+            "accuracy": round(float(accuracy_score(truth, predicted)), 4)}  # fmt: skip
+
+
+def model_for(models: Path, ref: str, seed: int, epochs: int, pretrain: bool) -> Path | None:
+    import anndata as ad
+
+    directory = models / f"{ref}_seed{seed}"
+    if (directory / "done").is_file():
+        return Path((directory / "done").read_text().strip())
+    if not pretrain:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    model_dir = pretrain_model(ad.read_h5ad(DONORS[ref]), epochs, seed, directory)
+    (directory / "done").write_text(str(model_dir))
+    return model_dir
+
+
+def cli_rows(model_dir: Path, ref: str, query: str, levels) -> tuple[dict, Path]:
+    """``neurofm reference`` and ``neurofm map`` as a user runs them, on a copy of the model."""
+    work = Path(tempfile.mkdtemp(prefix="neurofm-bench-"))
+    copy = work / "model"
+    shutil.copytree(model_dir, copy)
+    started = time.perf_counter()
+    subprocess.run(["neurofm", "reference", str(copy), str(DONORS[ref]), "--labels", ",".join(levels)],
+                   check=True, capture_output=True)  # fmt: skip
+    reference_s = time.perf_counter() - started
+    started = time.perf_counter()
+    out = work / "mapped.h5ad"
+    subprocess.run(["neurofm", "map", str(DONORS[query]), "--model", str(copy), "--out", str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    map_s = time.perf_counter() - started
+    return {"reference_cli_s": round(reference_s, 1), "map_cli_s": round(map_s, 1)}, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", required=True, help="folder of <ref>_seed<N>/ pre-trained model directories")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=3, help="pre-training epochs (with --pretrain)")
+    parser.add_argument("--pretrain", action="store_true", help="pre-train the missing models")
+    parser.add_argument("--directions", nargs="+", default=["donor1->donor2", "donor2->donor1"])
+    parser.add_argument("--no-logistic", action="store_true", help="skip the logistic-regression baseline")
+    parser.add_argument("--out", default="benchmarks/results/mapping_heads.json")
+    args = parser.parse_args(argv)
+
+    import anndata as ad
+
+    from neurofm.classify import HeadConfig, fit_head, head_features
+    from neurofm.mapping import load_reference, reference_features
+    from neurofm.model import load_pretrained
+
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    rows = list(previous.get("rows", []))
+    done = {(r["direction"], r["seed"], r["method"]) for r in rows}
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        done.add((row["direction"], row["seed"], row["method"]))
+        write_report({"command": " ".join(sys.argv), "epochs": args.epochs, "rows": rows}, out)
+        f1s = "  ".join(f"{level} F1 {row[level]['f1']:.3f}" for level in LEVELS if level in row)
+        print(f"{row['direction']:16s} seed {row['seed']} {row['method']:34s} {f1s}", flush=True)
+
+    for direction in args.directions:
+        ref, query = direction.split("->")
+        reference_cells, query_cells = ad.read_h5ad(DONORS[ref]), ad.read_h5ad(DONORS[query])
+        for seed in args.seeds:
+            model_dir = model_for(Path(args.models), ref, seed, args.epochs, args.pretrain)
+            if model_dir is None:
+                print(f"{direction} seed {seed}: no model in {args.models}; pass --pretrain", flush=True)
+                continue
+            key = (direction, seed)
+            if (*key, "neurofm map (default head)") not in done:
+                timing, mapped = cli_rows(model_dir, ref, query, LEVELS)
+                labels = ad.read_h5ad(mapped).obs
+                built = load_reference(mapped.parent / "model")
+                add({"direction": direction, "seed": seed, "method": "neurofm map (default head)", **timing,
+                     "heads": {c: built.columns[c].classifier.describe() for c in LEVELS},
+                     **{c: scores(query_cells.obs[c], labels[f"neurofm_{c}"]) for c in LEVELS},  # unknown: wrong
+                     "unknown_share": {c: round(float((labels[f"neurofm_{c}"] == "unknown").mean()), 4)
+                                       for c in LEVELS}})  # fmt: skip
+            model, tokenizer = load_pretrained(model_dir)
+            ref_x, ref_genes = reference_features(model, tokenizer, reference_cells, progress=False)
+            query_x, query_genes = reference_features(model, tokenizer, query_cells, progress=False)
+            for hidden in (256, 0):
+                for features in ("genes", "embedding", "genes+embedding"):
+                    method = f"head {'mlp 256' if hidden else 'linear'} on {features}"
+                    if (*key, method) in done:
+                        continue
+                    row = {"direction": direction, "seed": seed, "method": method}
+                    for level in LEVELS:
+                        started = time.perf_counter()
+                        head = fit_head(reference_cells.obs[level].astype(str).to_numpy(), ref_x, ref_genes,
+                                        HeadConfig(features=features, hidden=hidden, seed=seed))  # fmt: skip
+                        predicted = head.predict(head_features(features, query_genes, query_x))
+                        row[level] = {**scores(query_cells.obs[level], predicted),
+                                      "fit_s": round(time.perf_counter() - started, 1),
+                                      "held_out_f1": round(head.validation_f1, 4), "epochs": head.epochs}  # fmt: skip
+                    add(row)
+            method = "logistic C=1 z-scored on genes"
+            if not args.no_logistic and seed == args.seeds[0] and (*key, method) not in done:
+                from sklearn.linear_model import LogisticRegression
+                from sklearn.pipeline import make_pipeline
+                from sklearn.preprocessing import StandardScaler
+
+                row = {"direction": direction, "seed": seed, "method": method}
+                for level in LEVELS:
+                    started = time.perf_counter()
+                    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+                    classifier.fit(np.nan_to_num(ref_genes), reference_cells.obs[level].astype(str).to_numpy())
+                    predicted = classifier.predict(np.nan_to_num(query_genes))
+                    row[level] = {**scores(query_cells.obs[level], predicted),
+                                  "fit_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+                add(row)
+
+
+if __name__ == "__main__":
+    main()
