@@ -9,6 +9,7 @@ Sparse 10x data give many identical cells (all-zero or one-UMI profiles), so the
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scanpy as sc
 
 from neurofm.evaluate.cluster import cluster_embedding
@@ -25,6 +26,7 @@ def _cells(n_cells: int = 15000, n_classes: int = 6, dims: int = 10, seed: int =
     return embedding, np.array([f"type{k}" for k in range(n_classes)])[codes]
 
 
+@pytest.mark.slow  # 45-60 s; the evaluation's clustering on small data is pinned in test_cluster.py
 def test_knn_leiden_and_umap_run_on_15000_cells_with_duplicates():
     embedding, labels = _cells()
     result = cluster_embedding(embedding, labels, seeds=(0,), optimise_resolutions=(0.1, 0.5, 1.0))

@@ -1,0 +1,66 @@
+"""evaluate_mapping, summary_metrics and write_mapping_report on small cells: the fast test of the mapping's
+scoring (the map pipeline runs it end to end in test_pipeline_full.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neurofm.data.synthetic import make_synthetic_counts
+from neurofm.evaluate.transfer import evaluate_mapping, summary_metrics, write_mapping_report
+from neurofm.mapping import ReferenceConfig, build_reference
+
+CLUSTER = {"seeds": (0,), "optimise_resolutions": (0.5, 1.0)}  # the query's clustering, short
+
+
+def _embedding(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A stand-in for the model's embedding: the two classes 4 sd apart on the first axis."""
+    rng = np.random.default_rng(seed)
+    embedding = rng.normal(size=(len(labels), 8)).astype(np.float32)
+    embedding[:, 0] += 4.0 * (labels == "inhibitory")
+    return embedding
+
+
+@pytest.fixture(scope="module")
+def mapped():
+    cells = make_synthetic_counts(n_cells=400, n_genes=80, seed=5)
+    cells.obs["label"] = cells.obs["class"].astype(str)
+    reference_cells, query_cells = cells[:240].copy(), cells[240:].copy()
+    ref_labels, truth = reference_cells.obs["label"].to_numpy(), query_cells.obs["label"].to_numpy()
+    reference = build_reference(
+        _embedding(ref_labels, 0), reference_cells.obs[["label"]], ReferenceConfig(label_columns=("label",))
+    )
+    results = evaluate_mapping(
+        reference, _embedding(truth, 1), truth, "label", reference_cells=reference_cells,
+        query_cells=query_cells, baselines=("pca_ref", "logcounts"), cluster=CLUSTER,
+    )  # fmt: skip
+    return results, ref_labels
+
+
+def test_every_method_is_scored_on_the_same_query_cells(mapped):
+    results, _ = mapped
+    assert list(results) == ["model", "pca_ref", "logcounts"]
+    assert {len(result.truth) for result in results.values()} == {160}
+    assert results["model"].metrics["transfer_f1"] >= 0.9  # two well-separated classes
+    for result in results.values():
+        assert 0.0 <= result.metrics["transfer_f1"] <= 1.0 and 0.0 <= result.metrics["unknown_share"] <= 1.0
+        assert set(result.per_class["label"]) == {"excitatory", "inhibitory"}
+
+
+def test_summary_puts_the_model_beside_the_strongest_baseline(mapped):
+    results, _ = mapped
+    summary = summary_metrics(results)
+    best = max(results[m].metrics["transfer_f1"] for m in ("pca_ref", "logcounts"))
+    assert summary["strongest/transfer_f1"] == pytest.approx(best)
+    assert summary["margin/transfer_f1"] == pytest.approx(summary["model/transfer_f1"] - best)
+
+
+def test_the_report_writes_its_tables_and_figures(mapped, tmp_path):
+    results, ref_labels = mapped
+    report = write_mapping_report(results, tmp_path, {"query": "synthetic"}, reference_labels=ref_labels)
+    assert "strongest baseline" in report.read_text()
+    table = pd.read_csv(tmp_path / "transfer.csv")
+    assert list(table["method"]) == ["model", "pca_ref", "logcounts"]
+    for name in ("per_class_f1.csv", "confusion_model.csv", "coembedding_by_dataset.png", "report.html"):
+        assert (tmp_path / name).is_file(), name
