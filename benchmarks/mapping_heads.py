@@ -16,7 +16,7 @@ Rows, every one scored on every query cell by the same macro-F1 / accuracy of th
 - the strongest simple baseline of issue 30: a z-scored logistic regression (C = 1, lbfgs) on the
   log-normalised genes (CellTypist's recipe), fit on the whole reference donor.
 
-    python benchmarks/mapping_heads.py --models /tmp/bench/models --seeds 0 [--pretrain --epochs 3]
+    python benchmarks/mapping_heads.py --models /tmp/bench/models --seeds 0 [--pretrain --epochs 1]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def scores(truth, predicted) -> dict:
             "accuracy": round(float(accuracy_score(truth, predicted)), 4)}  # fmt: skip
 
 
-def model_for(models: Path, ref: str, seed: int, epochs: int, pretrain: bool) -> Path | None:
+def model_for(models: Path, ref: str, seed: int, epochs: int, count_head_epochs: int, pretrain: bool) -> Path | None:
     import anndata as ad
 
     directory = models / f"{ref}_seed{seed}"
@@ -56,7 +56,7 @@ def model_for(models: Path, ref: str, seed: int, epochs: int, pretrain: bool) ->
     if not pretrain:
         return None
     directory.mkdir(parents=True, exist_ok=True)
-    model_dir = pretrain_model(ad.read_h5ad(DONORS[ref]), epochs, seed, directory)
+    model_dir = pretrain_model(ad.read_h5ad(DONORS[ref]), epochs, seed, directory, count_head_epochs)
     (directory / "done").write_text(str(model_dir))
     return model_dir
 
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", required=True, help="folder of <ref>_seed<N>/ pre-trained model directories")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=3, help="pre-training epochs (with --pretrain)")
+    parser.add_argument("--epochs", type=int, default=1, help="pre-training epochs (with --pretrain)")
+    parser.add_argument("--count-head-epochs", type=int, default=10, help="the count head's phase (with --pretrain)")
     parser.add_argument("--pretrain", action="store_true", help="pre-train the missing models")
     parser.add_argument("--directions", nargs="+", default=["donor1->donor2", "donor2->donor1"])
     parser.add_argument("--no-logistic", action="store_true", help="skip the logistic-regression baseline")
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     def add(row: dict) -> None:
         rows.append(row)
         done.add((row["direction"], row["seed"], row["method"]))
-        write_report({"command": " ".join(sys.argv), "epochs": args.epochs, "rows": rows}, out)
+        write_report({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "pretraining": {
+            "epochs": args.epochs, "count_head_epochs": args.count_head_epochs, "cells": "the whole reference donor"},
+            "rows": rows}, out)  # fmt: skip
         f1s = "  ".join(f"{level} F1 {row[level]['f1']:.3f}" for level in LEVELS if level in row)
         print(f"{row['direction']:16s} seed {row['seed']} {row['method']:34s} {f1s}", flush=True)
 
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         ref, query = direction.split("->")
         reference_cells, query_cells = ad.read_h5ad(DONORS[ref]), ad.read_h5ad(DONORS[query])
         for seed in args.seeds:
-            model_dir = model_for(Path(args.models), ref, seed, args.epochs, args.pretrain)
+            model_dir = model_for(Path(args.models), ref, seed, args.epochs, args.count_head_epochs, args.pretrain)
             if model_dir is None:
                 print(f"{direction} seed {seed}: no model in {args.models}; pass --pretrain", flush=True)
                 continue

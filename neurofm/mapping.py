@@ -702,6 +702,8 @@ def map_labels(
     from neurofm.embedding import _embed_with_record
     from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP
 
+    if adata.n_obs == 0:
+        raise NeurofmError("the query has no cells; pass an .h5ad with at least one cell to map")
     model, tokenizer, record, reference = _resolve(model, tokenizer, reference, tracking_uri)
     columns = list(label_columns) if label_columns else reference.label_columns
     for column in columns:

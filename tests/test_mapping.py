@@ -272,7 +272,7 @@ def bad_cases(model_dir, tmp_path):
     logged = good.copy()
     logged.X = sp.csr_matrix(np.log1p(good.X.toarray()))
     files = {}
-    for name, adata in {"good": good, "other_genes": other_genes, "logged": logged}.items():
+    for name, adata in {"good": good, "other_genes": other_genes, "logged": logged, "empty": good[:0].copy()}.items():
         files[name] = tmp_path / f"{name}.h5ad"
         adata.write_h5ad(files[name])
     out = str(tmp_path / "out.h5ad")
@@ -284,8 +284,11 @@ def bad_cases(model_dir, tmp_path):
         "too few of the model's genes": (["map", str(files["other_genes"]), "--out", out, "--model", str(model_dir)],
                                          "of the model's"),
         "non-count data": (["map", str(files["logged"]), "--out", out, "--model", str(model_dir)], "not integers"),
+        "an empty query": (["map", str(files["empty"]), "--out", out, "--model", str(model_dir)], "no cells"),
+        "a reference of cells without labels": (["reference", str(bare), str(files["good"]), "--labels", ","],
+                                                "--labels names no column"),
         "a reference column the cells lack": (["reference", str(bare), str(files["good"]), "--labels", "nope"],
-                                              "no obs column"),
+                                              "in --labels"),
     }  # fmt: skip
 
 
