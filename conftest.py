@@ -41,10 +41,9 @@ set_thread_policy()  # as run.py does, before torch is imported
 # xdist sends the files with the most tests first and the slowest file started last, minutes behind the other.
 SLOWEST_FIRST = (
     "tests/test_pipeline_real.py",
-    "tests/test_mlflow_ui.py",
+    "tests/test_pipeline_full.py",  # with the MLflow UI test on its full run
     "tests/test_first_run.py",
     "tests/test_readme.py",
-    "tests/test_pipeline_full.py",
     "tests/test_distributed.py",
     "tests/test_concurrency.py",
 )

@@ -1,12 +1,12 @@
-"""The MLflow UI as a user sees it: the project's store served by ``mlflow server``, in headless Chromium.
+"""The MLflow UI as a user sees it: a project store served by ``mlflow server``, in headless Chromium.
 
-The test runs ``run.py --pipeline full`` (pretrain + evaluate) on small built-in data into a fresh MLflow
-store, serves it on 127.0.0.1 and drives the system
-Chromium (Debian packages ``chromium`` + ``chromium-driver``, which ``.ci/run`` installs) through Selenium.
-It asserts on the *rendered page text* — the experiment, the run's perplexity and probe metrics, an artifact
-figure, the registered model with its ``champion`` alias — and saves a screenshot of every page under
-``$NEUROFM_TEST_ARTIFACTS`` (default ``tests/artifacts/mlflow_ui/``). The REST API is only used to find ids
-to navigate to, never as the evidence.
+Helpers of ``test_mlflow_ui_shows_experiment_metrics_figure_and_champion_model`` in test_pipeline_full.py,
+which serves a copy of the store that file's ``full`` run (pretrain + evaluate, small built-in data) logged
+to, and drives the system Chromium (Debian packages ``chromium`` + ``chromium-driver``, which ``.ci/run``
+installs) through Selenium. It asserts on the *rendered page text* — the experiment, the run's perplexity and
+probe metrics, an artifact figure, the registered model with its ``champion`` alias — and saves a screenshot
+of every page under ``$NEUROFM_TEST_ARTIFACTS`` (default ``tests/artifacts/mlflow_ui/``). The REST API is
+only used to find ids to navigate to, never as the evidence.
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ EXPERIMENT = "neurofm"  # the experiment configs/pretrain.yaml names
 REGISTERED_MODEL = "neurofm-encoder"
 PAGE_TIMEOUT_S = 30
 
-pytestmark = [
-    pytest.mark.ui,
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="needs Debian's chromium + chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); "
-        "install them with `apt-get install -y chromium chromium-driver` (.ci/run does)",
-    ),
-]
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium + chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); "
+    "install them with `apt-get install -y chromium chromium-driver` (.ci/run does)",
+)
 
 
 @dataclass
@@ -64,51 +61,47 @@ class Store:
 
 
 # ------------------------------------------------------------------------------------------ building stores
-def _store_from_pipeline(tmp: Path) -> tuple[str, str, str]:
-    """``run.py --pipeline full`` on a small built-in atlas, 2 epochs and the PCA baseline only (the pages need
-    one baseline beside the model; every baseline is tested in test_pipeline_full.py) — the pipelines log the
-    runs and register the model, and the version gets the ``champion`` alias; returns (tracking_uri, pretrain
-    run id, evaluation run id)."""
+def copy_of_full_run_store(session_uri: str, window_ms: tuple[int, int], dest: Path) -> Store:
+    """A copy of the session's store (SQLite backup; the artifacts stay where the runs logged them) holding
+    the ``full`` run logged within ``window_ms``: its pretrain and evaluation runs, and its registered
+    version with the ``champion`` alias. The copy is what the server shows, so setting the alias by hand
+    leaves the session's registry to the other tests."""
+    import sqlite3
+
     from mlflow.tracking import MlflowClient
 
-    from neurofm import tracking
-
-    sys.path.insert(0, str(ROOT))
-    import run as entry_point
-
-    small = [
-        "--set", "default_data.n_cells=3000",
-        "--set", "default_data.n_genes=300",
-        "--set", "default_data.crop={n_cells: 400, n_genes: 200}",
-        "--set", "train.epochs=2",  # the champion alias is set by hand below when the rule refuses the model
-        "--set", "train.count_head_epochs=5",  # the count head's own phase, short (scVI's rule: 400)
-        "--set", "evaluate.baselines=[pca]",  # the probe charts: model/ and pca/
-        "--set", "evaluate.label_efficiency_draws=2",
-        "--set", "evaluate.label_efficiency_shots=[5,all]",  # 10-50 shots: leave-one-out fits cost minutes
-    ]  # fmt: skip
-    status = entry_point.main(["--pipeline", "full", "--out", str(tmp / "out"), "--no-cache", *small])
-    assert status == 0, "run.py --pipeline full failed; see the log above"
-    uri = tracking.configure()
-    version = tracking.model_version_for(None, REGISTERED_MODEL)
-    assert version is not None, f"the pipeline registered no {REGISTERED_MODEL} version"
+    session_db = Path(session_uri.removeprefix("sqlite:///"))
+    dest.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(session_db)) as source:
+        with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as copy:
+            source.backup(copy)
+    uri = f"sqlite:///{dest / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    evaluations = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`neurofm.pipeline_step` = 'evaluate'"
-    )
-    assert evaluations, "the pipeline logged no evaluation run"
-    evaluation = evaluations[0]
-    # a 2-epoch model on 400 cells does not keep up with PCA, so the champion rule refuses it and says why;
-    # the page under test then shows the alias as a person sets it by hand (in the UI or with the client)
-    promotion = evaluation.data.tags.get("neurofm.promotion", "")
+    first, last = window_ms
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if first <= r.info.start_time <= last]
+    steps = {step: [r for r in runs if r.data.tags.get("neurofm.pipeline_step") == step] for step in
+             ("pretrain", "evaluate")}  # fmt: skip
+    assert len(steps["pretrain"]) == 1 and len(steps["evaluate"]) == 1, {k: len(v) for k, v in steps.items()}
+    pretrain, evaluation = steps["pretrain"][0], steps["evaluate"][0]
+    versions = client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{pretrain.info.run_id}'")
+    assert len(versions) == 1, f"the full run registered {len(versions)} {REGISTERED_MODEL} versions"
+    version = versions[0].version
+    # a 2-epoch model on 400 cells does not keep up with PCA (or a champion before it), so the champion rule
+    # refuses it and says why; the page under test then shows the alias as a person sets it by hand
     aliases = client.get_registered_model(REGISTERED_MODEL).aliases
-    if "champion" not in aliases:
-        assert "not promoted" in promotion and "baseline" in promotion, promotion
-        client.set_registered_model_alias(REGISTERED_MODEL, "champion", version.version)
-    return uri, version.run_id, evaluation.info.run_id
+    if aliases.get("champion") != version:
+        promotion = evaluation.data.tags.get("neurofm.promotion", "")
+        assert "not promoted" in promotion and ("baseline" in promotion or "champion" in promotion), promotion
+        client.set_registered_model_alias(REGISTERED_MODEL, "champion", version)
+    store = describe_store(
+        uri, session_db.parent / "mlartifacts", pretrain.info.run_id, evaluation.info.run_id
+    )
+    assert store.model_version == str(version)
+    return store
 
 
-def _describe_store(uri: str, pretrain_run_id: str, evaluation_run_id: str) -> Store:
+def describe_store(uri: str, artifact_root: Path, pretrain_run_id: str, evaluation_run_id: str) -> Store:
     """Ids and values the pages should show, read back from the store (navigation only, not evidence)."""
     from mlflow.tracking import MlflowClient
 
@@ -124,7 +117,6 @@ def _describe_store(uri: str, pretrain_run_id: str, evaluation_run_id: str) -> S
         if item.path.endswith(".png")
     ]
     assert figures, "the pretrain run logged no PNG figure"
-    artifact_root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
     return Store(
         tracking_uri=uri,
         artifacts_uri=artifact_root.as_uri(),
@@ -140,23 +132,6 @@ def _describe_store(uri: str, pretrain_run_id: str, evaluation_run_id: str) -> S
         val_perplexity=pretrain_run.data.metrics["val_perplexity"],
         probe_auc=evaluation_run.data.metrics["model/probe_auc"],
     )
-
-
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    """A fresh store under ``tmp_path`` (its own SQLite DB + artifacts), built with the project's code."""
-    import mlflow
-
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("NEUROFM_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    try:
-        yield _describe_store(*_store_from_pipeline(tmp_path))
-    finally:
-        mlflow.set_tracking_uri(previous[0])  # leave the session's store to the other tests
-        mlflow.set_registry_uri(previous[1])
 
 
 # ------------------------------------------------------------------------------------------ server + browser
@@ -323,9 +298,18 @@ def _scroll_to_text(driver, needle: str) -> None:
     time.sleep(0.3)
 
 
-# ------------------------------------------------------------------------------------------ the test
-def test_mlflow_ui_shows_experiment_metrics_figure_and_champion_model(mlflow_store: Store, tmp_path: Path):
-    store = mlflow_store
+def _shown_value(text: str, value: float) -> str | None:
+    """The first rendering of ``value`` (MLflow rounds for display) found in the page text, if any."""
+    for digits in (6, 5, 4, 3, 2):
+        shown = f"{value:.{digits}f}".rstrip("0")
+        if shown in text:
+            return shown
+    return None
+
+
+# ------------------------------------------------------------------------------------------ the pages
+def walk_the_pages(store: Store, workdir: Path) -> dict[str, object]:
+    """Serve ``store`` and open each page in the browser, asserting on what it shows; returns what was seen."""
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     figure_size = _png_size(store.figure_file)
     started = time.monotonic()
@@ -333,7 +317,7 @@ def test_mlflow_ui_shows_experiment_metrics_figure_and_champion_model(mlflow_sto
     experiment_url = f"#/experiments/{store.experiment_id}"
     pretrain_url = f"{experiment_url}/runs/{store.pretrain_run_id}"
     evaluation_url = f"{experiment_url}/runs/{store.evaluation_run_id}"
-    with mlflow_server(store, tmp_path) as base, headless_chromium() as driver:
+    with mlflow_server(store, workdir) as base, headless_chromium() as driver:
         driver.get(f"{base}/{experiment_url}/runs")
         needles = [EXPERIMENT, store.pretrain_run_name, store.evaluation_run_name]
         _wait_for_text(driver, needles, "01_experiment_runs.png")
@@ -378,12 +362,4 @@ def test_mlflow_ui_shows_experiment_metrics_figure_and_champion_model(mlflow_sto
         _wait_for_text(driver, [f"Version {store.model_version}", "champion"], "10_model_version.png")
     seen["browser seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(seen, default=str))
-
-
-def _shown_value(text: str, value: float) -> str | None:
-    """The first rendering of ``value`` (MLflow rounds for display) found in the page text, if any."""
-    for digits in (6, 5, 4, 3, 2):
-        shown = f"{value:.{digits}f}".rstrip("0")
-        if shown in text:
-            return shown
-    return None
+    return seen

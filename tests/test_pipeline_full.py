@@ -1,8 +1,9 @@
 """The pretrain + evaluate pipelines end to end through ``run.main``, on small built-in data.
 
-One session-scoped ``full`` run (2 epochs on a small synthetic atlas) feeds most tests: outputs,
+One module-scoped ``full`` run (2 epochs on a small synthetic atlas) feeds most tests: outputs,
 the MLflow run and registered version, cache reuse, the ``evaluate`` pipeline on the newest
-registered version and on a directory, and the champion rule against a real registry. Bad input to the
+registered version and on a directory, the champion rule against a real registry, and the MLflow UI in a
+headless browser over a copy of the store the run logged to (tests/mlflow_ui.py). Bad input to the
 evaluate pipeline is tested in test_bad_inputs.py.
 """
 
@@ -20,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 import run
 from neurofm import tracking
+from tests import mlflow_ui
 
 SMALL = [
     "--set", "default_data.n_cells=3000",
@@ -282,3 +284,12 @@ def test_map_pipeline_refuses_bad_input_in_one_line(full_run, tmp_path, capsys):
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert len(lines) == 1 and expected in lines[0], (case, err)
         assert not (out / "map").exists(), case
+
+
+@pytest.mark.ui
+@pytest.mark.slow
+@mlflow_ui.needs_chromium
+def test_mlflow_ui_shows_experiment_metrics_figure_and_champion_model(full_run, tmp_path):
+    """The full run's experiment, metrics, figure and registered model, as the MLflow UI renders them."""
+    store = mlflow_ui.copy_of_full_run_store(tracking.configure(), full_run["window_ms"], tmp_path / "store")
+    mlflow_ui.walk_the_pages(store, tmp_path)
