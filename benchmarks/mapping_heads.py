@@ -11,8 +11,11 @@ Rows, every one scored on every query cell by the same macro-F1 / accuracy of th
 
 - ``neurofm reference`` + ``neurofm map``: the command line end to end (wall seconds of each), the
   default head (``reference.head``: features chosen on held-out *reference* cells);
-- the same head (MLP, 256 hidden; and linear) on the genes alone, on the embedding alone, on both —
-  the ablation that says what the model adds;
+- the same head (MLP, 256 hidden; and linear) on the genes alone, on the model's embedding alone (the
+  16-d latent), on both; the MLP head on the encoder's contextual states (the transformer run over every
+  gene of the cell, last layer mean-pooled: ``context``) alone and beside the genes — the ablation that
+  says what the model adds; and the same with a random-weights encoder of the same shape (the control
+  that says what *pre-training* adds);
 - the strongest simple baseline of issue 30: a z-scored logistic regression (C = 1, lbfgs) on the
   log-normalised genes (CellTypist's recipe), fit on the whole reference donor.
 
@@ -39,6 +42,32 @@ from benchmarks.reference_mapping import DONORS, pretrain_model  # noqa: E402
 LEVELS = ("subclass_approx", "cluster_label")
 
 
+def contextual_states(model, tokenizer, adata, batch_size: int = 256) -> np.ndarray:
+    """(cells, d_model) the encoder's last-layer hidden states — the transformer run over every gene of the
+    cell (all of them fit in its context here) — mean-pooled per cell: the model's contextual features,
+    which today's embedding (a per-(gene, bin) lookup, no transformer layer) never computes."""
+    import torch
+
+    from neurofm.genes import match_adata
+
+    match = match_adata(adata, tokenizer.gene_ids, tokenizer.gene_symbols)
+    if tokenizer.n_genes > model.config.max_tokens:
+        raise SystemExit(f"{tokenizer.n_genes} genes exceed the context ({model.config.max_tokens})")
+    model.eval()
+    out = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
+    genes = torch.arange(tokenizer.n_genes)
+    with torch.no_grad():
+        for start in range(0, adata.n_obs, 4096):
+            bins = torch.from_numpy(
+                tokenizer.transform(adata[start : start + 4096], source=match.source)
+            ).long()
+            for first in range(0, len(bins), batch_size):
+                part = bins[first : first + batch_size]
+                hidden = model.encode(genes.expand(len(part), -1), part)
+                out[start + first : start + first + len(part)] = hidden.mean(1).numpy()
+    return out
+
+
 def scores(truth, predicted) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -47,7 +76,9 @@ def scores(truth, predicted) -> dict:
             "accuracy": round(float(accuracy_score(truth, predicted)), 4)}  # fmt: skip
 
 
-def model_for(models: Path, ref: str, seed: int, epochs: int, count_head_epochs: int, pretrain: bool) -> Path | None:
+def model_for(
+    models: Path, ref: str, seed: int, epochs: int, count_head_epochs: int, pretrain: bool
+) -> Path | None:
     import anndata as ad
 
     directory = models / f"{ref}_seed{seed}"
@@ -79,11 +110,17 @@ def cli_rows(model_dir: Path, ref: str, query: str, levels) -> tuple[dict, Path]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", required=True, help="folder of <ref>_seed<N>/ pre-trained model directories")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", required=True, help="folder of <ref>_seed<N>/ pre-trained model directories"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=1, help="pre-training epochs (with --pretrain)")
-    parser.add_argument("--count-head-epochs", type=int, default=10, help="the count head's phase (with --pretrain)")
+    parser.add_argument(
+        "--count-head-epochs", type=int, default=10, help="the count head's phase (with --pretrain)"
+    )
     parser.add_argument("--pretrain", action="store_true", help="pre-train the missing models")
     parser.add_argument("--directions", nargs="+", default=["donor1->donor2", "donor2->donor1"])
     parser.add_argument("--no-logistic", action="store_true", help="skip the logistic-regression baseline")
@@ -93,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     import anndata as ad
 
     from neurofm.classify import HeadConfig, fit_head, head_features
-    from neurofm.mapping import load_reference, reference_features
+    from neurofm.embedding import random_encoder_like
+    from neurofm.mapping import load_reference, map_labels, reference_features
     from neurofm.model import load_pretrained
 
     out = Path(args.out)
@@ -114,38 +152,67 @@ def main(argv: list[str] | None = None) -> None:
         ref, query = direction.split("->")
         reference_cells, query_cells = ad.read_h5ad(DONORS[ref]), ad.read_h5ad(DONORS[query])
         for seed in args.seeds:
-            model_dir = model_for(Path(args.models), ref, seed, args.epochs, args.count_head_epochs, args.pretrain)
+            model_dir = model_for(
+                Path(args.models), ref, seed, args.epochs, args.count_head_epochs, args.pretrain
+            )
             if model_dir is None:
                 print(f"{direction} seed {seed}: no model in {args.models}; pass --pretrain", flush=True)
                 continue
             key = (direction, seed)
             if (*key, "neurofm map (default head)") not in done:
                 timing, mapped = cli_rows(model_dir, ref, query, LEVELS)
-                labels = ad.read_h5ad(mapped).obs
                 built = load_reference(mapped.parent / "model")
+                _, frames, _ = map_labels(query_cells, mapped.parent / "model", progress=False)
                 add({"direction": direction, "seed": seed, "method": "neurofm map (default head)", **timing,
                      "heads": {c: built.columns[c].classifier.describe() for c in LEVELS},
-                     **{c: scores(query_cells.obs[c], labels[f"neurofm_{c}"]) for c in LEVELS},  # unknown: wrong
-                     "unknown_share": {c: round(float((labels[f"neurofm_{c}"] == "unknown").mean()), 4)
+                     **{c: scores(query_cells.obs[c], frames[c]["predicted"]) for c in LEVELS},
+                     "with_unknown_as_wrong": {c: scores(query_cells.obs[c], frames[c]["label"]) for c in LEVELS},
+                     "unknown_share": {c: round(float((frames[c]["label"] == "unknown").mean()), 4)
                                        for c in LEVELS}})  # fmt: skip
             model, tokenizer = load_pretrained(model_dir)
             ref_x, ref_genes = reference_features(model, tokenizer, reference_cells, progress=False)
             query_x, query_genes = reference_features(model, tokenizer, query_cells, progress=False)
-            for hidden in (256, 0):
-                for features in ("genes", "embedding", "genes+embedding"):
-                    method = f"head {'mlp 256' if hidden else 'linear'} on {features}"
-                    if (*key, method) in done:
-                        continue
-                    row = {"direction": direction, "seed": seed, "method": method}
-                    for level in LEVELS:
-                        started = time.perf_counter()
-                        head = fit_head(reference_cells.obs[level].astype(str).to_numpy(), ref_x, ref_genes,
-                                        HeadConfig(features=features, hidden=hidden, seed=seed))  # fmt: skip
-                        predicted = head.predict(head_features(features, query_genes, query_x))
-                        row[level] = {**scores(query_cells.obs[level], predicted),
+            started = time.perf_counter()
+            ref_context = contextual_states(model, tokenizer, reference_cells)
+            query_context = contextual_states(model, tokenizer, query_cells)
+            context_s = round(time.perf_counter() - started, 1)
+            inputs = {  # (reference, query) of each model feature; "genes+X" puts the genes beside X
+                "embedding": (ref_x, query_x),
+                "context": (ref_context, query_context),
+            }
+            control = random_encoder_like(model.config, seed=seed)  # the same shape, no pre-training
+            inputs["random embedding"] = tuple(
+                reference_features(control, tokenizer, cells, progress=False)[0]
+                for cells in (reference_cells, query_cells)
+            )
+            inputs["random context"] = tuple(
+                contextual_states(control, tokenizer, cells) for cells in (reference_cells, query_cells)
+            )
+            variants = [
+                (256, f) for f in ("genes", "embedding", "genes+embedding", "context", "genes+context")
+            ]
+            variants += [(0, f) for f in ("genes", "embedding", "genes+embedding")]
+            variants += [(256, f) for f in ("random embedding", "genes+random embedding", "random context",
+                                            "genes+random context")]  # fmt: skip
+            for hidden, features in variants:
+                method = f"head {'mlp 256' if hidden else 'linear'} on {features}"
+                if (*key, method) in done:
+                    continue
+                row = {"direction": direction, "seed": seed, "method": method}
+                if "context" in features:
+                    row["context_features_s"] = context_s
+                model_feature = features.split("+")[-1]
+                ref_f, query_f = inputs.get(model_feature, (ref_x, query_x))
+                library_features = features.replace("random ", "").replace("context", "embedding")
+                for level in LEVELS:
+                    started = time.perf_counter()
+                    head = fit_head(reference_cells.obs[level].astype(str).to_numpy(), ref_f, ref_genes,
+                                        HeadConfig(features=library_features, hidden=hidden, seed=seed))  # fmt: skip
+                    predicted = head.predict(head_features(library_features, query_genes, query_f))
+                    row[level] = {**scores(query_cells.obs[level], predicted),
                                       "fit_s": round(time.perf_counter() - started, 1),
                                       "held_out_f1": round(head.validation_f1, 4), "epochs": head.epochs}  # fmt: skip
-                    add(row)
+                add(row)
             method = "logistic C=1 z-scored on genes"
             if not args.no_logistic and seed == args.seeds[0] and (*key, method) not in done:
                 from sklearn.linear_model import LogisticRegression
@@ -156,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                 for level in LEVELS:
                     started = time.perf_counter()
                     classifier = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-                    classifier.fit(np.nan_to_num(ref_genes), reference_cells.obs[level].astype(str).to_numpy())
+                    classifier.fit(
+                        np.nan_to_num(ref_genes), reference_cells.obs[level].astype(str).to_numpy()
+                    )
                     predicted = classifier.predict(np.nan_to_num(query_genes))
                     row[level] = {**scores(query_cells.obs[level], predicted),
                                   "fit_s": round(time.perf_counter() - started, 1)}  # fmt: skip
