@@ -44,8 +44,8 @@ SLOWEST_FIRST = (
     "tests/test_pipeline_full.py",  # with the MLflow UI test on its full run
     "tests/test_first_run.py",
     "tests/test_readme.py",
-    "tests/test_distributed.py",
     "tests/test_concurrency.py",
+    "tests/test_distributed.py",
 )
 
 
