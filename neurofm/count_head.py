@@ -60,7 +60,7 @@ from neurofm.stream import (
     batch_observed,
     densify,
     densify_counts,
-    unobserved_genes,
+    partly_observed_genes,
 )
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train_config import TrainConfig
@@ -283,7 +283,7 @@ def _head_phase(
     """The phase :func:`fit_count_head` runs (without validation): its step is the cells' NLL + KL summed
     over genes, at the shared KL schedule."""
     zero_bins = stream.zero_bins.to(device)
-    observed_genes = unobserved_genes(stream)  # None for a single-file store
+    observed_genes = partly_observed_genes(stream)  # None for a single-file store
 
     def step(module: torch.nn.Module, raw: dict, at: StepAt) -> tuple[torch.Tensor, dict]:
         bins = densify(raw, zero_bins)

@@ -21,7 +21,7 @@ from neurofm import runtime
 from neurofm.loop import Window, to_device
 from neurofm.masking import IGNORE_INDEX, MaskedBatch, make_batch
 from neurofm.model import GeneEncoder, cell_inputs, feature_table
-from neurofm.stream import CellStream, batch_observed, densify, densify_counts, unobserved_genes
+from neurofm.stream import CellStream, batch_observed, densify, densify_counts, partly_observed_genes
 from neurofm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def validation_count_loss(
     context = runtime.current()
     model.eval()
     zero_bins = stream.zero_bins.to(device)
-    observed_genes = unobserved_genes(stream)
+    observed_genes = partly_observed_genes(stream)
     total, n_cells, table = 0.0, 0, None
     for index, part in enumerate(stream.validation_batches(batch_size)):
         if index % context.world_size != context.rank:
@@ -152,7 +152,7 @@ def validation_batches(
     each, drawn once from a generator seeded ``seed + 1``."""
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     zero_bins = stream.zero_bins.to(device)
-    observed_genes = unobserved_genes(stream)  # unmeasured genes get no token, as in training
+    observed_genes = partly_observed_genes(stream)  # unmeasured genes get no token, as in training
     # Every batch's token tensors are views into one block per field, filled in place: each part's
     # (cells × genes) temporaries then reuse the same memory, whereas small tensors kept alive between
     # them fragment the heap (RSS grew to 1.7 GB while holding 156 MB on a 20,000-gene store).

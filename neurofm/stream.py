@@ -699,15 +699,16 @@ def observed_mask(batch: dict, observed_genes: torch.Tensor) -> torch.Tensor:
     return observed_genes.to(dataset.device)[dataset.long()]
 
 
-def unobserved_genes(stream: CellStream) -> torch.Tensor | None:
-    """``stream.observed_genes`` where some dataset leaves genes unmeasured, else None (a single-file
+def partly_observed_genes(stream: CellStream) -> torch.Tensor | None:
+    """The observed-genes mask, ``stream.observed_genes`` (datasets × genes), where some dataset leaves genes
+    unmeasured, else None (a single-file
     store: every gene measured, so the training code takes its unmasked path, unchanged)."""
     observed = stream.observed_genes
     return None if bool(observed.all()) else observed
 
 
 def batch_observed(batch: dict, observed_genes: torch.Tensor | None) -> torch.Tensor | None:
-    """:func:`observed_mask` of ``batch``, or None when ``observed_genes`` is (see :func:`unobserved_genes`)."""
+    """:func:`observed_mask` of ``batch``, or None when ``observed_genes`` is (see :func:`partly_observed_genes`)."""
     return None if observed_genes is None else observed_mask(batch, observed_genes)
 
 

@@ -110,7 +110,7 @@ from neurofm.stream import (
     batch_observed,
     densify,
     densify_counts,
-    unobserved_genes,
+    partly_observed_genes,
     variable_genes,
 )
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
@@ -384,7 +384,7 @@ def _pretrain_phase(
     config, device = run.config, run.device
     generator = torch.Generator(device=device)
     zero_bins = stream.zero_bins.to(device)
-    observed_genes = unobserved_genes(stream)  # None for a single-file store
+    observed_genes = partly_observed_genes(stream)  # None for a single-file store
 
     def step(module: torch.nn.Module, raw: dict, at: StepAt) -> tuple[torch.Tensor, dict]:
         generator.manual_seed(at.seed)  # gene samples and masks

@@ -398,11 +398,6 @@ def score_embedding_objective(
     return float(clusters.metrics()["ari_optimised"])
 
 
-def probe_auc(model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]) -> float:
-    """The ``probe_auc`` objective (see :func:`score_embedding_objective`)."""
-    return score_embedding_objective("probe_auc", model_dir, adata, config)
-
-
 def _intermediate(metrics: Mapping[str, float], objective: str) -> float:
     """The per-epoch value the pruner compares (same direction as the objective)."""
     if objective == "val_loss":

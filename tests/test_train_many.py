@@ -23,7 +23,7 @@ from neurofm.stream import (
     _measured_variances,
     densify,
     fit_tokenizer,
-    unobserved_genes,
+    partly_observed_genes,
     variable_genes,
 )
 from neurofm.tokenizer import TokenizerConfig
@@ -196,7 +196,7 @@ def test_the_frequency_baseline_counts_only_the_cells_that_measured_each_gene(st
     for gene in (5, 45, 80):  # a only, shared, b only
         expected = frequency_table(bins[measuring[:, gene]][:, [gene]], tokenizer.config.n_bins)
         np.testing.assert_allclose(table[gene], expected[0])
-    assert unobserved_genes(CellStream(store, tokenizer, StreamConfig())) is not None
+    assert partly_observed_genes(CellStream(store, tokenizer, StreamConfig())) is not None
 
 
 def test_the_variable_genes_ignore_unmeasured_placeholders():

@@ -1291,11 +1291,6 @@ class CellStore:
         return ad.AnnData(X=self.rows(store_rows), obs=obs, var=self.var())
 
 
-def open_store(path: str | os.PathLike, verify: bool | str = "once") -> CellStore:
-    """Open the cell store at ``path`` (see :class:`CellStore`)."""
-    return CellStore(path, verify=verify)
-
-
 def open_reference(reference: dict, verify: bool | str = "once") -> CellStore:
     """The store a ``CellStore.reference()`` dict names (what pipeline steps pass instead of an AnnData),
     checked to be the very store referenced (same manifest SHA-256)."""

@@ -13,8 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from neurofm.io import ensure_writable_dir, write_text
 
 if TYPE_CHECKING:
@@ -407,16 +405,3 @@ def write_report(
     markdown_path = write_text(render_markdown(blocks), report_dir / "report.md")
     write_text(render_html(blocks, report_dir), report_dir / "report.html")
     return markdown_path
-
-
-def baselines_markdown(baselines: pd.DataFrame) -> str:
-    """The baselines table as Markdown (handy for BENCHMARKS.md)."""
-    return render_markdown(
-        [
-            (
-                "table",
-                list(baselines.columns),
-                [[_format(v) for v in row] for row in baselines.itertuples(index=False)],
-            )
-        ]
-    )
