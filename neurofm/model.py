@@ -43,8 +43,8 @@ from neurofm.io import atomic_path, write_json
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _FORMAT_VERSION = 1
-# fields whose default changed after models were saved without them: the value such a model was built with
-# (the count head became the default on 2026-11-29, its direct read of the expression later that day)
+# fields whose default changed after models were saved without them (CHANGELOG.md): the value such a model
+# was built with
 LEGACY_DEFAULTS = {"latent_dim": 0, "latent_reads_expression": False, "count_genes": 0}
 
 
@@ -71,14 +71,12 @@ class ModelConfig:
     #                      variational latent of this size, from which a decoder gives every gene's
     #                      negative-binomial mean (softmax × the cell's library size, an offset) — and the
     #                      cell embedding is the latent mean; 0: no count head, the embedding is the cell vector
-    #                      (16: the default since 2026-11-29, see BENCHMARKS.md "The count head")
     decoder_dim: int = 128  # hidden width of the count head's encoder and decoder (latent_dim > 0)
     latent_reads_expression: bool = True  # latent_dim > 0: the count head's encoder reads, beside the pooled
     #                                       cell vector, the cell's expression directly — a learned vector
     #                                       per gene weighted by a learned value of the gene's bin (0 for
     #                                       bin 0), averaged over the cell's genes: a linear layer on the
     #                                       binned expression, as scVI's encoder reads log counts
-    #                                       (the default since 2026-11-29, see BENCHMARKS.md)
     count_genes: int = 2000  # latent_dim > 0: the count head reads and reconstructs at most this many genes,
     #                          the most variable of the training cells (Seurat v3 on raw counts, scVI's
     #                          recipe; chosen by pretrain, saved with the weights); every gene when the

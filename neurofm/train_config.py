@@ -45,9 +45,8 @@ class TrainConfig:
     #                                runs every epoch and keeps the last
     count_head_kl_warmup: float = 0.0  # share of that phase's steps (its epoch ceiling) over which the KL
     #                                    weight rises from 0 to kl_weight again; 0: the full weight from the
-    #                                    first step, as the head ended pre-training (the default since
-    #                                    2026-11-29: a second warm-up let early stopping end the phase at
-    #                                    epoch 1 on M1); 1: scVI's warm-up over the whole budget
+    #                                    first step, as the head ended pre-training; 1: scVI's warm-up over
+    #                                    the whole budget
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…
