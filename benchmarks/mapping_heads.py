@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import anndata as ad
 
+    from neurofm.cell_features import reference_features
     from neurofm.classify import HeadConfig, fit_head, head_features
     from neurofm.embedding import random_encoder_like
-    from neurofm.mapping import load_reference, map_labels, reference_features
+    from neurofm.mapping import load_reference, map_labels
     from neurofm.model import load_pretrained
 
     out = Path(args.out)

@@ -45,6 +45,7 @@ import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 
+from neurofm.cell_features import BLOCK, expression_matrix, reference_features
 from neurofm.classify import HeadConfig, LabelHead, fit_head, head_features, probe_from_json
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, write_json
@@ -495,7 +496,12 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
         )
     settings = dict(meta["config"])
     settings["label_columns"] = tuple(settings["label_columns"])
-    config = ReferenceConfig(**settings)
+    try:
+        config = ReferenceConfig(**settings)
+    except TypeError as error:
+        raise NeurofmError(
+            f"{directory / REFERENCE_META} has bad settings ({error}); rebuild it with neurofm reference"
+        ) from None
     embedding = tensors["embedding"]
     columns: dict[str, ColumnReference] = {}
     for column, info in meta["columns"].items():
@@ -520,84 +526,6 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
 
 
 # --------------------------------------------------------------------------------- model directories
-
-
-_BLOCK = 4096  # cells read at a time
-
-
-def expression_matrix(adata, match, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """(cells, the model's genes) float32 ``log1p(CP10k)`` expression of the cells ``start:stop`` (default:
-    all) of ``adata`` (raw counts; backed works, read 4,096 cells at a time) on the genes of ``match`` (a
-    :class:`neurofm.genes.GeneMatch`); a cell's library size is its total over the model genes found, and
-    genes not found are NaN."""
-    import scipy.sparse as sp
-
-    from neurofm.tokenizer import normalise_counts
-
-    found = np.flatnonzero(match.observed)
-    stop = adata.n_obs if stop is None else stop
-    out = np.full((stop - start, match.n_model_genes), np.nan, dtype=np.float32)
-    for first in range(start, stop, _BLOCK):
-        block = adata[first : min(first + _BLOCK, stop)].X
-        block = sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
-        out[first - start : first - start + block.shape[0], found] = normalise_counts(
-            block[:, match.source[found]]
-        )
-    return out
-
-
-def cells_expression(adata, tokenizer, gene_col: str | None = None) -> np.ndarray:
-    """:func:`expression_matrix` of every cell of ``adata`` on ``tokenizer``'s genes (matched as
-    :func:`neurofm.embed` matches them, by ``var_names`` or ``var[gene_col]``)."""
-    from neurofm.genes import match_adata
-
-    match = match_adata(adata, tokenizer.gene_ids, tokenizer.gene_symbols, gene_col=gene_col, min_overlap=0.0)
-    return expression_matrix(adata, match)
-
-
-def reference_features(model, tokenizer, cells, rows: np.ndarray | None = None, progress: bool = True,
-                       batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """``(embedding, expression)`` of the cells ``rows`` (default: all) of ``cells`` (an AnnData of raw
-    counts, or a ``CellStore``) with the model's own genes (:func:`expression_matrix`). In a multi-file
-    store each cell is read with only the genes its file measured (the others are unobserved: out of the
-    library size and the pooling, as for query data that lacks genes)."""
-    import anndata as ad
-
-    from neurofm.data.store import CellStore
-    from neurofm.embedding import embed_matrix
-    from neurofm.genes import match_adata
-
-    n_cells = cells.n_cells if isinstance(cells, CellStore) else cells.n_obs
-    rows = np.arange(n_cells) if rows is None else np.asarray(rows)
-    if not isinstance(cells, CellStore):
-        subset = cells if len(rows) == n_cells else cells[rows]
-        match = match_adata(subset, tokenizer.gene_ids, tokenizer.gene_symbols)
-        embedding = embed_matrix(
-            model, tokenizer, subset, batch_size=batch_size, progress=progress, match=match
-        )
-        return embedding, expression_matrix(subset, match)
-    var, observed, datasets = cells.var(), cells.observed_genes, cells.cell_datasets()
-    embedding = np.empty((len(rows), model.embedding_dim), dtype=np.float32)
-    expression = np.empty((len(rows), tokenizer.n_genes), dtype=np.float32)
-    for start in range(0, len(rows), _BLOCK):
-        part = rows[start : start + _BLOCK]
-        counts = cells.rows(part)
-        for dataset in np.unique(datasets[part]):  # one file's cells with the genes it measured
-            mine, genes = np.flatnonzero(datasets[part] == dataset), np.flatnonzero(observed[dataset])
-            block = ad.AnnData(X=counts[mine][:, genes], var=var.iloc[genes])
-            match = match_adata(block, tokenizer.gene_ids, tokenizer.gene_symbols, min_overlap=0.0)
-            embedding[start + mine] = embed_matrix(
-                model, tokenizer, block, batch_size, progress=False, match=match
-            )
-            expression[start + mine] = expression_matrix(block, match)
-    return embedding, expression
-
-
-def embed_reference_cells(
-    model, tokenizer, cells, progress: bool = True, batch_size: int = 256
-) -> np.ndarray:
-    """The embeddings of :func:`reference_features` of every cell of ``cells``."""
-    return reference_features(model, tokenizer, cells, progress=progress, batch_size=batch_size)[0]
 
 
 def add_reference(
@@ -668,8 +596,8 @@ def _transfer_in_blocks(adata, tokenizer, reference: Reference, columns: list[st
         )
     codes = {c: np.empty(len(embedding), dtype=np.int64) for c in columns}
     probability = {c: np.empty(len(embedding)) for c in columns}
-    for start in range(0, len(embedding), _BLOCK):
-        stop = min(start + _BLOCK, len(embedding))
+    for start in range(0, len(embedding), BLOCK):
+        stop = min(start + BLOCK, len(embedding))
         expression = None if match is None else expression_matrix(adata, match, start, stop)
         for column in columns:
             codes[column][start:stop], probability[column][start:stop] = predict_labels(

@@ -84,8 +84,9 @@ def score_mapping(
     ``{"scored": False}``."""
     import anndata as ad
 
+    from neurofm.cell_features import cells_expression
     from neurofm.evaluate.transfer import evaluate_mapping, summary_metrics, write_mapping_report
-    from neurofm.mapping import ReferenceConfig, build_reference, cells_expression, load_reference
+    from neurofm.mapping import ReferenceConfig, build_reference, load_reference
     from neurofm.model import load_pretrained
 
     label_column = settings["query_label_column"]

@@ -222,9 +222,9 @@ def test_the_variable_genes_of_a_two_file_store(store):
 
 
 def test_store_cells_are_embedded_with_their_own_files_genes(store, tmp_path):
+    from neurofm.cell_features import embed_reference_cells
     from neurofm.embedding import embed_matrix
     from neurofm.genes import match_adata
-    from neurofm.mapping import embed_reference_cells
 
     result = pretrain_store(store, tmp_path, count_head_epochs=0, max_steps=2)
     model, tokenizer = load_pretrained(result.model_dir)
