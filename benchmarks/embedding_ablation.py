@@ -57,7 +57,7 @@ VARIANTS = {
     "count_latent16_nonzero": ({}, {"latent_dim": 16, "cell_pooling": "nonzero"}, "auto", "quantile"),
     "count_latent10_only": ({"cell_loss_weight": 0.0}, {"latent_dim": 10}, "auto", "quantile"),
     # the count head's encoder also reads the binned expression directly (a linear layer, as scVI's),
-    # then the count head's own phase (neurofm.count_head) for 0, 25 epochs or scVI's rule (None)
+    # then the count head's own phase (neurofm.count_phase) for 0, 25 epochs or scVI's rule (None)
     "expr_phase0": (
         {"count_head_epochs": 0},
         {"latent_dim": 16, "latent_reads_expression": True},

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # the pre-training checkpoints: the lowest validation loss so far, and the latest validation
 BEST_DIR, LAST_DIR = "best", "last"
 # the model the run produces — registered, evaluated, promoted: the best checkpoint with its count head fit
-# afterwards (neurofm.count_head), or the best checkpoint itself when there is no such phase
+# afterwards (neurofm.count_phase), or the best checkpoint itself when there is no such phase
 MODEL_DIR = RUN_MODEL_DIRS[0]  # "model" ("final" in older runs; load_pretrained finds both)
 RESUME_FILE = "resume_state.pt"
 METRICS_FILE, CURVES_FILE, DEMO_FILE = "metrics.csv", "curves.png", "demo.txt"

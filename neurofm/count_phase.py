@@ -1,4 +1,5 @@
-"""The count head's own phase: after pre-training, the count head alone is fit to the training cells.
+"""The count head's own training phase: after pre-training, the count head (``neurofm.model.CountHead``,
+the network) alone is fit to the training cells.
 
 Pre-training shares its steps between three heads, and a transformer step is dear, so the count head
 (latent encoder, decoder, dispersions — the part that makes the embedding) sees few updates: tens of
@@ -51,7 +52,8 @@ from neurofm.loop import (
     run_phase,
     stream_and_loader,
 )
-from neurofm.model import GeneEncoder, cell_inputs, feature_table, load_pretrained
+from neurofm.model import GeneEncoder, load_pretrained
+from neurofm.pooling import cell_inputs, feature_table
 from neurofm.scoring import validation_count_loss
 from neurofm.stream import (
     CellStream,
@@ -68,7 +70,7 @@ from neurofm.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "count_head.pt"  # the phase's result: the count head's weights + a summary
-HEAD_PARAMETERS = ("latent_encoder.", "count_decoder.", "count_log_theta", "expression_weight", "bin_value")
+HEAD_PARAMETERS = ("count_head.",)  # the count head module's weights (neurofm.model.CountHead)
 SCVI_EPOCH_RULE = (20_000, 400)  # scvi-tools' default: min(round(20000 / n_cells * 400), 400) epochs
 
 
@@ -166,10 +168,14 @@ class _CountForward(torch.nn.Module):
         self.table = table
 
     def forward(
-        self, bins: torch.Tensor, counts: torch.Tensor, observed: torch.Tensor | None = None
+        self,
+        bins: torch.Tensor,
+        counts: torch.Tensor,
+        observed: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cell, expression = cell_inputs(self.model, bins, "auto", self.table, observed)
-        return self.model.count_loss(cell, counts, expression, observed)
+        return self.model.count_loss(cell, counts, expression, observed, batch_index)
 
 
 @contextmanager
@@ -288,7 +294,7 @@ def _head_phase(
     def step(module: torch.nn.Module, raw: dict, at: StepAt) -> tuple[torch.Tensor, dict]:
         bins = densify(raw, zero_bins)
         observed = batch_observed(raw, observed_genes)  # only measured genes are read and scored
-        nll, kl = module(bins, densify_counts(raw, bins.shape[1]), *(() if observed is None else (observed,)))
+        nll, kl = module(bins, densify_counts(raw, bins.shape[1]), observed, raw.get("batch_index"))
         kl_weight = kl_weight_at(
             at.index, schedule.total_steps, config.kl_weight, config.count_head_kl_warmup
         )

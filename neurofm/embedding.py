@@ -26,12 +26,10 @@ from tqdm.auto import tqdm
 from neurofm import keys
 from neurofm.errors import NeurofmError
 from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP, GeneMatch, match_adata
-from neurofm.model import (  # noqa: F401  (feature_table, resolve_pooling: re-exported)
-    GeneEncoder,
-    ModelConfig,
+from neurofm.model import GeneEncoder, ModelConfig, batch_codes, load_pretrained
+from neurofm.pooling import (  # noqa: F401  (feature_table, resolve_pooling: re-exported)
     cell_inputs,
     feature_table,
-    load_pretrained,
     resolve_pooling,
 )
 from neurofm.runtime import resolve_device
@@ -53,12 +51,15 @@ def embed_bins(
     pooling: str = "auto",
     table: torch.Tensor | None = None,
     observed: torch.Tensor | None = None,
+    batch_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(cells, embedding_dim) embeddings of already-tokenized cells (``bins``: cells × all genes, bin ids in
     ``[0, n_bins]``) on the device of ``bins``. ``table`` is :func:`feature_table` of ``model``, computed
     here when not given (pass it when embedding many batches). ``observed`` (bool per gene) pools only
-    those genes (the others are unobserved in the data)."""
-    return model.embedding_from_cell(*cell_inputs(model, bins, pooling, table, observed)).float()
+    those genes (the others are unobserved in the data). ``batch_index`` (cells,): each cell's batch code
+    for a model whose count head has a batch covariate (``neurofm.model.batch_codes``; -1: none)."""
+    cell, expression = cell_inputs(model, bins, pooling, table, observed)
+    return model.embedding_from_cell(cell, expression, batch_index).float()
 
 
 def embed_matrix(
@@ -72,6 +73,8 @@ def embed_matrix(
     progress: bool = True,
     match: GeneMatch | None = None,
     unobserved: str = "exclude",
+    batches=None,
+    unseen_batch: str = "error",
 ) -> np.ndarray:
     """(n_cells, embedding_dim) float32 embeddings of every cell of ``adata`` with the frozen ``model``.
 
@@ -83,6 +86,11 @@ def embed_matrix(
     ``unobserved="exclude"`` (default), of the pooling too; ``"zero"`` pools them as zero-count genes.
     Works on backed AnnData (cells are read ``4,096`` at a time); ``batch_size`` bounds memory, not the
     result. Writes nothing into ``adata``.
+
+    A model whose count head has a batch covariate (``model.config.batch_names``) reads each cell's batch
+    from ``batches`` (one name per cell); a batch it never saw is refused unless ``unseen_batch="none"``
+    (those cells get the no-batch vector). Without ``batches`` every cell gets the no-batch vector (said
+    once in the log). ``batches`` for a model without the covariate is refused.
     """
     if pooling not in POOLINGS:
         raise NeurofmError(f"pooling={pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
@@ -103,6 +111,7 @@ def embed_matrix(
     observed = None
     if source is not None and unobserved == "exclude" and not match.observed.all():
         observed = torch.from_numpy(match.observed).to(torch_device)
+    codes = cell_batch_codes(model.config, adata.n_obs, batches, unseen_batch)
     embeddings = np.empty((adata.n_obs, model.embedding_dim), dtype=np.float32)
     bar = None  # started after the first block is read, so bad counts fail before any progress output
     table = feature_table(model)
@@ -113,13 +122,39 @@ def embed_matrix(
             bar = tqdm(total=adata.n_obs, desc="embed", unit="cell", disable=not progress)
         bins = torch.from_numpy(bins).to(torch_device)
         for start in range(0, bins.shape[0], batch_size):
-            pooled = embed_bins(model, bins[start : start + batch_size], pooling, table, observed)
+            rows = slice(block_start + start, block_start + start + batch_size)
+            index = None if codes is None else codes[rows].to(torch_device)
+            pooled = embed_bins(model, bins[start : start + batch_size], pooling, table, observed, index)
             embeddings[block_start + start : block_start + start + len(pooled)] = pooled.cpu().numpy()
             bar.update(len(pooled))
     if bar is not None:
         bar.close()
     model.train(was_training)
     return embeddings
+
+
+def cell_batch_codes(config: ModelConfig, n_cells: int, batches, unseen_batch: str = "error"):
+    """(n_cells,) int64 batch codes for :func:`embed_matrix` (None for a model without a batch
+    covariate): ``batches`` coded by ``neurofm.model.batch_codes``, or every cell -1 (the no-batch
+    vector) when ``batches`` is None."""
+    if unseen_batch not in ("error", "none"):
+        raise NeurofmError(f"unseen_batch={unseen_batch!r} is unknown; use 'error' or 'none'")
+    if not config.n_batches:
+        if batches is not None:
+            raise NeurofmError(
+                "batches were given but this model's count head has no batch covariate; leave them out "
+                "(or pre-train with train.batch_key)"
+            )
+        return None
+    if batches is None:
+        log.info(
+            "the model's count head has %d batches and no cell was given one: every cell gets the "
+            "no-batch vector", config.n_batches,
+        )  # fmt: skip
+        return torch.full((n_cells,), -1, dtype=torch.long)
+    if len(batches) != n_cells:
+        raise NeurofmError(f"{len(batches)} batch names for {n_cells} cells; give one batch per cell")
+    return batch_codes(config, batches, unseen_batch)
 
 
 def resolve_model(
@@ -164,6 +199,8 @@ def embed(
     device: str = "auto",
     progress: bool = True,
     tracking_uri: str | None = None,
+    batch_key: str | None = None,
+    unseen_batch: str = "error",
 ) -> ad.AnnData | None:
     """Embed the cells of ``adata`` (raw counts) with a pre-trained neurofm model, scanpy style.
 
@@ -173,6 +210,8 @@ def embed(
     versions stripped, case-insensitive, by the model's IDs or symbols — see :mod:`neurofm.genes`);
     fewer than ``min_gene_overlap`` of them found is an error. Genes the data lacks are unobserved
     (``unobserved="exclude"``: left out of library size and pooling; ``"zero"``: pooled as zero counts).
+    For a model whose count head has a batch covariate, ``batch_key`` names the obs column of each cell's
+    batch (see :func:`embed_matrix` for ``unseen_batch`` and for cells without one).
 
     Writes (into ``adata``, or into a copy returned when ``copy=True``):
 
@@ -197,6 +236,8 @@ def embed(
         device=device,
         progress=progress,
         tracking_uri=tracking_uri,
+        batch_key=batch_key,
+        unseen_batch=unseen_batch,
     )
     target = adata.copy() if copy else adata
     target.obsm[key_added] = embeddings
@@ -218,6 +259,8 @@ def _embed_with_record(
     device: str,
     progress: bool,
     tracking_uri: str | None,
+    batch_key: str | None = None,
+    unseen_batch: str = "error",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The embeddings of :func:`embed` and the ``uns['neurofm']`` record it writes."""
     from neurofm import __version__
@@ -226,6 +269,11 @@ def _embed_with_record(
     match = match_adata(
         adata, tokenizer.gene_ids, tokenizer.gene_symbols, gene_col=gene_col, min_overlap=min_gene_overlap
     )
+    if batch_key is not None and batch_key not in adata.obs:
+        raise NeurofmError(
+            f"batch column {batch_key!r} is not in obs (columns: {', '.join(map(str, adata.obs.columns[:8]))}); "
+            "name the column of each cell's batch"
+        )
     started = time.perf_counter()
     embeddings = embed_matrix(
         model,
@@ -237,6 +285,8 @@ def _embed_with_record(
         progress=progress,
         match=match,
         unobserved=unobserved,
+        batches=None if batch_key is None else adata.obs[batch_key].astype(str).to_numpy(),
+        unseen_batch=unseen_batch,
     )
     seconds = time.perf_counter() - started
     record.update(
@@ -245,6 +295,7 @@ def _embed_with_record(
         unobserved=unobserved,
         key_added=key_added,
         n_cells=int(adata.n_obs),
+        **({} if batch_key is None else {"batch_key": batch_key}),
         cells_per_second=float(adata.n_obs / max(seconds, 1e-9)),
         neurofm_version=__version__,
     )

@@ -1,5 +1,5 @@
 """The phase runner: the one training loop every phase of a run goes through (pre-training in
-``neurofm.train``, the count head's phase in ``neurofm.count_head``).
+``neurofm.train``, the count head's phase in ``neurofm.count_phase``).
 
 A phase is a :class:`Phase`: a module whose forward a step function calls, an optimizer, a streaming
 loader, a :class:`Schedule` (steps per epoch, total steps, learning rate, when to validate, patience) and

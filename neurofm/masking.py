@@ -11,7 +11,7 @@ sparsely with ``np.bincount``; it is scored on exactly the validation positions 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -119,18 +119,16 @@ class MaskedBatch:
     full_bins: torch.Tensor | None = None  # (cells, all genes) bins the count head reads ("all_genes")
     observed: torch.Tensor | None = None  # (cells, all genes) bool, the genes the count head reads and
     #                                       scores (a multi-file store's measured genes); None: all
+    batch_index: torch.Tensor | None = None  # (cells,) each cell's batch, for a count head with a batch
+    #                                          covariate (the stream batch's "batch_index"); None: none
 
     def rows(self, part: slice) -> MaskedBatch:
         """The cells ``part`` of the batch (a rank's share under DDP)."""
         return MaskedBatch(
-            self.gene_ids[part],
-            self.input_bins[part],
-            self.labels[part],
-            self.cell_labels[part],
-            None if self.padding_mask is None else self.padding_mask[part],
-            None if self.counts is None else self.counts[part],
-            None if self.full_bins is None else self.full_bins[part],
-            None if self.observed is None else self.observed[part],
+            **{
+                name.name: None if getattr(self, name.name) is None else getattr(self, name.name)[part]
+                for name in fields(self)
+            }
         )
 
     @property
@@ -147,12 +145,15 @@ def make_batch(
     generator: torch.Generator,
     counts: torch.Tensor | None = None,
     observed: torch.Tensor | None = None,
+    *,
+    batch_index: torch.Tensor | None = None,
 ) -> MaskedBatch:
     """Sample genes and masks for the cells in ``bins`` (cells × all genes); ``counts`` (the same cells'
     raw counts) ride along for the count head. ``observed`` (cells × genes bool, a multi-file store's
     :func:`neurofm.stream.observed_mask`): tokens are drawn among each cell's measured genes; a token
     that still falls on an unmeasured gene is padding (``padding_mask``), never masked nor scored; with
-    ``counts`` the mask rides along too (``MaskedBatch.observed``) for the count head."""
+    ``counts`` the mask rides along too (``MaskedBatch.observed``) for the count head, as does each
+    cell's ``batch_index`` (the stream batch's field of that name; None without batches)."""
     gene_ids = sample_genes(bins.shape[0], bins.shape[1], n_tokens, generator, bins.device, observed)
     token_bins = torch.gather(bins, 1, gene_ids).long()
     padding = None if observed is None else ~torch.gather(observed.to(bins.device), 1, gene_ids)
@@ -168,6 +169,7 @@ def make_batch(
         counts=counts,
         full_bins=bins if counts is not None and config.count_input == "all_genes" else None,
         observed=observed if counts is not None else None,
+        batch_index=batch_index if counts is not None else None,
     )
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from neurofm import runtime
 from neurofm.loop import Window, to_device
 from neurofm.masking import IGNORE_INDEX, MaskedBatch, make_batch
-from neurofm.model import GeneEncoder, cell_inputs, feature_table
+from neurofm.model import GeneEncoder
+from neurofm.pooling import cell_inputs, feature_table
 from neurofm.stream import CellStream, batch_observed, densify, densify_counts, partly_observed_genes
 from neurofm.train_config import TrainConfig
 
@@ -43,7 +44,7 @@ def losses(model, batch: MaskedBatch, device: torch.device, config: TrainConfig,
     with autocast(device, config):
         logits, cell_logits, count_nll, count_kl = forward(
             *(batch.gene_ids, batch.input_bins, batch.padding_mask, batch.counts, batch.full_bins),
-            *(() if batch.observed is None else (batch.observed,)),
+            *(batch.observed, batch.batch_index),
         )
     token_loss = F.cross_entropy(
         logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
@@ -101,7 +102,7 @@ def validation_count_loss(
             cell = model.pool(model.cell_features(batch.gene_ids, batch.input_bins), keep)
             expression = model.expression_features(batch.input_bins, batch.gene_ids, keep)
         with autocast(device, config):
-            nll, kl = model.count_loss(cell, counts, expression, observed)
+            nll, kl = model.count_loss(cell, counts, expression, observed, part.get("batch_index"))
         total += float((nll + kl).sum())
         n_cells += bins.shape[0]
     total, n_cells = runtime.all_reduce_sums([total, n_cells], context)
@@ -211,7 +212,7 @@ def metrics_row(
     if validation.count_stream is not None:
         val["count_loss"] = validation_count_loss(model, validation.count_stream, device, config)
     baseline = validation.baseline_perplexity
-    count_term = config.count_loss_weight * val["count_loss"] if model.latent_encoder is not None else 0.0
+    count_term = config.count_loss_weight * val["count_loss"] if model.count_head is not None else 0.0
     return {
         "epoch": window.epoch,
         "step": window.step,

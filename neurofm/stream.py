@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -89,6 +90,7 @@ class StreamConfig:
     counts: bool = False  # also the raw counts ("counts", or "nonzero_counts" when sparse; densify_counts())
     draw: str = "proportional"  # multi-file store: "proportional" (each file as its size: the plain shuffle)
     #                             or "balanced" (each file an equal share of an epoch's cells, see the docs)
+    batch_key: str | None = None  # batches carry each cell's batch code ("batch_index"; store_batches)
 
     def validate(self) -> StreamConfig:
         if self.output not in ("dense", "sparse"):
@@ -402,6 +404,34 @@ class _WorkerPlan:
         return int(self.group_rows.sum())
 
 
+def store_batches(store: CellStore, batch_key: str | None) -> tuple[list[str], np.ndarray | None]:
+    """(batch names, int64 code of every store row) of the obs column ``batch_key`` — ``"dataset"``: a
+    multi-file store's source files — the names sorted, the codes their positions; ``([], None)`` for
+    None. A missing column or a cell without a batch is refused in one line."""
+    if batch_key is None:
+        return [], None
+    if batch_key == "dataset" and len(store.dataset_names) > 1:
+        return list(store.dataset_names), store.cell_datasets().astype(np.int64)
+    import pyarrow.parquet as pq
+
+    from neurofm.data.store import OBS_FILE
+
+    columns = [name for name in pq.read_schema(store.path / OBS_FILE).names if not name.startswith("__")]
+    if batch_key not in columns:
+        raise NeurofmError(
+            f"batch column {batch_key!r} is not in the cells' obs (columns: {', '.join(map(str, columns[:8]))}); "
+            "name one of those as train.batch_key"
+        )
+    values = store.read_obs([batch_key])[batch_key]
+    if values.isna().any():
+        raise NeurofmError(
+            f"{int(values.isna().sum())} cells have no value in batch column {batch_key!r}; fill them in "
+            "(e.g. 'unknown') or choose another column"
+        )
+    codes, names = pd.factorize(values.astype(str), sort=True)
+    return [str(name) for name in names], codes.astype(np.int64)
+
+
 class CellStream(IterableDataset):
     """Token-ready batches streamed from a cell store (see the module docstring for order and format).
 
@@ -439,6 +469,7 @@ class CellStream(IterableDataset):
         self._val_before = np.concatenate([[0], np.cumsum(is_val[:-1])])  # val rows before each row
         self._is_val = is_val[:-1].astype(bool)
         self.cell_datasets = self.store.cell_datasets()
+        self.batch_names, self.cell_batches = store_batches(self.store, self.config.batch_key)
         self._draws: tuple[int, np.ndarray, np.ndarray] | None = None  # balanced: (epoch, copies, cumsum)
         self.block_ranges = _blocks(self.store, self.config.block_size)
         self.epoch = 0
@@ -626,6 +657,8 @@ class CellStream(IterableDataset):
         ``config.counts``, their raw ``counts`` (the same non-zeros)."""
         rows = np.array(rows, dtype=np.int64)
         batch = {"rows": rows, "dataset": self.cell_datasets[rows].astype(np.int64), "worker": worker_tag}
+        if self.cell_batches is not None:
+            batch["batch_index"] = self.cell_batches[rows]
         if self.config.output == "dense":
             batch["bins"] = self.binner.densify(indptr, indices, bins)
             if self.config.counts:

@@ -8,7 +8,7 @@ writes, under ``out_dir``:
 
 - ``model/`` — the model the run produces (registered, evaluated, loaded by
   ``load_pretrained("…/pretrain")``): the best pre-training checkpoint with its count head fit afterwards
-  (``neurofm.count_head``; the checkpoint itself when there is no such phase);
+  (``neurofm.count_phase``; the checkpoint itself when there is no such phase);
 - ``best/`` and ``last/`` — the pre-training checkpoints (model directories: ``model.safetensors`` +
   ``config.json`` + tokenizer), the best by validation objective (``val_total_loss`` = masked-token loss
   + ``cell_loss_weight`` × cell loss) and the newest validation, from which a run resumes;
@@ -76,7 +76,7 @@ from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re
     write_checkpoint,
     write_final_outputs,
 )
-from neurofm.count_head import count_head_phase, head_epochs
+from neurofm.count_phase import count_head_phase, head_epochs
 from neurofm.data.store import CellStore
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir
@@ -111,6 +111,7 @@ from neurofm.stream import (
     densify,
     densify_counts,
     partly_observed_genes,
+    store_batches,
     variable_genes,
 )
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
@@ -179,8 +180,19 @@ class _PretrainForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, gene_ids, bin_ids, padding_mask=None, counts=None, full_bins=None, observed=None):
-        return self.model.pretrain_outputs(gene_ids, bin_ids, padding_mask, counts, full_bins, observed)
+    def forward(
+        self,
+        gene_ids,
+        bin_ids,
+        padding_mask=None,
+        counts=None,
+        full_bins=None,
+        observed=None,
+        batch_index=None,
+    ):
+        return self.model.pretrain_outputs(
+            gene_ids, bin_ids, padding_mask, counts, full_bins, observed, batch_index
+        )
 
 
 def pretrain(
@@ -224,7 +236,11 @@ def pretrain(
         n_bins = tokenizer.config.n_bins
         n_tokens = min(train_config.max_tokens_per_cell, tokenizer.n_genes)
         model_config = replace(
-            model_config or ModelConfig(), n_genes=tokenizer.n_genes, n_bins=n_bins, max_tokens=n_tokens
+            model_config or ModelConfig(),
+            n_genes=tokenizer.n_genes,
+            n_bins=n_bins,
+            max_tokens=n_tokens,
+            batch_names=_batch_names(store, train_config, model_config or ModelConfig()),
         ).validate()
         context = runtime.current()
         device = resolve_device(train_config.device)
@@ -244,6 +260,18 @@ def pretrain(
             return _pretrain(run, on_validation, resume)
     finally:
         cleanup()
+
+
+def _batch_names(store: CellStore, config: TrainConfig, model_config: ModelConfig) -> list[str]:
+    """The count head's batches: the values of ``train.batch_key`` in the store (none without it)."""
+    if config.batch_key is None:
+        return []
+    if model_config.latent_dim == 0:
+        raise NeurofmError(
+            f"train.batch_key={config.batch_key!r} conditions the count head, but model.latent_dim is 0 "
+            "(no count head); set model.latent_dim > 0 or leave batch_key out"
+        )
+    return store_batches(store, config.batch_key)[0]
 
 
 @contextmanager
@@ -337,8 +365,11 @@ def _validation_set(run: _Run, stream: CellStream) -> tuple[ValidationSet, np.nd
 def _initial_model(run: _Run, table: np.ndarray) -> GeneEncoder:
     torch.manual_seed(run.config.seed)
     model = GeneEncoder(run.model_config)
-    if model.count_gene_index is not None:  # the count head reads and reconstructs the most variable genes
-        model.set_count_genes(
+    head = model.count_head
+    if (
+        head is not None and head.count_gene_index is not None
+    ):  # it reads and rebuilds the most variable genes
+        head.set_count_genes(
             variable_genes(
                 run.store, run.model_config.n_count_genes, exclude_rows=run.val_rows, seed=run.config.seed
             )
@@ -392,8 +423,9 @@ def _pretrain_phase(
         counts = densify_counts(raw, bins.shape[1]) if run.with_counts else None
         observed = batch_observed(raw, observed_genes)  # unmeasured genes: no token, no count loss
         batch = make_batch(
-            bins, run.n_tokens, run.model_config.mask_token, config, generator, counts, observed
-        )
+            bins, run.n_tokens, run.model_config.mask_token, config, generator, counts, observed,
+            batch_index=raw.get("batch_index"),
+        )  # fmt: skip
         # each rank's mean over its own cells; DDP averages the gradients over the ranks
         token_loss, cell_loss, count_nll, count_kl, _ = losses(module, batch, device, config)
         loss = token_loss + config.cell_loss_weight * cell_loss

@@ -1,5 +1,5 @@
 """How a pre-training run trains: :class:`TrainConfig`, every setting of the loop (``neurofm.train``), the
-count head's phase (``neurofm.count_head``) and the streaming loader, as plain values for YAML and MLflow."""
+count head's phase (``neurofm.count_phase``) and the streaming loader, as plain values for YAML and MLflow."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class TrainConfig:
     count_input: str = "all_genes"  # the count head's cell vector: of "all_genes" of the cell (as embedded)
     #                                 or of the "sampled" visible tokens only
     count_head_epochs: int | None = None  # after pre-training, the count head alone is fit to the training
-    #                                       cells with the token features frozen (neurofm.count_head) for
+    #                                       cells with the token features frozen (neurofm.count_phase) for
     #                                       this many epochs; None: scVI's rule min(round(20000 / n × 400),
     #                                       400), the budget of the scVI baseline; 0: no such phase
     count_head_batch_size: int = 128  # cells per step of that phase (scVI's default)
@@ -47,6 +47,10 @@ class TrainConfig:
     #                                    weight rises from 0 to kl_weight again; 0: the full weight from the
     #                                    first step, as the head ended pre-training; 1: scVI's warm-up over
     #                                    the whole budget
+    batch_key: str | None = None  # the count head's batch covariate (model.latent_dim > 0): the obs column
+    #                               of each cell's batch (donor, chemistry, study…; "dataset": a multi-file
+    #                               store's source file), as scVI's batch_key; its values become
+    #                               model.batch_names. None: no covariate
     nonzero_mask_share: float = 0.5  # share of the masked tokens forced onto non-zero bins (when available)
     max_tokens_per_cell: int = 256  # genes sampled per cell per step (padding + key-padding mask if fewer)
     val_fraction: float = 0.2  # share of cells held out for validation…

@@ -33,6 +33,7 @@ def stream_config_for(config: TrainConfig, counts: bool = False) -> StreamConfig
         seed=config.seed,
         output=config.stream_output,
         counts=counts,
+        batch_key=config.batch_key if counts else None,  # the count head's covariate rides with its counts
     ).validate()
 
 

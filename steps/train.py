@@ -131,7 +131,7 @@ def pretrain_model(
             "perplexity_ratio": result.best["val_perplexity"] / result.baseline_perplexity,
             "wall_time_s": result.wall_time_s,
         }
-        if result.count_head is not None:  # the count head's own phase (neurofm.count_head)
+        if result.count_head is not None:  # the count head's own phase (neurofm.count_phase)
             final.update(
                 {
                     f"count_head_{key}": float(result.count_head[key])

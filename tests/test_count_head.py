@@ -32,12 +32,12 @@ def test_count_nll_is_the_negative_binomial_of_mean_softmax_times_library():
     torch.manual_seed(0)
     model = GeneEncoder(ModelConfig(n_genes=7, d_model=8, n_heads=2, n_layers=1, ffn_dim=8, latent_dim=3))
     with torch.no_grad():
-        model.count_log_theta.copy_(torch.linspace(-1.0, 2.0, 7))
+        model.count_head.count_log_theta.copy_(torch.linspace(-1.0, 2.0, 7))
     latent = torch.randn(2, 3)
     counts = torch.tensor([[0, 1, 5, 0, 2, 9, 3], [4, 0, 0, 1, 0, 0, 0]], dtype=torch.float32)
-    nll = model.count_nll(latent, counts).detach().numpy()
-    shares = torch.softmax(model.count_decoder(latent), -1).detach().numpy()
-    theta = model.count_log_theta.exp().detach().numpy()
+    nll = model.count_head.nll(latent, counts).detach().numpy()
+    shares = torch.softmax(model.count_head.decode(latent), -1).detach().numpy()
+    theta = model.count_head.count_log_theta.exp().detach().numpy()
     for cell in range(2):
         mu = shares[cell] * counts[cell].sum().item()
         # scipy's nbinom(n=theta, p=theta / (theta + mu)) has mean mu
@@ -60,11 +60,16 @@ def test_the_embedding_is_the_latent_mean_and_equals_the_table_lookup():
     torch.testing.assert_close(embed_bins(model, bins, "mean"), direct, rtol=1e-5, atol=1e-5)
     assert resolve_pooling(model, "auto") == "mean"
     # what the count head reads in training ("all_genes") is what embedding pools, for both poolings
-    torch.testing.assert_close(model.latent(model.pooled_cell(bins))[0], direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.count_head.latent(model.pooled_cell(bins))[0], direct, rtol=1e-5, atol=1e-5
+    )
     nonzero = GeneEncoder(replace(config, cell_pooling="nonzero")).eval()
     assert resolve_pooling(nonzero, "auto") == "mean_nonzero"
     torch.testing.assert_close(
-        nonzero.latent(nonzero.pooled_cell(bins))[0], embed_bins(nonzero, bins, "auto"), rtol=1e-5, atol=1e-5
+        nonzero.count_head.latent(nonzero.pooled_cell(bins))[0],
+        embed_bins(nonzero, bins, "auto"),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -193,7 +198,7 @@ def test_a_model_saved_before_the_count_head_loads_as_it_was_built(tmp_path):
     del meta["model"]["latent_dim"], meta["model"]["decoder_dim"]
     (directory / "config.json").write_text(json.dumps(meta))
     model, _ = load_pretrained(directory)
-    assert model.config.latent_dim == 0 and model.latent_encoder is None and model.embedding_dim == 8
+    assert model.config.latent_dim == 0 and model.count_head is None and model.embedding_dim == 8
     # a count-head model saved before its latent read the expression loads without that read
     count = GeneEncoder(replace(COUNT_MODEL, n_genes=12, latent_reads_expression=False))
     directory = count.save_pretrained(tmp_path / "count", tokenizer)
@@ -201,7 +206,7 @@ def test_a_model_saved_before_the_count_head_loads_as_it_was_built(tmp_path):
     del meta["model"]["latent_reads_expression"]
     (directory / "config.json").write_text(json.dumps(meta))
     model, _ = load_pretrained(directory)
-    assert model.config.latent_dim == 4 and model.expression_weight is None
+    assert model.config.latent_dim == 4 and model.count_head.expression_weight is None
 
 
 def test_the_count_head_can_read_the_sampled_tokens_only(tmp_path):
@@ -224,13 +229,13 @@ def test_a_latent_reading_the_expression_embeds_as_it_was_trained():
     )
     model = GeneEncoder(config).eval()
     with torch.no_grad():
-        model.bin_value.copy_(torch.rand(21) + 0.5)
+        model.count_head.bin_value.copy_(torch.rand(21) + 0.5)
     bins = torch.randint(0, 20, (6, 30))
     bins[:, :10] = 0  # many zero genes, as in real data
     genes = torch.arange(30).expand(6, 30)
     # the same latent whichever way it is reached: tokens, the training path, the embedding's table lookup
     direct = model.cell_embedding(genes, bins)
-    trained = model.latent(model.pooled_cell(bins), model.expression_features(bins))[0]
+    trained = model.count_head.latent(model.pooled_cell(bins), model.expression_features(bins))[0]
     torch.testing.assert_close(trained, direct, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(embed_bins(model, bins, "auto"), direct, rtol=1e-5, atol=1e-5)
     # unobserved genes are left out of both the pooling and the expression mean
@@ -245,16 +250,16 @@ def test_a_latent_reading_the_expression_embeds_as_it_was_trained():
     assert torch.equal(zero, torch.zeros(2, config.decoder_dim))
     one = torch.zeros(1, 30, dtype=torch.long)
     one[0, 4] = 7
-    expected = model.bin_value[7] * model.expression_weight[4] / 30
+    expected = model.count_head.bin_value[7] * model.count_head.expression_weight[4] / 30
     torch.testing.assert_close(model.expression_features(one)[0], expected)
     with pytest.raises(NeurofmError, match="reads the expression"):
-        model.latent(model.pooled_cell(bins))
+        model.count_head.latent(model.pooled_cell(bins))
     with pytest.raises(NeurofmError, match="latent_reads_expression"):
         replace(config, latent_reads_expression="yes").validate()
 
 
 def test_the_count_head_phase_follows_scvis_epoch_rule():
-    from neurofm.count_head import head_epochs
+    from neurofm.count_phase import head_epochs
 
     assert head_epochs(921, None) == 400  # small data: scVI's cap
     assert head_epochs(38_000, None) == round(20_000 / 38_000 * 400) == 211
@@ -272,7 +277,7 @@ def _state(directory):
 
 
 def test_the_count_head_phase_fits_only_the_head_and_releases_it_as_the_run_model(tmp_path):
-    from neurofm.count_head import is_head_parameter
+    from neurofm.count_phase import is_head_parameter
 
     adata = synthetic_counts(n_cells=160, n_genes=40, seed=4)
     config = small_train_config(epochs=2, count_head_epochs=6, count_head_batch_size=32)
@@ -284,7 +289,7 @@ def test_the_count_head_phase_fits_only_the_head_and_releases_it_as_the_run_mode
     before, after = _state(tmp_path / "run" / "best"), _state(result.model_dir)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(is_head_parameter(name) for name in changed)
-    assert {"expression_weight", "bin_value", "count_log_theta"} <= changed
+    assert {f"count_head.{name}" for name in ("expression_weight", "bin_value", "count_log_theta")} <= changed
     without = pretrain(
         adata, TokenizerConfig(), EXPRESSION_MODEL, replace(config, count_head_epochs=0), tmp_path / "none"
     )
@@ -295,7 +300,7 @@ def test_the_count_head_phase_fits_only_the_head_and_releases_it_as_the_run_mode
 
 @pytest.mark.parametrize("killed_at", ["before the head is saved", "before model/ is written"])
 def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path, monkeypatch, killed_at):
-    import neurofm.count_head as count_head_module
+    import neurofm.count_phase as count_phase_module
 
     adata = synthetic_counts(n_cells=120, n_genes=30, seed=5)
     config = small_train_config(epochs=2, count_head_epochs=4, count_head_batch_size=32)
@@ -309,7 +314,7 @@ def test_a_run_killed_in_the_count_head_phase_resumes_to_the_same_model(tmp_path
 
     with monkeypatch.context() as patch:
         if killed_at == "before the head is saved":
-            patch.setattr(count_head_module, "save_head", kill)
+            patch.setattr(count_phase_module, "save_head", kill)
         else:
             original = GeneEncoder.save_pretrained
 
@@ -344,7 +349,7 @@ def _phase_inputs(tmp_path, n_cells=96, n_genes=20, seed=6):
 
 
 def test_the_count_head_phase_keeps_its_best_epoch_and_stops_after_the_patience(tmp_path):
-    from neurofm.count_head import fit_count_head, head_state
+    from neurofm.count_phase import fit_count_head, head_state
 
     model, store, tokenizer, stream_config = _phase_inputs(tmp_path)
     losses = iter([5.0, 4.0, 4.5, 4.2, 4.1, 3.0])  # best after epoch 2, then 3 epochs without a better one
@@ -366,7 +371,7 @@ def test_the_count_head_phase_keeps_its_best_epoch_and_stops_after_the_patience(
 
 
 def test_without_patience_the_count_head_phase_runs_every_epoch_and_keeps_the_last(tmp_path):
-    from neurofm.count_head import fit_count_head, head_state
+    from neurofm.count_phase import fit_count_head, head_state
 
     model, store, tokenizer, stream_config = _phase_inputs(tmp_path)
     calls = []
@@ -410,18 +415,24 @@ def test_a_count_head_on_fewer_genes_reads_and_scores_only_those():
     model = GeneEncoder(config).eval()
     assert config.n_count_genes == 8 and replace(config, count_genes=0).n_count_genes == 30
     assert replace(config, count_genes=500).n_count_genes == 30
-    assert GeneEncoder(replace(config, count_genes=30)).count_gene_index is None  # every gene: no index
-    assert model.expression_weight.shape[0] == model.count_log_theta.shape[0] == 8
-    assert model.count_decoder[-1].out_features == 8
+    assert (
+        GeneEncoder(replace(config, count_genes=30)).count_head.count_gene_index is None
+    )  # every gene: no index
+    assert model.count_head.expression_weight.shape[0] == model.count_head.count_log_theta.shape[0] == 8
+    assert model.count_head.count_decoder[-1].out_features == 8
     chosen = torch.tensor([27, 1, 5, 9, 12, 14, 20, 3])
-    model.set_count_genes(chosen)
+    model.count_head.set_count_genes(chosen)
     index = chosen.sort().values
-    assert torch.equal(model.count_gene_index, index)
+    assert torch.equal(model.count_head.count_gene_index, index)
     bins = torch.randint(0, 21, (5, 30))
     bins[bins == 20] = 0
     counts = torch.poisson(torch.full((5, 30), 3.0))
     # the read: the mean over the 8 count genes of bin_value[bin] × their weight, the other genes ignored
-    expected = (model.bin_value[bins[:, index]] * (bins[:, index] > 0)) @ model.expression_weight / 8
+    expected = (
+        (model.count_head.bin_value[bins[:, index]] * (bins[:, index] > 0))
+        @ model.count_head.expression_weight
+        / 8
+    )
     torch.testing.assert_close(model.expression_features(bins), expected)
     # the same read from tokens (every gene as a token, shuffled): genes outside the count genes add nothing
     order = torch.randperm(30)
@@ -437,13 +448,13 @@ def test_a_count_head_on_fewer_genes_reads_and_scores_only_those():
     full = model.count_loss(cell, counts, expression)
     only = model.count_loss(cell, counts[:, index], expression)
     torch.testing.assert_close(full, only)
-    mean, _ = model.latent(cell, expression)
-    torch.testing.assert_close(full[0], model.count_nll(mean, counts[:, index]) / 8)
+    mean, _ = model.count_head.latent(cell, expression)
+    torch.testing.assert_close(full[0], model.count_head.nll(mean, counts[:, index]) / 8)
     for bad in ([1, 2], [1, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 30]):
         with pytest.raises(NeurofmError, match="count genes"):
-            model.set_count_genes(bad)
+            model.count_head.set_count_genes(bad)
     with pytest.raises(NeurofmError, match="every gene"):
-        GeneEncoder(replace(config, count_genes=0)).set_count_genes(chosen)
+        GeneEncoder(replace(config, count_genes=0)).count_head.set_count_genes(chosen)
 
 
 def test_the_count_genes_are_seurat_v3s_most_variable_of_the_training_cells(tmp_path):
@@ -488,10 +499,10 @@ def test_pretrain_picks_the_count_genes_and_the_saved_model_keeps_them(tmp_path)
     model_config = replace(EXPRESSION_MODEL, count_genes=10)
     result = pretrain(store, TokenizerConfig(), model_config, config, tmp_path / "run")
     model, tokenizer = load_pretrained(result.model_dir)
-    assert model.config.count_genes == 10 and model.count_gene_index.numel() == 10
+    assert model.config.count_genes == 10 and model.count_head.count_gene_index.numel() == 10
     _, val_rows = split_store(store, config)
     expected = variable_genes(store, 10, exclude_rows=val_rows, seed=config.seed)
-    np.testing.assert_array_equal(model.count_gene_index.numpy(), expected)
+    np.testing.assert_array_equal(model.count_head.count_gene_index.numpy(), expected)
     assert not np.array_equal(expected, np.arange(10))  # chosen, not the placeholder
     embedding = embed_matrix(model, tokenizer, adata, progress=False, device="cpu")
     assert embedding.shape == (160, 4) and np.isfinite(embedding).all()
@@ -499,7 +510,7 @@ def test_pretrain_picks_the_count_genes_and_the_saved_model_keeps_them(tmp_path)
 
 
 def test_max_steps_caps_the_phase_at_as_many_steps():
-    from neurofm.count_head import phase_steps
+    from neurofm.count_phase import phase_steps
 
     assert phase_steps([4, 4, 4], None) == [4, 4, 4]
     assert phase_steps([4, 4, 4], 6) == [4, 2]  # the last epoch cut short
@@ -509,7 +520,7 @@ def test_max_steps_caps_the_phase_at_as_many_steps():
 def test_a_short_pretrain_bounds_the_count_head_phase_too(tmp_path, caplog):
     adata = synthetic_counts(n_cells=160, n_genes=40, seed=4)
     config = small_train_config(max_steps=3, count_head_epochs=50, count_head_batch_size=32)
-    with caplog.at_level("INFO", logger="neurofm.count_head"):
+    with caplog.at_level("INFO", logger="neurofm.count_phase"):
         result = pretrain(adata, TokenizerConfig(), EXPRESSION_MODEL, config, tmp_path / "run")
     assert result.count_head["steps"] <= 3  # 50 epochs of 4 steps without the cap
     said = [r.getMessage() for r in caplog.records if "count head phase: at most" in r.getMessage()]

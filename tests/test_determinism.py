@@ -112,7 +112,7 @@ def test_the_count_heads_gradients_do_not_depend_on_the_threads_timing():
             for _ in range(6):
                 model.zero_grad()
                 model.expression_features(bins).pow(2).sum().backward()
-                grads.append(model.bin_value.grad.clone())
+                grads.append(model.count_head.bin_value.grad.clone())
     finally:
         busy.kill()
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the block

@@ -63,7 +63,7 @@ def test_embed_equals_the_per_token_reference_on_raw_counts(setup, pooling):
 def test_feature_table_built_in_blocks_is_every_gene_and_bin(setup, monkeypatch):
     model, _, _ = setup
     whole = feature_table(model)
-    monkeypatch.setattr("neurofm.model._TABLE_TOKENS", 50)  # 2 genes of 21 bin ids per block
+    monkeypatch.setattr("neurofm.pooling._TABLE_TOKENS", 50)  # 2 genes of 21 bin ids per block
     blocks = feature_table(model)
     assert whole.shape == (50 * 21, 32)
     torch.testing.assert_close(blocks, whole, atol=0, rtol=0)

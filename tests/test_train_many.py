@@ -16,7 +16,8 @@ import torch
 import neurofm.train as train_module
 from neurofm.data.store import CellStore, convert_many
 from neurofm.masking import frequency_table, stream_frequency_table
-from neurofm.model import GeneEncoder, ModelConfig, cell_inputs, feature_table, load_pretrained
+from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
+from neurofm.pooling import cell_inputs, feature_table
 from neurofm.stream import (
     CellStream,
     StreamConfig,
@@ -116,7 +117,7 @@ def _count_inputs(store):
         ffn_dim=16, latent_dim=4, decoder_dim=8, count_genes=40,
     )  # fmt: skip
     model = GeneEncoder(config).eval()
-    model.set_count_genes(np.arange(20, 60))  # 10 genes of a only, 30 shared
+    model.count_head.set_count_genes(np.arange(20, 60))  # 10 genes of a only, 30 shared
     return model, densify(raw, stream.zero_bins).long(), raw["counts"], observed
 
 
@@ -149,9 +150,9 @@ def test_the_count_loss_never_reads_an_unmeasured_genes_placeholder(store):
 def test_the_count_nll_is_per_measured_count_gene(store):
     model, bins, counts, observed = _count_inputs(store)
     cell, expression = cell_inputs(model, bins, "auto", feature_table(model), observed)
-    mean, _ = model.latent(cell, expression)
-    index = model.count_gene_index
-    nll_sum = model.count_nll(mean, counts[:, index], observed[:, index])
+    mean, _ = model.count_head.latent(cell, expression)
+    index = model.count_head.count_gene_index
+    nll_sum = model.count_head.nll(mean, counts[:, index], observed[:, index])
     nll, _ = model.count_loss(cell, counts, expression, observed)
     n_measured = observed[:, index].sum(1)
     assert set(n_measured.tolist()) == {30, 40}  # b's cells measure 30 of the count genes, a's all 40
@@ -160,9 +161,9 @@ def test_the_count_nll_is_per_measured_count_gene(store):
     # a model reading those genes alone
     cell = int(torch.nonzero(n_measured == 30)[0])
     keep = observed[cell, index]
-    logits = model.count_decoder(mean[cell : cell + 1]).float()[:, keep]
+    logits = model.count_head.decode(mean[cell : cell + 1]).float()[:, keep]
     shares = torch.softmax(logits, -1)[0]
-    theta = model.count_log_theta.float().exp()[keep]
+    theta = model.count_head.count_log_theta.float().exp()[keep]
     x = counts[cell, index][keep]
     mu = shares * x.sum().clamp(min=1)
     expected = -(
