@@ -266,3 +266,144 @@ def scarches_baseline(
         query_latent = query_model.get_latent_representation()
     logger.info("scArches: reference %d cells, query %d cells × %d genes", ref.n_obs, qry.n_obs, ref.n_vars)
     return np.asarray(reference_latent, np.float32), np.asarray(query_latent, np.float32)
+
+
+# ------------------------------------------------------------------ label-transfer tools a user would pick instead
+
+
+class OneVsRestLogisticRegression:
+    """scikit-learn's ``LogisticRegression(multi_class="ovr")`` as it was before scikit-learn 1.8 removed the
+    option: one binary logistic regression (the same ``C``, solver, ``max_iter``, ``tol``) per class against
+    the rest, stacked into ``coef_`` (classes × features), ``intercept_`` and ``classes_``.
+    ``decision_function`` gives each class's own logit — what CellTypist turns into its per-class
+    probabilities (a sigmoid, not a softmax)."""
+
+    def __init__(self, C: float = 1.0, solver: str = "lbfgs", max_iter: int = 100, multi_class: str = "ovr",
+                 n_jobs: int | None = None, tol: float = 1e-4) -> None:  # fmt: skip
+        if multi_class != "ovr":
+            raise NeurofmError(f"OneVsRestLogisticRegression fits one-vs-rest only, got multi_class={multi_class!r}")
+        self.C, self.solver, self.max_iter, self.multi_class, self.n_jobs, self.tol = (
+            C, solver, max_iter, multi_class, n_jobs, tol
+        )
+
+    def fit(self, X, y) -> OneVsRestLogisticRegression:
+        from sklearn.linear_model import LogisticRegression
+
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise NeurofmError("a one-vs-rest classifier needs at least 2 labels in the reference")
+        binary = [(label, y == label) for label in self.classes_]
+        if len(self.classes_) == 2:  # one model, as scikit-learn fits two classes
+            binary = binary[1:]
+        coefs, intercepts, n_iter = [], [], []
+        for _, target in binary:
+            model = LogisticRegression(C=self.C, solver=self.solver, max_iter=self.max_iter, tol=self.tol)
+            model.fit(X, target)
+            coefs.append(model.coef_[0])
+            intercepts.append(model.intercept_[0])
+            n_iter.append(int(model.n_iter_[0]))
+        self.coef_, self.intercept_ = np.vstack(coefs), np.asarray(intercepts)
+        self.n_iter_, self.n_features_in_ = np.asarray(n_iter), self.coef_.shape[1]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        scores = X @ self.coef_.T + self.intercept_
+        return np.asarray(scores).ravel() if scores.shape[1] == 1 else np.asarray(scores)
+
+    def predict(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            return self.classes_[(scores > 0).astype(int)]
+        return self.classes_[scores.argmax(axis=1)]
+
+
+def celltypist_train(adata: ad.AnnData, labels, **kwargs):
+    """``celltypist.train(adata, labels, **kwargs)`` — its own gene filter, scaling, solver and ``max_iter``
+    rules — returning a ``celltypist.models.Model``. ``adata``: log1p-normalised to 10,000 counts per cell,
+    as CellTypist requires. Its default trainer (no SGD) builds ``LogisticRegression(multi_class="ovr")``,
+    which scikit-learn >= 1.8 refuses; there :class:`OneVsRestLogisticRegression`, the same model, takes
+    its place for this call only. The SGD trainers (``use_SGD=True``) run unchanged."""
+    import importlib
+    import inspect
+
+    import celltypist
+    from sklearn.linear_model import LogisticRegression
+
+    module = importlib.import_module("celltypist.train")
+    substitute = "multi_class" not in inspect.signature(LogisticRegression).parameters
+    original = module.LogisticRegression
+    if substitute:
+        module.LogisticRegression = OneVsRestLogisticRegression
+    try:
+        return celltypist.train(adata, labels, **kwargs)
+    finally:
+        module.LogisticRegression = original
+
+
+def symphony_reference(
+    counts: ad.AnnData, n_components: int = 30, target_sum: float = 1e5, n_clusters: int | None = None, seed: int = 0
+) -> ad.AnnData:
+    """A Symphony reference built by symphonypy's recipe from raw counts: ``normalize_total`` to
+    ``target_sum`` (symphonypy's 1e5), ``log1p``, every gene (all highly variable when there are no more
+    than 2,000), ``scale`` (max 10; means and sds kept in ``var``), PCA of ``n_components`` (not re-centred),
+    then ``symphonypy.pp.harmony_integrate`` with the reference as one batch: Harmony's soft clusters
+    (K = min(N/30, 100), or ``n_clusters``) and its compressed reference (``uns['harmony']``) that the
+    mapping needs; with one batch Harmony corrects nothing (``obsm['X_pca_harmony']`` = ``obsm['X_pca']``).
+    symphonypy's path without Harmony (soft k-means inside ``map_embedding``) is not used: in 0.2.4 it stores
+    the clusters' mean positions where the query correction expects their sums, which pulls every query
+    cell towards the origin. Labels stay in ``obs`` as given."""
+    import warnings
+
+    import symphonypy
+
+    work = ad.AnnData(X=_counts(counts), obs=counts.obs.copy())
+    work.var_names = np.asarray(counts.var_names, dtype=str)
+    sc.pp.normalize_total(work, target_sum=target_sum)
+    sc.pp.log1p(work)
+    work.var["highly_variable"] = True if work.n_vars <= 2000 else highly_variable(work, work.X, 2000)
+    work = work[:, work.var["highly_variable"].to_numpy()].copy()
+    sc.pp.scale(work, max_value=10)
+    sc.pp.pca(work, n_comps=min(n_components, work.n_vars - 1, work.n_obs - 1), zero_center=False, random_state=seed)
+    work.obs["symphony_batch"] = "reference"
+    options = {} if n_clusters is None else {"nclust": n_clusters}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        symphonypy.pp.harmony_integrate(work, key="symphony_batch", random_seed=seed, **options)
+    return work
+
+
+def symphony_map(
+    reference: ad.AnnData, query_counts: ad.AnnData, label_columns, target_sum: float = 1e5, k: int = 5,
+    chunk: int = 5000,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Map raw query counts onto a :func:`symphony_reference` with ``symphonypy.tl.map_embedding`` and
+    transfer each label column by the k-nearest-neighbour vote that ``symphonypy.tl.transfer_labels_kNN``
+    runs (scikit-learn ``KNeighborsClassifier``, its default ``k`` = 5, Symphony R's ``knnPredict``
+    default too; the reference's Harmony PCA against the query's Symphony-corrected PCA). Returns
+    ``{column: (labels, vote share of the winning label)}`` and Symphony's per-cell Mahalanobis distance
+    (``symphonypy.tl.per_cell_confidence``; higher means less confident), computed ``chunk`` cells at a time."""
+    import warnings
+
+    import symphonypy
+    from sklearn.neighbors import KNeighborsClassifier
+
+    query = ad.AnnData(X=_counts(query_counts))
+    query.var_names = np.asarray(query_counts.var_names, dtype=str)
+    sc.pp.normalize_total(query, target_sum=target_sum)
+    sc.pp.log1p(query)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        symphonypy.tl.map_embedding(query, reference)
+    distance = np.empty(query.n_obs)
+    for start in range(0, query.n_obs, chunk):
+        part = query[start : start + chunk].copy()
+        symphonypy.tl.per_cell_confidence(part, reference)
+        distance[start : start + chunk] = part.obs["symphony_per_cell_dist"].to_numpy()
+    out = {}
+    for column in label_columns:
+        knn = KNeighborsClassifier(n_neighbors=k)
+        knn.fit(reference.obsm["X_pca_harmony"], reference.obs[column].astype(str))
+        probability = knn.predict_proba(query.obsm["X_pca_harmony"])
+        out[column] = (knn.classes_[probability.argmax(axis=1)], probability.max(axis=1))
+    return out, distance
