@@ -302,3 +302,124 @@ def _report_blocks(results, table, per_class, header, figures) -> list[tuple]:
     blocks.append(("heading", 2, "Figures"))
     blocks.append(("images", figures))
     return blocks
+
+
+# ------------------------------------------------------------------ a mapped file scored (the map pipeline)
+def sample_rows(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray:
+    """Every row (``arange``), or above ``max_cells`` a seeded, sorted sample of that many."""
+    if max_cells is not None and n_cells > max_cells:
+        return np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
+    return np.arange(n_cells)
+
+
+def find_reference_cells(reference: Reference, reference_data: str | None = None) -> tuple[Any, str]:
+    """The reference's own cells (raw counts + obs, an AnnData) for the baselines and where they came
+    from: ``reference_data`` (an .h5ad, read whole) when given, else the cell store the reference was built
+    from (its rows), else the .h5ad it records as its source (its rows). ``(None, why)`` when none is found."""
+    from neurofm.data.store import CellStore
+    from neurofm.io import read_h5ad
+
+    store = reference.meta.get("store")
+    if reference_data is None and store and Path(store).is_dir() and reference.rows is not None:
+        return CellStore(store).to_anndata(reference.rows), f"the cell store {store}"
+    source = reference_data or reference.meta.get("source")
+    if source and str(source).endswith(".h5ad") and Path(source).is_file():
+        cells = read_h5ad(source)
+        if reference.rows is not None and len(reference.rows) < cells.n_obs and reference_data is None:
+            cells = cells[reference.rows].copy()
+        return cells, str(source)
+    return None, (
+        "the reference's cells were not found (no store or .h5ad recorded); pass --reference-data REF.h5ad "
+        "to score the baselines"
+    )
+
+
+def score_mapped_file(
+    mapped_file: str | Path,
+    record: dict[str, Any],
+    model_dir: str | Path,
+    label_column: str | None,
+    out_dir: str | Path,
+    *,
+    max_cells: int | None = None,
+    baselines: tuple[str, ...] | list[str] = MAP_BASELINES,
+    gene_col: str | None = None,
+    batch_column: str | None = None,
+    reference_data: str | None = None,
+    scarches_query_epochs: int = 200,
+    model_seconds: float = 0.0,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """Score a query mapped by :func:`neurofm.mapping.map_file` (``mapped_file`` and its ``record``) against
+    its true labels ``obs[label_column]``, beside ``baselines`` fit on the reference's own cells
+    (:func:`find_reference_cells`; ``reference_data`` overrides), and write the report into ``out_dir``
+    (``report.md``/``.html``, ``transfer.csv``, ``per_class_f1.csv``, confusion tables, figures).
+
+    Above ``max_cells``, a seeded sample of that many query cells is scored, and every method's reference
+    (the model's rebuilt on the same cells) is a seeded sample of that many reference cells. The model's
+    label head reads the query's genes (by ``gene_col``); ``batch_column`` is scArches' query batch key;
+    ``model`` names the model in the report's header (None: the newest registered version).
+
+    Returns ``{"scored": True, "metrics", "out_dir", "report", "column", "notes"}``, or without
+    ``label_column`` ``{"scored": False, "metrics": {}, "out_dir": None}`` (nothing is read or written).
+    """
+    import anndata as ad
+
+    from neurofm import keys
+    from neurofm.cell_features import cells_expression
+    from neurofm.mapping import load_reference
+    from neurofm.model import load_pretrained
+
+    if label_column is None:
+        return {"scored": False, "metrics": {}, "out_dir": None}
+    reference = load_reference(model_dir)
+    column = label_column if label_column in reference.columns else record["label_columns"][0]
+    query = ad.read_h5ad(mapped_file, backed="r")
+    try:
+        n_query = query.n_obs
+        rows = sample_rows(n_query, max_cells, seed=0)
+        query_cells = query[rows].to_memory()
+    finally:
+        query.file.close()
+    truth = query_cells.obs[label_column].astype(str).to_numpy()
+    batches = None if batch_column is None else query_cells.obs[batch_column].astype(str).to_numpy()
+    reference_cells, where = find_reference_cells(reference, reference_data)
+    notes = [] if reference_cells is not None else [where]
+    scored_reference = reference
+    tokenizer = load_pretrained(model_dir)[1]
+    query_expression = cells_expression(query_cells, tokenizer, gene_col)
+    if reference_cells is not None and max_cells is not None and reference_cells.n_obs > max_cells:
+        keep = sample_rows(reference_cells.n_obs, max_cells, seed=1)  # the same cells for all
+        reference_cells = reference_cells[keep].copy()
+        config = ReferenceConfig(**{**vars(reference.config), "label_columns": (column,)})
+        scored_reference = build_reference(
+            reference.embedding[keep],
+            reference_cells.obs[[column]],
+            config,
+            cells_expression(reference_cells, tokenizer),
+        )
+        notes.append(
+            f"every method's reference: a seeded sample of {max_cells} of the reference's {reference.n_cells} cells"
+        )
+    if reference_cells is not None and column not in reference_cells.obs:
+        reference_cells = None
+        notes.append(f"the reference cells lack obs[{column!r}]; baselines not scored")
+    results = evaluate_mapping(
+        scored_reference, query_cells.obsm[keys.EMBEDDING], truth, column,
+        reference_cells=reference_cells, query_cells=query_cells, baselines=list(baselines),
+        gene_col=gene_col, query_batches=batches, scarches_query_epochs=scarches_query_epochs,
+        model_seconds=model_seconds, query_expression=query_expression,
+    )  # fmt: skip
+    header = {
+        "model": model or "the newest registered version",
+        "query": record.get("input"),
+        "query cells scored": f"{len(rows)} of {n_query}",
+        "genes": f"{record['gene_match']['n_found']} of the model's {record['gene_match']['n_model_genes']}",
+        "reference": f"{scored_reference.n_cells} cells; baselines fit on {where if reference_cells is not None else '—'}",
+        "unknown rule": f"score < {record['score_threshold']:.3f} (unknown_quantile {reference.config.unknown_quantile})",
+        "batch covariate": "none: the model has no batch covariate; map.batch_column is scArches' batch key only",
+        **{f"note {i + 1}": note for i, note in enumerate(notes)},
+    }
+    report = write_mapping_report(results, out_dir, header, reference_labels=scored_reference.labels(column))
+    return {"scored": True, "metrics": summary_metrics(results), "out_dir": str(out_dir), "report": str(report),
+            "column": column, "notes": notes}  # fmt: skip
