@@ -82,7 +82,7 @@ def pretrain_model(
     Returns the run's model directory (``pretrain/model/``: weights + config + tokenizer) and a summary with the final
     metrics, the frequency-baseline perplexity, the MLflow run id and the registered version.
     """
-    return pretrain_and_register(
+    model_dir, summary = pretrain_and_register(
         open_reference(cells),
         ExpressionTokenizer.load(tokenizer_dir),
         dataclass_from_dict(ModelConfig, model, "model"),
@@ -94,3 +94,4 @@ def pretrain_model(
         resume=resume,
         logged_config={"model": model, "train": train},  # the sections as configured, the run's params
     )
+    return model_dir, summary  # a tuple literal: ZenML reads the step's outputs from its return statement
