@@ -8,9 +8,11 @@ tens of GB), a bounded number of rows at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from neurofm import keys
+from neurofm.data.region import filter_region
 from neurofm.errors import NeurofmError
-from neurofm.io import check_h5ad_path, read_h5ad
+from neurofm.io import check_h5ad_path, file_fingerprint, read_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +221,7 @@ def _read_obs_names(handle: h5py.File) -> pd.Index:
     return pd.Index(ad.io.read_elem(obs[index_key]).astype(str))
 
 
-def _matrix_element(handle: h5py.File, layer: str | None, path: Path) -> tuple[Any, str]:
+def matrix_element(handle: h5py.File, layer: str | None, path: Path) -> tuple[Any, str]:
     if layer is None:
         layer = keys.COUNTS_LAYER if "layers" in handle and keys.COUNTS_LAYER in handle["layers"] else None
     if layer is not None:
@@ -366,7 +369,7 @@ def subset_by_clusters(
     metadata, wanted = _subset_metadata(
         metadata_csv, cluster_ids, obs_name_column, cluster_column, metadata_columns
     )
-    with _open_h5ad(path) as handle:
+    with open_h5ad(path) as handle:
         try:
             obs_names = _read_obs_names(handle)
         except (KeyError, TypeError, ValueError) as error:
@@ -375,7 +378,7 @@ def subset_by_clusters(
         position = metadata.index.get_indexer(obs_names)  # -1: obs_name absent from the metadata
         keep = _cells_in_clusters(metadata[cluster_column], position, wanted, cluster_column, path)
         rows = np.flatnonzero(keep)
-        element, source = _matrix_element(handle, layer, path)
+        element, source = matrix_element(handle, layer, path)
         counts = _read_rows(element, rows, chunk_size, path, source)
         obs = ad.io.read_elem(handle["obs"]).iloc[rows]
         var = ad.io.read_elem(handle["var"])
@@ -428,7 +431,7 @@ def _subset_metadata(
     return metadata, wanted
 
 
-def _open_h5ad(path: Path) -> h5py.File:
+def open_h5ad(path: Path) -> h5py.File:
     """``path`` opened read-only with h5py; NeurofmError when it is not a readable HDF5 file."""
     try:
         return h5py.File(path, "r")
@@ -497,3 +500,147 @@ def _subset_obs(
             obs[column] = joined[column].to_numpy()
     obs[keys.SUBTYPE] = pd.Categorical(np.char.add(label_prefix, kept_clusters.astype(str)))
     return obs
+
+
+# --- the cell store's selection (neurofm.data.convert) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which cells and genes of the source a store keeps (the prepare selection, applied on the way).
+
+    Cells are kept when they pass every given filter: ``rows`` (source row positions), the cluster
+    subset (``cluster_ids`` looked up in ``metadata_csv``, joined on ``obs_name_column`` = the .h5ad
+    obs_names; writes ``obs['subtype']`` = ``f"{label_prefix}{id}"`` and the other metadata columns)
+    and the region filter (``obs[region_column] == region`` after the join). ``genes`` lists var_names to
+    keep, in that order (None: all). ``obs_columns`` limits the obs columns written (None: all).
+    """
+
+    rows: Sequence[int] | None = None
+    genes: Sequence[str] | None = None
+    metadata_csv: str | None = None
+    cluster_ids: Sequence[Any] | None = None
+    obs_name_column: str = keys.CELL_LABEL
+    cluster_column: str = keys.CLUSTER_ALIAS
+    label_prefix: str = "cluster_"
+    region: str | None = None
+    region_column: str = keys.REGION
+    obs_columns: Sequence[str] | None = None
+
+    def describe(self) -> dict:
+        """A JSON-able record for the manifest (row and gene lists as counts + SHA-256)."""
+        record = asdict(self)
+        for name in ("rows", "genes"):
+            values = record.pop(name)
+            if values is not None:
+                array = np.asarray(values)
+                record[name] = {"count": int(array.size), "sha256": _sha256_bytes(array.astype(str))}
+            else:
+                record[name] = None
+        if record["metadata_csv"] is not None:
+            record["metadata_fingerprint"] = file_fingerprint(record["metadata_csv"])
+            record["metadata_csv"] = str(record["metadata_csv"])
+        if record["cluster_ids"] is not None:
+            record["cluster_ids"] = [str(v) for v in record["cluster_ids"]]
+        if record["obs_columns"] is not None:
+            record["obs_columns"] = list(record["obs_columns"])
+        return record
+
+
+def _sha256_bytes(array: np.ndarray) -> str:
+    """SHA-256 of the values (as text, NUL-separated): one pass, fast for millions of row numbers."""
+    return hashlib.sha256("\0".join(np.asarray(array).ravel().tolist()).encode()).hexdigest()
+
+
+def read_frame(handle: h5py.File, name: str, path: Path) -> pd.DataFrame:
+    try:
+        return ad.io.read_elem(handle[name])
+    except Exception as error:  # h5py/anndata raise many types for broken files
+        raise NeurofmError(
+            f"{path} has no readable {name} table ({type(error).__name__}); pass an AnnData .h5ad"
+        ) from None
+
+
+def select_cells(obs: pd.DataFrame, selection: Selection, path: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """(sorted source rows kept, their obs after the metadata join), reusing the prepare rules.
+
+    The metadata is read and the IDs checked as :func:`subset_by_clusters` does (``_subset_metadata``);
+    unlike there, a cell named twice in the metadata takes its first row, and ``obs['subtype']`` is
+    plain strings, as the stores written so far hold them."""
+    keep = np.ones(len(obs), dtype=bool)
+    if selection.rows is not None:
+        rows = np.asarray(selection.rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(obs)):
+            raise NeurofmError(
+                f"selection rows must be in [0, {len(obs)}) for {path.name}; got {rows.min()}..{rows.max()}"
+            )
+        keep[:] = False
+        keep[rows] = True
+    obs = obs.copy()
+    if selection.cluster_ids is not None:
+        if selection.metadata_csv is None:
+            raise NeurofmError("selection cluster_ids needs metadata_csv; pass the atlas cell_metadata.csv")
+        metadata, wanted = _subset_metadata(
+            selection.metadata_csv,
+            selection.cluster_ids,
+            selection.obs_name_column,
+            selection.cluster_column,
+            None,
+        )
+        metadata = metadata.drop_duplicates(selection.obs_name_column).set_index(selection.obs_name_column)
+        matched = metadata.reindex(obs.index.astype(str))
+        in_clusters = matched[selection.cluster_column].isin(wanted).to_numpy()
+        if not (keep & in_clusters).any():
+            raise NeurofmError(
+                f"no cell of {path.name} belongs to clusters {wanted} through column "
+                f"'{selection.obs_name_column}' of {Path(selection.metadata_csv).name}; check the IDs and "
+                "obs_name_column (`neurofm check-ids` shows which column matches)"
+            )
+        keep &= in_clusters
+        for column in matched.columns:
+            if column not in obs.columns:
+                obs[column] = matched[column].to_numpy()
+        obs[keys.SUBTYPE] = [
+            f"{selection.label_prefix}{value}" if ok else None
+            for value, ok in zip(matched[selection.cluster_column], in_clusters, strict=True)
+        ]
+    if selection.region is not None:
+        kept = filter_region(
+            ad.AnnData(obs=obs[keep]), value=selection.region, column=selection.region_column
+        )
+        in_region = obs.index.isin(kept.obs_names)
+        keep &= in_region
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise NeurofmError(f"the selection keeps no cell of {path.name}; loosen the selection")
+    kept_obs = obs.iloc[rows]
+    if selection.obs_columns is not None:
+        absent = [c for c in selection.obs_columns if c not in kept_obs.columns]
+        if absent:
+            raise NeurofmError(
+                f"obs has no column(s) {absent} (columns: {list(kept_obs.columns)}); drop them from obs_columns"
+            )
+        kept_obs = kept_obs[list(selection.obs_columns)]
+    return rows, kept_obs
+
+
+def select_genes(var: pd.DataFrame, genes: Sequence[str] | None, path: Path) -> np.ndarray | None:
+    """Source column of each kept gene (None: all genes in file order)."""
+    if genes is None:
+        return None
+    names = pd.Index(var.index.astype(str))
+    if not names.is_unique:
+        raise NeurofmError(
+            f"{path.name} has duplicate var_names; a gene selection needs unique gene IDs (dedupe first)"
+        )
+    wanted = pd.Index(np.asarray(genes, dtype=str))
+    if not wanted.is_unique:
+        raise NeurofmError("the gene selection lists a gene twice; list each gene ID once")
+    position = names.get_indexer(wanted)
+    if (position < 0).any():
+        missing = list(wanted[position < 0][:3])
+        raise NeurofmError(
+            f"{int((position < 0).sum())} selected genes are not var_names of {path.name} (e.g. {missing}); "
+            "list gene IDs as in the file's var index"
+        )
+    return position.astype(np.int64)

@@ -247,7 +247,7 @@ def test_reads_refuse_negative_or_non_finite_counts_and_pointers_out_of_range(tm
 
 
 def test_a_second_open_hashes_nothing(tmp_path, atlas_files, monkeypatch):
-    from neurofm.data import store as store_module
+    from neurofm.data import cell_store as store_module  # CellStore's module: where it hashes
 
     out = tmp_path / "store"
     convert(atlas_files.counts_h5ad, out, shard_size=500)
