@@ -6,7 +6,8 @@
 - :mod:`~neurofm.evaluate.cluster` — ``cluster_embedding``: kNN graph, Leiden, ARI/NMI/…
 - :mod:`~neurofm.evaluate.label_efficiency` — ``label_efficiency``: few-shot probe curves
 - :mod:`~neurofm.evaluate.visualize` — ``visualize``: seeded t-SNE and UMAP figures
-- :mod:`~neurofm.evaluate.compare` — ``evaluate_embeddings`` (the entry), ``write_report``, ``should_promote``
+- :mod:`~neurofm.evaluate.compare` — ``evaluate_embeddings`` (the entry), ``write_report``
+- :mod:`~neurofm.evaluate.promotion` — ``should_promote``: the champion alias rule (re-exported by compare)
 
 Submodules are imported on demand, so ``import neurofm.evaluate`` stays cheap.
 """
