@@ -319,3 +319,115 @@ def run_metrics(run_id: str) -> dict[str, float]:
         return dict(MlflowClient().get_run(run_id).data.metrics)
     except MlflowException:
         return {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline runs: the model an evaluation or a mapping uses, and their own MLflow runs.
+
+PRETRAIN_FIGURES = (
+    "best_val_perplexity",
+    "baseline_perplexity",
+    "perplexity_ratio",
+    "best_val_masked_accuracy",
+    "baseline_masked_accuracy",
+)  # a pre-training run's metrics the evaluation report shows beside the model
+
+
+def resolve_model_info(
+    model: str | os.PathLike | None, registered_name: str, tracking_uri: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The model directory of ``model`` (a directory, an MLflow URI, or None: the newest registered version
+    of ``registered_name``) and what is known of it: ``source``, ``model_name``/``model_version``/``model_uri``/
+    ``mlflow_run_id`` of the registered version (None, and the directory as ``model_uri``, for a plain
+    directory) and, when that version's run logged them, the pre-training figures :data:`PRETRAIN_FIGURES`."""
+    model_dir = resolve_model_dir(model, registered_name, tracking_uri)
+    version = model_version_for(model, registered_name)
+    info = {
+        "source": str(model) if model is not None else f"models:/{registered_name}@{NEWEST_ALIAS}",
+        "model_name": version.name if version else None,
+        "model_version": version.version if version else None,
+        "model_uri": version.uri if version else str(model_dir),
+        "mlflow_run_id": version.run_id if version else None,
+    }
+    if version is not None and version.run_id:  # the pre-training figures, for the report
+        metrics = run_metrics(version.run_id)
+        if all(key in metrics for key in PRETRAIN_FIGURES):
+            info.update({key: metrics[key] for key in PRETRAIN_FIGURES})
+    return model_dir, info
+
+
+def _model_tags(step: str, data_name: str, model_info: Mapping[str, Any]) -> dict[str, str]:
+    tags = {"neurofm.pipeline_step": step, "neurofm.data": data_name,
+            "neurofm.model_uri": str(model_info.get("model_uri"))}  # fmt: skip
+    if model_info.get("model_version") is not None:
+        tags.update(
+            {
+                "neurofm.model_name": model_info["model_name"],
+                "neurofm.model_version": str(model_info["model_version"]),
+            }
+        )
+    return tags
+
+
+def log_evaluation(
+    evaluation: Mapping[str, Any],
+    model_info: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    tracking_config: Mapping[str, Any],
+    data_name: str,
+) -> dict[str, Any]:
+    """Log an evaluation (``evaluation``: its ``metrics`` and ``out_dir``) as one MLflow run
+    ``evaluate-<data_name>`` linked to the model version by tags: params ``evaluate.*`` (``settings``, less
+    ``model``) and ``model_source``, the metrics, ``out_dir`` as artifacts ``evaluation/``; then move the
+    ``champion`` alias when ``settings['promote']`` and :func:`promote_if_better` allow it (tag
+    ``neurofm.promotion``: what happened). Returns ``evaluation`` plus ``promotion``, ``mlflow_run_id``, ``model``."""
+    metrics = evaluation["metrics"]
+    name, version = model_info.get("model_name"), model_info.get("model_version")
+    with start_run(
+        tracking_config["experiment"],
+        run_name=f"evaluate-{data_name}",
+        tags=_model_tags("evaluate", data_name, model_info),
+        tracking_uri=tracking_config["tracking_uri"],
+    ) as run:
+        log_params(
+            {
+                "evaluate": {k: v for k, v in settings.items() if k != "model"},
+                "model_source": model_info.get("source", model_info.get("model_uri")),
+            }
+        )
+        log_metrics(metrics)
+        log_artifacts([evaluation["out_dir"]], artifact_path="evaluation")
+        promotion = "not a registered model version; no alias moved"
+        if version is not None and settings["promote"]:
+            promotion = promote_if_better(name, str(version), metrics, data_name, run.info.run_id)
+        elif version is not None:
+            promotion = "evaluate.promote is false; no alias moved"
+        set_tags({"neurofm.promotion": promotion})
+    log.info("promotion: %s", promotion)
+    return {**evaluation, "promotion": promotion, "mlflow_run_id": run.info.run_id, "model": model_info}
+
+
+def log_mapping(
+    mapping: Mapping[str, Any],
+    scores: Mapping[str, Any],
+    model_info: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    tracking_config: Mapping[str, Any],
+    data_name: str,
+) -> dict[str, Any]:
+    """Log a mapping as one MLflow run ``map-<data_name>`` linked to the model version by tags: params
+    ``map.*`` (``settings``, less ``model``), metrics ``unknown_share/<column>``, ``map_seconds``, ``n_cells``
+    and the transfer ``scores['metrics']``, the report directory (``scores['out_dir']``) as artifacts
+    ``map/``. Returns the mapping's record, metrics, mapped file, report, run id and model."""
+    record = mapping["record"]
+    with start_run(tracking_config["experiment"], run_name=f"map-{data_name}",
+                   tags=_model_tags("map", data_name, model_info),
+                   tracking_uri=tracking_config["tracking_uri"]) as run:  # fmt: skip
+        log_params({"map": {k: v for k, v in settings.items() if k != "model"}})
+        metrics = {f"unknown_share/{c}": v for c, v in record["unknown_share"].items()}
+        metrics.update({"map_seconds": mapping["seconds"], "n_cells": record["n_cells"], **scores["metrics"]})
+        log_metrics(metrics)
+        if scores.get("out_dir"):
+            log_artifacts([scores["out_dir"]], artifact_path="map")
+    return {"record": record, "metrics": scores["metrics"], "mapped_file": mapping["mapped_file"],
+            "report": scores.get("report"), "mlflow_run_id": run.info.run_id, "model": model_info}  # fmt: skip

@@ -10,7 +10,6 @@ the reference was built from, or ``map.reference_data``), and writes the report.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,8 +18,6 @@ from zenml import step
 
 from neurofm import tracking
 from steps._cache import depends_on
-
-log = logging.getLogger(__name__)
 
 MAP_DIR = "map"
 
@@ -76,23 +73,4 @@ def track_mapping(
 ) -> Annotated[dict, "map_summary"]:  # fmt: skip
     """Log the mapping to MLflow: one run (tags: pipeline step ``map``, model version), the transfer
     metrics, the unknown share per column and the report and tables as artifacts. Never cached."""
-    record = mapping["record"]
-    tags = {"neurofm.pipeline_step": "map", "neurofm.data": data_name,
-            "neurofm.model_uri": str(model_info.get("model_uri"))}  # fmt: skip
-    if model_info.get("model_version") is not None:
-        tags.update(
-            {
-                "neurofm.model_name": model_info["model_name"],
-                "neurofm.model_version": str(model_info["model_version"]),
-            }
-        )
-    with tracking.start_run(tracking_config["experiment"], run_name=f"map-{data_name}", tags=tags,
-                            tracking_uri=tracking_config["tracking_uri"]) as run:  # fmt: skip
-        tracking.log_params({"map": {k: v for k, v in settings.items() if k != "model"}})
-        metrics = {f"unknown_share/{c}": v for c, v in record["unknown_share"].items()}
-        metrics.update({"map_seconds": mapping["seconds"], "n_cells": record["n_cells"], **scores["metrics"]})
-        tracking.log_metrics(metrics)
-        if scores.get("out_dir"):
-            tracking.log_artifacts([scores["out_dir"]], artifact_path="map")
-    return {"record": record, "metrics": scores["metrics"], "mapped_file": mapping["mapped_file"],
-            "report": scores.get("report"), "mlflow_run_id": run.info.run_id, "model": model_info}  # fmt: skip
+    return tracking.log_mapping(mapping, scores, model_info, settings, tracking_config, data_name)
