@@ -36,7 +36,8 @@ Objectives (``tune.objective``):
   the validation cells are embedded with the trial's best checkpoint and scored on
   ``evaluate.label_column`` (mapped by ``evaluate.label_mapping``) by the evaluation's fair protocol:
   the probe's cross-validated ROC-AUC, the 5-shot macro-F1, or the cluster-optimised Leiden ARI (see
-  :func:`score_embedding_objective`). ``evaluate_fn(model_dir, adata, config)`` replaces this scoring.
+  :func:`neurofm.tune_objective.score_embedding_objective`). ``evaluate_fn(model_dir, adata, config)``
+  replaces this scoring.
 
 Pruning compares the per-epoch ``val_loss`` for ``val_loss`` and the per-epoch perplexity ratio
 otherwise (negated for the embedding objectives, so that higher is better like the objective).
@@ -45,18 +46,19 @@ The best trial's settings are written (atomically) to ``tune.best_config_out``: 
 ``extends`` the pre-training config and overrides the tuned keys (and any other tokenizer/model/train
 value of the base config that differs from the defaults); ``train.epochs`` stays the base's, not the
 short ``tune.epochs``.
+
+The search space (:class:`ParamSpec`, :func:`parse_space`, :func:`apply_params`) lives in
+:mod:`neurofm.tune_space`, the objectives and one trial's run in :mod:`neurofm.tune_objective`; this
+module runs the study and re-exports their public names.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,233 +69,47 @@ import optuna
 import yaml
 
 from neurofm import tracking
-from neurofm.config import DEFAULTS, dataclass_from_dict, deep_merge, validate
-from neurofm.distributed import launch_pretrain
+from neurofm.config import DEFAULTS, deep_merge, validate
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir, write_json, write_text
-from neurofm.model import ModelConfig
-from neurofm.tokenizer import TokenizerConfig
-from neurofm.train import TrainResult
-from neurofm.train_config import TrainConfig
-from neurofm.training_data import validation_source_rows
+from neurofm.tune_objective import EMBEDDING_OBJECTIVES, OBJECTIVES, TrialRunner, score_embedding_objective
+from neurofm.tune_space import (
+    FIXED_KEYS,
+    TASK_KEYS,
+    TUNABLE_SECTIONS,
+    ParamSpec,
+    apply_params,
+    build_configs,
+    parse_space,
+)
 
 log = logging.getLogger(__name__)
 
-TUNABLE_SECTIONS: dict[str, type] = {"tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
-# keys that are not free hyper-parameters, with what to do instead
-FIXED_KEYS = {
-    "model.n_genes": "it comes from the data's genes",
-    "model.n_bins": "tune tokenizer.n_bins instead",
-    "model.max_tokens": "tune train.max_tokens_per_cell instead",
-    "train.epochs": "set tune.epochs instead",
-    "train.progress": "it is not a hyper-parameter",
-}
-# keys that change what the validation loss measures (the task), not only how well it is learnt
-TASK_KEYS = ("tokenizer.", "train.mask_ratio", "train.nonzero_mask_share", "train.max_tokens_per_cell")
-OBJECTIVES = {
-    "val_loss": "minimize",
-    "perplexity_ratio": "minimize",
-    "probe_auc": "maximize",
-    "fewshot5_f1": "maximize",
-    "ari_optimised": "maximize",
-}
-PARAM_TYPES = ("float", "int", "categorical")
-SPEC_KEYS = {
-    "float": {"low", "high", "log", "step"},
-    "int": {"low", "high", "log", "step"},
-    "categorical": {"choices"},
-}
+__all__ = [
+    "EMBEDDING_OBJECTIVES",
+    "FIXED_KEYS",
+    "OBJECTIVES",
+    "TASK_KEYS",
+    "TUNABLE_SECTIONS",
+    "ParamSpec",
+    "StudyResult",
+    "apply_params",
+    "best_config_yaml",
+    "build_configs",
+    "count_finished",
+    "fail_stale_trials",
+    "open_storage",
+    "parse_space",
+    "run_study",
+    "score_embedding_objective",
+]
+
 JOURNAL_FILE = "study.journal"
 HISTORY_PNG, IMPORTANCE_PNG, BEST_PARAMS_JSON = (
     "optimization_history.png",
     "param_importances.png",
     "best_params.json",
 )
-
-
-# ---------------------------------------------------------------------------------------------- space
-@dataclass(frozen=True)
-class ParamSpec:
-    """One dimension of the search space: ``name`` is ``section.key``."""
-
-    name: str
-    type: str  # float | int | categorical
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple = ()
-
-    def contains(self, value: Any) -> bool:
-        """Whether ``value`` can be sampled from this dimension."""
-        if self.type == "categorical":
-            return any(value == choice and type(value) is type(choice) for choice in self.choices)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.type == "int" and not isinstance(value, int):
-            return False
-        return self.low <= value <= self.high
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.type == "float":
-            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
-        if self.type == "int":
-            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
-        return trial.suggest_categorical(self.name, list(self.choices))
-
-
-def _number(name: str, key: str, value: Any, integer: bool) -> float | int:
-    """A YAML bound as a number (PyYAML reads ``1e-4`` as a string, so numeric strings are accepted)."""
-    if isinstance(value, str) and not integer:
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (integer and not isinstance(value, int))
-    ):
-        kind = "an integer" if integer else "a number"
-        raise NeurofmError(f"tune.space.{name}: {key}={value!r} must be {kind}; fix the search space")
-    return value
-
-
-def _field_type(cls: type, key: str) -> Any:
-    return typing.get_type_hints(cls)[key]
-
-
-def _check_value(section: str, key: str, value: Any) -> None:
-    """Refuse a value the section's dataclass rejects on its own (ranges), ignoring cross-key checks."""
-    values: dict[str, Any] = {key: value}
-    if section == "model" and key in ("d_model", "n_heads") and isinstance(value, int) and value >= 1:
-        values = (
-            {"d_model": value, "n_heads": 1} if key == "d_model" else {"d_model": 4 * value, "n_heads": value}
-        )
-    try:
-        dataclass_from_dict(TUNABLE_SECTIONS[section], values, section).validate()
-    except (NeurofmError, TypeError, ValueError) as error:
-        reason = str(error).split(";")[0]
-        raise NeurofmError(
-            f"tune.space.{section}.{key}: value {value!r} is refused ({reason}); narrow the range"
-        ) from None
-
-
-def parse_space(space: Mapping[str, Any]) -> list[ParamSpec]:
-    """Parse and check ``tune.space`` into :class:`ParamSpec` s (in YAML order).
-
-    Names must be ``section.key`` of ``tokenizer``/``model``/``train`` dataclass fields (not the derived
-    ones in ``FIXED_KEYS``); ``type`` is ``float`` (``low``, ``high``, optional ``log``/``step``), ``int``
-    (integer ``low``/``high``, optional ``log``/``step``) or ``categorical`` (``choices``). Integer fields
-    refuse ``type: float``; every bound/choice must pass the field's own range check. Raises
-    :class:`NeurofmError` with a one-line message otherwise.
-    """
-    if not isinstance(space, Mapping) or not space:
-        raise NeurofmError(
-            "tune.space is empty; add e.g. 'train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}'"
-        )
-    return [_parse_param(name, spec) for name, spec in space.items()]
-
-
-def _parse_param(name: str, spec: Any) -> ParamSpec:
-    """One checked dimension of ``tune.space`` (see :func:`parse_space`)."""
-    section, key = _tunable_key(name)
-    _check_spec_keys(name, spec)
-    if spec["type"] == "categorical":
-        return _categorical_param(name, section, key, spec)
-    return _numeric_param(name, section, key, spec)
-
-
-def _tunable_key(name: str) -> tuple[str, str]:
-    """``(section, key)`` of a space entry's name; refuses unknown sections or keys and derived keys."""
-    section, _, key = str(name).partition(".")
-    if section not in TUNABLE_SECTIONS or not key:
-        raise NeurofmError(
-            f"tune.space.{name}: name must be section.key with section one of "
-            f"{', '.join(TUNABLE_SECTIONS)} (e.g. train.lr); fix the search space"
-        )
-    fields = [f.name for f in dataclasses.fields(TUNABLE_SECTIONS[section])]
-    if key not in fields:
-        raise NeurofmError(
-            f"tune.space.{name}: {section} has no key {key!r}; known keys: {', '.join(fields)}"
-        )
-    if name in FIXED_KEYS:
-        raise NeurofmError(f"tune.space.{name} cannot be tuned: {FIXED_KEYS[name]}")
-    return section, key
-
-
-def _check_spec_keys(name: str, spec: Any) -> None:
-    """Refuse a spec that is not a mapping with a known ``type``, or that has keys its type does not take."""
-    if not isinstance(spec, Mapping) or spec.get("type") not in PARAM_TYPES:
-        raise NeurofmError(
-            f"tune.space.{name}: needs 'type' one of {', '.join(PARAM_TYPES)}, got {spec!r}; "
-            "e.g. {type: int, low: 1, high: 4}"
-        )
-    kind = spec["type"]
-    extra = sorted(set(spec) - SPEC_KEYS[kind] - {"type"})
-    if extra:
-        raise NeurofmError(
-            f"tune.space.{name}: unknown key(s) {', '.join(extra)} for type {kind}; "
-            f"allowed: {', '.join(sorted(SPEC_KEYS[kind]))}"
-        )
-
-
-def _categorical_param(name: str, section: str, key: str, spec: Mapping[str, Any]) -> ParamSpec:
-    """A ``categorical`` dimension: a non-empty list of plain values, each accepted by the field."""
-    choices = spec.get("choices")
-    if not isinstance(choices, (list, tuple)) or not choices:
-        raise NeurofmError(f"tune.space.{name}: choices must be a non-empty list, e.g. [64, 128]")
-    for choice in choices:
-        if choice is not None and not isinstance(choice, (bool, int, float, str)):
-            raise NeurofmError(f"tune.space.{name}: choice {choice!r} must be a number, string, bool or null")
-        _check_value(section, key, choice)
-    return ParamSpec(name, "categorical", choices=tuple(choices))
-
-
-def _numeric_param(name: str, section: str, key: str, spec: Mapping[str, Any]) -> ParamSpec:
-    """A ``float`` or ``int`` dimension of a numeric field: ``low < high`` (both accepted by the field),
-    ``log`` a bool needing ``low > 0``, ``step`` positive and not combined with a float log scale."""
-    kind = spec["type"]
-    field_type = _field_type(TUNABLE_SECTIONS[section], key)
-    if field_type not in (int, float):
-        raise NeurofmError(f"tune.space.{name}: {key} is not numeric; use type: categorical with choices")
-    if kind == "float" and field_type is int:
-        raise NeurofmError(f"tune.space.{name}: {key} is an integer setting; use type: int or categorical")
-    integer = kind == "int"
-    low = _number(name, "low", spec.get("low"), integer)
-    high = _number(name, "high", spec.get("high"), integer)
-    use_log = spec.get("log", False)
-    step = spec.get("step")
-    if not isinstance(use_log, bool):
-        raise NeurofmError(f"tune.space.{name}: log must be true or false")
-    if not low < high:
-        raise NeurofmError(f"tune.space.{name}: low={low} must be below high={high}")
-    if use_log and low <= 0:
-        raise NeurofmError(f"tune.space.{name}: log scale needs low > 0 (got {low})")
-    if step is not None:
-        step = _number(name, "step", step, integer)
-        if step <= 0 or (use_log and kind == "float"):
-            raise NeurofmError(f"tune.space.{name}: step must be > 0 and cannot be combined with log")
-    for value in (low, high):
-        _check_value(section, key, float(value) if kind == "float" and field_type is float else value)
-    return ParamSpec(name, kind, low=low, high=high, log=use_log, step=step)
-
-
-def apply_params(base_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base_config`` with each ``section.key`` of ``params`` set."""
-    config = copy.deepcopy(dict(base_config))
-    for name, value in params.items():
-        section, _, key = name.partition(".")
-        config.setdefault(section, {})[key] = value
-    return config
-
-
-def build_configs(config: Mapping[str, Any]) -> tuple[TokenizerConfig, ModelConfig, TrainConfig]:
-    """The validated dataclasses of a trial's configuration (NeurofmError names what is refused)."""
-    tokenizer = dataclass_from_dict(TokenizerConfig, config["tokenizer"], "tokenizer").validate()
-    model = dataclass_from_dict(ModelConfig, config["model"], "model").validate()
-    train = dataclass_from_dict(TrainConfig, config["train"], "train").validate()
-    return tokenizer, model, train
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -336,175 +152,6 @@ def count_finished(study: optuna.Study) -> int:
     """Trials that count towards ``n_trials``: COMPLETE + PRUNED."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
-
-
-# ---------------------------------------------------------------------------------------------- objective
-EMBEDDING_OBJECTIVES = ("probe_auc", "fewshot5_f1", "ari_optimised")  # scored on embedded validation cells
-
-
-def score_embedding_objective(
-    objective: str, model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]
-) -> float:
-    """An embedding objective of the model in ``model_dir``, scored on the cells ``pretrain`` held out.
-
-    The validation cells are those ``pretrain`` held out (``validation_source_rows``: the cell store's
-    validation rows for ``train.seed``/``train.val_fraction``/``train.max_val_cells``), embedded with the
-    model (``evaluate.pooling``/``batch_size``); labels are ``evaluate.label_column`` mapped through
-    ``evaluate.label_mapping``. The scoring is the evaluation's own fair protocol (the classifier menu
-    picked on labelled cells only, ``evaluate.probe`` settings, ``evaluate.cluster`` settings):
-
-    - ``probe_auc``: the mean cross-validated probe ROC-AUC (the hold-out AUC when CV is off or undefined);
-    - ``fewshot5_f1``: macro-F1 of probes fit on 5 labelled cells per class, mean over
-      ``evaluate.label_efficiency_draws`` draws, scored on the held-out part of the validation cells;
-    - ``ari_optimised``: the cluster-optimised Leiden ARI (best over the resolution sweep).
-    """
-    from neurofm.embedding import embed_matrix
-    from neurofm.evaluate.cluster import ClusterConfig, cluster_embedding
-    from neurofm.evaluate.label_efficiency import label_efficiency
-    from neurofm.evaluate.labels import resolve_labels
-    from neurofm.evaluate.probe import ProbeConfig, run_probe
-    from neurofm.model import load_pretrained
-
-    if objective not in EMBEDDING_OBJECTIVES:
-        raise NeurofmError(f"{objective!r} is not an embedding objective; use one of {EMBEDDING_OBJECTIVES}")
-    evaluate = config["evaluate"]
-    train_config = dataclass_from_dict(TrainConfig, config["train"], "train")
-    val_idx = validation_source_rows(adata, train_config)
-    cells = adata[val_idx].copy()
-    labels = resolve_labels(cells, evaluate["label_column"], evaluate["label_mapping"])
-    model, tokenizer = load_pretrained(model_dir)
-    embedding = embed_matrix(
-        model,
-        tokenizer,
-        cells,
-        batch_size=evaluate["batch_size"],
-        pooling=evaluate["pooling"],
-        device=config["train"]["device"],
-        progress=False,
-    )
-    probe_config = dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe")
-    if objective == "probe_auc":
-        result = run_probe(embedding, labels, probe_config)
-        cv_auc = result.metrics()["probe_cv_auc_mean"]
-        return float(cv_auc) if math.isfinite(cv_auc) else float(result.roc_auc)
-    if objective == "fewshot5_f1":
-        table = label_efficiency(
-            {"model": embedding}, labels, shots=[5], n_draws=evaluate["label_efficiency_draws"],
-            probe_config=probe_config,
-        )  # fmt: skip
-        return float(table["f1_mean"].iloc[0])
-    cluster_config = dataclass_from_dict(ClusterConfig, evaluate["cluster"], "evaluate.cluster")
-    clusters = cluster_embedding(embedding, labels, **dataclasses.asdict(cluster_config))
-    return float(clusters.metrics()["ari_optimised"])
-
-
-def _intermediate(metrics: Mapping[str, float], objective: str) -> float:
-    """The per-epoch value the pruner compares (same direction as the objective)."""
-    if objective == "val_loss":
-        return float(metrics["val_loss"])
-    ratio = float(metrics["val_perplexity"]) / float(metrics["baseline_perplexity"])
-    return -ratio if OBJECTIVES[objective] == "maximize" else ratio
-
-
-def _trial_summary(result: TrainResult) -> dict[str, float]:
-    best = result.best
-    return {
-        "best_val_loss": best["val_loss"],
-        "best_val_perplexity": best["val_perplexity"],
-        "best_val_masked_accuracy": best["val_masked_accuracy"],
-        "baseline_perplexity": result.baseline_perplexity,
-        "perplexity_ratio": best["val_perplexity"] / result.baseline_perplexity,
-        "best_epoch": best["epoch"],
-        "wall_time_s": result.wall_time_s,
-    }
-
-
-@dataclass
-class _Study:
-    """What every trial of one study shares."""
-
-    adata: ad.AnnData
-    base_config: dict[str, Any]
-    specs: list[ParamSpec]
-    objective: str
-    epochs: int | None
-    out_dir: Path
-    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None
-
-    def run_trial(self, trial: optuna.Trial) -> float:
-        """Train one sampled configuration inside a nested MLflow run; returns the objective value."""
-        params = {spec.name: spec.suggest(trial) for spec in self.specs}
-        config = apply_params(self.base_config, params)
-        if self.epochs is not None:
-            config["train"]["epochs"] = self.epochs
-        config["train"]["progress"] = False
-        tracking_config = config["tracking"]
-        pruned: optuna.TrialPruned | None = None
-        with tracking.start_run(
-            tracking_config["experiment"],
-            run_name=f"trial-{trial.number}",
-            tags={"neurofm.pipeline_step": "tune-trial", "optuna.trial_number": str(trial.number)},
-            nested=True,
-        ) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            tracking.log_params(
-                {"tokenizer": config["tokenizer"], "model": config["model"], "train": config["train"]}
-            )
-            try:
-                value = self._train_and_score(trial, config, params)
-                tracking.set_tags({"optuna.state": "COMPLETE"})
-            except optuna.TrialPruned as error:
-                pruned = error
-                trial.set_user_attr("pruned_reason", str(error))
-                tracking.set_tags({"optuna.state": "PRUNED", "optuna.pruned_reason": str(error)})
-        if pruned is not None:
-            log.info("trial %d pruned: %s", trial.number, pruned)
-            raise pruned
-        return value
-
-    def _train_and_score(self, trial: optuna.Trial, config: dict, params: dict) -> float:
-        try:
-            tokenizer_config, model_config, train_config = build_configs(config)
-        except NeurofmError as error:
-            raise optuna.TrialPruned(
-                f"invalid combination {params}: {str(error).split(' (got')[0]}"
-            ) from None
-
-        def on_validation(step: int, metrics: dict) -> None:  # once per validation
-            tracking.log_metrics(metrics, step=step)
-            trial.report(_intermediate(metrics, self.objective), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"step {step}: val_loss {metrics['val_loss']:.4f} (ratio "
-                    f"{metrics['val_perplexity'] / metrics['baseline_perplexity']:.4f}) worse than the "
-                    "median of earlier trials"
-                )
-
-        result = launch_pretrain(  # torchrun when train.nproc_per_node > 1
-            self.adata,
-            None,
-            model_config,
-            train_config,
-            self.out_dir / "trials" / f"trial_{trial.number:04d}",
-            on_validation=on_validation,
-            tokenizer_config=tokenizer_config,
-        )
-        summary = _trial_summary(result)
-        if self.objective == "val_loss":
-            value = summary["best_val_loss"]
-        elif self.objective == "perplexity_ratio":
-            value = summary["perplexity_ratio"]
-        elif self.evaluate_fn is not None:
-            value = float(self.evaluate_fn(result.model_dir, self.adata, config))
-            summary[self.objective] = value
-        else:
-            value = score_embedding_objective(self.objective, result.model_dir, self.adata, config)
-            summary[self.objective] = value
-        for key, number in summary.items():
-            trial.set_user_attr(key, number)
-        trial.set_user_attr("model_dir", str(result.model_dir))
-        tracking.log_metrics({**summary, "objective": value})
-        return value
 
 
 # ---------------------------------------------------------------------------------------------- study
@@ -684,7 +331,7 @@ def run_study(
         _enqueue_base(study, base_config, specs)
 
     remaining = n_trials - count_finished(study)
-    runner = _Study(adata, base_config, specs, objective, epochs, out_dir, evaluate_fn)
+    runner = TrialRunner(adata, base_config, specs, objective, epochs, out_dir, evaluate_fn)
     log.info(
         "study %s (%s): %d of %d trials finished, %d to run; storage %s",
         study.study_name,
