@@ -248,7 +248,8 @@ def _reference(args: argparse.Namespace) -> int:
     if not columns:
         raise NeurofmError("--labels names no column; pass the obs column(s) to transfer, e.g. --labels subclass")
     config = ReferenceConfig(
-        label_columns=tuple(columns), max_cells=args.max_cells, unknown_quantile=args.unknown_quantile
+        label_columns=tuple(columns), max_cells=args.max_cells,
+        **({} if args.unknown_quantile is None else {"unknown_quantile": args.unknown_quantile}),
     )
     model_dir = run_model_dir(Path(args.model_dir))
     cells = read_h5ad(args.cells)
@@ -296,8 +297,9 @@ def _add_mapping(commands) -> None:
     reference.add_argument("--labels", required=True, help="obs column(s) to transfer, comma-separated")
     reference.add_argument("--max-cells", type=int, default=200_000, help="a seeded sample above this many")
     reference.add_argument(
-        "--unknown-quantile", type=float, default=0.99,
-        help="farther from its label than this share of the label's reference cells: unknown (default 0.99)",
+        "--unknown-quantile", type=float, default=None,
+        help="the share of held-out reference cells the unknown rule keeps (default: reference.unknown_quantile "
+        "in docs/configuration.md)",
     )  # fmt: skip
     reference.set_defaults(handler=_reference)
 

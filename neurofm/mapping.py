@@ -22,13 +22,19 @@ the three scores best on a held-out share of the reference cells (the query is n
 seconds even at a hundred labels. A version-1 reference (a classifier of the probe menu on the
 embedding) still loads and maps.
 
-**Unknown.** A query cell predicted as label ``L`` is scored by its *distance to L*: the mean Euclidean
-distance to its ``calibration_neighbors`` nearest reference cells of ``L``. The same distance of
-``L``'s own reference cells (each leaving itself out) is the calibration; the cell's score is the share
-of them at least as far from ``L`` (1 = as close as a typical reference cell, 0 = farther than all of
-them). A cell whose score is below ``1 - unknown_quantile`` (default: farther than 99 % of ``L``'s
-reference cells) is ``unknown``. Labels with fewer than ``min_calibration_cells`` reference cells share the
-pooled calibration of all labels.
+**Unknown.** A query cell predicted as label ``L`` is checked twice. (1) Its *distance to L*: the mean
+Euclidean distance in the embedding to its ``calibration_neighbors`` nearest reference cells of ``L``;
+the same distance of ``L``'s own reference cells (each leaving itself out) is the calibration, and the
+cell's *distance score* is the share of them at least as far from ``L`` (1 = as close as a typical
+reference cell, 0 = farther than all of them); labels with fewer than ``min_calibration_cells`` reference
+cells share the pooled calibration. (2) The head's *probability* of ``L``: its *probability score* is the
+share of the held-out reference cells (the head never trained on them) whose label the head gave a
+probability at most as high. The cell's **score** is the lower of the two — it fails if either check
+fails — and it is ``unknown`` below the column's ``unknown_threshold``: the score below which
+``1 - unknown_quantile`` of the held-out reference cells fall (default 5 %), so about that share of the
+cells of known types is called unknown, whatever the two checks' mix. A reference built before the
+probability check (no ``probability_calibration``) uses the distance score alone, unknown below
+``1 - unknown_quantile``.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 
 from neurofm.cell_features import BLOCK, expression_matrix, reference_features
-from neurofm.classify import HeadConfig, LabelHead, fit_head, head_features, probe_from_json
+from neurofm.classify import HeadConfig, LabelHead, fit_head, head_features, held_out_share, probe_from_json
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, write_json
 
@@ -72,8 +78,9 @@ class ReferenceConfig:
     calibration_neighbors: int = 15  # k of the distance to a label
     calibration_max_cells: int = 2000  # reference cells per label whose own distances calibrate it
     min_calibration_cells: int = 10  # fewer cells than this: the label uses the pooled calibration
-    unknown_quantile: float = 0.99  # a query cell farther from its label than this share of the
-    #                                 label's reference cells is called unknown (1.0: never unknown)
+    unknown_quantile: float = 0.95  # the share of held-out reference cells (known types) the unknown rule
+    #                                 keeps: 1 - it are called unknown, and query cells scoring as low too
+    #                                 (1.0: never unknown; before 2026-12-07: 0.99, the distance alone)
     seed: int = 0  # the sample and the calibration cells
     head: HeadConfig = field(default_factory=HeadConfig)  # the label head of every column
 
@@ -85,7 +92,7 @@ class ReferenceConfig:
         self.head.validate()
         if not 0.5 <= self.unknown_quantile <= 1.0:
             raise NeurofmError(
-                f"reference.unknown_quantile={self.unknown_quantile} must be in [0.5, 1]; e.g. 0.99"
+                f"reference.unknown_quantile={self.unknown_quantile} must be in [0.5, 1]; e.g. 0.95"
             )
         for name in ("max_cells", "calibration_neighbors", "calibration_max_cells", "min_calibration_cells"):
             if getattr(self, name) < 1:
@@ -112,6 +119,10 @@ class ColumnReference:
     classifier_name: str
     calibration: np.ndarray  # (n_classes, N_QUANTILES) sorted distance quantiles; NaN row = pooled
     pooled_calibration: np.ndarray  # (N_QUANTILES,)
+    # (N_QUANTILES,) sorted quantiles of the head's probability of the label it gave each held-out reference
+    # cell, and the score below which a cell is unknown; None: a reference without the probability check
+    probability_calibration: np.ndarray | None = None
+    unknown_threshold: float | None = None
 
     def counts(self) -> dict[str, int]:
         values = np.bincount(self.codes, minlength=len(self.classes))
@@ -225,7 +236,7 @@ def _column_reference(
         calibration[code] = _quantiles(own)
         pooled.append(own)
     pooled_values = np.concatenate(pooled) if pooled else np.zeros(1)
-    return ColumnReference(
+    ref = ColumnReference(
         column=column,
         classes=[str(c) for c in classes],
         codes=codes.astype(np.int32),
@@ -234,6 +245,69 @@ def _column_reference(
         calibration=calibration,
         pooled_calibration=_quantiles(pooled_values),
     )
+    # the probability check and the threshold, on the reference cells the head never trained on
+    held = np.flatnonzero(held_out_share(codes, config.head.validation_share, config.head.seed))
+    if len(held) >= max(2, config.min_calibration_cells):
+        features = head_features(classifier.features, None if expression is None else expression[held],
+                                 embedding[held])  # fmt: skip
+        probabilities = classifier.predict_proba(features)
+        given = probabilities.argmax(axis=1)
+        ref.probability_calibration = _quantiles(probabilities[np.arange(len(held)), given])
+        distance = _distances_to_labels(embedding, ref.codes, embedding[held], given, config, self_rows=held)
+        scores = np.minimum(
+            _distance_scores(ref, given, distance),
+            _score_below(probabilities[np.arange(len(held)), given], ref.probability_calibration),
+        )
+        ref.unknown_threshold = float(np.quantile(scores, 1.0 - config.unknown_quantile))
+    return ref
+
+
+def _distances_to_labels(
+    embedding: np.ndarray,
+    label_codes: np.ndarray,
+    points: np.ndarray,
+    codes: np.ndarray,
+    config: ReferenceConfig,
+    self_rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each point's mean distance to its ``calibration_neighbors`` nearest reference cells (``embedding``,
+    labelled ``label_codes``) of its label ``codes``; ``self_rows``: the points' own rows in ``embedding``
+    (each then leaves itself out)."""
+    distance = np.zeros(len(points))
+    k = config.calibration_neighbors
+    for code in np.unique(codes):
+        cells = np.flatnonzero(codes == code)
+        rows = np.flatnonzero(label_codes == code)
+        if len(rows) == 0:
+            continue
+        index = NearestNeighbors().fit(embedding[rows])
+        if self_rows is None:
+            distance[cells] = _label_distances(index, points[cells], k, leave_self_out=False)
+            continue
+        found, neighbours = index.kneighbors(points[cells], n_neighbors=min(k + 1, len(rows)))
+        keep = rows[neighbours] != self_rows[cells][:, None]  # a point's own row is not its neighbour
+        keep &= np.cumsum(keep, axis=1) <= k  # the k nearest others
+        distance[cells] = (found * keep).sum(axis=1) / np.maximum(keep.sum(axis=1), 1)
+    return distance
+
+
+def _distance_scores(ref: ColumnReference, codes: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """The distance score of each cell (its label ``codes``) from the labels' calibrations."""
+    score = np.ones(len(distance))
+    for code in np.unique(codes):
+        cells = np.flatnonzero(codes == code)
+        quantiles = ref.calibration[code]
+        if np.isnan(quantiles).any():
+            quantiles = ref.pooled_calibration
+        score[cells] = _score_from_quantiles(distance[cells], quantiles)
+    return score
+
+
+def _score_below(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Share of calibration values at most each value (from their stored quantiles): the probability
+    score — 0 for a probability below every held-out reference cell's."""
+    levels = np.linspace(0.0, 1.0, N_QUANTILES)
+    return np.interp(values, quantiles, levels, left=0.0, right=1.0)
 
 
 def build_reference(
@@ -348,30 +422,31 @@ def label_frame(
     the unknown rule scores each cell by its distance to its predicted label's reference cells."""
     ref = _check_column(reference, column)
     query = _check_query(reference, query_embedding)
-    distance = np.zeros(len(query))
-    score = np.ones(len(query))
-    k = reference.config.calibration_neighbors
-    for code in np.unique(codes):
-        cells = np.flatnonzero(codes == code)
-        rows = np.flatnonzero(ref.codes == code)
-        index = NearestNeighbors().fit(reference.embedding[rows])
-        distance[cells] = _label_distances(index, query[cells], k, leave_self_out=False)
-        quantiles = ref.calibration[code]
-        if np.isnan(quantiles).any():
-            quantiles = ref.pooled_calibration
-        score[cells] = _score_from_quantiles(distance[cells], quantiles)
+    distance = _distances_to_labels(reference.embedding, ref.codes, query, codes, reference.config)
+    distance_score = _distance_scores(ref, codes, distance)
+    score = distance_score
+    if ref.probability_calibration is not None:
+        score = np.minimum(distance_score, _score_below(np.asarray(probability), ref.probability_calibration))
     predicted = np.asarray(ref.classes, dtype=object)[codes]
-    threshold = 1.0 - reference.config.unknown_quantile
-    label = np.where(score < threshold, UNKNOWN, predicted).astype(object)
+    label = np.where(score < unknown_threshold(reference, column), UNKNOWN, predicted).astype(object)
     return pd.DataFrame(
         {
             "label": label,
             "predicted": predicted,
             "probability": probability,
             "score": score,
+            "distance_score": distance_score,
             "distance": distance,
         }
     )
+
+
+def unknown_threshold(reference: Reference, column: str) -> float:
+    """The score below which a cell of ``column`` is ``unknown`` (see the module docstring)."""
+    ref = reference.columns[column]
+    if ref.unknown_threshold is not None:
+        return ref.unknown_threshold
+    return 1.0 - reference.config.unknown_quantile
 
 
 def transfer_labels(
@@ -423,12 +498,15 @@ def save_reference(reference: Reference, model_dir: str | os.PathLike) -> Path:
         tensors[f"{column}/codes"] = ref.codes.astype(np.int32)
         tensors[f"{column}/calibration"] = ref.calibration.astype(np.float64)
         tensors[f"{column}/pooled_calibration"] = ref.pooled_calibration.astype(np.float64)
+        if ref.probability_calibration is not None:
+            tensors[f"{column}/probability_calibration"] = ref.probability_calibration.astype(np.float64)
         tensors.update(ref.classifier.tensors(f"{column}/head"))
         columns[column] = {
             "classes": ref.classes,
             "classifier": ref.classifier_name,
             "head": ref.classifier.describe(),
             "counts": ref.counts(),
+            **({} if ref.unknown_threshold is None else {"unknown_threshold": ref.unknown_threshold}),
         }
     with atomic_path(directory / REFERENCE_FILE) as tmp:
         save_file(tensors, str(tmp))
@@ -518,6 +596,8 @@ def load_reference(model_dir: str | os.PathLike) -> Reference:
             classifier_name=info["classifier"],
             calibration=tensors[f"{column}/calibration"],
             pooled_calibration=tensors[f"{column}/pooled_calibration"],
+            probability_calibration=tensors.get(f"{column}/probability_calibration"),
+            unknown_threshold=info.get("unknown_threshold"),
         )
     rows = tensors.get("rows")
     return Reference(
@@ -657,7 +737,7 @@ def map_labels(
     )
     frames = _transfer_in_blocks(adata, tokenizer, reference, columns, embedding, gene_col)
     seconds = time.perf_counter() - started
-    threshold = 1.0 - reference.config.unknown_quantile
+    threshold = {c: unknown_threshold(reference, c) for c in columns}
     map_record = {
         **{k: v for k, v in record.items() if k in ("model", "model_dir", "model_name", "model_version")},
         "gene_match": embed_record["gene_match"],

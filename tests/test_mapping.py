@@ -46,7 +46,7 @@ def reference_of(points, labels, **settings) -> object:
 
 
 def test_transfer_labels_known_cells_and_calls_a_type_the_reference_lacks_unknown():
-    reference = reference_of(*blobs(200, [0, 1, 2], seed=0))
+    reference = reference_of(*blobs(200, [0, 1, 2], seed=0), unknown_quantile=0.99)  # 1 % of known cells
     query, truth = blobs(100, [0, 1, 2, 3], seed=1)  # type3: never in the reference
     frame = transfer_labels(reference, query, "cell_type")
     novel = truth == "type3"
@@ -221,7 +221,8 @@ def test_map_query_writes_labels_scores_and_its_record_and_leaves_the_input_alon
     record = mapped.uns[keys.MAP_PARAMS]
     assert record["gene_match"]["n_found"] == 30 and record["label_columns"] == ["cell_type", "group"]
     assert sum(record["counts"]["cell_type"].values()) == 100
-    assert 0 < record["score_threshold"] < 0.5
+    assert set(record["score_threshold"]) == {"cell_type", "group"}
+    assert all(0 < threshold < 0.5 for threshold in record["score_threshold"].values())
 
 
 def test_map_query_by_symbol_on_another_gene_naming(model_dir):

@@ -416,7 +416,7 @@ def score_mapped_file(
         "query cells scored": f"{len(rows)} of {n_query}",
         "genes": f"{record['gene_match']['n_found']} of the model's {record['gene_match']['n_model_genes']}",
         "reference": f"{scored_reference.n_cells} cells; baselines fit on {where if reference_cells is not None else '—'}",
-        "unknown rule": f"score < {record['score_threshold']:.3f} (unknown_quantile {reference.config.unknown_quantile})",
+        "unknown rule": f"score < {record['score_threshold'][column]:.3f} (unknown_quantile {reference.config.unknown_quantile})",
         "batch covariate": "none: the model has no batch covariate; map.batch_column is scArches' batch key only",
         **{f"note {i + 1}": note for i, note in enumerate(notes)},
     }
