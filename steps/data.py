@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anndata as ad
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from zenml import step
 
 from neurofm import io, keys
 from neurofm.data import atlas, crop, dedupe, region
+from neurofm.data.pipeline_stores import convert_file_once, convert_files_once, store_anndata_once
 from steps._cache import depends_on
 
 log = logging.getLogger(__name__)
@@ -76,12 +75,10 @@ def crop_data(
     ``n_cells`` and ``n_genes`` both None the data pass through, less all-zero cells and genes when
     ``drop_all_zero`` (recorded in ``uns['dropped_empty']``), and the report covers them as they are.
     """
-    params = {k: v for k, v in crop_params.items() if k != "report_csv"}
-    if params["n_cells"] is None and params["n_genes"] is None:
-        kept = crop.drop_empty(adata) if params["drop_all_zero"] else adata
-        return kept, crop.sparsity_report(adata, kept)
-    cropped = crop.crop(adata, **params)
-    return cropped, crop.sparsity_report(adata, cropped)
+    cropped, report = crop.crop_with_report(
+        adata, **{k: v for k, v in crop_params.items() if k != "report_csv"}
+    )
+    return cropped, report
 
 
 @step(enable_cache=False)
@@ -116,19 +113,7 @@ def convert_cells(
     Cached on the source's ``fingerprint`` (``neurofm.io.file_fingerprint``) and the selection; the store
     lives in ``<out_dir>/stores/<key>`` with the key a hash of both, so a changed input gets a new store.
     """
-    import hashlib
-    import json
-
-    from neurofm.data.store import CellStore, Selection, convert
-
-    key = hashlib.sha256(
-        json.dumps([fingerprint, selection, shard_size, seed, layer], sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
-    target = Path(out_dir) / "stores" / f"{Path(path).stem}-{key}"
-    convert(path, target, selection=Selection(**selection), shard_size=shard_size, seed=seed, layer=layer)
-    store = CellStore(target)
-    log.info("cell store %s: %d cells × %d genes", target, store.n_cells, store.n_genes)
-    return store.reference()
+    return convert_file_once(path, fingerprint, selection, out_dir, shard_size, seed, layer).reference()
 
 
 @step(cache_policy=depends_on("data"))
@@ -145,45 +130,11 @@ def convert_files(
     and ``obs['batch']`` per cell, each file's measured genes in the manifest) and return its reference
     (see ``convert_cells``). Cached on the files' ``fingerprints`` and specs; the store lives in
     ``<out_dir>/stores/many-<key>``, an interrupted conversion resumes there."""
-    import hashlib
-    import json
-
-    from neurofm.data.store import CellStore, convert_many
-
-    key = hashlib.sha256(
-        json.dumps([files, fingerprints, shard_size, seed, layer], sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
-    target = Path(out_dir) / "stores" / f"many-{key}"
-    convert_many(files, target, shard_size=shard_size, seed=seed, layer=layer)  # a finished store is kept
-    store = CellStore(target)
-    log.info("cell store %s: %d cells × %d genes from %d files", target, store.n_cells, store.n_genes,
-             len(store.datasets))  # fmt: skip
-    return store.reference()
+    return convert_files_once(files, fingerprints, out_dir, shard_size, seed, layer).reference()
 
 
 @step(cache_policy=depends_on("data"))
 def store_cells(adata: ad.AnnData, out_dir: str) -> Annotated[dict, "cell_store"]:
     """Small prepared data onto the same path as an atlas: ``adata`` written as a cell store under
     ``<out_dir>/stores/`` (``convert_anndata``); returns its reference (see ``convert_cells``)."""
-    import hashlib
-
-    from neurofm.data.store import CellStore, convert_anndata
-
-    digest = hashlib.sha256()
-    digest.update(np.asarray(adata.obs_names).astype(str).tobytes())
-    digest.update(np.asarray(adata.var_names).astype(str).tobytes())
-    matrix = adata.X
-    if sp.issparse(matrix):
-        matrix = matrix.tocsr()
-        for part in (matrix.indptr, matrix.indices, matrix.data):
-            digest.update(np.ascontiguousarray(part).tobytes())
-    else:
-        digest.update(np.ascontiguousarray(matrix).tobytes())
-    if "counts" in adata.layers:
-        digest.update(str(adata.layers["counts"].sum()).encode())
-    target = Path(out_dir) / "stores" / f"prepared-{digest.hexdigest()[:16]}"
-    if not (target / "manifest.json").is_file():  # the same cells were stored before: reuse them
-        convert_anndata(adata, target, seed=0)
-    store = CellStore(target)
-    log.info("cell store %s: %d cells × %d genes", target, store.n_cells, store.n_genes)
-    return store.reference()
+    return store_anndata_once(adata, out_dir).reference()

@@ -208,6 +208,19 @@ def crop(
     return result
 
 
+def crop_with_report(
+    adata: ad.AnnData, n_cells: int | None, n_genes: int | None, drop_all_zero: bool = True, **options: Any
+) -> tuple[ad.AnnData, pd.DataFrame]:
+    """:func:`crop` and its before/after :func:`sparsity_report`. With ``n_cells`` and ``n_genes`` both None
+    nothing is sampled: the data pass through, less all-zero cells and genes when ``drop_all_zero``
+    (:func:`drop_empty`, recorded in ``uns['dropped_empty']``), and the report covers them as they are."""
+    if n_cells is None and n_genes is None:
+        kept = drop_empty(adata) if drop_all_zero else adata
+        return kept, sparsity_report(adata, kept)
+    cropped = crop(adata, n_cells=n_cells, n_genes=n_genes, drop_all_zero=drop_all_zero, **options)
+    return cropped, sparsity_report(adata, cropped)
+
+
 def _check_crop_arguments(
     adata: ad.AnnData,
     n_cells: int | None,

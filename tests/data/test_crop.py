@@ -160,3 +160,22 @@ def test_without_a_crop_all_zero_cells_and_genes_are_dropped_with_a_record(synth
     assert kept.uns[keys.DROPPED_EMPTY]["genes"] == list(adata.var_names[[0, 9, 11]])
     assert "2 all-zero cells and 3 all-zero genes" in caplog.text
     assert adata.shape == synthetic_adata.shape  # the input is not modified
+
+
+def test_crop_with_report_samples_or_passes_the_data_through(synthetic_adata):
+    from neurofm.data.crop import crop_with_report
+
+    cropped, report = crop_with_report(synthetic_adata, n_cells=100, n_genes=50, seed=1)
+    assert cropped.shape == (100, 50) and report.equals(sparsity_report(synthetic_adata, cropped))
+    assert np.array_equal(
+        cropped.X.toarray(), crop(synthetic_adata, n_cells=100, n_genes=50, seed=1).X.toarray()
+    )
+    empty = synthetic_adata.copy()
+    matrix = empty.X.tolil()
+    matrix[0, :] = 0
+    empty.X = matrix.tocsr()
+    kept, report = crop_with_report(empty, n_cells=None, n_genes=None, drop_all_zero=True)
+    assert kept.n_obs == empty.n_obs - 1 and "dropped_empty" in kept.uns
+    assert report.equals(sparsity_report(empty, kept))
+    same, _ = crop_with_report(empty, n_cells=None, n_genes=None, drop_all_zero=False)
+    assert same is empty  # nothing sampled, nothing dropped
