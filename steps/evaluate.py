@@ -38,7 +38,19 @@ def resolve_model(
     return model_dir, info
 
 
-@step(cache_policy=depends_on("model", "tokenizer", "genes", "registry", "embedding", "evaluate"))
+@step(
+    cache_policy=depends_on(
+        "model",
+        "model_config",
+        "count_head",
+        "pooling",
+        "tokenizer",
+        "genes",
+        "registry",
+        "embedding",
+        "evaluate",
+    )
+)
 def embed_cells(
     adata: ad.AnnData, model_dir: Path, evaluate: dict[str, Any], out_dir: str
 ) -> Annotated[ad.AnnData, "embedded_cells"]:

@@ -22,7 +22,21 @@ from steps._cache import depends_on
 MAP_DIR = "map"
 
 
-@step(cache_policy=depends_on("mapping", "embedding", "model", "genes", "tokenizer", "registry"))
+@step(
+    cache_policy=depends_on(
+        "mapping",
+        "cell_features",
+        "classify",
+        "embedding",
+        "model",
+        "model_config",
+        "count_head",
+        "pooling",
+        "genes",
+        "tokenizer",
+        "registry",
+    )
+)
 def map_query_cells(
     model_dir: Path, query_path: str, fingerprint: str, settings: dict[str, Any], out_dir: str, data_name: str
 ) -> Annotated[dict, "mapping"]:
@@ -46,7 +60,7 @@ def map_query_cells(
     }
 
 
-@step(cache_policy=depends_on("mapping", "evaluate", "plots", "cell_features", "model", "data.store"))
+@step(cache_policy=depends_on("mapping", "classify", "evaluate", "plots", "cell_features", "model", "data"))
 def score_mapping(
     mapping: dict, model_dir: Path, settings: dict[str, Any], out_dir: str
 ) -> Annotated[dict, "map_scores"]:

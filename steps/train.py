@@ -26,7 +26,7 @@ from neurofm.train import TrainConfig, fit_training_tokenizer
 from steps._cache import depends_on
 
 
-@step(cache_policy=depends_on("tokenizer", "train", "stream", "data.store"))
+@step(cache_policy=depends_on("tokenizer", "train", "train_config", "training_data", "stream", "data"))
 def tokenize(
     cells: dict[str, Any], tokenizer: dict[str, Any], train: dict[str, Any], out_dir: str
 ) -> Annotated[Path, "tokenizer"]:
@@ -48,16 +48,26 @@ def tokenize(
     cache_policy=depends_on(
         "tokenizer",
         "model",
+        "model_config",
+        "count_head",
+        "pooling",
         "masking",
         "checkpoints",
         "train",
-        "count_head",
+        "train_config",
+        "training_data",
+        "loop",
+        "scoring",
+        "count_phase",
+        "distributed",
         "stream",
         "runtime",
-        "data.store",
+        "data",
         "tracking",
         "plots",
         "mapping",
+        "cell_features",
+        "classify",
         "embedding",
         "pretrain_run",
     )
