@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,14 +35,7 @@ def dataset_summary(
     adata: ad.AnnData, out_dir: str, value_counts_column: str | None = None, source_path: str | None = None
 ) -> Annotated[HTMLString, "dataset_summary"]:
     """Summary of the prepared data (cells, genes, columns, uns keys, value counts, sparsity)."""
-    if value_counts_column is not None and value_counts_column not in adata.obs:
-        logging.getLogger(__name__).warning(
-            "reports.value_counts_column %r is not in obs; the summary has no value counts",
-            value_counts_column,
-        )
-        value_counts_column = None
-    summary = reports.summarize(adata, path=source_path, value_counts_column=value_counts_column)
-    io.write_json(summary, Path(io.ensure_writable_dir(out_dir)) / "dataset_summary.json")
+    summary = reports.write_summary(adata, out_dir, value_counts_column, source_path)
     return HTMLString(f"<h3>Dataset summary</h3>{_table(summary)}")
 
 
@@ -52,8 +44,7 @@ def check_barcodes(
     path: str, metadata_csv: str, obs_name_column: str, fingerprint: str, out_dir: str
 ) -> Annotated[HTMLString, "barcode_check"]:
     """Overlap of metadata cell labels/barcodes with the .h5ad's obs_names."""
-    result = reports.check_ids(path, metadata_csv, obs_name_column=obs_name_column)
-    io.write_json(result, Path(io.ensure_writable_dir(out_dir)) / "barcode_check.json")
+    result = reports.write_id_check(path, metadata_csv, obs_name_column, out_dir)
     return HTMLString(f"<h3>Barcode / metadata check</h3>{_table(result)}")
 
 

@@ -6,6 +6,7 @@ They replace the original project's inspection scripts; each is also a console c
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from neurofm import keys
 from neurofm.data.atlas import _read_obs_names, metadata_header, read_cell_metadata
 from neurofm.errors import NeurofmError
 from neurofm.io import check_h5ad_path
+
+log = logging.getLogger(__name__)
 
 
 def _matrix_stats(adata: ad.AnnData) -> dict[str, Any]:
@@ -73,6 +76,28 @@ def summarize(
         counts = adata.obs[value_counts_column].value_counts(dropna=False)
         summary["value_counts_column"] = value_counts_column
         summary["value_counts"] = {str(k): int(v) for k, v in counts.items()}
+    return summary
+
+
+def write_summary(
+    adata: ad.AnnData,
+    out_dir: str | os.PathLike,
+    value_counts_column: str | None = None,
+    source_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """:func:`summarize` written to ``<out_dir>/dataset_summary.json`` and returned. A
+    ``value_counts_column`` that is not in obs is left out with a warning (the summary then has no value
+    counts): a report never stops a pipeline."""
+    from neurofm.io import ensure_writable_dir, write_json
+
+    if value_counts_column is not None and value_counts_column not in adata.obs:
+        log.warning(
+            "reports.value_counts_column %r is not in obs; the summary has no value counts",
+            value_counts_column,
+        )
+        value_counts_column = None
+    summary = summarize(adata, path=source_path, value_counts_column=value_counts_column)
+    write_json(summary, Path(ensure_writable_dir(out_dir)) / "dataset_summary.json")
     return summary
 
 
@@ -133,6 +158,17 @@ def check_ids(
     matched = {column: result[column]["n_obs_matched"] for column in present}
     best = max(matched, key=matched.get)
     result["best_column"] = best if matched[best] > 0 else None
+    return result
+
+
+def write_id_check(
+    path: str | os.PathLike, metadata_csv: str | os.PathLike, obs_name_column: str, out_dir: str | os.PathLike
+) -> dict[str, Any]:
+    """:func:`check_ids` written to ``<out_dir>/barcode_check.json`` and returned."""
+    from neurofm.io import ensure_writable_dir, write_json
+
+    result = check_ids(path, metadata_csv, obs_name_column=obs_name_column)
+    write_json(result, Path(ensure_writable_dir(out_dir)) / "barcode_check.json")
     return result
 
 

@@ -109,3 +109,28 @@ def test_atlas_plot_missing_columns(tmp_path, atlas_files):
         atlas_plot(
             atlas_files.cell_metadata_csv, broken, atlas_files.cluster_annotation_term_csv, tmp_path / "a.png"
         )
+
+
+def test_the_written_summary_leaves_out_a_missing_value_counts_column_with_a_warning(
+    synthetic_adata, tmp_path, caplog
+):
+    from neurofm.data.reports import write_summary
+
+    summary = write_summary(synthetic_adata, tmp_path, value_counts_column=keys.CELL_CLASS)
+    assert json.loads((tmp_path / "dataset_summary.json").read_text()) == summary and summary["value_counts"]
+    with caplog.at_level("WARNING"):
+        summary = write_summary(synthetic_adata, tmp_path / "new", value_counts_column="cluster")
+    assert "value_counts" not in summary and "'cluster' is not in obs" in caplog.text
+    assert json.loads((tmp_path / "new" / "dataset_summary.json").read_text()) == summary
+
+
+def test_the_written_id_check_is_the_check(atlas_files, tmp_path):
+    from neurofm.data.reports import write_id_check
+
+    result = write_id_check(atlas_files.counts_h5ad, atlas_files.cell_metadata_csv, keys.CELL_LABEL, tmp_path)
+    assert result == check_ids(
+        atlas_files.counts_h5ad, atlas_files.cell_metadata_csv, obs_name_column=keys.CELL_LABEL
+    )
+    assert json.loads((tmp_path / "barcode_check.json").read_text()) == json.loads(
+        json.dumps(result, default=str)
+    )
