@@ -8,6 +8,8 @@
 - :mod:`~neurofm.evaluate.visualize` — ``visualize``: seeded t-SNE and UMAP figures
 - :mod:`~neurofm.evaluate.compare` — ``evaluate_embeddings`` (the entry), ``write_report``
 - :mod:`~neurofm.evaluate.promotion` — ``should_promote``: the champion alias rule (re-exported by compare)
+- :mod:`~neurofm.evaluate.methods` — ``embed_methods``, ``draw_tsne``, ``score_methods``: the evaluate pipeline's stages
+- :mod:`~neurofm.evaluate.transfer` — ``evaluate_mapping``, ``score_mapped_file``: a reference mapping scored
 
 Submodules are imported on demand, so ``import neurofm.evaluate`` stays cheap.
 """
