@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COL[,COL…]",
         help="pretrain: store these obs columns' labels with the model as its reference (for map)",
     )
-    parser.add_argument("--batch-col", help="map: obs column of the query's batches (scArches' batch key)")
+    parser.add_argument(
+        "--batch-col",
+        help="pretrain: obs column of each cell's batch, a covariate of the count head (train.batch_key; "
+        "'dataset' for several files); map: the query's batches (scArches' batch key)",
+    )
     parser.add_argument(
         "--reference-data", type=Path, help="map: the reference cells' .h5ad, for the baselines"
     )
@@ -120,6 +124,8 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "evaluate.gene_column": args.gene_col,
         "tune.n_trials": args.trials,
     }
+    if args.pipeline == "pretrain" and args.batch_col is not None:
+        flags["train.batch_key"] = args.batch_col
     if args.reference_labels is not None:
         flags["reference.label_columns"] = [c.strip() for c in args.reference_labels.split(",") if c.strip()]
     if args.pipeline == "map":  # the query's flags

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from neurofm.errors import NeurofmError
+
 BLOCK = 4096  # cells read at a time
 
 
@@ -41,12 +43,38 @@ def cells_expression(adata, tokenizer, gene_col: str | None = None) -> np.ndarra
     return expression_matrix(adata, match)
 
 
+def cell_batches(model, cells, batch_key: str | None = None) -> np.ndarray | None:
+    """Each cell's batch name for a model whose count head has a batch covariate: the obs column
+    ``batch_key`` (default: the one the model was trained with, ``model.config.batch_key``) of ``cells``
+    (AnnData or ``CellStore``); None for a model without the covariate, or when the cells lack that
+    column and none was named (they then get the no-batch vector). A named column they lack is refused."""
+    from neurofm.data.store import CellStore
+    from neurofm.stream import store_batches
+
+    if not model.config.n_batches:
+        return None
+    key = batch_key or model.config.batch_key
+    if key is None:
+        return None
+    if isinstance(cells, CellStore):
+        if key == "dataset" or key in cells.read_obs().columns:
+            names, codes = store_batches(cells, key)
+            return np.asarray(names, dtype=object)[codes]
+    elif key in cells.obs:
+        return cells.obs[key].astype(str).to_numpy()
+    if batch_key is not None:
+        raise NeurofmError(f"the cells have no batch column {batch_key!r}; name an obs column of theirs")
+    return None
+
+
 def reference_features(model, tokenizer, cells, rows: np.ndarray | None = None, progress: bool = True,
-                       batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                       batch_size: int = 256, batches: np.ndarray | None = None,
+                       unseen_batch: str = "none") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """``(embedding, expression)`` of the cells ``rows`` (default: all) of ``cells`` (an AnnData of raw
     counts, or a ``CellStore``) with the model's own genes (:func:`expression_matrix`). In a multi-file
     store each cell is read with only the genes its file measured (the others are unobserved: out of the
-    library size and the pooling, as for query data that lacks genes)."""
+    library size and the pooling, as for query data that lacks genes). ``batches`` (a name per cell of
+    ``cells``, :func:`cell_batches`): each cell's batch, for a model with a batch covariate."""
     import anndata as ad
 
     from neurofm.data.store import CellStore
@@ -59,8 +87,9 @@ def reference_features(model, tokenizer, cells, rows: np.ndarray | None = None, 
         subset = cells if len(rows) == n_cells else cells[rows]
         match = match_adata(subset, tokenizer.gene_ids, tokenizer.gene_symbols)
         embedding = embed_matrix(
-            model, tokenizer, subset, batch_size=batch_size, progress=progress, match=match
-        )
+            model, tokenizer, subset, batch_size=batch_size, progress=progress, match=match,
+            batches=None if batches is None else np.asarray(batches)[rows], unseen_batch=unseen_batch,
+        )  # fmt: skip
         return embedding, expression_matrix(subset, match)
     var, observed, datasets = cells.var(), cells.observed_genes, cells.cell_datasets()
     embedding = np.empty((len(rows), model.embedding_dim), dtype=np.float32)
@@ -73,8 +102,9 @@ def reference_features(model, tokenizer, cells, rows: np.ndarray | None = None, 
             block = ad.AnnData(X=counts[mine][:, genes], var=var.iloc[genes])
             match = match_adata(block, tokenizer.gene_ids, tokenizer.gene_symbols, min_overlap=0.0)
             embedding[start + mine] = embed_matrix(
-                model, tokenizer, block, batch_size, progress=False, match=match
-            )
+                model, tokenizer, block, batch_size, progress=False, match=match, unseen_batch=unseen_batch,
+                batches=None if batches is None else np.asarray(batches)[part[mine]],
+            )  # fmt: skip
             expression[start + mine] = expression_matrix(block, match)
     return embedding, expression
 

@@ -253,7 +253,7 @@ def _reference(args: argparse.Namespace) -> int:
     )
     model_dir = run_model_dir(Path(args.model_dir))
     cells = read_h5ad(args.cells)
-    reference = add_reference(model_dir, cells, config, source=str(args.cells))
+    reference = add_reference(model_dir, cells, config, source=str(args.cells), batch_key=args.batch_col)
     for column, ref in reference.columns.items():
         print(f"{column}: {len(ref.classes)} labels, classifier {ref.classifier_name}")
     print(f"stored a reference of {reference.n_cells} cells in {model_dir}")
@@ -273,6 +273,8 @@ def _map(args: argparse.Namespace) -> int:
         unobserved=args.unobserved,
         batch_size=args.batch_size,
         device=args.device,
+        batch_key=args.batch_col,
+        adapt=args.adapt,
     )
     match = record["gene_match"]
     print(
@@ -284,6 +286,8 @@ def _map(args: argparse.Namespace) -> int:
         top = ", ".join(f"{label} {n}" for label, n in list(counts.items())[:6])
         print(f"obs['neurofm_{column}']: {len(counts)} labels ({top}{' …' if len(counts) > 6 else ''}); "
               f"unknown {record['unknown_share'][column]:.1%}")  # fmt: skip
+    if record.get("adapted_model"):
+        print(f"adapted model (the query's batches fit; the model given was not changed): {record['adapted_model']}")
     print(f"wrote {args.out}: {record['n_cells']} cells mapped in {record['seconds']:.1f} s")
     return 0
 
@@ -301,6 +305,10 @@ def _add_mapping(commands) -> None:
         help="the share of held-out reference cells the unknown rule keeps (default: reference.unknown_quantile "
         "in docs/configuration.md)",
     )  # fmt: skip
+    reference.add_argument(
+        "--batch-col", default=None,
+        help="obs column of each cell's batch, for a model with a batch covariate (default: the model's own)",
+    )  # fmt: skip
     reference.set_defaults(handler=_reference)
 
     mapper = commands.add_parser("map", help="map your cells onto a model's reference and transfer its labels")
@@ -315,6 +323,16 @@ def _add_mapping(commands) -> None:
     mapper.add_argument("--unobserved", choices=["exclude", "zero"], default="exclude")
     mapper.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
     mapper.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    mapper.add_argument(
+        "--batch-col", default=None,
+        help="obs column of each query cell's batch, for a model pre-trained with a batch covariate "
+        "(default: none, every cell gets the no-batch vector)",
+    )  # fmt: skip
+    mapper.add_argument(
+        "--adapt", action="store_true",
+        help="fit the query's new batches (--batch-col, else the whole query as one) on its counts before "
+        "mapping; the adapted model goes to OUT.adapted/, never into the model",
+    )  # fmt: skip
     mapper.set_defaults(handler=_map)
 
 

@@ -51,7 +51,7 @@ import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 
-from neurofm.cell_features import BLOCK, expression_matrix, reference_features
+from neurofm.cell_features import BLOCK, cell_batches, expression_matrix, reference_features
 from neurofm.classify import HeadConfig, LabelHead, fit_head, head_features, held_out_share, probe_from_json
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path, write_json
@@ -614,10 +614,13 @@ def add_reference(
     config: ReferenceConfig,
     source: str | None = None,
     progress: bool = True,
+    batch_key: str | None = None,
 ) -> Reference:
     """Embed ``cells`` (AnnData or ``CellStore``, with the label columns in obs) with the model in
     ``model_dir``, build their reference (:func:`build_reference`, heads reading genes and embedding)
-    and store it in ``model_dir``."""
+    and store it in ``model_dir``. For a model whose count head has a batch covariate each cell is
+    embedded with its batch: the obs column ``batch_key`` (default: the model's own, when the cells
+    have it; else the no-batch vector)."""
     from neurofm.data.store import CellStore
     from neurofm.model import load_pretrained
 
@@ -632,13 +635,17 @@ def add_reference(
             "name existing columns in --labels (run.py pretrain: --reference-labels)"
         )
     rows = sample_reference_cells(obs, config)
-    embedding, expression = reference_features(model, tokenizer, cells, rows, progress=progress)
+    batches = cell_batches(model, cells, batch_key)
+    embedding, expression = reference_features(
+        model, tokenizer, cells, rows, progress=progress, batches=batches
+    )
     meta = {
         "source": source,
         "store": str(cells.path) if isinstance(cells, CellStore) else None,
         "n_source_cells": int(len(obs)),
         "sampled": bool(len(rows) < len(obs)),
         "pooling": "auto",
+        **({} if batches is None else {"batch_key": batch_key or model.config.batch_key}),
     }
     reference = build_reference(embedding, obs.iloc[rows], config, expression, meta=meta)
     reference.rows = rows
@@ -701,9 +708,12 @@ def map_labels(
     device: str = "auto",
     progress: bool = True,
     tracking_uri: str | None = None,
+    batch_key: str | None = None,
 ) -> tuple[np.ndarray, dict[str, pd.DataFrame], dict[str, Any]]:
     """``(embedding, {column: transfer frame}, record)`` for the cells of ``adata`` — what
-    :func:`map_query` writes (see there for the arguments)."""
+    :func:`map_query` writes (see there for the arguments). ``batch_key``: the obs column of each query
+    cell's batch, for a model whose count head has a batch covariate and knows those batches (one adapted
+    to them, :func:`neurofm.adapt.adapt_model`); without it every cell gets the no-batch vector."""
     import time
 
     from neurofm import keys
@@ -734,6 +744,7 @@ def map_labels(
         device=device,
         progress=progress,
         tracking_uri=tracking_uri,
+        batch_key=batch_key,
     )
     frames = _transfer_in_blocks(adata, tokenizer, reference, columns, embedding, gene_col)
     seconds = time.perf_counter() - started
@@ -793,13 +804,14 @@ def map_query(
     device: str = "auto",
     progress: bool = True,
     tracking_uri: str | None = None,
+    batch_key: str | None = None,
 ):
     """Map the cells of ``adata`` (raw counts) onto a model's reference and transfer its labels, scanpy style.
 
     ``model`` is a model directory, an MLflow URI (``None``: ``models:/neurofm-encoder@champion``) or a
     loaded ``GeneEncoder`` (then pass ``tokenizer`` and ``reference``). Genes are matched as
     :func:`neurofm.embed` matches them (``gene_col``, ``min_gene_overlap``, ``unobserved``).
-    ``label_columns`` defaults to every column of the reference.
+    ``label_columns`` defaults to every column of the reference. ``batch_key``: see :func:`map_labels`.
 
     Writes (into ``adata``, or a copy returned when ``copy=True``):
 
@@ -817,7 +829,7 @@ def map_query(
     embedding, frames, record = map_labels(
         adata, model, tokenizer, reference=reference, label_columns=label_columns, key_added=key_added,
         gene_col=gene_col, min_gene_overlap=min_gene_overlap, unobserved=unobserved, batch_size=batch_size,
-        device=device, progress=progress, tracking_uri=tracking_uri,
+        device=device, progress=progress, tracking_uri=tracking_uri, batch_key=batch_key,
     )  # fmt: skip
     embed_record = record.pop("embedding")
     record = _h5ad_ready(record)
@@ -831,13 +843,19 @@ def map_query(
 
 
 def map_file(
-    in_path: str | os.PathLike, out_path: str | os.PathLike, model=None, **options: Any
-) -> dict[str, Any]:
+    in_path: str | os.PathLike, out_path: str | os.PathLike, model=None, adapt: bool = False,
+    **options: Any,
+) -> dict[str, Any]:  # fmt: skip
     """Map the cells of the .h5ad ``in_path`` into a new file ``out_path`` (the input is never touched).
 
     The input is read backed, 4,096 cells at a time; the output is a copy of the input plus what
     :func:`map_query` writes (its keyword ``options``), written to a temporary name and renamed when
     complete. Returns the ``uns['neurofm_map']`` record.
+
+    ``adapt=True`` (a model whose count head has a batch covariate) first fits the query's batches
+    (``options['batch_key']``; without it the whole query is one batch) on the query's counts, no labels
+    (:func:`neurofm.adapt.adapt_model`), writes the adapted model and its reference to
+    ``<out>.adapted/`` — never into the model it started from — and maps with it.
     """
     import shutil
 
@@ -857,9 +875,22 @@ def map_file(
     key_added = options.pop("key_added", None) or keys.EMBEDDING
     adata = read_h5ad(in_path, backed=True)
     try:
+        adapted = None
+        if adapt:
+            from neurofm.adapt import adapt_model_dir
+
+            adapted = out_path.with_suffix(".adapted")
+            batch_key = options.get("batch_key") or "neurofm_query_batch"
+            if options.get("batch_key") is None:
+                adata.obs[batch_key] = in_path.stem  # the whole query: one new batch
+            model = adapt_model_dir(model, adata, batch_key, adapted, (REFERENCE_FILE, REFERENCE_META),
+                                    gene_col=options.get("gene_col"), tracking_uri=options.get("tracking_uri"))  # fmt: skip
+            options["batch_key"] = batch_key
         embedding, frames, record = map_labels(adata, model, key_added=key_added, **options)
     finally:
         adata.file.close()
+    if adapted is not None:
+        record["adapted_model"] = str(adapted)
     embed_record = record.pop("embedding")
     record = _h5ad_ready({**record, "input": str(in_path)})
     out_path.parent.mkdir(parents=True, exist_ok=True)

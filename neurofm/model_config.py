@@ -47,6 +47,8 @@ class ModelConfig:
     #                          in code order: each gets a learned vector added to the first layer of the
     #                          count head's encoder and decoder (scVI's batch one-hot, scArches'
     #                          encode_covariates). Empty (the default): no covariate.
+    batch_key: str | None = None  # the obs column those batches came from (train.batch_key), the default
+    #                               batch column of the cells a reference or a map embeds
 
     @property
     def mask_token(self) -> int:

@@ -241,6 +241,7 @@ def pretrain(
             n_bins=n_bins,
             max_tokens=n_tokens,
             batch_names=_batch_names(store, train_config, model_config or ModelConfig()),
+            batch_key=train_config.batch_key,
         ).validate()
         context = runtime.current()
         device = resolve_device(train_config.device)
