@@ -147,6 +147,36 @@ def cli_rows(model_dir: Path, ref: str, query: str, levels) -> tuple[dict, Path]
     return {"reference_cli_s": round(reference_s, 1), "map_cli_s": round(map_s, 1)}, out
 
 
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per direction and method, macro-F1 at each level as mean ± sd over the seeds present
+    (n seeds named), and for held-out rows AUROC and the shares called unknown."""
+    from collections import defaultdict
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["direction"], row["method"])].append(row)
+
+    def mean_sd(values) -> str:
+        values = np.asarray([v for v in values if v is not None], dtype=float)
+        if values.size == 0:
+            return "—"
+        return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if values.size > 1 else f"{values[0]:.3f}"
+
+    lines = ["| direction | method | seeds | 18 subclasses F1 | 127 clusters F1 |", "|---|---|---:|---:|---:|"]
+    held = ["| direction | rule: held out | seeds | AUROC | held-out unknown | others unknown |",
+            "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for (direction, method), group in sorted(groups.items()):
+        if "held out" in method:
+            rule = method.split("(", 1)[1].split(")", 1)[0] if "(" in method else "distance, 0.99"
+            held.append(f"| {direction} | {rule}: {method.rsplit(': ', 1)[-1]} | {len(group)} | "
+                        f"{mean_sd(r['auroc_score'] for r in group)} | {mean_sd(r['held_out_unknown'] for r in group)} | "
+                        f"{mean_sd(r['others_unknown'] for r in group)} |")  # fmt: skip
+        else:
+            lines.append(f"| {direction} | {method} | {len(group)} | "
+                         + " | ".join(mean_sd(r[level]["f1"] for r in group if level in r) for level in LEVELS) + " |")
+    return "\n".join(lines + [""] + held)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,7 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only-held-out", action="store_true", help="only the held-out (unknown) rows")
     parser.add_argument("--out", default="benchmarks/results/mapping_heads.json")
+    parser.add_argument("--summary", nargs="*", metavar="JSON", help="print the mean ± sd tables of these results")
     args = parser.parse_args(argv)
+    if args.summary is not None:
+        for path in args.summary or [args.out]:
+            print(summary_table(json.loads(Path(path).read_text())["rows"]))
+        return
 
     import anndata as ad
 

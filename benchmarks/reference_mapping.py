@@ -55,12 +55,13 @@ def sample(adata, n_cells: int, seed: int):
     return adata[rows].copy()
 
 
-def pretrain_model(reference, epochs: int, seed: int, out_dir: Path, count_head_epochs: int | None = None) -> Path:
+def pretrain_model(reference, epochs: int, seed: int, out_dir: Path, count_head_epochs: int | None = None,
+                   batch_key: str | None = None) -> Path:  # fmt: skip
     from neurofm.model import ModelConfig
     from neurofm.tokenizer import TokenizerConfig
     from neurofm.train import TrainConfig, pretrain
 
-    config = replace(TrainConfig(), epochs=epochs, seed=seed, progress=False, device="cpu")
+    config = replace(TrainConfig(), epochs=epochs, seed=seed, progress=False, device="cpu", batch_key=batch_key)
     if count_head_epochs is not None:  # capped: scVI's rule gives 400 epochs at 10,000 cells
         config = replace(config, count_head_epochs=count_head_epochs)
     result = pretrain(reference, TokenizerConfig(), ModelConfig(), config, out_dir)
