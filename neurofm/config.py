@@ -206,7 +206,8 @@ def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> A
     unknown = sorted(set(values) - names)
     if unknown:
         raise NeurofmError(
-            f"unknown key(s) {', '.join(unknown)} in config section '{section}'; known keys: {', '.join(sorted(names))}"
+            f"unknown key(s) {', '.join(unknown)} in config section '{section}'{_nearest(unknown, names)}; "
+            f"known keys: {', '.join(sorted(names))}"
         )
     try:
         instance = cls(**dict(values))
@@ -215,6 +216,21 @@ def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> A
     except (TypeError, ValueError) as error:
         raise NeurofmError(f"bad value in config section '{section}': {error}") from None
     return instance
+
+
+def _nearest(unknown: list[str], known) -> str:
+    """`` (did you mean …?)`` naming the nearest known key of each unknown one that has one."""
+    import difflib
+
+    hints = [f"{key} → {match[0]}" for key in unknown if (match := difflib.get_close_matches(key, list(known), 1))]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+# nested sections of `evaluate` checked against their dataclasses before anything runs: key → "module:Class"
+NESTED_DATACLASSES = {
+    "probe": "neurofm.classify:ProbeConfig",
+    "cluster": "neurofm.evaluate.cluster:ClusterConfig",
+}
 
 
 def _dataclass_for(section: str) -> type:
@@ -227,7 +243,8 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(config) - KNOWN_SECTIONS)
     if unknown:
         raise NeurofmError(
-            f"unknown config section(s) {', '.join(unknown)}; known sections: {', '.join(sorted(KNOWN_SECTIONS - {'extends'}))}"
+            f"unknown config section(s) {', '.join(unknown)}{_nearest(unknown, KNOWN_SECTIONS)}; "
+            f"known sections: {', '.join(sorted(KNOWN_SECTIONS - {'extends'}))}"
         )
     full: dict[str, Any] = {}
     for section, defaults in DEFAULTS.items():
@@ -237,7 +254,8 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
         extra = sorted(set(values) - set(defaults))
         if extra:
             raise NeurofmError(
-                f"unknown key(s) {', '.join(extra)} in config section '{section}'; known keys: {', '.join(defaults)}"
+                f"unknown key(s) {', '.join(extra)} in config section '{section}'{_nearest(extra, defaults)}; "
+                f"known keys: {', '.join(defaults)}"
             )
         full[section] = deep_merge(defaults, values)
     builtin_data = full["data"]["path"] is None and full["data"]["files"] is None  # the synthetic atlas
@@ -293,6 +311,12 @@ UNOBSERVED_MODES = ("exclude", "zero")  # neurofm.embedding.UNOBSERVED_MODES
 
 
 def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
+    for key, target in NESTED_DATACLASSES.items():  # evaluate.probe.*, evaluate.cluster.*: refused now
+        values = evaluate[key]
+        if not isinstance(values, Mapping):
+            raise NeurofmError(f"evaluate.{key} must be a mapping of settings, got {values!r}")
+        module, _, name = target.partition(":")
+        dataclass_from_dict(getattr(importlib.import_module(module), name), values, f"evaluate.{key}")
     baselines = evaluate["baselines"]
     if (
         not isinstance(baselines, list)

@@ -282,3 +282,21 @@ def test_the_configuration_reference_is_current():
     )
     for key in ("| `epochs` |", "| `unknown_quantile` |", "| `baselines` |", "| `C_grid` |"):
         assert key in page.read_text()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"evaluate": {"probe": {"C_grd": [1.0]}}}, "in config section 'evaluate.probe' (did you mean C_grd → C_grid?)"),
+        ({"evaluate": {"cluster": {"resolutionz": 1.0}}}, "(did you mean resolutionz → resolution?)"),
+        ({"trian": {}}, "(did you mean trian → train?)"),
+        ({"train": {"epoch": 3}}, "(did you mean epoch → epochs?)"),
+        ({"evaluate": {"probe": []}}, "evaluate.probe must be a mapping"),
+    ],
+)
+def test_nested_evaluate_settings_are_refused_before_anything_runs_naming_the_nearest_key(config, message):
+    from neurofm.config import validate
+
+    with pytest.raises(NeurofmError) as error:
+        validate(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
