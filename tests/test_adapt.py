@@ -80,6 +80,9 @@ def test_neurofm_map_adapt_writes_the_adapted_model_beside_the_output(trained, t
     assert out.exists() and (adapted / "reference.json").is_file() and (adapted / "adapted.json").is_file()
     assert load_pretrained(adapted)[0].config.batch_names == ["a", "b", "c"]
     assert _digest(model_dir) == before  # the model given is never written
+    whole = tmp_path / "whole.h5ad"  # no --batch-col: the whole query is one new batch, named after the file
+    assert main(["map", str(tmp_path / "query.h5ad"), "--model", str(model_dir), "--out", str(whole), "--adapt"]) == 0
+    assert load_pretrained(tmp_path / "whole.adapted")[0].config.batch_names == ["a", "b", "query"]
     plain = tmp_path / "plain"
     shutil.copytree(result.model_dir, plain)
     plain_model, tokenizer = load_pretrained(plain)
