@@ -275,10 +275,23 @@ def map_labels(
     tracking_uri: str | None = None,
     batch_key: str | None = None,
 ) -> tuple[np.ndarray, dict[str, pd.DataFrame], dict[str, Any]]:
-    """``(embedding, {column: transfer frame}, record)`` for the cells of ``adata`` — what
-    :func:`map_query` writes (see there for the arguments). ``batch_key``: the obs column of each query
-    cell's batch, for a model whose count head has a batch covariate and knows those batches (one adapted
-    to them, :func:`neurofm.adapt.adapt_model`); without it every cell gets the no-batch vector."""
+    """``(embedding, {column: transfer frame}, record)`` for the cells of ``adata`` (raw counts) — what
+    :func:`map_query` and :func:`map_file` write, computed here.
+
+    The one place the mapping options are defined (``map_query`` and ``map_file`` pass theirs on):
+
+    - ``model`` — a model directory, an MLflow URI (``None``: ``models:/neurofm-encoder@champion``) or a
+      loaded ``GeneEncoder`` (then pass ``tokenizer`` and ``reference``); ``tracking_uri``: the MLflow
+      server of a URI;
+    - ``reference`` — default: the one stored with the model; ``label_columns`` — default: every column of
+      the reference;
+    - ``key_added`` — the embedding's obsm key (default ``'X_neurofm'``);
+    - ``gene_col``, ``min_gene_overlap``, ``unobserved`` — genes are matched as :func:`neurofm.embed`
+      matches them; ``batch_size``, ``device``, ``progress`` — as there;
+    - ``batch_key`` — the obs column of each query cell's batch, for a model whose count head has a batch
+      covariate and knows those batches (one adapted to them, :func:`neurofm.adapt.adapt_model`); without
+      it every cell gets the no-batch vector.
+    """
     import time
 
     from neurofm import keys
@@ -353,30 +366,12 @@ def _obs_columns(frames: dict[str, pd.DataFrame], index) -> dict[str, Any]:
     return out
 
 
-def map_query(
-    adata,
-    model=None,
-    tokenizer=None,
-    *,
-    reference: Reference | None = None,
-    label_columns: list[str] | tuple[str, ...] | None = None,
-    key_added: str | None = None,
-    copy: bool = False,
-    gene_col: str | None = None,
-    min_gene_overlap: float | None = None,
-    unobserved: str = "exclude",
-    batch_size: int = 256,
-    device: str = "auto",
-    progress: bool = True,
-    tracking_uri: str | None = None,
-    batch_key: str | None = None,
-):
+def map_query(adata, model=None, tokenizer=None, *, copy: bool = False, **options: Any):
     """Map the cells of ``adata`` (raw counts) onto a model's reference and transfer its labels, scanpy style.
 
-    ``model`` is a model directory, an MLflow URI (``None``: ``models:/neurofm-encoder@champion``) or a
-    loaded ``GeneEncoder`` (then pass ``tokenizer`` and ``reference``). Genes are matched as
-    :func:`neurofm.embed` matches them (``gene_col``, ``min_gene_overlap``, ``unobserved``).
-    ``label_columns`` defaults to every column of the reference. ``batch_key``: see :func:`map_labels`.
+    ``model``, ``tokenizer`` and the keyword ``options`` (``reference``, ``label_columns``, ``key_added``,
+    ``gene_col``, ``min_gene_overlap``, ``unobserved``, ``batch_size``, ``device``, ``progress``,
+    ``tracking_uri``, ``batch_key``) are :func:`map_labels`' — see there for each and its default.
 
     Writes (into ``adata``, or a copy returned when ``copy=True``):
 
@@ -390,12 +385,8 @@ def map_query(
     """
     from neurofm import keys
 
-    key_added = key_added or keys.EMBEDDING
-    embedding, frames, record = map_labels(
-        adata, model, tokenizer, reference=reference, label_columns=label_columns, key_added=key_added,
-        gene_col=gene_col, min_gene_overlap=min_gene_overlap, unobserved=unobserved, batch_size=batch_size,
-        device=device, progress=progress, tracking_uri=tracking_uri, batch_key=batch_key,
-    )  # fmt: skip
+    key_added = options.pop("key_added", None) or keys.EMBEDDING
+    embedding, frames, record = map_labels(adata, model, tokenizer, key_added=key_added, **options)
     embed_record = record.pop("embedding")
     record = _h5ad_ready(record)
     target = adata.copy() if copy else adata
@@ -414,8 +405,8 @@ def map_file(
     """Map the cells of the .h5ad ``in_path`` into a new file ``out_path`` (the input is never touched).
 
     The input is read backed, 4,096 cells at a time; the output is a copy of the input plus what
-    :func:`map_query` writes (its keyword ``options``), written to a temporary name and renamed when
-    complete. Returns the ``uns['neurofm_map']`` record.
+    :func:`map_query` writes (``options``: :func:`map_labels`' keyword options), written to a temporary
+    name and renamed when complete. Returns the ``uns['neurofm_map']`` record.
 
     ``adapt=True`` (a model whose count head has a batch covariate) first fits the query's batches
     (``options['batch_key']``; without it the whole query is one batch) on the query's counts, no labels

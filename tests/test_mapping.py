@@ -233,6 +233,17 @@ def test_map_query_by_symbol_on_another_gene_naming(model_dir):
     assert "neurofm_cell_type" not in query.obs and "neurofm_group" in query.obs
 
 
+def test_map_query_takes_map_labels_options_and_refuses_others(model_dir):
+    query = typed_counts(40, 30, seed=5, types=[0, 1])
+    mapped = map_query(
+        query, model=model_dir, copy=True, key_added="X_other", label_columns=["group"], progress=False
+    )
+    assert mapped.obsm["X_other"].shape[0] == 40 and keys.EMBEDDING not in mapped.obsm
+    assert mapped.uns[keys.MAP_PARAMS]["label_columns"] == ["group"]
+    with pytest.raises(TypeError, match="not_an_option"):
+        map_query(query, model=model_dir, not_an_option=1)
+
+
 def test_the_map_and_reference_commands(model_dir, tmp_path, file_sha256, capsys):
     query = typed_counts(80, 30, seed=4, types=[0, 1, 2, 3, 4])  # type4: not in the reference
     path = tmp_path / "query.h5ad"
