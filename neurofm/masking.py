@@ -19,7 +19,8 @@ import torch
 
 from neurofm.data.store import CellStore
 from neurofm.errors import NeurofmError
-from neurofm.stream import SparseBinner, sample_rows
+from neurofm.store_fit import sample_rows
+from neurofm.stream import SparseBinner
 from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer
 
 

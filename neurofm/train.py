@@ -104,6 +104,7 @@ from neurofm.masking import (  # noqa: F401  (the masked-bin task, re-exported f
 from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.runtime import resolve_device  # noqa: F401  (re-exported: callers import it from train)
 from neurofm.scoring import ValidationSet, demo_prediction, log_row, losses, metrics_row, validation_batches
+from neurofm.store_fit import variable_genes
 from neurofm.stream import (
     CellStream,
     StreamLoader,
@@ -112,7 +113,6 @@ from neurofm.stream import (
     densify_counts,
     partly_observed_genes,
     store_batches,
-    variable_genes,
 )
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 from neurofm.train_config import TrainConfig  # re-exported: callers import it from train

@@ -16,7 +16,8 @@ import numpy as np
 
 from neurofm.data.store import SOURCE_ROW, CellStore, convert_anndata
 from neurofm.errors import NeurofmError
-from neurofm.stream import StreamConfig, fit_tokenizer, validation_rows
+from neurofm.store_fit import fit_tokenizer
+from neurofm.stream import StreamConfig, validation_rows
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 from neurofm.train_config import TrainConfig
 

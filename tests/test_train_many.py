@@ -18,10 +18,10 @@ from neurofm.data.store import CellStore, convert_many
 from neurofm.masking import frequency_table, stream_frequency_table
 from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.pooling import cell_inputs, feature_table
+from neurofm.store_fit import _measured_variances
 from neurofm.stream import (
     CellStream,
     StreamConfig,
-    _measured_variances,
     densify,
     fit_tokenizer,
     partly_observed_genes,
