@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from neurofm import runtime
+from neurofm.batch_format import batch_observed, densify, densify_counts
 from neurofm.checkpoints import BEST_DIR, MODEL_DIR
 from neurofm.data.store import CellStore
 from neurofm.io import atomic_path
@@ -55,15 +56,7 @@ from neurofm.loop import (
 from neurofm.model import GeneEncoder, load_pretrained
 from neurofm.pooling import cell_inputs, feature_table
 from neurofm.scoring import validation_count_loss
-from neurofm.stream import (
-    CellStream,
-    StreamConfig,
-    StreamLoader,
-    batch_observed,
-    densify,
-    densify_counts,
-    partly_observed_genes,
-)
+from neurofm.stream import CellStream, StreamConfig, StreamLoader, partly_observed_genes
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train_config import TrainConfig
 

@@ -151,7 +151,7 @@ def make_batch(
 ) -> MaskedBatch:
     """Sample genes and masks for the cells in ``bins`` (cells × all genes); ``counts`` (the same cells'
     raw counts) ride along for the count head. ``observed`` (cells × genes bool, a multi-file store's
-    :func:`neurofm.stream.observed_mask`): tokens are drawn among each cell's measured genes; a token
+    :func:`neurofm.batch_format.observed_mask`): tokens are drawn among each cell's measured genes; a token
     that still falls on an unmeasured gene is padding (``padding_mask``), never masked nor scored; with
     ``counts`` the mask rides along too (``MaskedBatch.observed``) for the count head, as does each
     cell's ``batch_index`` (the stream batch's field of that name; None without batches)."""

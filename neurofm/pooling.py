@@ -51,7 +51,7 @@ def cell_inputs(
     d_model), looked up in ``table`` (no gradient flows into the token features), and the count head's
     ``expression_features`` (``None`` unless the model's latent reads the expression). ``observed``
     (bool): the genes measured — per gene (n_genes,), or per cell (cells, n_genes) for the cells of a
-    multi-file store (``neurofm.stream.observed_mask``); only those are pooled and read. Memory is
+    multi-file store (``neurofm.batch_format.observed_mask``); only those are pooled and read. Memory is
     O(cells × genes) ids, never cells × genes × d_model."""
     n_bin_ids = model.config.n_bins + 1
     pooling = resolve_pooling(model, pooling)

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from neurofm import runtime
+from neurofm.batch_format import batch_observed, densify, densify_counts
 from neurofm.loop import Window, to_device
 from neurofm.masking import IGNORE_INDEX, MaskedBatch, make_batch
 from neurofm.model import GeneEncoder
 from neurofm.pooling import cell_inputs, feature_table
-from neurofm.stream import CellStream, batch_observed, densify, densify_counts, partly_observed_genes
+from neurofm.stream import CellStream, partly_observed_genes
 from neurofm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from neurofm import runtime
+from neurofm.batch_format import batch_observed, densify, densify_counts
 from neurofm.checkpoints import (  # noqa: F401  (names of the run directory, re-exported)
     BEST_DIR,
     LAST_DIR,
@@ -105,15 +106,7 @@ from neurofm.model import GeneEncoder, ModelConfig, load_pretrained
 from neurofm.runtime import resolve_device  # noqa: F401  (re-exported: callers import it from train)
 from neurofm.scoring import ValidationSet, demo_prediction, log_row, losses, metrics_row, validation_batches
 from neurofm.store_fit import variable_genes
-from neurofm.stream import (
-    CellStream,
-    StreamLoader,
-    batch_observed,
-    densify,
-    densify_counts,
-    partly_observed_genes,
-    store_batches,
-)
+from neurofm.stream import CellStream, StreamLoader, partly_observed_genes, store_batches
 from neurofm.tokenizer import ExpressionTokenizer, TokenizerConfig
 from neurofm.train_config import TrainConfig  # re-exported: callers import it from train
 from neurofm.training_data import (  # noqa: F401  (re-exported for the steps, tests and benchmarks)
