@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from neurofm import __version__, keys
+from neurofm.config import MIN_GENE_OVERLAP as DEFAULT_MIN_GENE_OVERLAP
 from neurofm.errors import NeurofmError
 
 
@@ -319,7 +320,9 @@ def _add_mapping(commands) -> None:
     )
     mapper.add_argument("--labels", help="reference label column(s) to transfer (default: all)")
     mapper.add_argument("--gene-col", default=None, help="var column naming the genes (default var_names)")
-    mapper.add_argument("--min-gene-overlap", type=float, default=0.5, help="share of model genes required")
+    mapper.add_argument(
+        "--min-gene-overlap", type=float, default=DEFAULT_MIN_GENE_OVERLAP, help="share of model genes required"
+    )
     mapper.add_argument("--unobserved", choices=["exclude", "zero"], default="exclude")
     mapper.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
     mapper.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -386,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--gene-col", default=None, help="var column naming the genes (default var_names)")
     embed.add_argument(
-        "--min-gene-overlap", type=float, default=0.5, help="share of model genes required (default 0.5)"
+        "--min-gene-overlap", type=float, default=DEFAULT_MIN_GENE_OVERLAP,
+        help=f"share of model genes required (default {DEFAULT_MIN_GENE_OVERLAP})",
     )
     embed.add_argument(
         "--unobserved",

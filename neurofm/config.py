@@ -22,6 +22,10 @@ import yaml
 
 from neurofm.errors import NeurofmError
 
+MIN_GENE_OVERLAP = 0.5  # share of the model's genes that must be found in the data (evaluate, map, embed)
+SCARCHES_QUERY_EPOCHS = 200  # scArches' query training (scvi-tools' reference-mapping tutorial)
+MAP_BASELINES = ("pca_ref", "logcounts", "scarches")  # the map pipeline's baselines (neurofm.evaluate.transfer)
+
 # Sections whose keys are checked against a dataclass: section → "module:Class".
 DATACLASS_SECTIONS = {
     "tokenizer": "neurofm.tokenizer:TokenizerConfig",
@@ -86,7 +90,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "label_mapping": {"cluster_2523": "excitatory", "cluster_210": "inhibitory"},
         "group_column": None,  # e.g. c1_chip: the probe split keeps these groups apart
         "gene_column": None,  # var column naming the data's genes (e.g. gene_symbol); None → var_names
-        "min_gene_overlap": 0.5,  # share of the model's genes that must be found in the data
+        "min_gene_overlap": MIN_GENE_OVERLAP,  # share of the model's genes that must be found in the data
         "unobserved": "exclude",  # model genes the data lacks: "exclude" (left out of pooling) or "zero"
         "pooling": "auto",  # auto: as the model pooled in pre-training
         "batch_size": 256,
@@ -108,10 +112,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "query_label_column": None,  # the query's true labels (scores the transfer); None → no scores
         "batch_column": None,  # the query's batches (donor, chip…): scArches' batch key
         "gene_column": None,  # var column naming the query's genes (e.g. gene_symbol); None → var_names
-        "min_gene_overlap": 0.5,  # share of the model's genes that must be found in the query
+        "min_gene_overlap": MIN_GENE_OVERLAP,  # share of the model's genes that must be found in the query
         "reference_data": None,  # the reference cells' .h5ad for the baselines; None → the one recorded
-        "baselines": ["pca_ref", "logcounts", "scarches"],  # fit on the reference only, same protocol
-        "scarches_query_epochs": 200,  # scvi-tools' reference-mapping tutorial
+        "baselines": list(MAP_BASELINES),  # fit on the reference only, same protocol
+        "scarches_query_epochs": SCARCHES_QUERY_EPOCHS,  # scvi-tools' reference-mapping tutorial
         "max_cells_score": 20000,  # scored/clustered on a seeded query sample above this many cells
     },
     "tracking": {
@@ -339,9 +343,6 @@ def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
         raise NeurofmError(f"evaluate.scvi_max_epochs={epochs!r} must be a positive integer or null")
     if not isinstance(latent, int) or latent < 2:
         raise NeurofmError(f"evaluate.scvi_latent={latent!r} must be an integer >= 2, e.g. 10")
-
-
-MAP_BASELINES = ("pca_ref", "logcounts", "scarches")
 
 
 def _check_map(settings: Mapping[str, Any]) -> None:

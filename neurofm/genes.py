@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 
+from neurofm.config import MIN_GENE_OVERLAP
 from neurofm.errors import NeurofmError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_GENE_OVERLAP = 0.5  # share of the model's genes that must be found in the data
+DEFAULT_MIN_GENE_OVERLAP = MIN_GENE_OVERLAP  # share of the model's genes that must be found in the data
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+$", re.IGNORECASE)
 
 

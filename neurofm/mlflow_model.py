@@ -32,7 +32,7 @@ class NeurofmEncoder(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from neurofm.embedding import embed_matrix, frame_to_anndata
-        from neurofm.genes import match_adata
+        from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP, match_adata
 
         cells = frame_to_anndata(model_input)
         params = params or {}
@@ -40,7 +40,7 @@ class NeurofmEncoder(PythonModel):
             cells,
             self.tokenizer.gene_ids,
             self.tokenizer.gene_symbols,
-            min_overlap=float(params.get("min_gene_overlap", 0.5)),
+            min_overlap=float(params.get("min_gene_overlap", DEFAULT_MIN_GENE_OVERLAP)),
         )
         pooling = params.get("pooling", "auto")
         if params.get("labels"):
@@ -48,7 +48,7 @@ class NeurofmEncoder(PythonModel):
 
             embedding, frames, _ = map_labels(
                 cells, self.model, self.tokenizer, reference=self._reference(), progress=False, device="cpu",
-                min_gene_overlap=float(params.get("min_gene_overlap", 0.5)),
+                min_gene_overlap=float(params.get("min_gene_overlap", DEFAULT_MIN_GENE_OVERLAP)),
             )  # fmt: skip
             out = pd.DataFrame(index=model_input.index)
             for column, frame in frames.items():

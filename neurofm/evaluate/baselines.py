@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 from neurofm import keys
+from neurofm.config import SCARCHES_QUERY_EPOCHS
 from neurofm.errors import NeurofmError
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def scarches_baseline(
     query: ad.AnnData,
     query_batches: np.ndarray | None = None,
     n_latent: int = 10,
-    query_epochs: int = 200,
+    query_epochs: int = SCARCHES_QUERY_EPOCHS,
     seed: int = 0,
     n_top_genes: int = 2000,
     max_epochs: int | None = None,

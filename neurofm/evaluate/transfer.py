@@ -22,12 +22,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+from neurofm.config import MAP_BASELINES as CONFIG_MAP_BASELINES
+from neurofm.config import SCARCHES_QUERY_EPOCHS
 from neurofm.errors import NeurofmError
 from neurofm.mapping import UNKNOWN, Reference, ReferenceConfig, build_reference, transfer_labels
 
 log = logging.getLogger(__name__)
 
-MAP_BASELINES = ("pca_ref", "logcounts", "scarches")
+MAP_BASELINES = CONFIG_MAP_BASELINES  # defined once, in neurofm.config
 HEADLINE = ("transfer_f1", "query_ari_optimised")
 
 
@@ -103,7 +105,7 @@ def score_transfer(
 
 def baseline_embeddings(
     name: str, reference_cells, query_cells, *, gene_col: str | None = None, query_batches=None,
-    scarches_query_epochs: int = 200, seed: int = 0,
+    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """``(reference, query)`` embeddings of baseline ``name`` (:data:`MAP_BASELINES`), fit on the reference."""
     from neurofm.evaluate import baselines
@@ -135,7 +137,7 @@ def evaluate_mapping(
     baselines: tuple[str, ...] | list[str] = MAP_BASELINES,
     gene_col: str | None = None,
     query_batches=None,
-    scarches_query_epochs: int = 200,
+    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS,
     cluster: dict[str, Any] | None = None,
     model_seconds: float = 0.0,
     query_expression: np.ndarray | None = None,
@@ -346,7 +348,7 @@ def score_mapped_file(
     gene_col: str | None = None,
     batch_column: str | None = None,
     reference_data: str | None = None,
-    scarches_query_epochs: int = 200,
+    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS,
     model_seconds: float = 0.0,
     model: str | None = None,
 ) -> dict[str, Any]:
