@@ -62,11 +62,13 @@ def tiled(source: Path, copies: int, out: Path) -> int:
 def timed_map(query: Path, model: Path, out: Path) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    subprocess.run(["neurofm", "map", str(query), "--model", str(model), "--out", str(out)], check=True,
-                   capture_output=True)  # fmt: skip
+    done = subprocess.run(["neurofm", "map", str(query), "--model", str(model), "--out", str(out)], check=True,
+                          capture_output=True, text=True)  # fmt: skip
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far (KiB)
-    return {"map_s": round(seconds, 1), "peak_rss_gb": round(peak / 2**20, 2), "peak_grew": peak > before}
+    said = [line for line in done.stdout.splitlines() if line.startswith(("wrote", "obs["))]
+    return {"map_s": round(seconds, 1), "peak_rss_gb": round(peak / 2**20, 2), "peak_grew": peak > before,
+            "neurofm_map_said": said}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
