@@ -95,7 +95,7 @@ def adapt_model(
     cells = adata[rows]
     if getattr(cells, "isbacked", False):
         cells = cells.to_memory()
-    bins = torch.from_numpy(tokenizer.transform(cells, source=match.source).astype(np.int64))
+    bins = torch.from_numpy(tokenizer.transform(cells, source=match.source))  # int16: widened per step
     counts = tokenizer.aligned_counts(cells, source=match.source)
     observed = None if match.observed.all() else torch.from_numpy(match.observed)
     codes = torch.tensor([adapted.config.batch_names.index(name) for name in batches[rows]])
@@ -116,7 +116,7 @@ def adapt_model(
         block = counts[part.numpy()]
         dense = torch.from_numpy(np.asarray(block.todense() if hasattr(block, "todense") else block, np.float32))
         per_cell = None if observed is None else observed[None, :].expand(len(part), -1)
-        cell, expression = cell_inputs(adapted, bins[part], "auto", features, observed)
+        cell, expression = cell_inputs(adapted, bins[part].long(), "auto", features, observed)
         nll, kl = adapted.count_loss(cell, dense, expression, per_cell, codes[part])
         return (nll + kl).mean() * n_count
 

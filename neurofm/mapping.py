@@ -301,13 +301,7 @@ def map_labels(
     if adata.n_obs == 0:
         raise NeurofmError("the query has no cells; pass an .h5ad with at least one cell to map")
     model, tokenizer, record, reference = _resolve(model, tokenizer, reference, tracking_uri)
-    columns = list(label_columns) if label_columns else reference.label_columns
-    for column in columns:
-        if column not in reference.columns:
-            raise NeurofmError(
-                f"the model's reference has no label column {column!r} (it has {reference.label_columns}); "
-                "pass one of those with --labels"
-            )
+    columns = _label_columns(reference, label_columns)
     started = time.perf_counter()
     embedding, embed_record = _embed_with_record(
         adata,
@@ -326,24 +320,40 @@ def map_labels(
     )
     frames = _transfer_in_blocks(adata, tokenizer, reference, columns, embedding, gene_col)
     seconds = time.perf_counter() - started
-    threshold = {c: unknown_threshold(reference, c) for c in columns}
-    map_record = {
+    return embedding, frames, _map_record(record, embed_record, reference, frames, int(adata.n_obs), seconds)
+
+
+def _label_columns(reference: Reference, label_columns) -> list[str]:
+    """The reference columns to transfer (default: all); a column the reference lacks is refused."""
+    columns = list(label_columns) if label_columns else reference.label_columns
+    for column in columns:
+        if column not in reference.columns:
+            raise NeurofmError(
+                f"the model's reference has no label column {column!r} (it has {reference.label_columns}); "
+                "pass one of those with --labels"
+            )
+    return columns
+
+
+def _map_record(record: dict, embed_record: dict, reference: Reference, frames: dict[str, pd.DataFrame],
+                n_cells: int, seconds: float) -> dict[str, Any]:  # fmt: skip
+    """The ``uns['neurofm_map']`` record of a map: model, gene match, reference, unknown thresholds, counts."""
+    return {
         **{k: v for k, v in record.items() if k in ("model", "model_dir", "model_name", "model_version")},
         "gene_match": embed_record["gene_match"],
         "reference": reference.describe(),
-        "label_columns": columns,
-        "score_threshold": threshold,
+        "label_columns": list(frames),
+        "score_threshold": {c: unknown_threshold(reference, c) for c in frames},
         "counts": {
             c: {str(k): int(v) for k, v in f["label"].value_counts().items()} for c, f in frames.items()
         },
         "unknown_share": {
             c: float((f["label"] == UNKNOWN).mean()) if len(f) else 0.0 for c, f in frames.items()
         },
-        "n_cells": int(adata.n_obs),
+        "n_cells": n_cells,
         "seconds": seconds,
         "embedding": embed_record,
     }
-    return embedding, frames, map_record
 
 
 def _h5ad_ready(value: Any) -> Any:

@@ -81,6 +81,33 @@ def pretrain_summary(
     }
 
 
+def _run_params(tokenizer, logged_config: Mapping[str, Any], data_name: str, store: CellStore,
+                store_record: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The pre-training run's parameters: the tokenizer, model and train sections, and the data."""
+    return {
+        "tokenizer": tokenizer.config.__dict__,
+        "model": logged_config["model"],
+        "train": logged_config["train"],
+        "data": {
+            "name": data_name,
+            "n_cells": store.n_cells,
+            "n_genes": store.n_genes,
+            "store": store_record["uri"],
+            "store_manifest_sha256": store_record["manifest_sha256"],
+        },
+    }
+
+
+def _attach_reference(model_dir, store: CellStore, config: ReferenceConfig, data_name: str) -> dict | None:
+    """With ``config.label_columns``: the store's cells stored as the new model's reference, its params
+    logged to the active run; returns the reference's description (None without label columns)."""
+    if not config.label_columns:
+        return None
+    built = add_reference(model_dir, store, config, source=data_name, progress=False)
+    tracking.log_params({"reference": {"label_columns": list(config.label_columns), "n_cells": built.n_cells}})
+    return built.describe()
+
+
 def pretrain_and_register(
     store: CellStore,
     tokenizer: ExpressionTokenizer,
@@ -120,20 +147,7 @@ def pretrain_and_register(
         tags={"neurofm.pipeline_step": "pretrain", "neurofm.data": data_name},
         tracking_uri=tracking_config["tracking_uri"],
     ) as run:
-        tracking.log_params(
-            {
-                "tokenizer": tokenizer.config.__dict__,
-                "model": logged_config["model"],
-                "train": logged_config["train"],
-                "data": {
-                    "name": data_name,
-                    "n_cells": store.n_cells,
-                    "n_genes": store.n_genes,
-                    "store": store_record["uri"],
-                    "store_manifest_sha256": store_record["manifest_sha256"],
-                },
-            }
-        )
+        tracking.log_params(_run_params(tokenizer, logged_config, data_name, store, store_record))
         result = launch_pretrain(  # torchrun when train.nproc_per_node > 1, else in this process
             store,
             tokenizer,
@@ -147,12 +161,7 @@ def pretrain_and_register(
         if result.count_head is not None:  # the count head's phase curve
             for epoch, loss in enumerate(result.count_head.get("val_count_loss_by_epoch", []), start=1):
                 tracking.log_metrics({"count_head_val_count_loss": loss}, step=epoch)
-        reference_info = None
-        if reference_config.label_columns:
-            built = add_reference(result.model_dir, store, reference_config, source=data_name, progress=False)
-            reference_info = built.describe()
-            tracking.log_params({"reference": {"label_columns": list(reference_config.label_columns),
-                                               "n_cells": built.n_cells}})  # fmt: skip
+        reference_info = _attach_reference(result.model_dir, store, reference_config, data_name)
         tracking.log_metrics(final)
         tracking.log_artifacts(
             [p for k, p in result.artifacts.items() if k != "resume_state"], artifact_path="training"

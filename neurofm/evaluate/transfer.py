@@ -336,6 +336,40 @@ def find_reference_cells(reference: Reference, reference_data: str | None = None
     )
 
 
+def _sampled_query(mapped_file: str | Path, max_cells: int | None):
+    """(the mapped query's cells in memory — a seeded sample of ``max_cells`` above that —, its cell count)."""
+    import anndata as ad
+
+    query = ad.read_h5ad(mapped_file, backed="r")
+    try:
+        return query[sample_rows(query.n_obs, max_cells, seed=0)].to_memory(), query.n_obs
+    finally:
+        query.file.close()
+
+
+def _scored_reference(reference: Reference, reference_cells, column: str, max_cells: int | None, tokenizer,
+                      notes: list[str]):  # fmt: skip
+    """``(the reference every method is scored against, the baselines' reference cells or None)``: above
+    ``max_cells`` reference cells, the model's reference rebuilt on a seeded sample of them (the same cells
+    the baselines fit on); ``notes`` gets a line for each such choice."""
+    from neurofm.cell_features import cells_expression
+
+    if reference_cells is not None and max_cells is not None and reference_cells.n_obs > max_cells:
+        keep = sample_rows(reference_cells.n_obs, max_cells, seed=1)  # the same cells for all
+        reference_cells = reference_cells[keep].copy()
+        config = ReferenceConfig(**{**vars(reference.config), "label_columns": (column,)})
+        notes.append(
+            f"every method's reference: a seeded sample of {max_cells} of the reference's {reference.n_cells} cells"
+        )
+        reference = build_reference(
+            reference.embedding[keep], reference_cells.obs[[column]], config, cells_expression(reference_cells, tokenizer)
+        )
+    if reference_cells is not None and column not in reference_cells.obs:
+        reference_cells = None
+        notes.append(f"the reference cells lack obs[{column!r}]; baselines not scored")
+    return reference, reference_cells
+
+
 def score_mapped_file(
     mapped_file: str | Path,
     record: dict[str, Any],
@@ -365,7 +399,6 @@ def score_mapped_file(
     Returns ``{"scored": True, "metrics", "out_dir", "report", "column", "notes"}``, or without
     ``label_column`` ``{"scored": False, "metrics": {}, "out_dir": None}`` (nothing is read or written).
     """
-    import anndata as ad
 
     from neurofm import keys
     from neurofm.cell_features import cells_expression
@@ -376,36 +409,16 @@ def score_mapped_file(
         return {"scored": False, "metrics": {}, "out_dir": None}
     reference = load_reference(model_dir)
     column = label_column if label_column in reference.columns else record["label_columns"][0]
-    query = ad.read_h5ad(mapped_file, backed="r")
-    try:
-        n_query = query.n_obs
-        rows = sample_rows(n_query, max_cells, seed=0)
-        query_cells = query[rows].to_memory()
-    finally:
-        query.file.close()
+    query_cells, n_query = _sampled_query(mapped_file, max_cells)
     truth = query_cells.obs[label_column].astype(str).to_numpy()
     batches = None if batch_column is None else query_cells.obs[batch_column].astype(str).to_numpy()
     reference_cells, where = find_reference_cells(reference, reference_data)
     notes = [] if reference_cells is not None else [where]
-    scored_reference = reference
-    tokenizer = load_pretrained(model_dir)[1]
+    encoder, tokenizer = load_pretrained(model_dir)
     query_expression = cells_expression(query_cells, tokenizer, gene_col)
-    if reference_cells is not None and max_cells is not None and reference_cells.n_obs > max_cells:
-        keep = sample_rows(reference_cells.n_obs, max_cells, seed=1)  # the same cells for all
-        reference_cells = reference_cells[keep].copy()
-        config = ReferenceConfig(**{**vars(reference.config), "label_columns": (column,)})
-        scored_reference = build_reference(
-            reference.embedding[keep],
-            reference_cells.obs[[column]],
-            config,
-            cells_expression(reference_cells, tokenizer),
-        )
-        notes.append(
-            f"every method's reference: a seeded sample of {max_cells} of the reference's {reference.n_cells} cells"
-        )
-    if reference_cells is not None and column not in reference_cells.obs:
-        reference_cells = None
-        notes.append(f"the reference cells lack obs[{column!r}]; baselines not scored")
+    scored_reference, reference_cells = _scored_reference(
+        reference, reference_cells, column, max_cells, tokenizer, notes
+    )
     results = evaluate_mapping(
         scored_reference, query_cells.obsm[keys.EMBEDDING], truth, column,
         reference_cells=reference_cells, query_cells=query_cells, baselines=list(baselines),
@@ -415,11 +428,14 @@ def score_mapped_file(
     header = {
         "model": model or "the newest registered version",
         "query": record.get("input"),
-        "query cells scored": f"{len(rows)} of {n_query}",
+        "query cells scored": f"{query_cells.n_obs} of {n_query}",
         "genes": f"{record['gene_match']['n_found']} of the model's {record['gene_match']['n_model_genes']}",
         "reference": f"{scored_reference.n_cells} cells; baselines fit on {where if reference_cells is not None else '—'}",
         "unknown rule": f"score < {record['score_threshold'][column]:.3f} (unknown_quantile {reference.config.unknown_quantile})",
-        "batch covariate": "none: the model has no batch covariate; map.batch_column is scArches' batch key only",
+        "batch covariate": (
+            f"the count head's {encoder.config.n_batches} batches ({encoder.config.batch_key}); the query on the "
+            "no-batch vector" if encoder.config.n_batches else "none: the model has no batch covariate"
+        ) + "; map.batch_column is scArches' batch key only",
         **{f"note {i + 1}": note for i, note in enumerate(notes)},
     }
     report = write_mapping_report(results, out_dir, header, reference_labels=scored_reference.labels(column))
