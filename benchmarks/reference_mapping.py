@@ -129,6 +129,7 @@ def main(argv=None) -> None:
 
     import anndata as ad
 
+    from neurofm.evaluate.baselines import shared_gene_views
     from neurofm.evaluate.transfer import baseline_embeddings
     from neurofm.mapping import ReferenceConfig, add_reference, load_reference, map_labels
 
@@ -156,8 +157,9 @@ def main(argv=None) -> None:
                         extra["map_whole_query_s"] = round(time.perf_counter() - whole, 2)
                         extra["whole_query_cells"] = int(query_full.n_obs)
                 else:  # the map pipeline's baselines (neurofm.evaluate.transfer), fit on the reference only
+                    ref_view, query_view = shared_gene_views(reference, query)
                     ref_x, query_x = baseline_embeddings(
-                        method, reference, query, scarches_query_epochs=args.scarches_query_epochs, seed=seed
+                        method, ref_view, query_view, scarches_query_epochs=args.scarches_query_epochs, seed=seed
                     )
                 fit_s = time.perf_counter() - started
                 if args.save_embeddings:

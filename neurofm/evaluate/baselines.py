@@ -217,6 +217,76 @@ def log_count_features(
     return tuple(np.asarray(sp.csr_matrix(v)[:, genes].toarray(), np.float32) for v in (ref_values, query_values))
 
 
+SCVI_QUIET = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+              "logger": False, "enable_checkpointing": False}  # fmt: skip
+
+
+def _quiet_scvi(seed: int):
+    import logging as _logging
+
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.settings.verbosity = _logging.ERROR
+    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        _logging.getLogger(name).setLevel(_logging.ERROR)
+    return scvi
+
+
+def scvi_reference(
+    reference: ad.AnnData, n_latent: int = 10, seed: int = 0, n_top_genes: int = 2000, max_epochs: int | None = None
+):
+    """An ``SCVI`` trained on the reference's raw counts with scArches' settings (covariates encoded, layer
+    norm, no batch norm, 2 layers, dropout 0.2), early stopping, the reference as one batch
+    (``obs['batch']``), the reference's obs columns kept (scANVI's labels); the ``n_top_genes`` Seurat-v3
+    variable genes when there are more. One model serves scVI, scArches and scANVI. ``max_epochs`` None:
+    scvi-tools' epoch rule (a number caps it; for tests)."""
+    import warnings
+
+    ref = ad.AnnData(X=_counts(reference), obs=reference.obs.astype(str).reset_index(drop=True))
+    ref.var_names = np.asarray(reference.var_names, dtype=str)
+    ref.var["position"] = np.arange(ref.n_vars)  # the column in the shared-gene views (the query's too)
+    if ref.n_vars > n_top_genes:
+        genes = highly_variable(ref, ref.X, n_top_genes, flavor="seurat_v3")
+        ref = ref[:, genes].copy()
+    ref.obs["batch"] = "reference"
+    scvi = _quiet_scvi(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
+        model = scvi.model.SCVI(
+            ref, n_latent=n_latent, n_layers=2, dropout_rate=0.2, encode_covariates=True,
+            use_layer_norm="both", use_batch_norm="none",
+        )  # fmt: skip
+        model.train(max_epochs=max_epochs, early_stopping=True, **SCVI_QUIET)
+    return model
+
+
+def scvi_query_counts(model, query: ad.AnnData, batches=None) -> ad.AnnData:
+    """The query's raw counts in the reference model's genes (``query``: the shared-gene view of
+    :func:`shared_gene_views`, the reference view's genes in its order), ``obs['batch']`` = ``batches``
+    (None: the reference's own batch, no adaptation)."""
+    qry = ad.AnnData(X=_counts(query)[:, model.adata.var["position"].to_numpy()])
+    qry.var_names = np.asarray(model.adata.var_names, dtype=str)
+    qry.obs["batch"] = ["reference"] * qry.n_obs if batches is None else list(batches)
+    return qry
+
+
+def scvi_baseline_latent(model, query: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """scVI without adaptation: the reference model's latent means of the reference and of the query, read
+    as the reference's own batch (``(reference × n_latent, query × n_latent)``)."""
+    import warnings
+
+    import scvi
+
+    qry = scvi_query_counts(model, query)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.model.SCVI.prepare_query_anndata(qry, model)
+        latent = model.get_latent_representation(qry)
+    return np.asarray(model.get_latent_representation(), np.float32), np.asarray(latent, np.float32)
+
+
 def scarches_baseline(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -226,46 +296,29 @@ def scarches_baseline(
     seed: int = 0,
     n_top_genes: int = 2000,
     max_epochs: int | None = None,
+    model=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """scArches through scvi-tools: an ``SCVI`` with scArches' settings (covariates encoded, layer norm,
-    no batch norm, 2 layers, dropout 0.2) trained on the reference with early stopping and the reference
-    as one batch; the query (its own batches, ``query_batches``, or one) added by ``load_query_data`` —
-    only the new batches' weights train — for ``query_epochs`` as scvi-tools' tutorial does. Returns the
-    latent means ``(reference × n_latent, query × n_latent)``. Same genes in both. ``max_epochs`` None:
-    scvi-tools' epoch rule for the reference model (a number caps it; for tests)."""
-    import logging as _logging
+    """scArches through scvi-tools: the :func:`scvi_reference` model (``model``, or one trained here); the
+    query (its own batches, ``query_batches``, or one) added by ``load_query_data`` — only the new
+    batches' weights train — for ``query_epochs`` as scvi-tools' tutorial does. Returns the latent means
+    ``(reference × n_latent, query × n_latent)``. Same genes in both (:func:`shared_gene_views`)."""
     import warnings
 
     import scvi
 
-    ref = ad.AnnData(X=_counts(reference))
-    qry = ad.AnnData(X=_counts(query))
-    if ref.n_vars > n_top_genes:
-        genes = highly_variable(ref, ref.X, n_top_genes, flavor="seurat_v3")
-        ref, qry = ref[:, genes].copy(), qry[:, genes].copy()
-    ref.obs["batch"] = "reference"
-    qry.obs["batch"] = ["query"] * qry.n_obs if query_batches is None else [f"query {b}" for b in query_batches]
-    qry.var_names = ref.var_names
-    scvi.settings.seed = seed
-    scvi.settings.verbosity = _logging.ERROR
-    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
-        _logging.getLogger(name).setLevel(_logging.ERROR)
-    quiet = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
-             "logger": False, "enable_checkpointing": False}  # fmt: skip
+    if model is None:
+        model = scvi_reference(reference, n_latent, seed, n_top_genes, max_epochs)
+    batches = ["query"] * query.n_obs if query_batches is None else [f"query {b}" for b in query_batches]
+    qry = scvi_query_counts(model, query, batches)
+    _quiet_scvi(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
-        model = scvi.model.SCVI(
-            ref, n_latent=n_latent, n_layers=2, dropout_rate=0.2, encode_covariates=True,
-            use_layer_norm="both", use_batch_norm="none",
-        )  # fmt: skip
-        model.train(max_epochs=max_epochs, early_stopping=True, **quiet)
         reference_latent = model.get_latent_representation()
         scvi.model.SCVI.prepare_query_anndata(qry, model)
         query_model = scvi.model.SCVI.load_query_data(qry, model)
-        query_model.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, **quiet)
+        query_model.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, **SCVI_QUIET)
         query_latent = query_model.get_latent_representation()
-    logger.info("scArches: reference %d cells, query %d cells × %d genes", ref.n_obs, qry.n_obs, ref.n_vars)
+    logger.info("scArches: reference %d cells, query %d cells × %d genes", model.adata.n_obs, qry.n_obs, qry.n_vars)
     return np.asarray(reference_latent, np.float32), np.asarray(query_latent, np.float32)
 
 
@@ -374,20 +427,12 @@ def symphony_reference(
     return work
 
 
-def symphony_map(
-    reference: ad.AnnData, query_counts: ad.AnnData, label_columns, target_sum: float = 1e5, k: int = 5,
-    chunk: int = 5000,
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Map raw query counts onto a :func:`symphony_reference` with ``symphonypy.tl.map_embedding`` and
-    transfer each label column by the k-nearest-neighbour vote that ``symphonypy.tl.transfer_labels_kNN``
-    runs (scikit-learn ``KNeighborsClassifier``, its default ``k`` = 5, Symphony R's ``knnPredict``
-    default too; the reference's Harmony PCA against the query's Symphony-corrected PCA). Returns
-    ``{column: (labels, vote share of the winning label)}`` and Symphony's per-cell Mahalanobis distance
-    (``symphonypy.tl.per_cell_confidence``; higher means less confident), computed ``chunk`` cells at a time."""
+def symphony_map_query(reference: ad.AnnData, query_counts: ad.AnnData, target_sum: float = 1e5) -> ad.AnnData:
+    """The query's raw counts normalised as the reference was and mapped onto a :func:`symphony_reference` with
+    ``symphonypy.tl.map_embedding`` (``obsm['X_pca_harmony']``: the query in the reference's corrected PCA)."""
     import warnings
 
     import symphonypy
-    from sklearn.neighbors import KNeighborsClassifier
 
     query = ad.AnnData(X=_counts(query_counts))
     query.var_names = np.asarray(query_counts.var_names, dtype=str)
@@ -396,15 +441,35 @@ def symphony_map(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         symphonypy.tl.map_embedding(query, reference)
+    return query
+
+
+def symphony_knn(reference: ad.AnnData, query: ad.AnnData, column: str, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, vote share of the winning label)``: the k-nearest-neighbour vote that
+    ``symphonypy.tl.transfer_labels_kNN`` runs (scikit-learn ``KNeighborsClassifier``, its default ``k`` = 5,
+    Symphony R's ``knnPredict`` default too), the reference's Harmony PCA against the mapped query's."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=k)
+    knn.fit(reference.obsm["X_pca_harmony"], reference.obs[column].astype(str))
+    probability = knn.predict_proba(query.obsm["X_pca_harmony"])
+    return knn.classes_[probability.argmax(axis=1)], probability.max(axis=1)
+
+
+def symphony_map(
+    reference: ad.AnnData, query_counts: ad.AnnData, label_columns, target_sum: float = 1e5, k: int = 5,
+    chunk: int = 5000,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Map raw query counts onto a :func:`symphony_reference` (:func:`symphony_map_query`) and transfer each
+    label column by :func:`symphony_knn`. Returns ``{column: (labels, vote share of the winning label)}`` and
+    Symphony's per-cell Mahalanobis distance (``symphonypy.tl.per_cell_confidence``; higher means less
+    confident), computed ``chunk`` cells at a time."""
+    import symphonypy
+
+    query = symphony_map_query(reference, query_counts, target_sum)
     distance = np.empty(query.n_obs)
     for start in range(0, query.n_obs, chunk):
         part = query[start : start + chunk].copy()
         symphonypy.tl.per_cell_confidence(part, reference)
         distance[start : start + chunk] = part.obs["symphony_per_cell_dist"].to_numpy()
-    out = {}
-    for column in label_columns:
-        knn = KNeighborsClassifier(n_neighbors=k)
-        knn.fit(reference.obsm["X_pca_harmony"], reference.obs[column].astype(str))
-        probability = knn.predict_proba(query.obsm["X_pca_harmony"])
-        out[column] = (knn.classes_[probability.argmax(axis=1)], probability.max(axis=1))
-    return out, distance
+    return {column: symphony_knn(reference, query, column, k) for column in label_columns}, distance

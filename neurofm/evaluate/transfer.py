@@ -25,6 +25,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from neurofm.config import MAP_BASELINES as CONFIG_MAP_BASELINES
 from neurofm.config import SCARCHES_QUERY_EPOCHS
 from neurofm.errors import NeurofmError
+from neurofm.evaluate.label_baselines import LABEL_TOOLS, ToolLabels
 from neurofm.mapping import UNKNOWN, Reference, ReferenceConfig, build_reference, transfer_labels
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,44 @@ def score_transfer(
 ) -> TransferResult:  # fmt: skip
     """Transfer ``column`` of ``reference`` to the query and score it against ``truth`` (``expression``: the
     query cells' genes, for a head that reads them)."""
+    frame = transfer_labels(reference, query_embedding, column, expression)
+    ref = reference.columns[column]
+    return _scored(method, column, frame, truth, ref.counts(), query_embedding, reference.embedding,
+                   ref.classifier_name, cluster, seconds)  # fmt: skip
+
+
+def score_tool(
+    method: str, tool: ToolLabels, column: str, truth: np.ndarray, reference_labels: np.ndarray,
+    cluster: dict[str, Any] | None = None, seconds: float = 0.0,
+) -> TransferResult:  # fmt: skip
+    """Score a label tool's own labels (:mod:`neurofm.evaluate.label_baselines`) as :func:`score_transfer`
+    scores a reference head's: its label of every cell, ``unknown`` where its confidence is at or below its
+    default threshold; the query's clustering in the tool's own space where it has one (else NaN)."""
+    predicted = np.asarray(tool.predicted).astype(str)
+    confidence = np.full(len(predicted), np.nan) if tool.confidence is None else np.asarray(tool.confidence, float)
+    frame = pd.DataFrame({"label": np.where(tool.unknown, UNKNOWN, predicted), "predicted": predicted,
+                          "probability": confidence, "score": confidence})  # fmt: skip
+    labels, counts = np.unique(np.asarray(reference_labels).astype(str), return_counts=True)
+    empty = np.zeros((len(predicted), 0), np.float32)
+    return _scored(method, column, frame, truth, dict(zip(labels.tolist(), counts.tolist(), strict=True)),
+                   empty if tool.query_embedding is None else tool.query_embedding,
+                   empty[:0] if tool.reference_embedding is None else tool.reference_embedding,
+                   tool.classifier, cluster, seconds)  # fmt: skip
+
+
+def _scored(method, column, frame, truth, reference_counts, query_embedding, reference_embedding, classifier,
+            cluster, seconds) -> TransferResult:  # fmt: skip
     from neurofm.evaluate.cluster import cluster_embedding
 
-    frame = transfer_labels(reference, query_embedding, column, expression)
     truth = np.asarray(truth).astype(str)
     predicted = frame["predicted"].astype(str).to_numpy()
     labels = sorted(set(truth) | set(predicted))
     scores = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
-    ref = reference.columns[column]
-    counts = ref.counts()
     per_class = pd.DataFrame(
         {
             "label": labels,
             "n_query": [int((truth == label).sum()) for label in labels],
-            "n_reference": [counts.get(label, 0) for label in labels],
+            "n_reference": [reference_counts.get(label, 0) for label in labels],
             "f1": scores,
             "unknown_share": [
                 float((frame["label"][truth == label] == UNKNOWN).mean())
@@ -81,7 +106,8 @@ def score_transfer(
         }
     )
     in_query = per_class["n_query"] > 0
-    clusters = cluster_embedding(query_embedding, truth, **(cluster or {})).metrics()
+    query_embedding = np.asarray(query_embedding)
+    clusters = cluster_embedding(query_embedding, truth, **(cluster or {})).metrics() if query_embedding.shape[1] else {}
     metrics = {
         "transfer_f1": float(per_class.loc[in_query, "f1"].mean()),
         "transfer_accuracy": float(accuracy_score(truth, predicted)),
@@ -98,31 +124,60 @@ def score_transfer(
     )
     return TransferResult(
         method=method, column=column, frame=frame, truth=truth, metrics=metrics, per_class=per_class,
-        confusion=confusion, query_embedding=np.asarray(query_embedding), reference_embedding=reference.embedding,
-        classifier=ref.classifier_name, seconds=seconds,
+        confusion=confusion, query_embedding=query_embedding, reference_embedding=np.asarray(reference_embedding),
+        classifier=classifier, seconds=seconds,
     )  # fmt: skip
 
 
 def baseline_embeddings(
-    name: str, reference_cells, query_cells, *, gene_col: str | None = None, query_batches=None,
-    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS, seed: int = 0,
+    name: str, reference_view, query_view, *, query_batches=None,
+    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS, seed: int = 0, fitted: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """``(reference, query)`` embeddings of baseline ``name`` (:data:`MAP_BASELINES`), fit on the reference."""
+    """``(reference, query)`` embeddings of embedding baseline ``name`` (``pca_ref``, ``logcounts``, ``scvi``,
+    ``scarches``), fit on the reference (shared-gene views, :func:`neurofm.evaluate.baselines.shared_gene_views`).
+    ``fitted`` keeps the one scVI reference that scVI, scArches and scANVI share."""
     from neurofm.evaluate import baselines
 
-    reference_view, query_view = baselines.shared_gene_views(reference_cells, query_cells, gene_col)
     if name == "pca_ref":
         return baselines.pca_reference_projection(reference_view, query_view, seed=seed)
     if name == "logcounts":
         return baselines.log_count_features(reference_view, query_view)
+    model = _scvi_model(reference_view, seed, {} if fitted is None else fitted)
+    if name == "scvi":
+        return baselines.scvi_baseline_latent(model, query_view)
     if name == "scarches":
         return baselines.scarches_baseline(
-            reference_view,
-            query_view,
-            query_batches=query_batches,
-            query_epochs=scarches_query_epochs,
-            seed=seed,
-        )
+            reference_view, query_view, query_batches=query_batches, query_epochs=scarches_query_epochs, seed=seed,
+            model=model,
+        )  # fmt: skip
+    raise NeurofmError(f"unknown map baseline {name!r}; use one of {', '.join(MAP_BASELINES)}")
+
+
+def _scvi_model(reference_view, seed: int, fitted: dict):
+    from neurofm.evaluate import baselines
+
+    if "scvi" not in fitted:
+        fitted["scvi"] = baselines.scvi_reference(reference_view, seed=seed, max_epochs=fitted.get("scvi_max_epochs"))
+    return fitted["scvi"]
+
+
+def tool_labels(
+    name: str, reference_view, query_view, column: str, *, query_batches=None,
+    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS, seed: int = 0, fitted: dict | None = None,
+) -> ToolLabels:  # fmt: skip
+    """Label tool ``name`` (:data:`~neurofm.evaluate.label_baselines.LABEL_TOOLS`) fit on the reference
+    view's ``obs[column]``, run on the query view; scANVI's query trains ``scarches_query_epochs`` as scArches'."""
+    from neurofm.evaluate import label_baselines
+
+    if name in ("celltypist", "celltypist_majority"):
+        return label_baselines.celltypist_labels(reference_view, query_view, column, name == "celltypist_majority")
+    if name == "symphony":
+        return label_baselines.symphony_labels(reference_view, query_view, column, seed=seed)
+    if name == "scanvi":
+        fitted = {} if fitted is None else fitted
+        model = _scvi_model(reference_view, seed, fitted)
+        return label_baselines.scanvi_labels(model, query_view, column, scarches_query_epochs, seed=seed,
+                                             max_epochs=fitted.get("scvi_max_epochs"), query_batches=query_batches)  # fmt: skip
     raise NeurofmError(f"unknown map baseline {name!r}; use one of {', '.join(MAP_BASELINES)}")
 
 
@@ -141,11 +196,16 @@ def evaluate_mapping(
     cluster: dict[str, Any] | None = None,
     model_seconds: float = 0.0,
     query_expression: np.ndarray | None = None,
+    scvi_max_epochs: int | None = None,
 ) -> dict[str, TransferResult]:
     """``{method: TransferResult}``: the model (its stored ``reference``, its label head fed the query's
-    ``query_expression`` when it reads genes) and each baseline (fit on ``reference_cells``, an AnnData of
-    the reference's raw counts with ``column`` in obs; the same label head on the baseline's features),
-    scored on the same query cells by one protocol. Without ``reference_cells`` only the model is scored."""
+    ``query_expression`` when it reads genes) and each baseline, fit on ``reference_cells`` (an AnnData of
+    the reference's raw counts with ``column`` in obs) and scored on the same query cells by one protocol:
+    an embedding baseline through the same label head and unknown rule as the model, a label tool
+    (CellTypist, scANVI, Symphony) by its own classifier and threshold. Without ``reference_cells`` only
+    the model is scored. ``scvi_max_epochs`` caps scVI's epoch rule (None: the rule; for tests)."""
+    from neurofm.evaluate.baselines import shared_gene_views
+
     results = {
         "model": score_transfer(
             "model", reference, column, query_embedding, truth, cluster, model_seconds, query_expression
@@ -161,21 +221,21 @@ def evaluate_mapping(
         label_columns=(column,),
         **{k: v for k, v in vars(reference.config).items() if k not in ("label_columns",)},
     )
+    reference_view, query_view = shared_gene_views(reference_cells, query_cells, gene_col)
+    fitted: dict[str, Any] = {"scvi_max_epochs": scvi_max_epochs}
+    options = {"query_batches": query_batches, "scarches_query_epochs": scarches_query_epochs, "fitted": fitted}
     for name in baselines:
         started = time.perf_counter()
-        ref_x, query_x = baseline_embeddings(
-            name, reference_cells, query_cells, gene_col=gene_col, query_batches=query_batches,
-            scarches_query_epochs=scarches_query_epochs,
-        )  # fmt: skip
-        seconds = time.perf_counter() - started
-        baseline_reference = build_reference(ref_x, reference_cells.obs[[column]], ref_config)
-        results[name] = score_transfer(name, baseline_reference, column, query_x, truth, cluster, seconds)
-        log.info(
-            "map baseline %s: transfer macro-F1 %.3f (%.0f s)",
-            name,
-            results[name].metrics["transfer_f1"],
-            seconds,
-        )
+        if name in LABEL_TOOLS:
+            tool = tool_labels(name, reference_view, query_view, column, **options)
+            seconds = time.perf_counter() - started
+            results[name] = score_tool(name, tool, column, truth, reference_cells.obs[column], cluster, seconds)
+        else:
+            ref_x, query_x = baseline_embeddings(name, reference_view, query_view, **options)
+            seconds = time.perf_counter() - started
+            baseline_reference = build_reference(ref_x, reference_cells.obs[[column]], ref_config)
+            results[name] = score_transfer(name, baseline_reference, column, query_x, truth, cluster, seconds)
+        log.info("map baseline %s: transfer macro-F1 %.3f (%.0f s)", name, results[name].metrics["transfer_f1"], seconds)
     return results
 
 
@@ -435,7 +495,7 @@ def score_mapped_file(
         "batch covariate": (
             f"the count head's {encoder.config.n_batches} batches ({encoder.config.batch_key}); the query on the "
             "no-batch vector" if encoder.config.n_batches else "none: the model has no batch covariate"
-        ) + "; map.batch_column is scArches' batch key only",
+        ) + "; map.batch_column is scArches' and scANVI's query batch key only",
         **{f"note {i + 1}": note for i, note in enumerate(notes)},
     }
     report = write_mapping_report(results, out_dir, header, reference_labels=scored_reference.labels(column))

@@ -64,3 +64,32 @@ def test_the_report_writes_its_tables_and_figures(mapped, tmp_path):
     assert list(table["method"]) == ["model", "pca_ref", "logcounts"]
     for name in ("per_class_f1.csv", "confusion_model.csv", "coembedding_by_dataset.png", "report.html"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_the_label_tools_are_scored_by_the_same_protocol():
+    """CellTypist, Symphony and scANVI label the query with their own classifiers (fit on the reference
+    only); scVI shares its reference model with scANVI; each is scored on the same query cells."""
+    cells = make_synthetic_counts(n_cells=300, n_genes=80, seed=7)
+    cells.obs["label"] = cells.obs["class"].astype(str)
+    reference_cells, query_cells = cells[:200].copy(), cells[200:].copy()
+    ref_labels, truth = reference_cells.obs["label"].to_numpy(), query_cells.obs["label"].to_numpy()
+    reference = build_reference(
+        _embedding(ref_labels, 0), reference_cells.obs[["label"]], ReferenceConfig(label_columns=("label",))
+    )
+    results = evaluate_mapping(
+        reference, _embedding(truth, 1), truth, "label", reference_cells=reference_cells, query_cells=query_cells,
+        baselines=("celltypist", "symphony", "scvi", "scanvi"), cluster=CLUSTER, scarches_query_epochs=2,
+        scvi_max_epochs=3,
+    )  # fmt: skip
+    assert list(results) == ["model", "celltypist", "symphony", "scvi", "scanvi"]
+    assert {len(result.truth) for result in results.values()} == {100}
+    assert results["celltypist"].metrics["transfer_f1"] >= 0.8  # the classes differ in their genes
+    assert np.isnan(results["celltypist"].metrics["query_ari_optimised"])  # CellTypist has no space of its own
+    for method in ("symphony", "scvi", "scanvi"):
+        assert np.isfinite(results[method].metrics["query_ari_optimised"]), method
+    for method in ("celltypist", "symphony", "scanvi"):  # unknown: at or below the tool's own 0.5
+        result = results[method]
+        low = result.frame["probability"].to_numpy() <= 0.5
+        assert result.metrics["unknown_share"] == pytest.approx(low.mean()), method
+        assert set(result.per_class["label"]) <= {"excitatory", "inhibitory"}
+    assert results["scanvi"].classifier.startswith("scANVI")
