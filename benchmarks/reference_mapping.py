@@ -1,35 +1,36 @@
-"""Reference mapping across donors: the model's label transfer against PCA, log-counts and scArches.
+"""Reference mapping across donors, in one table: the model's label transfer, its ablations and the tools a
+user would pick instead, both directions, both label levels, mean ± sd over pre-training seeds (issue 30).
 
 M1 donor 1 → donor 2 and donor 2 → donor 1 (``../shared/data/allen_m1_10x_donor{1,2}_141markers.h5ad``),
-at two label levels (``subclass_approx``, 18; ``cluster_label``, 127). For each direction: the model is
-pre-trained on a seeded sample of the reference donor only (``--ref-cells``; ``--epochs``, one model
-per ``--seeds`` entry) and its reference built from those cells (``neurofm.mapping.add_reference``);
-the query donor is never seen by pre-training, the reference or any setting. Every method maps the same
-query sample (``--query-cells``) by one protocol — ``neurofm.mapping.build_reference`` on its reference
-embedding (the probe menu picked on reference cells only, the same unknown rule) and
-``transfer_labels`` on the query:
+whole donors, at two label levels (``subclass_approx``, 18; ``cluster_label``, 127). One model pre-trained
+per (direction, seed) on the reference donor only (:func:`pretrain_model`, the same budget for every row,
+named in the JSON) serves both levels and every held-out type; the query donor is never seen by
+pre-training, the reference or any setting. The rows come from four resumable scripts, each keyed by
+(method, direction, level, seed[, held-out type]) and written as they land:
 
-- ``model``: the frozen neurofm embedding (zero-shot: no query-specific training);
-- ``pca_ref``: scanpy's recipe (CP10k, log1p, PCA-50) fit on the reference, the query projected;
-- ``logcounts``: log-normalised counts of the shared genes as the features (no embedding);
-- ``scarches``: scvi-tools' reference mapping (``SCVI`` with the donor as batch key, scArches settings —
-  covariates encoded, layer norm, no batch norm — early stopping on the reference; ``load_query_data``
-  and ``--scarches-query-epochs`` on the query as the tutorial does), once per direction (seed 0).
+- ``mapping_heads.py``: ``neurofm reference`` + ``neurofm map`` end to end (the default head, chosen on
+  reference cells only) and the head on genes / embedding / contextual states / random-weights controls,
+  the logistic regression on the genes; ``--only-held-out``: ``unknown`` with a subclass held out;
+- ``mapping_query_ari.py``: the query's own clustering (cluster-optimised ARI, ARI at resolution 1);
+- ``mapping_baselines.py``: CellTypist (majority voting off/on), scVI + logistic, scANVI, Symphony, and
+  their held-out rows.
 
-Scored on the query: transfer macro-F1 (the classifier's label), per-class F1, query ARI optimised /
-at resolution 1 (the evaluation's Leiden sweep on the query's own kNN graph). Unknown rejection
-(subclass level): ``--held-out`` subclasses are each left out of the reference in turn; the share of their
-query cells called ``unknown`` and the share of all other query cells called ``unknown``. The wall time
-to map the whole query donor with the model (embedding + transfer) is timed once per direction.
+``--run`` runs the four (each skips the rows it already has; at most one CPU-heavy process at a time);
+without it the script only reads their JSON. Either way it prints one table and writes
+``benchmarks/results/reference_mapping.json``: every method's transfer macro-F1 and accuracy (mean ± sd,
+n seeds), its wall seconds to build the reference and to map the whole query, the default's margin over
+the strongest baseline, what the model's features add over the same head on the genes, the query ARI,
+and ``unknown`` per held-out type for every method with a confidence.
 
-    PYTHONPATH=$PWD python benchmarks/reference_mapping.py --seeds 0 1 2 --epochs 3
+    PYTHONPATH=$PWD python benchmarks/reference_mapping.py --models /tmp/bench/models --seeds 0 1 2 [--run]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,153 +69,177 @@ def pretrain_model(reference, epochs: int, seed: int, out_dir: Path, count_head_
     return Path(result.model_dir)
 
 
-def score(ref_x, ref_obs, query_x, query_obs, held_out: tuple[str, ...], levels=LEVELS, reference=None) -> dict:
-    """Transfer scores of one method; ``reference``: the one already built from ``ref_x`` (the model's own,
-    built by ``add_reference`` with the same settings), else built here."""
-    from sklearn.metrics import f1_score
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT = "neurofm map (default head)"
+GENES_HEAD = "head mlp 256 on genes"
+MODEL_FEATURES = ("head mlp 256 on genes+embedding", "head mlp 256 on genes+context")
+UNKNOWN_PREFIX = "unknown (distance or probability, 0.95): "  # the default rule (mapping_heads.UNKNOWN_RULE)
+NO_TRANSFER = ("unknown",)  # mapping_heads rows that are not transfer rows start with this
 
-    from neurofm.evaluate.cluster import cluster_embedding
-    from neurofm.mapping import UNKNOWN, ReferenceConfig, build_reference, transfer_labels
 
-    out: dict = {}
-    if reference is None:
-        reference = build_reference(ref_x, ref_obs, ReferenceConfig(label_columns=tuple(levels)))
-    for level in levels:
-        frame = transfer_labels(reference, query_x, level)
-        truth = query_obs[level].astype(str).to_numpy()
-        labels = sorted(set(truth))
-        per_class = f1_score(truth, frame["predicted"], labels=labels, average=None, zero_division=0)
-        out[level] = {
-            "transfer_f1": float(f1_score(truth, frame["predicted"], average="macro", zero_division=0)),
-            "per_class_f1": {label: round(float(v), 4) for label, v in zip(labels, per_class, strict=True)},
-            "unknown_share": float((frame["label"] == UNKNOWN).mean()),
-            "classifier": reference.columns[level].classifier_name,
-        }
-    clusters = cluster_embedding(query_x, query_obs[levels[0]].astype(str).to_numpy())
-    metrics = clusters.metrics()
-    out["query_ari_optimised"] = float(metrics["ari_optimised"])
-    out["query_ari_res1"] = float(metrics["ari_res1_mean"])
-    rejection = {}
-    for subclass in held_out:
-        keep = ref_obs[levels[0]].astype(str).to_numpy() != subclass
-        partial = build_reference(ref_x[keep], ref_obs[keep], ReferenceConfig(label_columns=(levels[0],)))
-        frame = transfer_labels(partial, query_x, levels[0])
-        novel = query_obs[levels[0]].astype(str).to_numpy() == subclass
-        unknown = (frame["label"] == UNKNOWN).to_numpy()
-        rejection[subclass] = {
-            "held_out_unknown": float(unknown[novel].mean()) if novel.any() else float("nan"),
-            "others_unknown": float(unknown[~novel].mean()),
-            "n_query_cells": int(novel.sum()),
-        }
-    out["rejection"] = rejection
+def commands(models: str, seeds: list[int]) -> list[list[str]]:
+    """The four scripts, in the order ``--run`` runs them (each resumable)."""
+    s = [str(seed) for seed in seeds]
+    here = Path(__file__).resolve().parent
+    return [
+        [sys.executable, str(here / "mapping_heads.py"), "--models", models, "--seeds", *s, "--pretrain"],
+        [sys.executable, str(here / "mapping_heads.py"), "--models", models, "--seeds", *s, "--only-held-out",
+         "--out", str(RESULTS / "mapping_unknown.json")],
+        [sys.executable, str(here / "mapping_query_ari.py"), "--models", models, "--seeds", *s],
+        [sys.executable, str(here / "mapping_baselines.py"), "--seeds", *s],
+        [sys.executable, str(here / "mapping_baselines.py"), "--seeds", "0", "--held-out", "--levels", LEVELS[0],
+         "--out", str(RESULTS / "mapping_baselines_unknown.json")],
+    ]  # fmt: skip
+
+
+def _rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def _stat(values: list[float]) -> dict:
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, 4),
+            "n": len(values)}  # fmt: skip
+
+
+def transfer_table() -> list[dict]:
+    """One row per (direction, level, method): macro-F1 and accuracy over seeds, wall seconds."""
+    raw: dict[tuple, list[dict]] = {}
+    for row in _rows("mapping_heads"):
+        if row["method"].startswith(NO_TRANSFER):
+            continue
+        for level in LEVELS:
+            if level in row:
+                seconds = {"build_s": row.get("reference_cli_s"), "map_s": row.get("map_cli_s")}
+                raw.setdefault((row["direction"], level, row["method"], "model / ablation"), []).append(
+                    {**row[level], **seconds, "seed": row["seed"]}
+                )
+    for row in _rows("mapping_baselines"):
+        if "held_out" not in row:
+            raw.setdefault((row["direction"], row["level"], row["method"], "baseline"), []).append(row)
+    table = []
+    for (direction, level, method, kind), rows in sorted(raw.items()):
+        table.append({"direction": direction, "level": level, "method": method, "kind": kind,
+                      "seeds": sorted({r["seed"] for r in rows}),
+                      "f1": _stat([r["f1"] for r in rows]), "accuracy": _stat([r["accuracy"] for r in rows]),
+                      "build_s": _stat([r.get("build_s") for r in rows]),
+                      "map_s": _stat([r.get("map_s") for r in rows])})  # fmt: skip
+    return table
+
+
+def verdicts(table: list[dict]) -> list[dict]:
+    """Per (direction, level): the default against the strongest baseline (the tools a user would pick, the
+    logistic regression and the same heads on the genes alone), and what the model's features add over the head on the genes."""
+    out = []
+    for direction, level in sorted({(r["direction"], r["level"]) for r in table}):
+        rows = {r["method"]: r for r in table if (r["direction"], r["level"]) == (direction, level)}
+        if DEFAULT not in rows:
+            continue
+        baselines = {m: r["f1"]["mean"] for m, r in rows.items()
+                     if (r["kind"] == "baseline" or m.endswith(" on genes")) and r["f1"]["mean"] is not None}  # fmt: skip
+        best = max(baselines, key=baselines.get) if baselines else None
+        default = rows[DEFAULT]["f1"]
+        verdict = {"direction": direction, "level": level, "default_f1": default,
+                   "strongest_baseline": best, "strongest_f1": baselines.get(best),
+                   "margin": None if best is None else round(default["mean"] - baselines[best], 4)}  # fmt: skip
+        genes = rows.get(GENES_HEAD)
+        if genes is not None:
+            for name in MODEL_FEATURES:
+                if name in rows:
+                    by_seed = _paired(rows[name], genes, direction, level)
+                    verdict[f"adds ({name.removeprefix('head mlp 256 on ')})"] = _stat(by_seed)
+        out.append(verdict)
     return out
+
+
+def _paired(with_model: dict, genes: dict, direction: str, level: str) -> list[float]:
+    """Per seed: the head on genes + model features minus the head on the genes alone (same seed)."""
+    rows = [r for r in _rows("mapping_heads") if (r["direction"], r.get(level) is not None) == (direction, True)]
+    scores = {(r["method"], r["seed"]): r[level]["f1"] for r in rows}
+    return [scores[(with_model["method"], seed)] - scores[(genes["method"], seed)]
+            for seed in with_model["seeds"] if (genes["method"], seed) in scores]  # fmt: skip
+
+
+def unknown_table() -> list[dict]:
+    """``unknown`` per (direction, held-out type, method): AUROC of the score, the share of held-out and of
+    other query cells called unknown (the model: its default rule; a tool: its own threshold), over seeds."""
+    raw: dict[tuple, list[dict]] = {}
+    for row in _rows("mapping_unknown"):
+        if row["method"].startswith(UNKNOWN_PREFIX):
+            raw.setdefault((row["direction"], row["held_out"], "neurofm map (default rule)"), []).append(
+                {"auroc": row["auroc_score"], "held": row["held_out_unknown"], "others": row["others_unknown"]})
+    for row in _rows("mapping_baselines_unknown"):
+        if "held_out" in row:
+            raw.setdefault((row["direction"], row["held_out"], row["method"]), []).append(
+                {"auroc": row["auroc"], "held": row["held_out_below_threshold"],
+                 "others": row["others_below_threshold"]})  # fmt: skip
+    return [{"direction": d, "held_out": h, "method": m, "auroc": _stat([r["auroc"] for r in rows]),
+             "held_out_unknown": _stat([r["held"] for r in rows]), "others_unknown": _stat([r["others"] for r in rows])}
+            for (d, h, m), rows in sorted(raw.items())]  # fmt: skip
+
+
+def query_ari_table() -> list[dict]:
+    raw: dict[tuple, list[dict]] = {}
+    for row in _rows("mapping_query_ari"):
+        raw.setdefault((row["direction"], row["method"]), []).append(row)
+    return [{"direction": d, "method": m, "ari_optimised": _stat([r["ari_optimised"] for r in rows]),
+             "ari_res1": _stat([r["ari_res1_mean"] for r in rows])} for (d, m), rows in sorted(raw.items())]  # fmt: skip
+
+
+def _show(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "—"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["n"] > 1 else "") + f" ({stat['n']})"
+
+
+def print_tables(report: dict) -> None:
+    for direction, level in sorted({(r["direction"], r["level"]) for r in report["transfer"]}):
+        print(f"\n### {direction}, {level}\n")
+        print("| method | macro-F1 (n seeds) | accuracy | build s | map s |\n|---|---|---|---|---|")
+        rows = [r for r in report["transfer"] if (r["direction"], r["level"]) == (direction, level)]
+        for r in sorted(rows, key=lambda r: -(r["f1"]["mean"] or 0)):
+            print(f"| {r['method']} | {_show(r['f1'])} | {_show(r['accuracy'])} | {_show(r['build_s'], 0)} | "
+                  f"{_show(r['map_s'], 0)} |")  # fmt: skip
+    print("\n| direction | level | default | strongest baseline | margin | model features add |\n|---|---|---|---|---|---|")
+    for v in report["verdicts"]:
+        adds = "; ".join(f"{k.removeprefix('adds ')} {_show(s)}" for k, s in v.items() if k.startswith("adds"))
+        print(f"| {v['direction']} | {v['level']} | {_show(v['default_f1'])} | {v['strongest_baseline']} "
+              f"{v['strongest_f1']:.3f} | {v['margin']:+.3f} | {adds} |")  # fmt: skip
+    print("\n| direction | held out | method | AUROC | held-out unknown | others unknown |\n|---|---|---|---|---|---|")
+    for r in report["unknown"]:
+        print(f"| {r['direction']} | {r['held_out']} | {r['method']} | {_show(r['auroc'])} | "
+              f"{_show(r['held_out_unknown'])} | {_show(r['others_unknown'])} |")  # fmt: skip
+    print("\n| direction | embedding | query ARI optimised | ARI at resolution 1 |\n|---|---|---|---|")
+    for r in report["query_ari"]:
+        print(f"| {r['direction']} | {r['method']} | {_show(r['ari_optimised'])} | {_show(r['ari_res1'])} |")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="/tmp/bench/models", help="<ref>_seed<N>/ model directories")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3, help="pre-training epochs of the model")
-    parser.add_argument("--count-head-epochs", type=int, default=None,
-                        help="cap the count head's phase (None: scVI's rule, up to 400 epochs, early-stopped)")
-    parser.add_argument("--ref-cells", type=int, default=10_000)
-    parser.add_argument("--query-cells", type=int, default=10_000)
-    parser.add_argument("--directions", nargs="+", default=["donor1->donor2", "donor2->donor1"])
-    parser.add_argument("--methods", nargs="+", default=["model", "pca_ref", "logcounts", "scarches"])
-    parser.add_argument("--scarches-query-epochs", type=int, default=200)
-    parser.add_argument("--held-out", nargs="+", default=list(HELD_OUT))
-    parser.add_argument("--levels", nargs="+", default=list(LEVELS), help="label columns (the first: rejection, ARI)")
-    parser.add_argument("--out", default="benchmarks/results/reference_mapping.json")
-    parser.add_argument("--save-embeddings", help="directory for each method's (reference, query) embeddings (.npz)")
+    parser.add_argument("--run", action="store_true", help="run the four scripts first (each resumable)")
+    parser.add_argument("--out", default=str(RESULTS / "reference_mapping.json"))
     args = parser.parse_args(argv)
-
-    import anndata as ad
-
-    from neurofm.evaluate.baselines import shared_gene_views
-    from neurofm.evaluate.transfer import baseline_embeddings
-    from neurofm.mapping import ReferenceConfig, add_reference, load_reference, map_labels
-
-    rows = []
-    for direction in args.directions:
-        ref_name, query_name = direction.split("->")
-        ref_full, query_full = ad.read_h5ad(DONORS[ref_name]), ad.read_h5ad(DONORS[query_name])
-        reference, query = sample(ref_full, args.ref_cells, 0), sample(query_full, args.query_cells, 1)
-        held_out, levels = tuple(args.held_out), tuple(args.levels)
-        for method in args.methods:
-            seeds = args.seeds if method == "model" else [0]
-            for seed in seeds:
-                started = time.perf_counter()
-                extra: dict = {}
-                reference_built = None
-                if method == "model":
-                    with tempfile.TemporaryDirectory() as tmp:
-                        model_dir = pretrain_model(reference, args.epochs, seed, Path(tmp), args.count_head_epochs)
-                        add_reference(model_dir, reference, ReferenceConfig(label_columns=levels), progress=False)
-                        reference_built = load_reference(model_dir)
-                        ref_x, _, _ = map_labels(reference, model_dir, progress=False)
-                        query_x, _, _ = map_labels(query, model_dir, progress=False)
-                        whole = time.perf_counter()
-                        map_labels(query_full, model_dir, progress=False)
-                        extra["map_whole_query_s"] = round(time.perf_counter() - whole, 2)
-                        extra["whole_query_cells"] = int(query_full.n_obs)
-                else:  # the map pipeline's baselines (neurofm.evaluate.transfer), fit on the reference only
-                    ref_view, query_view = shared_gene_views(reference, query)
-                    ref_x, query_x = baseline_embeddings(
-                        method, ref_view, query_view, scarches_query_epochs=args.scarches_query_epochs, seed=seed
-                    )
-                fit_s = time.perf_counter() - started
-                if args.save_embeddings:
-                    Path(args.save_embeddings).mkdir(parents=True, exist_ok=True)
-                    np.savez(Path(args.save_embeddings) / f"{direction.replace('->', '_to_')}_{method}_{seed}.npz",
-                             reference=ref_x, query=query_x)  # fmt: skip
-                result = score(ref_x, reference.obs, query_x, query.obs, held_out, levels, reference_built)
-                row = {"direction": direction, "method": method, "seed": seed, "fit_and_embed_s": round(fit_s, 1),
-                       **extra, **result}  # fmt: skip
-                rows.append(row)
-                write_report({"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "partial": True},
-                             args.out)  # after every row: a stopped run keeps what it measured
-                f1s = "  ".join(f"{level} F1 {result[level]['transfer_f1']:.3f}" for level in levels)
-                print(f"{direction:16s} {method:10s} seed {seed}: {f1s}  ARI-opt {result['query_ari_optimised']:.3f}"
-                      f"  unknown {result[levels[0]]['unknown_share']:.3f}  ({fit_s:.0f} s)", flush=True)
-    summary = summarise(rows)
-    print_table(summary)
-    write_report({"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "summary": summary}, args.out)
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    out = []
-    for direction in dict.fromkeys(r["direction"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            picked = [r for r in rows if r["direction"] == direction and r["method"] == method]
-            if not picked:
-                continue
-
-            def stat(values):
-                values = np.asarray(values, dtype=float)
-                return [round(float(values.mean()), 4), round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 4)]
-
-            rejection = [v for r in picked for v in r["rejection"].values()]
-            out.append({
-                "direction": direction, "method": method, "n_seeds": len(picked),
-                **{f"{level}_f1": stat([r[level]["transfer_f1"] for r in picked]) for level in LEVELS if level in picked[0]},
-                "query_ari_optimised": stat([r["query_ari_optimised"] for r in picked]),
-                "query_ari_res1": stat([r["query_ari_res1"] for r in picked]),
-                "unknown_share_first_level": stat([r[level]["unknown_share"] for r in picked for level in LEVELS[:1] if level in r]),
-                "held_out_unknown": stat([v["held_out_unknown"] for v in rejection]),
-                "others_unknown": stat([v["others_unknown"] for v in rejection]),
-                "fit_and_embed_s": stat([r["fit_and_embed_s"] for r in picked]),
-                "map_whole_query_s": stat([r["map_whole_query_s"] for r in picked]) if "map_whole_query_s" in picked[0] else None,
-            })  # fmt: skip
-    return out
-
-
-def print_table(summary: list[dict]) -> None:
-    head = f"{'direction':16s} {'method':10s} {'subclass F1':>15s} {'cluster F1':>15s} {'ARI-opt':>15s} {'held-out unk':>13s} {'others unk':>11s} {'s':>6s}"
-    print(head)
-    for s in summary:
-        f = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if v else "not run"  # noqa: E731
-        print(f"{s['direction']:16s} {s['method']:10s} {f(s.get('subclass_approx_f1')):>15s} {f(s.get('cluster_label_f1')):>15s} "
-              f"{f(s['query_ari_optimised']):>15s} {s['held_out_unknown'][0]:>13.3f} {s['others_unknown'][0]:>11.3f} "
-              f"{s['fit_and_embed_s'][0]:>6.0f}")  # fmt: skip
+    ran = []
+    if args.run:
+        for command in commands(args.models, args.seeds):
+            started = time.perf_counter()
+            subprocess.run(command, check=True)
+            ran.append({"command": " ".join(command[1:]), "seconds": round(time.perf_counter() - started)})
+    sources = {name: json.loads((RESULTS / f"{name}.json").read_text()).get("command")
+               for name in ("mapping_heads", "mapping_unknown", "mapping_query_ari", "mapping_baselines",
+                            "mapping_baselines_unknown") if (RESULTS / f"{name}.json").is_file()}  # fmt: skip
+    pretraining = json.loads((RESULTS / "mapping_heads.json").read_text()).get("pretraining") if sources else None
+    transfer = transfer_table()
+    report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "pretraining": pretraining,
+              "sources": sources, "ran": ran, "transfer": transfer, "verdicts": verdicts(transfer),
+              "unknown": unknown_table(), "query_ari": query_ari_table()}  # fmt: skip
+    print_tables(report)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
