@@ -5,17 +5,19 @@ M1 donor 1 → donor 2 and donor 2 → donor 1 (``../shared/data/allen_m1_10x_do
 whole donors, at two label levels (``subclass_approx``, 18; ``cluster_label``, 127). One model pre-trained
 per (direction, seed) on the reference donor only (:func:`pretrain_model`, the same budget for every row,
 named in the JSON) serves both levels and every held-out type; the query donor is never seen by
-pre-training, the reference or any setting. The rows come from four resumable scripts, each keyed by
+pre-training, the reference or any setting. The rows come from five resumable scripts, each keyed by
 (method, direction, level, seed[, held-out type]) and written as they land:
 
 - ``mapping_heads.py``: ``neurofm reference`` + ``neurofm map`` end to end (the default head, chosen on
   reference cells only) and the head on genes / embedding / contextual states / random-weights controls,
   the logistic regression on the genes; ``--only-held-out``: ``unknown`` with a subclass held out;
 - ``mapping_query_ari.py``: the query's own clustering (cluster-optimised ARI, ARI at resolution 1);
+- ``mapping_unknown_space.py``: the unknown rule with its distances in the model's embedding, a
+  random-weights encoder's, the genes' PCA or the genes (what pre-training adds to ``unknown``);
 - ``mapping_baselines.py``: CellTypist (majority voting off/on), scVI + logistic, scANVI, Symphony, and
   their held-out rows.
 
-``--run`` runs the four (each skips the rows it already has; at most one CPU-heavy process at a time);
+``--run`` runs the five (each skips the rows it already has; at most one CPU-heavy process at a time);
 without it the script only reads their JSON. Either way it prints one table and writes
 ``benchmarks/results/reference_mapping.json``: every method's transfer macro-F1 and accuracy (mean ± sd,
 n seeds), its wall seconds to build the reference and to map the whole query, the default's margin over
@@ -86,6 +88,7 @@ def commands(models: str, seeds: list[int]) -> list[list[str]]:
         [sys.executable, str(here / "mapping_heads.py"), "--models", models, "--seeds", *s, "--only-held-out",
          "--out", str(RESULTS / "mapping_unknown.json")],
         [sys.executable, str(here / "mapping_query_ari.py"), "--models", models, "--seeds", *s],
+        [sys.executable, str(here / "mapping_unknown_space.py"), "--models", models, "--seeds", *s],
         [sys.executable, str(here / "mapping_baselines.py"), "--seeds", *s],
         [sys.executable, str(here / "mapping_baselines.py"), "--seeds", "0", "--held-out", "--levels", LEVELS[0],
          "--out", str(RESULTS / "mapping_baselines_unknown.json")],
@@ -181,6 +184,17 @@ def unknown_table() -> list[dict]:
             for (d, h, m), rows in sorted(raw.items())]  # fmt: skip
 
 
+def unknown_space_table() -> list[dict]:
+    """``mapping_unknown_space.py``: the same unknown rule with distances in the model's embedding, a
+    random-weights encoder's, the genes' PCA or the genes: what pre-training adds to ``unknown``."""
+    raw: dict[tuple, list[dict]] = {}
+    for row in _rows("mapping_unknown_space"):
+        raw.setdefault((row["direction"], row["held_out"], row["space"]), []).append(row)
+    return [{"direction": d, "held_out": h, "space": sp, "auroc": _stat([r["auroc"] for r in rows]),
+             "held_out_unknown": _stat([r["held_out_unknown"] for r in rows]),
+             "others_unknown": _stat([r["others_unknown"] for r in rows])} for (d, h, sp), rows in sorted(raw.items())]  # fmt: skip
+
+
 def query_ari_table() -> list[dict]:
     raw: dict[tuple, list[dict]] = {}
     for row in _rows("mapping_query_ari"):
@@ -212,6 +226,10 @@ def print_tables(report: dict) -> None:
     for r in report["unknown"]:
         print(f"| {r['direction']} | {r['held_out']} | {r['method']} | {_show(r['auroc'])} | "
               f"{_show(r['held_out_unknown'])} | {_show(r['others_unknown'])} |")  # fmt: skip
+    print("\n| direction | held out | distance in | AUROC | held-out unknown | others unknown |\n|---|---|---|---|---|---|")
+    for r in report["unknown_space"]:
+        print(f"| {r['direction']} | {r['held_out']} | {r['space']} | {_show(r['auroc'])} | "
+              f"{_show(r['held_out_unknown'])} | {_show(r['others_unknown'])} |")  # fmt: skip
     print("\n| direction | embedding | query ARI optimised | ARI at resolution 1 |\n|---|---|---|---|")
     for r in report["query_ari"]:
         print(f"| {r['direction']} | {r['method']} | {_show(r['ari_optimised'])} | {_show(r['ari_res1'])} |")
@@ -221,7 +239,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="/tmp/bench/models", help="<ref>_seed<N>/ model directories")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--run", action="store_true", help="run the four scripts first (each resumable)")
+    parser.add_argument("--run", action="store_true", help="run the five scripts first (each resumable)")
     parser.add_argument("--out", default=str(RESULTS / "reference_mapping.json"))
     args = parser.parse_args(argv)
     ran = []
@@ -232,12 +250,12 @@ def main(argv=None) -> None:
             ran.append({"command": " ".join(command[1:]), "seconds": round(time.perf_counter() - started)})
     sources = {name: json.loads((RESULTS / f"{name}.json").read_text()).get("command")
                for name in ("mapping_heads", "mapping_unknown", "mapping_query_ari", "mapping_baselines",
-                            "mapping_baselines_unknown") if (RESULTS / f"{name}.json").is_file()}  # fmt: skip
+                            "mapping_baselines_unknown", "mapping_unknown_space") if (RESULTS / f"{name}.json").is_file()}  # fmt: skip
     pretraining = json.loads((RESULTS / "mapping_heads.json").read_text()).get("pretraining") if sources else None
     transfer = transfer_table()
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "pretraining": pretraining,
               "sources": sources, "ran": ran, "transfer": transfer, "verdicts": verdicts(transfer),
-              "unknown": unknown_table(), "query_ari": query_ari_table()}  # fmt: skip
+              "unknown": unknown_table(), "unknown_space": unknown_space_table(), "query_ari": query_ari_table()}  # fmt: skip
     print_tables(report)
     write_report(report, args.out)
 
