@@ -80,7 +80,7 @@ NO_TRANSFER = ("unknown",)  # mapping_heads rows that are not transfer rows star
 
 
 def commands(models: str, seeds: list[int]) -> list[list[str]]:
-    """The four scripts, in the order ``--run`` runs them (each resumable)."""
+    """The five scripts, in the order ``--run`` runs them (each resumable)."""
     s = [str(seed) for seed in seeds]
     here = Path(__file__).resolve().parent
     return [
