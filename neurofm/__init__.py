@@ -44,7 +44,7 @@ _LAZY = {
     "ModelConfig": ("neurofm.model", "ModelConfig"),
     "TrainConfig": ("neurofm.train_config", "TrainConfig"),
     "ProbeConfig": ("neurofm.evaluate.probe", "ProbeConfig"),
-    "ClusterConfig": ("neurofm.evaluate.cluster", "ClusterConfig"),
+    "ClusterConfig": ("neurofm.cluster_config", "ClusterConfig"),
 }
 __all__ = ["NeurofmError", "__version__", *_LAZY]
 

@@ -37,6 +37,8 @@ from neurofm.tokenizer import ExpressionTokenizer
 
 log = logging.getLogger(__name__)
 
+EMBED_BATCH_SIZE = 256  # cells per forward pass when embedding (the evaluate section's batch_size)
+
 POOLINGS = ("auto", "mean", "mean_nonzero", "max")  # "auto": what the model pooled in pre-training
 UNOBSERVED_MODES = ("exclude", "zero")  # model genes the data lacks: left out of pooling, or zero counts
 REGISTERED_MODEL_NAME = "neurofm-encoder"  # configs: tracking.registered_model_name
@@ -66,7 +68,7 @@ def embed_matrix(
     model: GeneEncoder,
     tokenizer: ExpressionTokenizer,
     adata: ad.AnnData,
-    batch_size: int = 256,
+    batch_size: int = EMBED_BATCH_SIZE,
     pooling: str = "auto",
     device: str = "auto",
     missing_genes: str = "error",
@@ -195,7 +197,7 @@ def embed(
     min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
     unobserved: str = "exclude",
     pooling: str = "auto",
-    batch_size: int = 256,
+    batch_size: int = EMBED_BATCH_SIZE,
     device: str = "auto",
     progress: bool = True,
     tracking_uri: str | None = None,

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 
-from neurofm.config import MIN_GENE_OVERLAP
 from neurofm.errors import NeurofmError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_GENE_OVERLAP = MIN_GENE_OVERLAP  # share of the model's genes that must be found in the data
+MIN_GENE_OVERLAP = 0.5  # share of the model's genes that must be found in the data (evaluate, map, embed)
+DEFAULT_MIN_GENE_OVERLAP = MIN_GENE_OVERLAP  # the name the library's signatures use
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+$", re.IGNORECASE)
 
 

@@ -269,7 +269,7 @@ def map_labels(
     gene_col: str | None = None,
     min_gene_overlap: float | None = None,
     unobserved: str = "exclude",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
     progress: bool = True,
     tracking_uri: str | None = None,
@@ -287,7 +287,8 @@ def map_labels(
       the reference;
     - ``key_added`` — the embedding's obsm key (default ``'X_neurofm'``);
     - ``gene_col``, ``min_gene_overlap``, ``unobserved`` — genes are matched as :func:`neurofm.embed`
-      matches them; ``batch_size``, ``device``, ``progress`` — as there;
+      matches them (``None``: ``neurofm.genes.MIN_GENE_OVERLAP``); ``batch_size`` (``None``:
+      ``neurofm.embedding.EMBED_BATCH_SIZE``), ``device``, ``progress`` — as there;
     - ``batch_key`` — the obs column of each query cell's batch, for a model whose count head has a batch
       covariate and knows those batches (one adapted to them, :func:`neurofm.adapt.adapt_model`); without
       it every cell gets the no-batch vector.
@@ -295,7 +296,7 @@ def map_labels(
     import time
 
     from neurofm import keys
-    from neurofm.embedding import _embed_with_record
+    from neurofm.embedding import EMBED_BATCH_SIZE, _embed_with_record
     from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP
 
     if adata.n_obs == 0:
@@ -312,7 +313,7 @@ def map_labels(
         min_gene_overlap=DEFAULT_MIN_GENE_OVERLAP if min_gene_overlap is None else min_gene_overlap,
         unobserved=unobserved,
         pooling=reference.meta.get("pooling", "auto"),
-        batch_size=batch_size,
+        batch_size=EMBED_BATCH_SIZE if batch_size is None else batch_size,
         device=device,
         progress=progress,
         tracking_uri=tracking_uri,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neurofm.errors import NeurofmError
-from neurofm.runtime import resolve_device
 
 
 @dataclass
@@ -142,5 +141,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise NeurofmError(f"invalid train config: {message}; fix the training settings")
+        from neurofm.runtime import resolve_device  # torch: imported when a config is checked, not before
+
         resolve_device(self.device)
         return self
