@@ -59,6 +59,7 @@ from neurofm.data.store import CellStore
 from neurofm.errors import NeurofmError
 from neurofm.store_fit import fit_tokenizer, sample_rows, variable_genes
 from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer, _round_up
+from neurofm.train_config import TrainConfig
 
 __all__ = [  # the stream's names, and those re-exported from neurofm.batch_format and neurofm.store_fit
     "DRAWS",
@@ -85,19 +86,44 @@ DRAWS = ("proportional", "balanced")
 
 @dataclass
 class StreamConfig:
-    """How a store becomes batches."""
+    """How a store becomes batches. The settings it shares with the train section take their defaults from
+    :class:`~neurofm.train_config.TrainConfig` (defined once, there); :meth:`from_train` builds the one a
+    training run reads its store with."""
 
-    batch_size: int = 64  # cells per batch (per rank)
-    block_size: int = 64  # consecutive store rows read as one piece (the unit of shuffling and splitting)
-    buffer_blocks: int = 64  # blocks read and shuffled together (shuffle buffer = buffer_blocks × block_size)
-    val_fraction: float = 0.1  # share of cells held out for validation…
-    max_val_cells: int = 10_000  # …but at most this many (atlas scale)
-    seed: int = 42  # seeds the validation set, the block order of every epoch and the buffer shuffles
-    output: str = "dense"  # "dense": (cells × genes) bins; "sparse": bins of the non-zeros only (densify())
+    batch_size: int = TrainConfig.batch_size  # cells per batch (per rank)
+    block_size: int = (
+        TrainConfig.block_size
+    )  # consecutive store rows read as one piece (the unit of shuffling
+    #                                           and splitting)
+    buffer_blocks: int = TrainConfig.buffer_blocks  # blocks read and shuffled together (shuffle buffer =
+    #                                                 buffer_blocks × block_size)
+    val_fraction: float = TrainConfig.val_fraction  # share of cells held out for validation…
+    max_val_cells: int = TrainConfig.max_val_cells  # …but at most this many (atlas scale)
+    seed: int = (
+        TrainConfig.seed
+    )  # seeds the validation set, the block order of every epoch and the buffer shuffles
+    output: str = TrainConfig.stream_output  # "dense": (cells × genes) bins; "sparse": bins of the non-zeros
+    #                                          only (densify())
     counts: bool = False  # also the raw counts ("counts", or "nonzero_counts" when sparse; densify_counts())
     draw: str = "proportional"  # multi-file store: "proportional" (each file as its size: the plain shuffle)
     #                             or "balanced" (each file an equal share of an epoch's cells, see the docs)
     batch_key: str | None = None  # batches carry each cell's batch code ("batch_index"; store_batches)
+
+    @classmethod
+    def from_train(cls, config: TrainConfig, counts: bool = False) -> StreamConfig:
+        """The stream a training run with ``config`` reads (``counts``: the raw counts too, for a model
+        with a count head, and then the count head's batch covariate, ``train.batch_key``)."""
+        return cls(
+            batch_size=config.batch_size,
+            block_size=config.block_size,
+            buffer_blocks=config.buffer_blocks,
+            val_fraction=config.val_fraction,
+            max_val_cells=config.max_val_cells,
+            seed=config.seed,
+            output=config.stream_output,
+            counts=counts,
+            batch_key=config.batch_key if counts else None,
+        ).validate()
 
     def validate(self) -> StreamConfig:
         if self.output not in ("dense", "sparse"):
@@ -113,7 +139,9 @@ class StreamConfig:
 
 
 # ------------------------------------------------------------------------------------------ validation
-def validation_rows(n_cells: int, val_fraction: float, seed: int, max_val_cells: int = 10_000) -> np.ndarray:
+def validation_rows(
+    n_cells: int, val_fraction: float, seed: int, max_val_cells: int = TrainConfig.max_val_cells
+) -> np.ndarray:
     """The fixed validation store rows (sorted): ``min(int(n_cells * val_fraction), max_val_cells)``
     rows drawn without replacement with ``numpy.random.default_rng([seed, 7])``."""
     n_val = min(int(n_cells * val_fraction), max_val_cells)

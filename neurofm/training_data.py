@@ -24,18 +24,8 @@ from neurofm.train_config import TrainConfig
 
 def stream_config_for(config: TrainConfig, counts: bool = False) -> StreamConfig:
     """The :class:`~neurofm.stream.StreamConfig` a training run reads its store with (``counts``: the
-    raw counts too, for a model with a count head)."""
-    return StreamConfig(
-        batch_size=config.batch_size,
-        block_size=config.block_size,
-        buffer_blocks=config.buffer_blocks,
-        val_fraction=config.val_fraction,
-        max_val_cells=config.max_val_cells,
-        seed=config.seed,
-        output=config.stream_output,
-        counts=counts,
-        batch_key=config.batch_key if counts else None,  # the count head's covariate rides with its counts
-    ).validate()
+    raw counts too, for a model with a count head): :meth:`StreamConfig.from_train`."""
+    return StreamConfig.from_train(config, counts=counts)
 
 
 def split_store(store: CellStore, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
