@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent
 PIPELINES = ("prepare", "pretrain", "evaluate", "full", "tune", "map")
@@ -42,6 +42,9 @@ from neurofm.runs import (  # noqa: E402
     check_model_early,
     resolve_inputs,
 )
+
+if TYPE_CHECKING:
+    from neurofm.config import RunConfig
 
 log = logging.getLogger("neurofm")
 
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
+def load_run_config(args: argparse.Namespace) -> RunConfig:
     """The validated configuration: YAML file, then ``--set``, then the dedicated flags."""
     from neurofm.config import load_config
 
@@ -137,11 +140,11 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.label_col is not None and args.pipeline != "map":
         values.update({"evaluate.label_mapping": None, "reports.value_counts_column": args.label_col})
     config = load_config(config_path, args.set, values)
-    config["data"]["out_dir"] = str(Path(config["data"]["out_dir"]).resolve())
+    config.data.out_dir = str(Path(config.data.out_dir).resolve())
     return config
 
 
-def _initialise_stores(config: dict[str, Any], tracking: bool) -> None:
+def _initialise_stores(config: RunConfig, tracking: bool) -> None:
     """Create or migrate the ZenML (and MLflow) stores under a file lock.
 
     Two runs started at once on fresh stores would otherwise race on the first database migration.
@@ -161,18 +164,18 @@ def _initialise_stores(config: dict[str, Any], tracking: bool) -> None:
 
             from neurofm import tracking as neurofm_tracking
 
-            neurofm_tracking.configure(config["tracking"]["tracking_uri"])
+            neurofm_tracking.configure(config.tracking.tracking_uri)
             MlflowClient().search_experiments(max_results=1)
 
 
-def run_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> int:
+def run_pipeline(args: argparse.Namespace, config: RunConfig) -> int:
     """Run the chosen pipeline and print its summary."""
     from neurofm import io
 
-    io.ensure_writable_dir(config["data"]["out_dir"])
-    if config["data"]["files"] is not None and args.pipeline != "pretrain":
+    io.ensure_writable_dir(config.data.out_dir)
+    if config.data.files is not None and args.pipeline != "pretrain":
         raise NeurofmError(
-            f"{len(config['data']['files'])} data files: only --pipeline pretrain takes several files (one "
+            f"{len(config.data.files)} data files: only --pipeline pretrain takes several files (one "
             f"store of their union of genes); {args.pipeline} does not yet — run it on one file's --data"
         )
     if args.pipeline == "tune":
@@ -243,7 +246,10 @@ def mapping_lines(mapped: dict[str, Any]) -> list[str]:
     for column in record["label_columns"]:
         lines.append(f"    obs['neurofm_{column}']: {len(record['counts'][column])} labels, "
                      f"unknown {record['unknown_share'][column]:.1%}")  # fmt: skip
-    for metric, title in (("transfer_f1", "transfer macro-F1"), ("query_ari_optimised", "query ARI (optimised)")):
+    for metric, title in (
+        ("transfer_f1", "transfer macro-F1"),
+        ("query_ari_optimised", "query ARI (optimised)"),
+    ):
         if f"model/{metric}" in metrics:
             line = f"    {title:<23} model {metrics[f'model/{metric}']:.3f}"
             if f"strongest/{metric}" in metrics:
@@ -257,7 +263,7 @@ def mapping_lines(mapped: dict[str, Any]) -> list[str]:
     return lines
 
 
-def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
+def summarize_run(pipeline: str, run: Any, config: RunConfig) -> str:
     """The closing summary printed after a run: what was produced, where, and against what baseline."""
     from pipelines import cached_steps, step_outputs
 
@@ -267,7 +273,7 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
 
     lines = ["", f"neurofm {pipeline}: run {run.name} {run.status}"]
     if pipeline != "prepare":
-        inputs = {"default_data": config["data"]["path"] is None and config["data"]["files"] is None}
+        inputs = {"default_data": config.data.builtin}
         lines.extend(
             f"  note: {note}" for note in run_notes(config, inputs, pipeline in ("pretrain", "full"))
         )
@@ -276,14 +282,14 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
     prepared = outputs.get("save_prepared", {}).get("prepared_h5ad")
     if prepared:
         lines.append(f"  prepared data: {prepared}")
-    summary_path = Path(config["data"]["out_dir"]) / "dataset_summary.json"
+    summary_path = Path(config.data.out_dir) / "dataset_summary.json"
     if summary_path.exists():
         import json
 
         summary = json.loads(summary_path.read_text())
         lines.append(f"  cells × genes: {summary.get('n_cells')} × {summary.get('n_genes')}")
         if summary.get("value_counts"):
-            lines.append(f"  {config['reports']['value_counts_column']}: {summary['value_counts']}")
+            lines.append(f"  {config.reports.value_counts_column}: {summary['value_counts']}")
     pretrain = outputs.get("pretrain_model", {}).get("pretrain_summary")
     if pretrain:
         lines.append(
@@ -307,12 +313,12 @@ def summarize_run(pipeline: str, run: Any, config: dict[str, Any]) -> str:
     mapped = outputs.get("track_mapping", {}).get("map_summary")
     if mapped:
         lines.extend(mapping_lines(mapped))
-    tracking_uri = config["tracking"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if pretrain or evaluation or mapped:
         from neurofm.tracking import default_tracking_uri
 
         lines.append(f"  MLflow UI: mlflow ui --backend-store-uri {tracking_uri or default_tracking_uri()}")
-    lines.append(f"  outputs: {config['data']['out_dir']}")
+    lines.append(f"  outputs: {config.data.out_dir}")
     return "\n".join(lines)
 
 

@@ -1,156 +1,517 @@
-"""Run configurations: YAML files → validated nested dicts.
+"""Run configurations: YAML files → one typed :class:`RunConfig`, every default defined once, here.
 
 A configuration is a YAML mapping of sections (``data``, ``subset``, ``region``, ``dedupe``, ``crop``,
-``tokenizer``, ``model``, ``train``, ``evaluate``, ``tracking``, ``tune``, ``resources`` …). A file
+``tokenizer``, ``model``, ``train``, ``evaluate``, ``map``, ``tracking``, ``tune``, ``resources`` …), each
+one section class of :class:`RunConfig`: pydantic models for the stages' own settings, and the library's
+settings dataclasses (``model`` → :class:`~neurofm.model_config.ModelConfig`, ``train`` →
+:class:`~neurofm.train_config.TrainConfig`, ``evaluate.probe`` → :class:`~neurofm.classify.ProbeConfig`…)
+as they are, so a model directory saved with them loads as before. A file holds only what it changes and
 may start with ``extends: other.yaml`` (relative to itself) to inherit and override another one.
-Unknown sections or keys are refused with a one-line error naming the known ones, so a typo never
-silently falls back to a default. Sections backed by a dataclass (``model`` → ``ModelConfig``…)
-are validated by building that dataclass.
+
+An unknown section or key, or a value of the wrong type, anywhere (``evaluate.probe.*`` included), is
+refused when the configuration is loaded — before anything runs — in one line naming the section, the
+key and the nearest valid key; the dataclasses' own range checks (``validate()``) run then too.
+The built-in demo's settings (``default_data``) are laid over the configuration in one place,
+:func:`apply_demo_data`, when no data are given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import difflib
 import os
 import re
+import typing
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from neurofm.classify import ProbeConfig
+from neurofm.cluster_config import ClusterConfig
+from neurofm.embedding import EMBED_BATCH_SIZE
 from neurofm.errors import NeurofmError
+from neurofm.genes import MIN_GENE_OVERLAP
+from neurofm.model_config import ModelConfig
+from neurofm.reference import ReferenceConfig
+from neurofm.tokenizer import TokenizerConfig
+from neurofm.train_config import TrainConfig
 
-MIN_GENE_OVERLAP = 0.5  # share of the model's genes that must be found in the data (evaluate, map, embed)
 SCARCHES_QUERY_EPOCHS = 200  # scArches' query training (scvi-tools' reference-mapping tutorial)
-MAP_BASELINES = ("pca_ref", "logcounts", "scarches")  # the map pipeline's baselines (neurofm.evaluate.transfer)
-
-# Sections whose keys are checked against a dataclass: section → "module:Class".
-DATACLASS_SECTIONS = {
-    "tokenizer": "neurofm.tokenizer:TokenizerConfig",
-    "model": "neurofm.model:ModelConfig",
-    "train": "neurofm.train:TrainConfig",
-    "reference": "neurofm.mapping:ReferenceConfig",
-}
-
-# Sections with free-form but known keys (the defaults; YAML may override each key).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {
-        "path": None,  # .h5ad of raw counts; None → the built-in synthetic atlas (see default_data)
-        # several .h5ad files pre-trained as one cell store (instead of path; `neurofm convert A B … OUT`):
-        # a list of paths or {path, batch_column, gene_column, name} mappings; None → path
-        "files": None,
-        "metadata_csv": None,  # Allen-style cell_metadata.csv for the cluster join (None → no subset)
-        "cluster_csv": None,  # cluster.csv, for the atlas plot
-        "annotation_csv": None,  # cluster_annotation_term.csv, for the atlas plot
-        "layer": None,  # counts layer; None → layers['counts'] if present, else X
-        "out_dir": "outputs",  # where .h5ad, reports, checkpoints and evaluation land
-    },
-    "default_data": {  # the built-in synthetic atlas, used only when data.path is None
-        "n_cells": 12000,
-        "n_genes": 1200,
-        "seed": 0,
-        "cluster_ids": [2523, 210],  # the generator's layer-5 excitatory + MGE inhibitory pair
-        "region": "Cerebral cortex",
-        "crop": {"n_cells": 1200, "n_genes": 800},
-        "label_mapping": None,  # None → evaluate.label_mapping (2523 excitatory, 210 inhibitory)
-        # train settings for the built-in data only, beneath the user's own train keys: the demo pre-trains
-        # 10 epochs (your data: train.epochs, 30) so the first run ends in a few minutes; its report says so
-        "train": {"epochs": 10},
-        # the reference the demo's model carries for `neurofm map` (your data: reference.label_columns)
-        "reference": {"label_columns": ["subtype"]},
-    },
-    "subset": {
-        "cluster_ids": [],  # empty → keep every cell (no metadata join)
-        "obs_name_column": "cell_label",
-        "cluster_column": "cluster_alias",
-        "label_prefix": "cluster_",
-        "chunk_size": 20000,
-    },
-    "region": {"column": "anatomical_division_label", "value": None},  # value None → keep all
-    "dedupe": {"genes": "make_unique", "cells": "make_unique", "gene_column": None, "cell_column": None},
-    "crop": {  # n_cells / n_genes None → keep all
-        "n_cells": None,
-        "n_genes": None,
-        "min_detection": 0.05,
-        "detection_backoff": 0.5,
-        "min_detection_floor": 0.001,
-        "alpha": 1.0,
-        "beta": 0.5,
-        "n_strata": 4,
-        "drop_all_zero": True,
-        "seed": 42,
-        "report_csv": True,
-    },
-    "reports": {"value_counts_column": "subtype", "atlas_top_k": 8},
-    "evaluate": {
-        "model": None,  # None → newest registered version; or models:/name@alias, runs:/…, a directory
-        "label_column": "subtype",
-        "label_mapping": {"cluster_2523": "excitatory", "cluster_210": "inhibitory"},
-        "group_column": None,  # e.g. c1_chip: the probe split keeps these groups apart
-        "gene_column": None,  # var column naming the data's genes (e.g. gene_symbol); None → var_names
-        "min_gene_overlap": MIN_GENE_OVERLAP,  # share of the model's genes that must be found in the data
-        "unobserved": "exclude",  # model genes the data lacks: "exclude" (left out of pooling) or "zero"
-        "pooling": "auto",  # auto: as the model pooled in pre-training
-        "batch_size": 256,
-        "pca_components": 50,
-        "baselines": ["pca", "scvi", "random"],  # scVI trains on the evaluation cells (minutes on a CPU)
-        "scvi_latent": 10,  # scvi-tools' default latent size
-        "scvi_max_epochs": None,  # None → scvi-tools' rule min(round(20000 / n_cells * 400), 400), early stop
-        "max_cells_cluster": 20000,  # kNN-Leiden on a seeded sample above this many cells (null: all)
-        "max_cells_visualize": 10000,  # t-SNE/UMAP on a seeded sample above this many cells (null: all)
-        "probe": {},  # ProbeConfig overrides
-        "cluster": {},  # clustering overrides (n_neighbors, metric, resolution…)
-        "label_efficiency_shots": [5, 10, 25, 50, "all"],
-        "label_efficiency_draws": 10,
-        "promote": True,  # move the `champion` alias when the rule in evaluate.compare allows it
-    },
-    "map": {  # the map pipeline: a query mapped onto a model's reference (neurofm.mapping)
-        "model": None,  # None → newest registered version; models:/name@alias, runs:/…, a directory
-        "label_columns": None,  # reference columns to transfer; None → all the reference has
-        "query_label_column": None,  # the query's true labels (scores the transfer); None → no scores
-        "batch_column": None,  # the query's batches (donor, chip…): scArches' batch key
-        "gene_column": None,  # var column naming the query's genes (e.g. gene_symbol); None → var_names
-        "min_gene_overlap": MIN_GENE_OVERLAP,  # share of the model's genes that must be found in the query
-        "reference_data": None,  # the reference cells' .h5ad for the baselines; None → the one recorded
-        "baselines": list(MAP_BASELINES),  # fit on the reference only, same protocol
-        "scarches_query_epochs": SCARCHES_QUERY_EPOCHS,  # scvi-tools' reference-mapping tutorial
-        "max_cells_score": 20000,  # scored/clustered on a seeded query sample above this many cells
-    },
-    "tracking": {
-        "tracking_uri": None,  # None → $MLFLOW_TRACKING_URI or sqlite under $NEUROFM_HOME
-        "experiment": "neurofm",
-        "registered_model_name": "neurofm-encoder",
-        "register": True,
-    },
-    "tune": {
-        "n_trials": 20,
-        # perplexity_ratio: validation perplexity / the per-gene frequency table's on the same bins and masks
-        # (comparable across tokenizer.n_bins, unlike val_loss); probe_auc, fewshot5_f1 and ari_optimised
-        # score the embedding of the validation cells by the evaluation's protocol (neurofm.tune)
-        "objective": "perplexity_ratio",
-        "storage": None,  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
-        "study_name": "neurofm-pretrain",
-        "seed": 42,
-        "pruner": {"n_startup_trials": 3, "n_warmup_steps": 1},  # median pruning on the per-epoch curve
-        "epochs": 3,  # per trial (None → train.epochs; the best config keeps the pretrain one)
-        "best_config_out": "configs/pretrain.best.yaml",
-        "space": {},
-    },
-    "resources": {  # ZenML step settings for pretrain/embed; ignored by the local orchestrator
-        "gpu_count": 0,
-        "cpu_count": None,
-        "memory": None,
-        "parent_image": None,
-        "requirements": None,
-        "steps": ["pretrain_model", "embed_cells"],
-    },
-}
-
-KNOWN_SECTIONS = set(DEFAULTS) | set(DATACLASS_SECTIONS) | {"extends"}
+# the map pipeline's baselines (neurofm.evaluate.transfer): map.baselines defaults to them and is checked against them
+MAP_BASELINES = ("pca_ref", "logcounts", "scarches")
+EVALUATE_BASELINES = ("pca", "scvi", "random")  # the evaluation's baselines (neurofm.evaluate.methods)
+Pooling = Literal["auto", "mean", "mean_nonzero", "max"]  # neurofm.embedding.POOLINGS
+Unobserved = Literal["exclude", "zero"]  # neurofm.embedding.UNOBSERVED_MODES
+POOLINGS = typing.get_args(Pooling)
+UNOBSERVED_MODES = typing.get_args(Unobserved)
+__all__ = ["MIN_GENE_OVERLAP", "RunConfig", "load_config"]  # MIN_GENE_OVERLAP: defined in neurofm.genes
 
 
+def _text(value: Any) -> Any:
+    """Paths given as ``Path`` objects (tests, the command line) are kept as text."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+PathText = Annotated[str, BeforeValidator(_text)]
+
+
+class Section(BaseModel):
+    """One section of a run configuration: known keys only, each value checked against its type."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    path: PathText | None = (
+        None  # .h5ad of raw counts; None → the built-in synthetic atlas (see default_data)
+    )
+    # several .h5ad files pre-trained as one cell store (instead of path; `neurofm convert A B … OUT`):
+    # a list of paths or {path, batch_column, gene_column, name} mappings; None → path
+    files: list[PathText | dict[str, Any]] | None = None
+    metadata_csv: PathText | None = (
+        None  # Allen-style cell_metadata.csv for the cluster join (None → no subset)
+    )
+    cluster_csv: PathText | None = None  # cluster.csv, for the atlas plot
+    annotation_csv: PathText | None = None  # cluster_annotation_term.csv, for the atlas plot
+    layer: str | None = None  # counts layer; None → layers['counts'] if present, else X
+    out_dir: PathText = "outputs"  # where .h5ad, reports, checkpoints and evaluation land
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _check_files(cls, files: Any) -> Any:
+        """None, or a non-empty list of paths / {path, batch_column, gene_column, name} mappings."""
+        if files is None:
+            return None
+        if not isinstance(files, list) or not files:
+            raise NeurofmError(
+                f"data.files must be a list of .h5ad paths or {{path, batch_column, gene_column}} mappings, got {files!r}"
+            )
+        for entry in files:
+            if isinstance(entry, Mapping):
+                unknown = sorted(set(entry) - {"path", "batch_column", "gene_column", "name"})
+                if unknown or not isinstance(entry.get("path"), str):
+                    raise NeurofmError(
+                        f"data.files entry {dict(entry)} has unknown keys {unknown} or no path; use "
+                        "{path: FILE.h5ad, batch_column: COL, gene_column: COL}"
+                    )
+            elif not isinstance(entry, (str, os.PathLike)):
+                raise NeurofmError(f"data.files entry {entry!r} is neither a path nor a mapping with a path")
+        return files
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.files is not None and self.path is not None:
+            raise NeurofmError(
+                "data.path and data.files are both set; use data.files alone for several files"
+            )
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        """No data given: the run uses the built-in synthetic atlas (and :func:`apply_demo_data`)."""
+        return self.path is None and self.files is None
+
+
+class DemoDataConfig(Section):
+    """``default_data``: the built-in synthetic atlas, used only when data.path and data.files are None."""
+
+    n_cells: int = 12000
+    n_genes: int = 1200
+    seed: int = 0
+    cluster_ids: list[int | str] = [2523, 210]  # the generator's layer-5 excitatory + MGE inhibitory pair
+    region: str | None = "Cerebral cortex"
+    crop: dict[str, Any] = {"n_cells": 1200, "n_genes": 800}  # laid over the crop section
+    label_mapping: dict[str, Any] | None = (
+        None  # None → evaluate.label_mapping (2523 excitatory, 210 inhibitory)
+    )
+    # train settings for the built-in data only, beneath the user's own train keys: the demo pre-trains
+    # 10 epochs (your data: train.epochs, 30) so the first run ends in a few minutes; its report says so
+    train: dict[str, Any] = {"epochs": 10}
+    # the reference the demo's model carries for `neurofm map` (your data: reference.label_columns)
+    reference: dict[str, Any] = {"label_columns": ["subtype"]}
+
+
+class SubsetConfig(Section):
+    cluster_ids: list[int | str] = []  # empty → keep every cell (no metadata join)
+    obs_name_column: str = "cell_label"
+    cluster_column: str = "cluster_alias"
+    label_prefix: str = "cluster_"
+    chunk_size: int = 20000
+
+
+class RegionConfig(Section):
+    column: str = "anatomical_division_label"
+    value: str | None = None  # None → keep all
+
+
+class DedupeConfig(Section):
+    genes: Literal["make_unique", "collapse", "none"] = "make_unique"  # or collapse (sum duplicate columns)
+    cells: Literal["make_unique", "drop", "error", "none"] = "make_unique"  # drop: keep the first
+    gene_column: str | None = None  # judge gene duplicates on this var column instead of var_names
+    cell_column: str | None = None  # judge cell duplicates on this obs column instead of obs_names
+
+
+class CropConfig(Section):
+    n_cells: int | None = None  # None → keep every cell
+    n_genes: int | None = None  # None → keep every gene
+    min_detection: float = 0.05  # genes detected in fewer cells are not sampled …
+    detection_backoff: float = 0.5  # … unless too few pass: the threshold is multiplied by this (a warning)
+    min_detection_floor: float = 0.001  # … down to this floor
+    alpha: float = 1.0  # gene weight ∝ detection^alpha · std^beta (std of log1p CP10k)
+    beta: float = 0.5
+    n_strata: int = 4  # depth strata (quantiles of per-cell non-zeros)
+    drop_all_zero: bool = True
+    seed: int = 42
+    report_csv: bool = True
+
+
+class ReportsConfig(Section):
+    value_counts_column: str | None = "subtype"
+    atlas_top_k: int = 8
+
+
+# ------------------------------------------------------------------------------------- evaluate, map
+class EvaluateConfig(Section):
+    model: PathText | None = (
+        None  # None → newest registered version; or models:/name@alias, runs:/…, a directory
+    )
+    label_column: str | None = "subtype"
+    label_mapping: dict[Any, Any] | None = {"cluster_2523": "excitatory", "cluster_210": "inhibitory"}
+    group_column: str | None = None  # e.g. c1_chip: the probe split keeps these groups apart
+    gene_column: str | None = None  # var column naming the data's genes (e.g. gene_symbol); None → var_names
+    min_gene_overlap: float = MIN_GENE_OVERLAP  # share of the model's genes that must be found in the data
+    unobserved: Unobserved = (
+        "exclude"  # model genes the data lacks: "exclude" (left out of pooling) or "zero"
+    )
+    pooling: Pooling = "auto"  # auto: as the model pooled in pre-training
+    batch_size: int = EMBED_BATCH_SIZE
+    pca_components: int = 50
+    baselines: list[str] = list(EVALUATE_BASELINES)  # scVI trains on the evaluation cells (minutes on a CPU)
+    scvi_latent: int = 10  # scvi-tools' default latent size
+    scvi_max_epochs: int | None = (
+        None  # None → scvi-tools' rule min(round(20000 / n_cells * 400), 400), early stop
+    )
+    max_cells_cluster: int | None = 20000  # kNN-Leiden on a seeded sample above this many cells (null: all)
+    max_cells_visualize: int | None = 10000  # t-SNE/UMAP on a seeded sample above this many cells (null: all)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)  # the probe menu and its splits
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig
+    )  # the kNN graph and Leiden (n_neighbors, metric, resolution…)
+    label_efficiency_shots: list[int | Literal["all"]] = [5, 10, 25, 50, "all"]
+    label_efficiency_draws: int = 10
+    promote: bool = True  # move the `champion` alias when the rule in evaluate.compare allows it
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if not set(self.baselines) <= set(EVALUATE_BASELINES) or "pca" not in self.baselines:
+            raise NeurofmError(
+                f"evaluate.baselines={self.baselines!r} must be a list drawn from {list(EVALUATE_BASELINES)} that "
+                "holds pca (the champion rule needs it); e.g. [pca, scvi, random]"
+            )
+        for key in ("max_cells_cluster", "max_cells_visualize"):
+            value = getattr(self, key)
+            if value is not None and value < 100:
+                raise NeurofmError(f"evaluate.{key}={value!r} must be an integer >= 100 or null (all cells)")
+        if self.scvi_max_epochs is not None and self.scvi_max_epochs < 1:
+            raise NeurofmError(
+                f"evaluate.scvi_max_epochs={self.scvi_max_epochs!r} must be a positive integer or null"
+            )
+        if self.scvi_latent < 2:
+            raise NeurofmError(f"evaluate.scvi_latent={self.scvi_latent!r} must be an integer >= 2, e.g. 10")
+        _run_validate(self.probe, "evaluate.probe")
+        return self
+
+
+class MapConfig(Section):
+    """``map``: the map pipeline, a query mapped onto a model's reference (neurofm.mapping)."""
+
+    model: PathText | None = (
+        None  # None → newest registered version; models:/name@alias, runs:/…, a directory
+    )
+    label_columns: list[str] | None = None  # reference columns to transfer; None → all the reference has
+    query_label_column: str | None = None  # the query's true labels (scores the transfer); None → no scores
+    batch_column: str | None = None  # the query's batches (donor, chip…): scArches' batch key
+    gene_column: str | None = None  # var column naming the query's genes (e.g. gene_symbol); None → var_names
+    min_gene_overlap: float = MIN_GENE_OVERLAP  # share of the model's genes that must be found in the query
+    reference_data: PathText | None = (
+        None  # the reference cells' .h5ad for the baselines; None → the one recorded
+    )
+    baselines: list[str] = Field(default_factory=lambda: list(MAP_BASELINES))  # fit on the reference only
+    scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS  # scvi-tools' reference-mapping tutorial
+    max_cells_score: int = 20000  # scored/clustered on a seeded query sample above this many cells
+
+    @model_validator(mode="after")
+    def _check(self) -> MapConfig:
+        if not set(self.baselines) <= set(MAP_BASELINES):
+            raise NeurofmError(
+                f"map.baselines={self.baselines!r} must be a list drawn from {list(MAP_BASELINES)}; "
+                "e.g. [pca_ref, logcounts]"
+            )
+        if self.scarches_query_epochs < 1:
+            raise NeurofmError(
+                f"map.scarches_query_epochs={self.scarches_query_epochs!r} must be a positive integer, e.g. 200"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- tracking, tune, resources
+with warnings.catch_warnings():  # `register` is also ABCMeta.register, which a section never calls
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class TrackingConfig(Section):
+        tracking_uri: str | None = None  # None → $MLFLOW_TRACKING_URI or sqlite under $NEUROFM_HOME
+        experiment: str = "neurofm"
+        registered_model_name: str = "neurofm-encoder"
+        register: bool = True
+
+
+class PrunerConfig(Section):
+    n_startup_trials: int = 3  # trials before any is pruned
+    n_warmup_steps: int = 1  # validations of a trial before it may be pruned
+
+
+class TuneConfig(Section):
+    n_trials: int = 20
+    # perplexity_ratio: validation perplexity / the per-gene frequency table's on the same bins and masks
+    # (comparable across tokenizer.n_bins, unlike val_loss); probe_auc, fewshot5_f1 and ari_optimised
+    # score the embedding of the validation cells by the evaluation's protocol (neurofm.tune)
+    objective: str = "perplexity_ratio"
+    storage: str | None = (
+        None  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
+    )
+    study_name: str = "neurofm-pretrain"
+    seed: int = 42
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)  # median pruning on the per-epoch curve
+    epochs: int | None = 3  # per trial (None → train.epochs; the best config keeps the pretrain one)
+    best_config_out: PathText | None = "configs/pretrain.best.yaml"
+    space: dict[str, dict[str, Any]] = {}  # section.key → {type, low, high, log, step, choices}
+
+
+class ResourcesConfig(Section):
+    """``resources``: ZenML step settings for pretrain/embed; ignored by the local orchestrator."""
+
+    gpu_count: int = 0
+    cpu_count: int | float | None = None
+    memory: str | None = None
+    parent_image: str | None = None
+    requirements: list[str] | str | None = None
+    steps: list[str] = ["pretrain_model", "embed_cells"]
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesConfig:
+        if self.gpu_count < 0:
+            raise NeurofmError(f"resources.gpu_count={self.gpu_count!r} must be an integer >= 0; e.g. 1")
+        if self.cpu_count is not None and self.cpu_count <= 0:
+            raise NeurofmError(f"resources.cpu_count={self.cpu_count!r} must be a positive number or null")
+        return self
+
+
+# --------------------------------------------------------------------------------------- the tree
+def _run_validate(settings: Any, section: str) -> None:
+    """A settings dataclass's own range checks (``validate()``), refused in one line naming the section."""
+    if callable(getattr(settings, "validate", None)):
+        try:
+            settings.validate()
+        except (NeurofmError, TypeError, ValueError) as error:
+            raise NeurofmError(f"bad value in config section '{section}': {error}") from None
+
+
+class RunConfig(Section):
+    """A whole run's configuration: one typed section per stage (``python -m neurofm.config`` lists them)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    default_data: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    subset: SubsetConfig = Field(default_factory=SubsetConfig)
+    region: RegionConfig = Field(default_factory=RegionConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    crop: CropConfig = Field(default_factory=CropConfig)
+    reports: ReportsConfig = Field(default_factory=ReportsConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    map: MapConfig = Field(default_factory=MapConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> RunConfig:
+        for section in ("tokenizer", "model", "train", "reference"):
+            _run_validate(getattr(self, section), section)
+        return self
+
+    def section_dict(self, section: str) -> dict[str, Any]:
+        """One section as plain values (what MLflow logs and YAML writes)."""
+        value = getattr(self, section)
+        return value.model_dump() if isinstance(value, BaseModel) else dataclasses.asdict(value)
+
+
+SECTIONS: dict[str, type] = {name: info.annotation for name, info in RunConfig.model_fields.items()}
+KNOWN_SECTIONS = set(SECTIONS) | {"extends"}
+
+
+def apply_demo_data(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The built-in demo's overlay, the one place it is applied: when ``raw`` (a configuration as read,
+    before validation) names no data (``data.path`` and ``data.files`` None), the ``default_data`` section's
+    settings are laid over it — its cluster subset, region and crop; its label mapping (when set); its
+    ``train`` settings beneath the user's own (unless the user set a budget, ``epochs`` or ``max_steps``);
+    its ``reference`` unless the user named ``reference.label_columns``. Otherwise ``raw`` unchanged."""
+    data = raw.get("data") or {}
+    if not isinstance(data, Mapping) or data.get("path") is not None or data.get("files") is not None:
+        return dict(raw)
+    demo = _validated(RunConfig, {"default_data": raw.get("default_data") or {}}).default_data
+    out = {
+        section: dict(values) if isinstance(values, Mapping) else values for section, values in raw.items()
+    }
+
+    def section(name: str) -> dict[str, Any]:
+        values = out.get(name) or {}
+        if not isinstance(values, Mapping):  # refused, in one line, by the validation that follows
+            return values
+        out[name] = dict(values)
+        return out[name]
+
+    if isinstance(section("subset"), dict):
+        out["subset"]["cluster_ids"] = list(demo.cluster_ids)
+    if isinstance(section("region"), dict):
+        out["region"]["value"] = demo.region
+    if isinstance(section("crop"), dict):
+        out["crop"].update(demo.crop)
+    if demo.label_mapping is not None and isinstance(section("evaluate"), dict):
+        out["evaluate"]["label_mapping"] = demo.label_mapping
+    train = section("train")
+    if isinstance(train, dict) and not {"epochs", "max_steps"} & set(train):
+        out["train"] = {**demo.train, **train}
+    reference = section("reference")
+    if isinstance(reference, dict) and "label_columns" not in reference:
+        out["reference"] = {**demo.reference, **reference}
+    return out
+
+
+# ---------------------------------------------------------------------------- one-line errors
+_TYPE_WORDS = {
+    "int_type": "is not an integer", "int_parsing": "is not an integer", "int_from_float": "is not an integer",
+    "float_type": "is not a number", "float_parsing": "is not a number", "bool_type": "is not true or false",
+    "bool_parsing": "is not true or false", "string_type": "is not a string", "list_type": "is not a list",
+    "tuple_type": "is not a list", "set_type": "is not a list", "dict_type": "is not a mapping",
+    "model_type": "is not a mapping", "model_attributes_type": "is not a mapping",
+    "dataclass_type": "is not a mapping", "none_required": "must be null",
+}  # fmt: skip
+
+
+def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    """The keys valid at ``loc`` (a section path, e.g. ("evaluate", "probe"))."""
+    cls: Any = RunConfig
+    for part in loc:
+        cls = _field_types(cls).get(part)
+    return list(_field_types(cls)) if cls is not None else []
+
+
+def _field_types(cls: Any) -> dict[str, Any]:
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return {name: info.annotation for name, info in cls.model_fields.items()}
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+    return {}
+
+
+def _is_section(cls: Any) -> bool:
+    return (isinstance(cls, type) and issubclass(cls, BaseModel)) or dataclasses.is_dataclass(cls)
+
+
+def _split(loc: tuple) -> tuple[tuple[str, ...], str]:
+    """(section path, key) of an error location: the longest prefix that names a section class."""
+    cls: Any = RunConfig
+    path: list[str] = []
+    for index, part in enumerate(loc):
+        types = _field_types(cls)
+        if not isinstance(part, str) or part not in types or not _is_section(types[part]):
+            rest = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[index:]).lstrip(".")
+            return tuple(path), rest
+        cls = types[part]
+        path.append(part)
+    return tuple(path[:-1]), path[-1] if path else ""
+
+
+def _nearest(unknown: list[str], known) -> str:
+    """`` (did you mean …?)`` naming the nearest known key of each unknown one that has one."""
+    hints = [
+        f"{key} → {match[0]}" for key in unknown if (match := difflib.get_close_matches(key, list(known), 1))
+    ]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+def config_error(error: ValidationError) -> NeurofmError:
+    """One line for a refused configuration: the unknown keys of the first section that has some (with the
+    nearest valid key), else the first bad value, named ``section.key``."""
+    problems = error.errors()
+    unknown: dict[tuple[str, ...], list[str]] = {}
+    for problem in problems:
+        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            path, key = tuple(problem["loc"][:-1]), str(problem["loc"][-1])
+            unknown.setdefault(path, []).append(key)
+    if unknown:
+        path, keys = next(iter(unknown.items()))
+        known = _known_keys(path)
+        if not path:
+            return NeurofmError(
+                f"unknown config section(s) {', '.join(keys)}{_nearest(keys, known)}; "
+                f"known sections: {', '.join(sorted(known))}"
+            )
+        return NeurofmError(
+            f"unknown key(s) {', '.join(keys)} in config section '{'.'.join(path)}'{_nearest(keys, known)}; "
+            f"known keys: {', '.join(known)}"
+        )
+    problem = problems[0]
+    path, key = _split(tuple(problem["loc"]))
+    words = _TYPE_WORDS.get(problem["type"])
+    if words is None and problem["type"] == "literal_error":
+        words = f"is not one of {problem['ctx']['expected']}"
+    if words is None:
+        words = f"is refused ({problem['msg'].removeprefix('Value error, ')})"
+    if words == "is not a mapping" and key and not path:
+        return NeurofmError(
+            f"config section '{key}' must be a mapping, got {type(problem['input']).__name__}"
+        )
+    if words == "is not a mapping" and _is_section(_field_types(_section_class(path)).get(key)):
+        return NeurofmError(
+            f"config section '{'.'.join((*path, key))}' must be a mapping, got {problem['input']!r}"
+        )
+    where = ".".join(path) or "(top level)"
+    return NeurofmError(f"bad value in config section '{where}': {key}={problem['input']!r} {words}")
+
+
+def _section_class(path: tuple[str, ...]) -> Any:
+    cls: Any = RunConfig
+    for part in path:
+        cls = _field_types(cls).get(part)
+    return cls
+
+
+def _validated(cls: type[BaseModel], raw: Mapping[str, Any]) -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as error:
+        raise config_error(error) from None
+
+
+# ------------------------------------------------------------------------------------ YAML files
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-3`` / ``2E5`` as floats (YAML 1.2), not as strings (PyYAML's 1.1)."""
 
@@ -203,162 +564,6 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
-def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> Any:
-    """Build dataclass ``cls`` from ``values`` and run its ``validate()`` (if it has one), refusing
-    unknown keys and out-of-range or wrongly typed values with a clear error."""
-    names = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise NeurofmError(
-            f"unknown key(s) {', '.join(unknown)} in config section '{section}'{_nearest(unknown, names)}; "
-            f"known keys: {', '.join(sorted(names))}"
-        )
-    try:
-        instance = cls(**dict(values))
-        if callable(getattr(instance, "validate", None)):
-            instance.validate()
-    except (TypeError, ValueError) as error:
-        raise NeurofmError(f"bad value in config section '{section}': {error}") from None
-    return instance
-
-
-def _nearest(unknown: list[str], known) -> str:
-    """`` (did you mean …?)`` naming the nearest known key of each unknown one that has one."""
-    import difflib
-
-    hints = [f"{key} → {match[0]}" for key in unknown if (match := difflib.get_close_matches(key, list(known), 1))]
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
-
-
-# nested sections of `evaluate` checked against their dataclasses before anything runs: key → "module:Class"
-NESTED_DATACLASSES = {
-    "probe": "neurofm.classify:ProbeConfig",
-    "cluster": "neurofm.evaluate.cluster:ClusterConfig",
-}
-
-
-def _dataclass_for(section: str) -> type:
-    module, _, name = DATACLASS_SECTIONS[section].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def validate(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill defaults, refuse unknown sections/keys, and build dataclass sections to check ranges."""
-    unknown = sorted(set(config) - KNOWN_SECTIONS)
-    if unknown:
-        raise NeurofmError(
-            f"unknown config section(s) {', '.join(unknown)}{_nearest(unknown, KNOWN_SECTIONS)}; "
-            f"known sections: {', '.join(sorted(KNOWN_SECTIONS - {'extends'}))}"
-        )
-    full: dict[str, Any] = {}
-    for section, defaults in DEFAULTS.items():
-        values = config.get(section) or {}
-        if not isinstance(values, Mapping):
-            raise NeurofmError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
-        extra = sorted(set(values) - set(defaults))
-        if extra:
-            raise NeurofmError(
-                f"unknown key(s) {', '.join(extra)} in config section '{section}'{_nearest(extra, defaults)}; "
-                f"known keys: {', '.join(defaults)}"
-            )
-        full[section] = deep_merge(defaults, values)
-    builtin_data = full["data"]["path"] is None and full["data"]["files"] is None  # the synthetic atlas
-    for section in DATACLASS_SECTIONS:
-        values = config.get(section) or {}
-        if not isinstance(values, Mapping):
-            raise NeurofmError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
-        if section == "train" and builtin_data:  # the built-in data's own budget
-            demo = full["default_data"]["train"] or {}
-            if not isinstance(demo, Mapping):
-                raise NeurofmError(
-                    "default_data.train must be a mapping of train settings, e.g. {epochs: 10}"
-                )
-            budget_keys = {"epochs", "max_steps"}
-            values = {**demo, **values} if not budget_keys & set(values) else dict(values)
-        if section == "reference" and builtin_data and "label_columns" not in values:
-            values = {**(full["default_data"]["reference"] or {}), **values}
-        instance = dataclass_from_dict(_dataclass_for(section), values, section)
-        full[section] = dataclasses.asdict(instance)
-    _check_evaluate(full["evaluate"])
-    _check_map(full["map"])
-    _check_data_files(full["data"])
-    return full
-
-
-def _check_data_files(data: Mapping[str, Any]) -> None:
-    """``data.files``: None, or a non-empty list of paths / {path, batch_column, gene_column, name}
-    mappings, not together with ``data.path``."""
-    files = data["files"]
-    if files is None:
-        return
-    if not isinstance(files, list) or not files:
-        raise NeurofmError(
-            f"data.files must be a list of .h5ad paths or {{path, batch_column, gene_column}} mappings, got {files!r}"
-        )
-    if data["path"] is not None:
-        raise NeurofmError("data.path and data.files are both set; use data.files alone for several files")
-    for entry in files:
-        if isinstance(entry, Mapping):
-            unknown = sorted(set(entry) - {"path", "batch_column", "gene_column", "name"})
-            if unknown or not isinstance(entry.get("path"), str):
-                raise NeurofmError(
-                    f"data.files entry {dict(entry)} has unknown keys {unknown} or no path; use "
-                    "{path: FILE.h5ad, batch_column: COL, gene_column: COL}"
-                )
-        elif not isinstance(entry, str):
-            raise NeurofmError(f"data.files entry {entry!r} is neither a path nor a mapping with a path")
-
-
-EVALUATE_BASELINES = ("pca", "scvi", "random")
-POOLINGS = ("auto", "mean", "mean_nonzero", "max")  # neurofm.embedding.POOLINGS (config stays torch-free)
-UNOBSERVED_MODES = ("exclude", "zero")  # neurofm.embedding.UNOBSERVED_MODES
-
-
-def _check_evaluate(evaluate: Mapping[str, Any]) -> None:
-    for key, target in NESTED_DATACLASSES.items():  # evaluate.probe.*, evaluate.cluster.*: refused now
-        values = evaluate[key]
-        if not isinstance(values, Mapping):
-            raise NeurofmError(f"evaluate.{key} must be a mapping of settings, got {values!r}")
-        module, _, name = target.partition(":")
-        dataclass_from_dict(getattr(importlib.import_module(module), name), values, f"evaluate.{key}")
-    baselines = evaluate["baselines"]
-    if (
-        not isinstance(baselines, list)
-        or not set(baselines) <= set(EVALUATE_BASELINES)
-        or "pca" not in baselines
-    ):
-        raise NeurofmError(
-            f"evaluate.baselines={baselines!r} must be a list drawn from {list(EVALUATE_BASELINES)} that holds "
-            "pca (the champion rule needs it); e.g. [pca, scvi, random]"
-        )
-    for key in ("max_cells_cluster", "max_cells_visualize"):
-        value = evaluate[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 100):
-            raise NeurofmError(f"evaluate.{key}={value!r} must be an integer >= 100 or null (all cells)")
-    for key, allowed in (("pooling", POOLINGS), ("unobserved", UNOBSERVED_MODES)):
-        if evaluate[key] not in allowed:
-            raise NeurofmError(f"evaluate.{key}={evaluate[key]!r} must be one of {', '.join(allowed)}")
-    epochs, latent = evaluate["scvi_max_epochs"], evaluate["scvi_latent"]
-    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
-        raise NeurofmError(f"evaluate.scvi_max_epochs={epochs!r} must be a positive integer or null")
-    if not isinstance(latent, int) or latent < 2:
-        raise NeurofmError(f"evaluate.scvi_latent={latent!r} must be an integer >= 2, e.g. 10")
-
-
-def _check_map(settings: Mapping[str, Any]) -> None:
-    baselines = settings["baselines"]
-    if not isinstance(baselines, list) or not set(baselines) <= set(MAP_BASELINES):
-        raise NeurofmError(
-            f"map.baselines={baselines!r} must be a list drawn from {list(MAP_BASELINES)}; e.g. [pca_ref, logcounts]"
-        )
-    columns = settings["label_columns"]
-    if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
-        raise NeurofmError(f"map.label_columns={columns!r} must be a list of column names or null (all)")
-    epochs = settings["scarches_query_epochs"]
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise NeurofmError(f"map.scarches_query_epochs={epochs!r} must be a positive integer, e.g. 200")
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` (value as YAML) into (["section", "key"], value)."""
     if "=" not in text:
@@ -383,13 +588,39 @@ def set_path(config: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def validate(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
+    """The :class:`RunConfig` of ``raw`` (a configuration as read: sections of keys): the demo's overlay
+    (:func:`apply_demo_data`) laid on, every key and value checked, defaults filled. Refuses an unknown
+    section or key, a wrong type or an out-of-range value in one line (:func:`config_error`)."""
+    if isinstance(raw, RunConfig):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise NeurofmError(f"a configuration must be a mapping of sections, got {type(raw).__name__}")
+    raw = {key: value for key, value in raw.items() if key != "extends"}
+    return _validated(RunConfig, apply_demo_data(raw))
+
+
+def validate_section(name: str, values: Mapping[str, Any]) -> Any:
+    """One section of the tree from ``values``, checked as a file's would be (one-line errors)."""
+    return getattr(_validated(RunConfig, {name: dict(values)}), name)
+
+
+def with_values(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``config`` with each dotted ``section.key`` of ``values`` set, checked as a file's would be
+    (the demo's overlay is already in ``config``)."""
+    raw = config.model_dump()
+    for dotted, value in values.items():
+        set_path(raw, dotted.split("."), value)
+    return _validated(RunConfig, raw)
+
+
 def load_config(
     path: str | os.PathLike | None,
     overrides: list[str] | None = None,
     values: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunConfig:
     """Read ``path`` (with ``extends``), apply ``section.key=value`` overrides, then ``values`` (dotted key →
-    Python value, e.g. the command line's ``--data``), validate, fill defaults."""
+    Python value, e.g. the command line's ``--data``), and :func:`validate` the result."""
     raw = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
@@ -413,7 +644,13 @@ def _comments(source: str) -> dict[int, str]:
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             raw[token.start[0]] = token.string
-        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT):
+        elif token.type not in (
+            tokenize.NL,
+            tokenize.NEWLINE,
+            tokenize.INDENT,
+            tokenize.DEDENT,
+            tokenize.COMMENT,
+        ):
             code_lines.add(token.start[0])
 
     def text(line: int) -> str:
@@ -441,24 +678,6 @@ def _end_comment(node, comments: dict[int, str]) -> str:
     return next((comments[line] for line in range(node.lineno, node.end_lineno + 1) if line in comments), "")
 
 
-def _defaults_comments() -> dict[str, dict[str, str]]:
-    """``{section: {key: comment}}`` from this module's ``DEFAULTS`` literal."""
-    import ast
-
-    source = Path(__file__).read_text()
-    comments = _comments(source)
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "DEFAULTS":
-            out: dict[str, dict[str, str]] = {}
-            for section, body in zip(node.value.keys, node.value.values, strict=True):
-                out[section.value] = {
-                    key.value: _end_comment(value, comments) or comments.get(key.lineno, "")
-                    for key, value in zip(body.keys, body.values, strict=True)
-                }
-            return out
-    return {}
-
-
 def _dataclass_comments(cls: type) -> dict[str, str]:
     import ast
     import inspect
@@ -475,9 +694,24 @@ def _dataclass_comments(cls: type) -> dict[str, str]:
     return {}
 
 
+def _sections() -> list[tuple[str, type]]:
+    """Every section of the tree and its class, as the reference page lists them: the stages' own
+    sections, then the library's settings dataclasses, then the sections nested in those."""
+    top = [(name, cls) for name, cls in SECTIONS.items() if issubclass(cls, BaseModel)]
+    top += [(name, cls) for name, cls in SECTIONS.items() if not issubclass(cls, BaseModel)]
+    nested: list[tuple[str, type]] = []
+    todo = list(top)
+    while todo:
+        name, cls = todo.pop(0)
+        found = [(f"{name}.{key}", sub) for key, sub in _field_types(cls).items() if _is_section(sub)]
+        nested += found
+        todo += found
+    return top + sorted(nested, key=lambda item: not issubclass(item[1], BaseModel))
+
+
 def configuration_markdown() -> str:
     """``docs/configuration.md``: every section and key with its default and its comment, generated from
-    ``DEFAULTS`` and the dataclasses (``python -m neurofm.config > docs/configuration.md``)."""
+    the section classes of :class:`RunConfig` (``python -m neurofm.config > docs/configuration.md``)."""
 
     def shown(value: Any) -> str:
         text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
@@ -487,28 +721,31 @@ def configuration_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated by `python -m neurofm.config > docs/configuration.md` from `neurofm/config.py` (`DEFAULTS`)",
-        "and the settings dataclasses; `tests/test_config.py` fails when it is stale. YAML files under",
-        "`configs/` override these defaults; `--set section.key=value` overrides one value.",
+        "Generated by `python -m neurofm.config > docs/configuration.md` from the section classes of",
+        "`neurofm.config.RunConfig` (every default defined once, in code); `tests/test_config.py` fails when it",
+        "is stale. YAML files under `configs/` hold only what they change; `--set section.key=value` overrides",
+        "one value. An unknown key or a value of the wrong type anywhere is refused before anything runs.",
         "",
     ]
-    comments = _defaults_comments()
-    sections: list[tuple[str, dict[str, Any], dict[str, str], str]] = []
-    for section, defaults in DEFAULTS.items():
-        sections.append((section, defaults, comments.get(section, {}), "`neurofm/config.py`"))
-    nested = {"evaluate.probe": "neurofm.evaluate.probe:ProbeConfig",
-              "evaluate.cluster": "neurofm.evaluate.cluster:ClusterConfig",
-              "reference.head": "neurofm.classify:HeadConfig"}  # fmt: skip
-    for section, spec in {**DATACLASS_SECTIONS, **nested}.items():
-        module, _, name = spec.partition(":")
-        cls = getattr(importlib.import_module(module), name)
-        values = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
-        sections.append((section, values, _dataclass_comments(cls), f"`{spec.replace(':', '.')}`"))
-    for section, values, notes, where in sections:
-        lines += [f"## `{section}`", "", f"Defaults from {where}.", "", "| key | default | meaning |", "|---|---|---|"]
+    for section, cls in _sections():
+        instance = cls()
+        values = {key: getattr(instance, key) for key in _field_types(cls)}
+        where = (
+            "`neurofm/config.py`" if cls.__module__ == __name__ else f"`{cls.__module__}.{cls.__qualname__}`"
+        )
+        notes = _dataclass_comments(cls)
+        lines += [
+            f"## `{section}`",
+            "",
+            f"Defaults from {where}.",
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
         for key, value in values.items():
             note = notes.get(key, "").replace("|", "\\|")
-            default = f"see `{section}.{key}`" if dataclasses.is_dataclass(value) else shown(value)
+            nested = dataclasses.is_dataclass(value) or isinstance(value, BaseModel)
+            default = f"see `{section}.{key}`" if nested else shown(value)
             lines.append(f"| `{key}` | {default} | {note} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neurofm import tracking
 from neurofm.data.store import CellStore
@@ -22,6 +22,9 @@ from neurofm.mapping import ReferenceConfig, add_reference
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer
 from neurofm.train import TrainConfig, TrainResult
+
+if TYPE_CHECKING:
+    from neurofm.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,9 @@ def _attach_reference(model_dir, store: CellStore, config: ReferenceConfig, data
     if not config.label_columns:
         return None
     built = add_reference(model_dir, store, config, source=data_name, progress=False)
-    tracking.log_params({"reference": {"label_columns": list(config.label_columns), "n_cells": built.n_cells}})
+    tracking.log_params(
+        {"reference": {"label_columns": list(config.label_columns), "n_cells": built.n_cells}}
+    )
     return built.describe()
 
 
@@ -115,7 +120,7 @@ def pretrain_and_register(
     train_config: TrainConfig,
     out_dir: str | Path,
     data_name: str,
-    tracking_config: Mapping[str, Any],
+    tracking_config: TrackingConfig,
     *,
     reference_config: ReferenceConfig | None = None,
     resume: bool = False,
@@ -131,7 +136,7 @@ def pretrain_and_register(
     head's phase; :func:`final_metrics`; the training artifacts (``training/``, not the resume state).
     With ``reference_config.label_columns`` the store's cells are embedded by the new model and stored as
     its reference (``neurofm.mapping.add_reference``; params ``reference.*``) before it is registered
-    (when ``tracking_config['register']``; tags ``data`` and ``val_perplexity``).
+    (when ``tracking_config.register``; tags ``data`` and ``val_perplexity``).
 
     Returns the model directory (``pretrain/model/``) and :func:`pretrain_summary`.
     """
@@ -142,10 +147,10 @@ def pretrain_and_register(
     store_record = store.reference()
     run_dir = Path(out_dir) / RUN_DIR
     with tracking.start_run(
-        tracking_config["experiment"],
+        tracking_config.experiment,
         run_name=f"pretrain-{data_name}",
         tags={"neurofm.pipeline_step": "pretrain", "neurofm.data": data_name},
-        tracking_uri=tracking_config["tracking_uri"],
+        tracking_uri=tracking_config.tracking_uri,
     ) as run:
         tracking.log_params(_run_params(tokenizer, logged_config, data_name, store, store_record))
         result = launch_pretrain(  # torchrun when train.nproc_per_node > 1, else in this process
@@ -167,10 +172,10 @@ def pretrain_and_register(
             [p for k, p in result.artifacts.items() if k != "resume_state"], artifact_path="training"
         )
         registered = None
-        if tracking_config["register"]:
+        if tracking_config.register:
             registered = tracking.log_and_register_model(
                 result.model_dir,
-                tracking_config["registered_model_name"],
+                tracking_config.registered_model_name,
                 tags={"data": data_name, "val_perplexity": f"{final['best_val_perplexity']:.4f}"},
             )
     summary = pretrain_summary(result, final, run.info.run_id, registered, reference_info)

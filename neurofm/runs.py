@@ -9,46 +9,49 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neurofm.errors import NeurofmError
+
+if TYPE_CHECKING:
+    from neurofm.config import RunConfig
 
 log = logging.getLogger("neurofm")
 
 
-def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
+def resolve_inputs(config: RunConfig) -> dict[str, Any]:
     """Decide what the pipeline reads: the user's .h5ad, or the built-in atlas (written once).
 
-    Returns plain values (paths, fingerprints, cluster IDs, region, crop) for the pipeline, and, for
-    the built-in atlas, fills ``evaluate.label_mapping`` with the generator's class mapping.
+    Returns plain values (paths, fingerprints, cluster IDs, region) for the pipeline. The built-in
+    atlas's own selection (its clusters, region and crop, ``default_data``) is already in ``config``
+    (:func:`neurofm.config.apply_demo_data`).
     """
     from neurofm import io
 
-    data = config["data"]
-    if data["files"] is not None:
+    data = config.data
+    if data.files is not None:
         return _several_files(config)
-    if data["path"] is None:
-        defaults = config["default_data"]
-        files = default_atlas(defaults)
-        if defaults["label_mapping"] is not None:
-            config["evaluate"]["label_mapping"] = defaults["label_mapping"]
+    if data.builtin:
+        demo = config.default_data
+        files = default_atlas(demo.n_cells, demo.n_genes, demo.seed)
         return {
             "path": str(files.counts_h5ad),
             "fingerprint": io.file_fingerprint(files.counts_h5ad),
             "metadata_csv": str(files.cell_metadata_csv),
             "cluster_csv": str(files.cluster_csv),
             "annotation_csv": str(files.cluster_annotation_term_csv),
-            "cluster_ids": list(defaults["cluster_ids"]),
-            "region": defaults["region"],
-            "crop": {**config["crop"], **(defaults["crop"] or {})},
+            "cluster_ids": list(config.subset.cluster_ids),
+            "region": config.region.value,
             "default_data": True,
-            "name": f"synthetic-atlas-seed{defaults['seed']}",
+            "name": f"synthetic-atlas-seed{demo.seed}",
         }
-    path = io.check_h5ad_path(data["path"])
+    path = io.check_h5ad_path(data.path)
     for key in ("metadata_csv", "cluster_csv", "annotation_csv"):
-        if data[key] is not None and not Path(data[key]).is_file():
-            raise NeurofmError(f"data.{key} file {data[key]} does not exist; fix the path or set it to null")
-    if config["subset"]["cluster_ids"] and data["metadata_csv"] is None:
+        if getattr(data, key) is not None and not Path(getattr(data, key)).is_file():
+            raise NeurofmError(
+                f"data.{key} file {getattr(data, key)} does not exist; fix the path or set it to null"
+            )
+    if config.subset.cluster_ids and data.metadata_csv is None:
         raise NeurofmError(
             "subset.cluster_ids is set but data.metadata_csv is not; pass --metadata cell_metadata.csv "
             "or clear subset.cluster_ids"
@@ -57,33 +60,32 @@ def resolve_inputs(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "path": str(path.resolve()),
         "fingerprint": io.file_fingerprint(path),
-        "metadata_csv": data["metadata_csv"],
-        "cluster_csv": data["cluster_csv"],
-        "annotation_csv": data["annotation_csv"],
-        "cluster_ids": list(config["subset"]["cluster_ids"] or []),
-        "region": config["region"]["value"],
-        "crop": dict(config["crop"]),
+        "metadata_csv": data.metadata_csv,
+        "cluster_csv": data.cluster_csv,
+        "annotation_csv": data.annotation_csv,
+        "cluster_ids": list(config.subset.cluster_ids),
+        "region": config.region.value,
         "default_data": False,
         "name": path.stem,
     }
 
 
-def _several_files(config: dict[str, Any]) -> dict[str, Any]:
+def _several_files(config: RunConfig) -> dict[str, Any]:
     """:func:`resolve_inputs` for ``data.files``: each file's spec (a path or a mapping, as
     ``neurofm.data.store.InputFile.parse`` takes it) with its path checked and made absolute, and its
     fingerprint. Cluster subsets, region filters and crops are single-file selections: refused here."""
     from neurofm import io
     from neurofm.data.store import InputFile
 
-    if config["subset"]["cluster_ids"] or config["region"]["value"] is not None:
+    if config.subset.cluster_ids or config.region.value is not None:
         raise NeurofmError(
             "subset.cluster_ids / region.value select cells of one file; with several data files "
             "(data.files) select them per file first, or clear those settings"
         )
-    if any(config["crop"].get(key) is not None for key in ("n_cells", "n_genes")):
+    if config.crop.n_cells is not None or config.crop.n_genes is not None:
         raise NeurofmError("crop.n_cells / crop.n_genes crop one file; clear them for several data files")
     specs, fingerprints = [], []
-    for entry in config["data"]["files"]:
+    for entry in config.data.files:
         spec = InputFile.parse(entry)
         path = io.check_h5ad_path(spec.path)
         specs.append({"path": str(path.resolve()), "batch_column": spec.batch_column,
@@ -99,13 +101,12 @@ def _several_files(config: dict[str, Any]) -> dict[str, Any]:
         "annotation_csv": None,
         "cluster_ids": [],
         "region": None,
-        "crop": dict(config["crop"]),
         "default_data": False,
         "name": "+".join(Path(spec["path"]).stem for spec in specs),
     }
 
 
-def check_inputs_early(path: Path, config: dict[str, Any]) -> None:
+def check_inputs_early(path: Path, config: RunConfig) -> None:
     """Cheap checks of the user's files before ZenML starts, so mistakes end in one line, not a failed
     step: the .h5ad opens as HDF5 (not truncated), the metadata CSV has the columns the config names,
     and the region column exists in the .h5ad's obs or (with a cluster subset) in the metadata."""
@@ -122,29 +123,29 @@ def check_inputs_early(path: Path, config: dict[str, Any]) -> None:
         raise NeurofmError(
             f"cannot open {path} as HDF5 ({reason}); the file is truncated or not an .h5ad — re-export it"
         ) from None
-    subset, metadata_csv = config["subset"], config["data"]["metadata_csv"]
+    subset, metadata_csv = config.subset, config.data.metadata_csv
     header: list[str] = []
     if metadata_csv is not None:
         header = metadata_header(metadata_csv)
-        needed = [subset["obs_name_column"]] + ([subset["cluster_column"]] if subset["cluster_ids"] else [])
+        needed = [subset.obs_name_column] + ([subset.cluster_column] if subset.cluster_ids else [])
         if missing := [column for column in needed if column not in header]:
             raise NeurofmError(
                 f"metadata {Path(metadata_csv).name} lacks column(s) {missing} (columns: {header[:20]}); "
                 "name the right columns with --set subset.obs_name_column=… / subset.cluster_column=…"
             )
-    region = config["region"]
-    if region["value"] is not None and obs_columns is not None:
-        available = obs_columns + (header if subset["cluster_ids"] else [])
-        if region["column"] not in available:
-            where = " nor in the metadata" if subset["cluster_ids"] else ""
+    region = config.region
+    if region.value is not None and obs_columns is not None:
+        available = obs_columns + (header if subset.cluster_ids else [])
+        if region.column not in available:
+            where = " nor in the metadata" if subset.cluster_ids else ""
             raise NeurofmError(
-                f"region column '{region['column']}' is neither in the obs of {path.name} (obs columns: "
+                f"region column '{region.column}' is neither in the obs of {path.name} (obs columns: "
                 f"{obs_columns}){where}; name one of them with --set region.column=…, or keep every "
                 "region with --set region.value=null"
             )
 
 
-def check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
+def check_labels_early(config: RunConfig, inputs: dict[str, Any]) -> None:
     """Before ZenML starts (so before preparing, or training): the evaluation's label column exists in the
     input files and can hold two classes. Only what the inputs settle is refused — a label the mapping does
     not cover may still be filtered out by the region or crop, so the evaluation step judges that."""
@@ -155,7 +156,7 @@ def check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     from neurofm import keys
     from neurofm.data.atlas import metadata_header
 
-    column, mapping = config["evaluate"]["label_column"], config["evaluate"]["label_mapping"]
+    column, mapping = config.evaluate.label_column, config.evaluate.label_mapping
     if mapping is not None and not isinstance(mapping, dict):
         raise NeurofmError(
             f"evaluate.label_mapping must map labels to classes, got {mapping!r}; "
@@ -169,7 +170,7 @@ def check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
         obs_columns = [str(name) for name in obs.attrs.get("column-order", [])]
         values: set[str] | None = None
         if cluster_ids and column == keys.SUBTYPE:  # written by the subset step: prefix + cluster ID
-            values = {f"{config['subset']['label_prefix']}{cluster_id}" for cluster_id in cluster_ids}
+            values = {f"{config.subset.label_prefix}{cluster_id}" for cluster_id in cluster_ids}
         elif column in obs_columns:
             try:
                 values = set(pd.Series(ad.io.read_elem(obs[column])).dropna().astype(str))
@@ -194,7 +195,7 @@ def check_labels_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
         )
 
 
-def check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
+def check_model_early(config: RunConfig, inputs: dict[str, Any]) -> None:
     """Before ZenML starts: an ``evaluate.model`` directory is a complete, readable checkpoint whose genes
     are found in the input .h5ad by the rules ``neurofm embed`` uses (:mod:`neurofm.genes`: IDs or
     symbols, version suffixes, ``--gene-col``, ``--min-gene-overlap``); the match is logged. Registry and
@@ -206,12 +207,12 @@ def check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     from neurofm.genes import match_adata
     from neurofm.model import load_pretrained
 
-    spec = config["evaluate"]["model"]
+    spec = config.evaluate.model
     if spec is None or ":/" in str(spec):
         return
-    tracking_config = config["tracking"]
+    tracking_config = config.tracking
     model_dir = tracking.resolve_model_dir(
-        spec, tracking_config["registered_model_name"], tracking_config["tracking_uri"]
+        spec, tracking_config.registered_model_name, tracking_config.tracking_uri
     )
     _, tokenizer = load_pretrained(model_dir)
     path = Path(inputs["path"])
@@ -223,21 +224,21 @@ def check_model_early(config: dict[str, Any], inputs: dict[str, Any]) -> None:
         var = backed.var.copy()
     finally:
         backed.file.close()
-    dedupe = config["dedupe"]
-    if dedupe["genes"] == "make_unique" and dedupe["gene_column"] is None:  # as the dedupe step renames
+    dedupe = config.dedupe
+    if dedupe.genes == "make_unique" and dedupe.gene_column is None:  # as the dedupe step renames
         var.index = unique_names(var.index.astype(str))
-    evaluate = config["evaluate"]
+    evaluate = config.evaluate
     match = match_adata(
         ad.AnnData(var=var),
         tokenizer.gene_ids,
         tokenizer.gene_symbols,
-        gene_col=evaluate["gene_column"],
-        min_overlap=evaluate["min_gene_overlap"],
+        gene_col=evaluate.gene_column,
+        min_overlap=evaluate.min_gene_overlap,
     )
     log.info("genes of %s for the model in %s: %s", path.name, model_dir, match.describe())
 
 
-def check_map_early(config: dict[str, Any]) -> None:
+def check_map_early(config: RunConfig) -> None:
     """Before ZenML starts, for the map pipeline: a query file is given; its obs has the label and batch
     columns named; a model directory holds a reference with the columns asked for, and its genes are found
     in the query by :mod:`neurofm.genes`' rules. Registry URIs are checked by the pipeline."""
@@ -248,27 +249,34 @@ def check_map_early(config: dict[str, Any]) -> None:
     from neurofm.mapping import load_reference
     from neurofm.model import load_pretrained
 
-    settings = config["map"]
-    if config["data"]["path"] is None:
-        raise NeurofmError("the map pipeline maps your cells: pass --data QUERY.h5ad (and --model, a model with a reference)")
-    path = io.check_h5ad_path(config["data"]["path"])
+    settings = config.map
+    if config.data.path is None:
+        raise NeurofmError(
+            "the map pipeline maps your cells: pass --data QUERY.h5ad (and --model, a model with a reference)"
+        )
+    path = io.check_h5ad_path(config.data.path)
     backed = ad.read_h5ad(path, backed="r")
     try:
         obs_columns, var = list(backed.obs.columns), backed.var.copy()
     finally:
         backed.file.close()
-    for flag, column in (("--label-col", settings["query_label_column"]), ("--batch-col", settings["batch_column"])):
+    for flag, column in (
+        ("--label-col", settings.query_label_column),
+        ("--batch-col", settings.batch_column),
+    ):
         if column is not None and column not in obs_columns:
             raise NeurofmError(
                 f"{path.name} has no obs column {column!r} (columns: {obs_columns[:12]}); fix {flag}"
             )
-    spec = settings["model"]
+    spec = settings.model
     if spec is None or ":/" in str(spec):
         return
-    tracking_config = config["tracking"]
-    model_dir = tracking.resolve_model_dir(spec, tracking_config["registered_model_name"], tracking_config["tracking_uri"])
+    tracking_config = config.tracking
+    model_dir = tracking.resolve_model_dir(
+        spec, tracking_config.registered_model_name, tracking_config.tracking_uri
+    )
     reference = load_reference(model_dir)
-    for column in settings["label_columns"] or []:
+    for column in settings.label_columns or []:
         if column not in reference.columns:
             raise NeurofmError(
                 f"the model's reference has no label column {column!r} (it has {reference.label_columns}); "
@@ -277,26 +285,26 @@ def check_map_early(config: dict[str, Any]) -> None:
     _, tokenizer = load_pretrained(model_dir)
     match = match_adata(
         ad.AnnData(var=var), tokenizer.gene_ids, tokenizer.gene_symbols,
-        gene_col=settings["gene_column"], min_overlap=settings["min_gene_overlap"],
+        gene_col=settings.gene_column, min_overlap=settings.min_gene_overlap,
     )  # fmt: skip
     log.info("genes of %s for the model in %s: %s", path.name, model_dir, match.describe())
 
 
-def run_notes(config: dict[str, Any], inputs: dict[str, Any], pretrained: bool = True) -> list[str]:
+def run_notes(config: RunConfig, inputs: dict[str, Any], pretrained: bool = True) -> list[str]:
     """How this run differs from the pipeline's defaults on a user's data, in the words the report and
     the closing summary print: the built-in demo's shorter pre-training, a capped scVI baseline."""
     from neurofm.train_config import TrainConfig
 
     notes = []
-    train = config["train"]
+    train = config.train
     if inputs["default_data"] and pretrained:
-        budget = f"{train['max_steps']} steps" if train["max_steps"] else f"{train['epochs']} epochs"
+        budget = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epochs"
         notes.append(
             f"built-in demo data: pre-trained for {budget} (default_data.train); on your own data the "
             f"pipeline pre-trains train.epochs = {TrainConfig().epochs} epochs"
         )
-    capped = config["evaluate"]["scvi_max_epochs"]
-    if capped is not None and "scvi" in config["evaluate"]["baselines"]:
+    capped = config.evaluate.scvi_max_epochs
+    if capped is not None and "scvi" in config.evaluate.baselines:
         notes.append(
             f"the scVI baseline is capped at {capped} epochs (evaluate.scvi_max_epochs; scvi-tools' own "
             "rule trains longer): a weaker baseline, shown as scvi_capped"
@@ -304,12 +312,12 @@ def run_notes(config: dict[str, Any], inputs: dict[str, Any], pretrained: bool =
     return notes
 
 
-def default_atlas(defaults: dict[str, Any]):
+def default_atlas(n_cells: int, n_genes: int, seed: int):
     """The built-in synthetic atlas under $NEUROFM_HOME, written once per (size, seed)."""
     from neurofm.data.synthetic import AtlasFiles, write_synthetic_atlas
     from neurofm.tracking import neurofm_home
 
-    name = f"default_atlas_{defaults['n_cells']}x{defaults['n_genes']}_seed{defaults['seed']}"
+    name = f"default_atlas_{n_cells}x{n_genes}_seed{seed}"
     out_dir = neurofm_home() / name
     names = {
         "counts_h5ad": "counts.h5ad",
@@ -321,6 +329,4 @@ def default_atlas(defaults: dict[str, Any]):
     if all(path.is_file() for path in existing.as_dict().values()):
         return existing
     log.info("writing the built-in synthetic atlas to %s", out_dir)
-    return write_synthetic_atlas(
-        out_dir, n_cells=defaults["n_cells"], n_genes=defaults["n_genes"], seed=defaults["seed"]
-    )
+    return write_synthetic_atlas(out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed)

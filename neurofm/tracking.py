@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neurofm.registry import (  # noqa: F401  (the registry's names, reached through tracking by steps)
     CHAMPION_ALIAS,
@@ -35,6 +35,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+if TYPE_CHECKING:
+    from neurofm.config import EvaluateConfig, MapConfig, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -372,33 +375,33 @@ def _model_tags(step: str, data_name: str, model_info: Mapping[str, Any]) -> dic
 def log_evaluation(
     evaluation: Mapping[str, Any],
     model_info: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    tracking_config: Mapping[str, Any],
+    settings: EvaluateConfig,
+    tracking_config: TrackingConfig,
     data_name: str,
 ) -> dict[str, Any]:
     """Log an evaluation (``evaluation``: its ``metrics`` and ``out_dir``) as one MLflow run
     ``evaluate-<data_name>`` linked to the model version by tags: params ``evaluate.*`` (``settings``, less
     ``model``) and ``model_source``, the metrics, ``out_dir`` as artifacts ``evaluation/``; then move the
-    ``champion`` alias when ``settings['promote']`` and :func:`promote_if_better` allow it (tag
+    ``champion`` alias when ``settings.promote`` and :func:`promote_if_better` allow it (tag
     ``neurofm.promotion``: what happened). Returns ``evaluation`` plus ``promotion``, ``mlflow_run_id``, ``model``."""
     metrics = evaluation["metrics"]
     name, version = model_info.get("model_name"), model_info.get("model_version")
     with start_run(
-        tracking_config["experiment"],
+        tracking_config.experiment,
         run_name=f"evaluate-{data_name}",
         tags=_model_tags("evaluate", data_name, model_info),
-        tracking_uri=tracking_config["tracking_uri"],
+        tracking_uri=tracking_config.tracking_uri,
     ) as run:
         log_params(
             {
-                "evaluate": {k: v for k, v in settings.items() if k != "model"},
+                "evaluate": settings.model_dump(exclude={"model"}),
                 "model_source": model_info.get("source", model_info.get("model_uri")),
             }
         )
         log_metrics(metrics)
         log_artifacts([evaluation["out_dir"]], artifact_path="evaluation")
         promotion = "not a registered model version; no alias moved"
-        if version is not None and settings["promote"]:
+        if version is not None and settings.promote:
             promotion = promote_if_better(name, str(version), metrics, data_name, run.info.run_id)
         elif version is not None:
             promotion = "evaluate.promote is false; no alias moved"
@@ -411,8 +414,8 @@ def log_mapping(
     mapping: Mapping[str, Any],
     scores: Mapping[str, Any],
     model_info: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    tracking_config: Mapping[str, Any],
+    settings: MapConfig,
+    tracking_config: TrackingConfig,
     data_name: str,
 ) -> dict[str, Any]:
     """Log a mapping as one MLflow run ``map-<data_name>`` linked to the model version by tags: params
@@ -420,10 +423,10 @@ def log_mapping(
     and the transfer ``scores['metrics']``, the report directory (``scores['out_dir']``) as artifacts
     ``map/``. Returns the mapping's record, metrics, mapped file, report, run id and model."""
     record = mapping["record"]
-    with start_run(tracking_config["experiment"], run_name=f"map-{data_name}",
+    with start_run(tracking_config.experiment, run_name=f"map-{data_name}",
                    tags=_model_tags("map", data_name, model_info),
-                   tracking_uri=tracking_config["tracking_uri"]) as run:  # fmt: skip
-        log_params({"map": {k: v for k, v in settings.items() if k != "model"}})
+                   tracking_uri=tracking_config.tracking_uri) as run:  # fmt: skip
+        log_params({"map": settings.model_dump(exclude={"model"})})
         metrics = {f"unknown_share/{c}": v for c, v in record["unknown_share"].items()}
         metrics.update({"map_seconds": mapping["seconds"], "n_cells": record["n_cells"], **scores["metrics"]})
         log_metrics(metrics)

@@ -69,7 +69,7 @@ import optuna
 import yaml
 
 from neurofm import tracking
-from neurofm.config import DEFAULTS, deep_merge, validate
+from neurofm.config import RunConfig, TuneConfig, validate, validate_section
 from neurofm.errors import NeurofmError
 from neurofm.io import ensure_writable_dir, write_json, write_text
 from neurofm.tune_objective import EMBEDDING_OBJECTIVES, OBJECTIVES, TrialRunner, score_embedding_objective
@@ -180,7 +180,7 @@ class StudyResult:
 
 def _signature(
     adata: ad.AnnData,
-    base_config: Mapping[str, Any],
+    base_config: RunConfig,
     objective: str,
     specs: list[ParamSpec],
     epochs: int | None,
@@ -188,9 +188,9 @@ def _signature(
     """A short hash of what must not change when a study is resumed."""
     machine_only = ("progress", "num_threads", "device")  # may change between runs of one study
     tuned = {
-        "tokenizer": base_config["tokenizer"],
-        "model": base_config["model"],
-        "train": {k: v for k, v in base_config["train"].items() if k not in machine_only},
+        "tokenizer": base_config.section_dict("tokenizer"),
+        "model": base_config.section_dict("model"),
+        "train": {k: v for k, v in base_config.section_dict("train").items() if k not in machine_only},
     }
     payload = {
         "data": [adata.n_obs, adata.n_vars, list(map(str, adata.var_names[:5]))],
@@ -202,12 +202,12 @@ def _signature(
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _enqueue_base(study: optuna.Study, base_config: Mapping[str, Any], specs: list[ParamSpec]) -> bool:
+def _enqueue_base(study: optuna.Study, base_config: RunConfig, specs: list[ParamSpec]) -> bool:
     """Queue the base configuration's values as the study's first trial; False if outside the space."""
     values = {}
     for spec in specs:
         section, _, key = spec.name.partition(".")
-        value = base_config[section][key]
+        value = getattr(getattr(base_config, section), key)
         if not spec.contains(value):
             log.info(
                 "base value %s=%r lies outside the search space: the base configuration is not trial 0",
@@ -221,14 +221,14 @@ def _enqueue_base(study: optuna.Study, base_config: Mapping[str, Any], specs: li
 
 
 def best_config_yaml(
-    base_config: Mapping[str, Any], params: Mapping[str, Any], extends: str | None, header: str
+    base_config: RunConfig, params: Mapping[str, Any], extends: str | None, header: str
 ) -> str:
     """YAML text of the best configuration: ``extends`` + every tuned key + base tokenizer/model/train
     values that differ from the dataclass defaults (derived model keys left out)."""
     sections: dict[str, dict[str, Any]] = {}
     for section, cls in TUNABLE_SECTIONS.items():
         defaults = dataclasses.asdict(cls())
-        for key, value in base_config[section].items():
+        for key, value in base_config.section_dict(section).items():
             if f"{section}.{key}" in FIXED_KEYS and key != "epochs":
                 continue
             if value != defaults.get(key):
@@ -286,8 +286,8 @@ def _write_study_outputs(study: optuna.Study, objective: str, seed: int, out_dir
 
 def run_study(
     adata: ad.AnnData,
-    base_config: Mapping[str, Any],
-    tune_config: Mapping[str, Any] | None = None,
+    base_config: RunConfig | Mapping[str, Any],
+    tune_config: TuneConfig | Mapping[str, Any] | None = None,
     out_dir: str | os.PathLike = "tune",
     *,
     objective: str | None = None,
@@ -296,7 +296,7 @@ def run_study(
     resume: bool = True,
     study_name: str | None = None,
     seed: int | None = None,
-    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None = None,
+    evaluate_fn: Callable[[Path, ad.AnnData, RunConfig], float] | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     best_config_out: str | os.PathLike | None = None,
     extends: str | None = "pretrain.yaml",
@@ -304,8 +304,8 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) an Optuna study of ``pretrain`` on ``adata``; see the module docstring.
 
-    ``base_config`` is a run configuration (validated and filled with defaults here); ``tune_config`` its
-    ``tune`` section (defaults from ``neurofm.config.DEFAULTS``). Keyword arguments that are not None
+    ``base_config`` is a run configuration (a :class:`~neurofm.config.RunConfig`, or sections validated
+    here); ``tune_config`` replaces its ``tune`` section (:class:`~neurofm.config.TuneConfig`). Keyword arguments that are not None
     override the matching ``tune`` keys. ``pruner`` replaces the median pruner (tests). Writes under
     ``out_dir``: ``study.journal`` (default storage), ``trials/trial_NNNN/`` (each trial's ``pretrain``
     outputs), ``optimization_history.png``, ``param_importances.png/.json``, ``best_params.json``, and
@@ -322,8 +322,8 @@ def run_study(
         "best_config_out": best_config_out,
     }
     settings = _study_settings(base_config, tune_config, overrides)
-    objective, n_trials, epochs = settings["objective"], settings["n_trials"], settings["epochs"]
-    specs = parse_space(settings["space"])
+    objective, n_trials, epochs = settings.objective, settings.n_trials, settings.epochs
+    specs = parse_space(settings.space)
     _check_objective(adata, base_config, objective, specs, evaluate_fn)
     out_dir = ensure_writable_dir(out_dir)
     study, storage_text = _open_study(adata, base_config, settings, specs, out_dir, resume, pruner)
@@ -341,13 +341,13 @@ def run_study(
         max(remaining, 0),
         storage_text,
     )
-    tracking_config = base_config["tracking"]
+    tracking_config = base_config.tracking
     with tracking.start_or_resume_run(
-        tracking_config["experiment"],
+        tracking_config.experiment,
         run_id=study.user_attrs.get("mlflow_run_id"),
         run_name=f"tune-{study.study_name}",
         tags={"neurofm.pipeline_step": "tune", "optuna.study_name": study.study_name},
-        tracking_uri=tracking_config["tracking_uri"],
+        tracking_uri=tracking_config.tracking_uri,
     ) as run:
         study.set_user_attr("mlflow_run_id", run.info.run_id)
         _log_study_params(settings, specs, base_config, storage_text)
@@ -363,14 +363,17 @@ def run_study(
 
 
 def _study_settings(
-    base_config: Mapping[str, Any], tune_config: Mapping[str, Any] | None, overrides: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The ``tune`` settings: defaults, then ``tune_config`` (else the base configuration's ``tune``),
-    then the ``overrides`` that are not None; refuses an unknown objective, ``n_trials`` below 1 and
-    ``epochs`` that is neither null nor at least 1."""
-    settings = deep_merge(DEFAULTS["tune"], tune_config or base_config.get("tune") or {})
-    settings.update({key: value for key, value in overrides.items() if value is not None})
-    objective, n_trials, epochs = settings["objective"], settings["n_trials"], settings["epochs"]
+    base_config: RunConfig, tune_config: TuneConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> TuneConfig:
+    """The ``tune`` settings: ``tune_config`` (else the base configuration's ``tune``), then the
+    ``overrides`` that are not None; refuses an unknown objective, ``n_trials`` below 1 and ``epochs``
+    that is neither null nor at least 1."""
+    if tune_config is None:
+        tune_config = base_config.tune
+    values = tune_config.model_dump() if isinstance(tune_config, TuneConfig) else dict(tune_config)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    settings = validate_section("tune", values)
+    objective, n_trials, epochs = settings.objective, settings.n_trials, settings.epochs
     if objective not in OBJECTIVES:
         raise NeurofmError(f"tune.objective={objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
     if not isinstance(n_trials, int) or n_trials < 1:
@@ -382,10 +385,10 @@ def _study_settings(
 
 def _check_objective(
     adata: ad.AnnData,
-    base_config: Mapping[str, Any],
+    base_config: RunConfig,
     objective: str,
     specs: list[ParamSpec],
-    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None,
+    evaluate_fn: Callable[[Path, ad.AnnData, RunConfig], float] | None,
 ) -> None:
     """Warn when ``val_loss`` is compared across trials that change the task itself; refuse an embedding
     objective (scored by neurofm) whose labels cannot be resolved from ``adata``, before any training."""
@@ -399,15 +402,13 @@ def _check_objective(
     if objective in EMBEDDING_OBJECTIVES and evaluate_fn is None:
         from neurofm.evaluate.labels import resolve_labels
 
-        resolve_labels(
-            adata, base_config["evaluate"]["label_column"], base_config["evaluate"]["label_mapping"]
-        )
+        resolve_labels(adata, base_config.evaluate.label_column, base_config.evaluate.label_mapping)
 
 
 def _open_study(
     adata: ad.AnnData,
-    base_config: Mapping[str, Any],
-    settings: Mapping[str, Any],
+    base_config: RunConfig,
+    settings: TuneConfig,
     specs: list[ParamSpec],
     out_dir: Path,
     resume: bool,
@@ -421,9 +422,9 @@ def _open_study(
     pruner (``pruner`` or a median pruner from ``settings``), and fails trials a killed process left
     running.
     """
-    optuna_storage, storage_text = open_storage(settings["storage"], out_dir)
-    name = settings["study_name"]
-    signature = _signature(adata, base_config, settings["objective"], specs, settings["epochs"])
+    optuna_storage, storage_text = open_storage(settings.storage, out_dir)
+    name = settings.study_name
+    signature = _signature(adata, base_config, settings.objective, specs, settings.epochs)
     existing = {summary.study_name for summary in optuna.get_all_study_summaries(optuna_storage)}
     if name in existing and not resume:
         raise NeurofmError(
@@ -433,7 +434,7 @@ def _open_study(
     study = optuna.create_study(
         storage=optuna_storage,
         study_name=name,
-        direction=OBJECTIVES[settings["objective"]],
+        direction=OBJECTIVES[settings.objective],
         load_if_exists=True,
     )
     saved = study.user_attrs.get("neurofm_signature")
@@ -443,27 +444,27 @@ def _open_study(
             "epochs; resume with the same ones or pick another tune.study_name"
         )
     study.set_user_attr("neurofm_signature", signature)
-    study.sampler = optuna.samplers.TPESampler(seed=settings["seed"] + len(study.trials))
-    study.pruner = pruner or optuna.pruners.MedianPruner(**settings["pruner"])
+    study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(study.trials))
+    study.pruner = pruner or optuna.pruners.MedianPruner(**settings.pruner.model_dump())
     fail_stale_trials(study, optuna_storage)
     return study, storage_text
 
 
 def _log_study_params(
-    settings: Mapping[str, Any], specs: list[ParamSpec], base_config: Mapping[str, Any], storage_text: str
+    settings: TuneConfig, specs: list[ParamSpec], base_config: RunConfig, storage_text: str
 ) -> None:
     """Log the study's settings (``tune.*``) and the base configuration (``base.*``) to the active run."""
     tracking.log_params(
         {
             "tune": {
-                "objective": settings["objective"],
-                "direction": OBJECTIVES[settings["objective"]],
-                "seed": settings["seed"],
-                "epochs": settings["epochs"],
+                "objective": settings.objective,
+                "direction": OBJECTIVES[settings.objective],
+                "seed": settings.seed,
+                "epochs": settings.epochs,
                 "storage": storage_text,
                 "space": json.dumps({s.name: dataclasses.asdict(s) for s in specs}),
             },
-            "base": {section: base_config[section] for section in TUNABLE_SECTIONS},
+            "base": {section: base_config.section_dict(section) for section in TUNABLE_SECTIONS},
         }
     )
 
@@ -501,8 +502,8 @@ def _count_ended(study: optuna.Study) -> int:
 
 def _summarise(
     study: optuna.Study,
-    settings: dict,
-    base_config: Mapping[str, Any],
+    settings: TuneConfig,
+    base_config: RunConfig,
     storage_text: str,
     n_run_now: int,
     run_id: str,
@@ -510,8 +511,8 @@ def _summarise(
     out_dir: Path,
 ) -> StudyResult:
     """The :class:`StudyResult` of a study with at least one completed trial; writes its plots,
-    ``best_params.json`` and (with ``settings['best_config_out']``) the best configuration's YAML."""
-    objective, seed = settings["objective"], settings["seed"]
+    ``best_params.json`` and (with ``settings.best_config_out``) the best configuration's YAML."""
+    objective, seed = settings.objective, settings.seed
     states = [trial.state for trial in study.trials]
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -534,15 +535,15 @@ def _summarise(
     }
     artifacts["best_params_json"] = write_json(best_record, out_dir / BEST_PARAMS_JSON)
     config_path = None
-    if settings["best_config_out"]:
+    if settings.best_config_out:
         header = (
             f"# Written by neurofm tune: study {study.study_name!r}, best of {len(complete)} completed "
             f"trials = trial {best.number},\n# {objective} {best.value:.4f}"
-            f" after {settings['epochs'] or base_config['train']['epochs']} epochs per trial.\n"
+            f" after {settings.epochs or base_config.train.epochs} epochs per trial.\n"
             "# python run.py --pipeline pretrain --config <this file>\n"
         )
         text = best_config_yaml(base_config, best.params, extends, header)
-        config_path = write_text(text, settings["best_config_out"])
+        config_path = write_text(text, settings.best_config_out)
     return StudyResult(
         study_name=study.study_name,
         storage=storage_text,

@@ -12,17 +12,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anndata as ad
 import optuna
 
 from neurofm import tracking
-from neurofm.config import dataclass_from_dict
+from neurofm.config import RunConfig
 from neurofm.distributed import launch_pretrain
 from neurofm.errors import NeurofmError
 from neurofm.train import TrainResult
-from neurofm.train_config import TrainConfig
 from neurofm.training_data import validation_source_rows
 from neurofm.tune_space import ParamSpec, apply_params, build_configs
 
@@ -39,7 +37,7 @@ EMBEDDING_OBJECTIVES = ("probe_auc", "fewshot5_f1", "ari_optimised")  # scored o
 
 
 def score_embedding_objective(
-    objective: str, model_dir: str | os.PathLike, adata: ad.AnnData, config: Mapping[str, Any]
+    objective: str, model_dir: str | os.PathLike, adata: ad.AnnData, config: RunConfig
 ) -> float:
     """An embedding objective of the model in ``model_dir``, scored on the cells ``pretrain`` held out.
 
@@ -55,42 +53,40 @@ def score_embedding_objective(
     - ``ari_optimised``: the cluster-optimised Leiden ARI (best over the resolution sweep).
     """
     from neurofm.embedding import embed_matrix
-    from neurofm.evaluate.cluster import ClusterConfig, cluster_embedding
+    from neurofm.evaluate.cluster import cluster_embedding
     from neurofm.evaluate.label_efficiency import label_efficiency
     from neurofm.evaluate.labels import resolve_labels
-    from neurofm.evaluate.probe import ProbeConfig, run_probe
+    from neurofm.evaluate.probe import run_probe
     from neurofm.model import load_pretrained
 
     if objective not in EMBEDDING_OBJECTIVES:
         raise NeurofmError(f"{objective!r} is not an embedding objective; use one of {EMBEDDING_OBJECTIVES}")
-    evaluate = config["evaluate"]
-    train_config = dataclass_from_dict(TrainConfig, config["train"], "train")
-    val_idx = validation_source_rows(adata, train_config)
+    evaluate = config.evaluate
+    val_idx = validation_source_rows(adata, config.train)
     cells = adata[val_idx].copy()
-    labels = resolve_labels(cells, evaluate["label_column"], evaluate["label_mapping"])
+    labels = resolve_labels(cells, evaluate.label_column, evaluate.label_mapping)
     model, tokenizer = load_pretrained(model_dir)
     embedding = embed_matrix(
         model,
         tokenizer,
         cells,
-        batch_size=evaluate["batch_size"],
-        pooling=evaluate["pooling"],
-        device=config["train"]["device"],
+        batch_size=evaluate.batch_size,
+        pooling=evaluate.pooling,
+        device=config.train.device,
         progress=False,
     )
-    probe_config = dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe")
+    probe_config = evaluate.probe
     if objective == "probe_auc":
         result = run_probe(embedding, labels, probe_config)
         cv_auc = result.metrics()["probe_cv_auc_mean"]
         return float(cv_auc) if math.isfinite(cv_auc) else float(result.roc_auc)
     if objective == "fewshot5_f1":
         table = label_efficiency(
-            {"model": embedding}, labels, shots=[5], n_draws=evaluate["label_efficiency_draws"],
+            {"model": embedding}, labels, shots=[5], n_draws=evaluate.label_efficiency_draws,
             probe_config=probe_config,
         )  # fmt: skip
         return float(table["f1_mean"].iloc[0])
-    cluster_config = dataclass_from_dict(ClusterConfig, evaluate["cluster"], "evaluate.cluster")
-    clusters = cluster_embedding(embedding, labels, **dataclasses.asdict(cluster_config))
+    clusters = cluster_embedding(embedding, labels, **dataclasses.asdict(evaluate.cluster))
     return float(clusters.metrics()["ari_optimised"])
 
 
@@ -120,31 +116,29 @@ class TrialRunner:
     """What every trial of one study shares."""
 
     adata: ad.AnnData
-    base_config: dict[str, Any]
+    base_config: RunConfig
     specs: list[ParamSpec]
     objective: str
     epochs: int | None
     out_dir: Path
-    evaluate_fn: Callable[[Path, ad.AnnData, dict], float] | None
+    evaluate_fn: Callable[[Path, ad.AnnData, RunConfig], float] | None
 
     def run_trial(self, trial: optuna.Trial) -> float:
         """Train one sampled configuration inside a nested MLflow run; returns the objective value."""
         params = {spec.name: spec.suggest(trial) for spec in self.specs}
-        config = apply_params(self.base_config, params)
-        if self.epochs is not None:
-            config["train"]["epochs"] = self.epochs
-        config["train"]["progress"] = False
-        tracking_config = config["tracking"]
+        budget = {"train.epochs": self.epochs} if self.epochs is not None else {}
+        config = apply_params(self.base_config, {**params, **budget, "train.progress": False})
+        tracking_config = config.tracking
         pruned: optuna.TrialPruned | None = None
         with tracking.start_run(
-            tracking_config["experiment"],
+            tracking_config.experiment,
             run_name=f"trial-{trial.number}",
             tags={"neurofm.pipeline_step": "tune-trial", "optuna.trial_number": str(trial.number)},
             nested=True,
         ) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             tracking.log_params(
-                {"tokenizer": config["tokenizer"], "model": config["model"], "train": config["train"]}
+                {section: config.section_dict(section) for section in ("tokenizer", "model", "train")}
             )
             try:
                 value = self._train_and_score(trial, config, params)
@@ -158,7 +152,7 @@ class TrialRunner:
             raise pruned
         return value
 
-    def _train_and_score(self, trial: optuna.Trial, config: dict, params: dict) -> float:
+    def _train_and_score(self, trial: optuna.Trial, config: RunConfig, params: dict) -> float:
         try:
             tokenizer_config, model_config, train_config = build_configs(config)
         except NeurofmError as error:

@@ -5,7 +5,6 @@ key or range the configs would refuse, and a sampled point applied to the base c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import typing
 from collections.abc import Mapping
@@ -14,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from neurofm.config import dataclass_from_dict
+from neurofm.config import RunConfig
 from neurofm.errors import NeurofmError
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import TokenizerConfig
@@ -98,7 +97,7 @@ def _check_value(section: str, key: str, value: Any) -> None:
             {"d_model": value, "n_heads": 1} if key == "d_model" else {"d_model": 4 * value, "n_heads": value}
         )
     try:
-        dataclass_from_dict(TUNABLE_SECTIONS[section], values, section).validate()
+        dataclasses.replace(TUNABLE_SECTIONS[section](), **values).validate()
     except (NeurofmError, TypeError, ValueError) as error:
         reason = str(error).split(";")[0]
         raise NeurofmError(
@@ -206,18 +205,20 @@ def _numeric_param(name: str, section: str, key: str, spec: Mapping[str, Any]) -
     return ParamSpec(name, kind, low=low, high=high, log=use_log, step=step)
 
 
-def apply_params(base_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base_config`` with each ``section.key`` of ``params`` set."""
-    config = copy.deepcopy(dict(base_config))
+def apply_params(base_config: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``base_config`` with each ``section.key`` of ``params`` (tokenizer, model, train) set;
+    not yet range-checked: :func:`build_configs` refuses a combination the sections reject."""
+    changes: dict[str, dict[str, Any]] = {}
     for name, value in params.items():
         section, _, key = name.partition(".")
-        config.setdefault(section, {})[key] = value
-    return config
+        changes.setdefault(section, {})[key] = value
+    update = {
+        section: dataclasses.replace(getattr(base_config, section), **values)
+        for section, values in changes.items()
+    }
+    return base_config.model_copy(update=update)
 
 
-def build_configs(config: Mapping[str, Any]) -> tuple[TokenizerConfig, ModelConfig, TrainConfig]:
-    """The validated dataclasses of a trial's configuration (NeurofmError names what is refused)."""
-    tokenizer = dataclass_from_dict(TokenizerConfig, config["tokenizer"], "tokenizer").validate()
-    model = dataclass_from_dict(ModelConfig, config["model"], "model").validate()
-    train = dataclass_from_dict(TrainConfig, config["train"], "train").validate()
-    return tokenizer, model, train
+def build_configs(config: RunConfig) -> tuple[TokenizerConfig, ModelConfig, TrainConfig]:
+    """The validated sections of a trial's configuration (NeurofmError names what is refused)."""
+    return config.tokenizer.validate(), config.model.validate(), config.train.validate()

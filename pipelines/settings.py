@@ -16,24 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from neurofm.config import RunConfig
 from neurofm.errors import NeurofmError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _check(resources: dict[str, Any]) -> None:
-    gpu_count, cpu_count, steps = resources["gpu_count"], resources["cpu_count"], resources["steps"]
-    if not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or gpu_count < 0:
-        raise NeurofmError(f"resources.gpu_count={gpu_count!r} must be an integer >= 0; e.g. 1")
-    if cpu_count is not None and (not isinstance(cpu_count, (int, float)) or cpu_count <= 0):
-        raise NeurofmError(f"resources.cpu_count={cpu_count!r} must be a positive number or null")
-    if not isinstance(steps, list) or not all(isinstance(name, str) for name in steps):
-        raise NeurofmError(f"resources.steps={steps!r} must be a list of step names, e.g. [pretrain_model]")
-    requirements = resources["requirements"]
-    if requirements is not None and not isinstance(requirements, (list, str)):
-        raise NeurofmError(
-            "resources.requirements must be a list of pip specifiers or a requirements file path"
-        )
 
 
 def _requirements(requirements: list[str] | str | None) -> list[str] | str | None:
@@ -50,7 +36,7 @@ def _requirements(requirements: list[str] | str | None) -> list[str] | str | Non
     return str(path)
 
 
-def step_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def step_settings(config: RunConfig) -> dict[str, dict[str, Any]]:
     """``{step name: {"resources": ResourceSettings, "docker": DockerSettings}}`` for each step in
     ``resources.steps``.
 
@@ -62,20 +48,19 @@ def step_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     from pydantic import ValidationError
     from zenml.config import DockerSettings, ResourceSettings
 
-    resources = config["resources"]
-    _check(resources)
+    resources = config.resources  # its types and ranges are checked when the configuration is loaded
     settings: dict[str, Any] = {}
     try:
-        if resources["gpu_count"] or resources["cpu_count"] is not None or resources["memory"] is not None:
+        if resources.gpu_count or resources.cpu_count is not None or resources.memory is not None:
             settings["resources"] = ResourceSettings(
-                gpu_count=resources["gpu_count"] or None,
-                cpu_count=resources["cpu_count"],
-                memory=resources["memory"],
+                gpu_count=resources.gpu_count or None,
+                cpu_count=resources.cpu_count,
+                memory=resources.memory,
             )
-        if resources["parent_image"] is not None or resources["requirements"] is not None:
+        if resources.parent_image is not None or resources.requirements is not None:
             settings["docker"] = DockerSettings(
-                parent_image=resources["parent_image"],
-                requirements=_requirements(resources["requirements"]),
+                parent_image=resources.parent_image,
+                requirements=_requirements(resources.requirements),
             )
     except ValidationError as error:
         problem = error.errors()[0]
@@ -85,4 +70,4 @@ def step_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ) from None
     if not settings:
         return {}
-    return {name: dict(settings) for name in resources["steps"]}
+    return {name: dict(settings) for name in resources.steps}

@@ -15,6 +15,7 @@ from typing import Any
 import anndata as ad
 
 from neurofm import tune
+from neurofm.config import RunConfig
 from neurofm.data.atlas import load_counts
 from neurofm.runs import resolve_inputs
 
@@ -24,38 +25,36 @@ ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = ROOT / "configs" / "pretrain.yaml"
 
 
-def load_tune_data(config: dict[str, Any]) -> ad.AnnData:
+def load_tune_data(config: RunConfig) -> ad.AnnData:
     """Raw counts to tune on: ``data.path`` when set, else the prepared default data (prepared once)."""
-    data = config["data"]
-    if data["path"] is not None:
-        return load_counts(data["path"], layer=data["layer"])
-    prepared = Path(data["out_dir"]) / "prepared.h5ad"
+    data = config.data
+    if data.path is not None:
+        return load_counts(data.path, layer=data.layer)
+    prepared = Path(data.out_dir) / "prepared.h5ad"
     if not prepared.is_file():
         from pipelines.prepare import prepare
 
         log.info("no %s yet: running the prepare pipeline (cached)", prepared)
         prepare.with_options(enable_cache=True)(config=config, inputs=resolve_inputs(config))
-    else:
-        resolve_inputs(config)  # fills evaluate.label_mapping for the built-in atlas
     return load_counts(prepared)
 
 
-def best_config_path(config: dict[str, Any]) -> Path:
+def best_config_path(config: RunConfig) -> Path:
     """``tune.best_config_out``, relative paths taken from the project root."""
-    path = Path(config["tune"]["best_config_out"])
+    path = Path(config.tune.best_config_out)
     return path if path.is_absolute() else ROOT / path
 
 
-def tune_from_config(config: dict[str, Any], resume: bool = True) -> tune.StudyResult:
+def tune_from_config(config: RunConfig, resume: bool = True) -> tune.StudyResult:
     """Run (or resume) the study named by ``config['tune']`` and print its summary.
 
     Trials and the journal land in ``<data.out_dir>/tune/<study_name>/``; the best configuration in
     ``tune.best_config_out`` (extending ``configs/pretrain.yaml``).
     """
     adata = load_tune_data(config)
-    settings = config["tune"]
-    out_dir = Path(config["data"]["out_dir"]) / "tune" / settings["study_name"]
-    best_out = best_config_path(config) if settings["best_config_out"] else None
+    settings = config.tune
+    out_dir = Path(config.data.out_dir) / "tune" / settings.study_name
+    best_out = best_config_path(config) if settings.best_config_out else None
     result = tune.run_study(
         adata,
         config,

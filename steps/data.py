@@ -14,7 +14,10 @@ import pandas as pd
 from zenml import step
 
 from neurofm import io, keys
-from neurofm.data import atlas, crop, dedupe, region
+from neurofm.config import CropConfig, DedupeConfig, SubsetConfig
+from neurofm.data import atlas, region
+from neurofm.data import crop as crop_module
+from neurofm.data import dedupe as dedupe_module
 from neurofm.data.pipeline_stores import convert_file_once, convert_files_once, store_anndata_once
 from steps._cache import depends_on
 
@@ -33,20 +36,20 @@ def load_data(path: str, fingerprint: str, layer: str | None = None) -> Annotate
 
 @step(cache_policy=depends_on("data"))
 def subset_clusters(
-    path: str, metadata_csv: str, fingerprint: str, subset: dict[str, Any], layer: str | None = None
+    path: str, metadata_csv: str, fingerprint: str, subset: SubsetConfig, layer: str | None = None
 ) -> Annotated[ad.AnnData, "subset_cells"]:
-    """Keep the cells of ``subset['cluster_ids']`` via the metadata join, reading ``path`` backed.
+    """Keep the cells of ``subset.cluster_ids`` via the metadata join, reading ``path`` backed.
 
     Adds ``obs['subtype']`` (e.g. ``cluster_2523``), the metadata columns and ``uns['subset_params']``.
     """
     return atlas.subset_by_clusters(
         path,
         metadata_csv,
-        cluster_ids=subset["cluster_ids"],
-        obs_name_column=subset["obs_name_column"],
-        cluster_column=subset["cluster_column"],
-        label_prefix=subset["label_prefix"],
-        chunk_size=subset["chunk_size"],
+        cluster_ids=subset.cluster_ids,
+        obs_name_column=subset.obs_name_column,
+        cluster_column=subset.cluster_column,
+        label_prefix=subset.label_prefix,
+        chunk_size=subset.chunk_size,
         layer=layer,
     )
 
@@ -60,14 +63,14 @@ def filter_region(adata: ad.AnnData, column: str, value: str | None) -> Annotate
 
 
 @step(cache_policy=depends_on("data"))
-def dedupe_ids(adata: ad.AnnData, dedupe_params: dict[str, Any]) -> Annotated[ad.AnnData, "unique_cells"]:
+def dedupe_ids(adata: ad.AnnData, dedupe: DedupeConfig) -> Annotated[ad.AnnData, "unique_cells"]:
     """Make cell and gene IDs unique (or collapse/drop duplicates); writes ``uns['dedupe_report']``."""
-    return dedupe.dedupe(adata, **dedupe_params)
+    return dedupe_module.dedupe(adata, **dedupe.model_dump())
 
 
 @step(cache_policy=depends_on("data"))
 def crop_data(
-    adata: ad.AnnData, crop_params: dict[str, Any]
+    adata: ad.AnnData, crop: CropConfig
 ) -> tuple[Annotated[ad.AnnData, "prepared_cells"], Annotated[pd.DataFrame, "sparsity_report"]]:
     """Depth-stratified cell and weighted gene sampling with a before/after sparsity report.
 
@@ -75,9 +78,7 @@ def crop_data(
     ``n_cells`` and ``n_genes`` both None the data pass through, less all-zero cells and genes when
     ``drop_all_zero`` (recorded in ``uns['dropped_empty']``), and the report covers them as they are.
     """
-    cropped, report = crop.crop_with_report(
-        adata, **{k: v for k, v in crop_params.items() if k != "report_csv"}
-    )
+    cropped, report = crop_module.crop_with_report(adata, **crop.model_dump(exclude={"report_csv"}))
     return cropped, report
 
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anndata as ad
 from zenml import step
 from zenml.types import HTMLString
 
 from neurofm import tracking
-from neurofm.config import dataclass_from_dict
-from neurofm.evaluate.cluster import ClusterConfig
+from neurofm.config import EvaluateConfig, TrackingConfig
 from neurofm.evaluate.methods import draw_tsne, embed_methods, score_methods
-from neurofm.evaluate.probe import ProbeConfig
 from steps._cache import depends_on
 
 EVALUATION_DIR = "evaluation"
@@ -26,14 +24,14 @@ EVALUATION_DIR = "evaluation"
 
 @step(enable_cache=False)
 def resolve_model(
-    model: str | None, tracking_config: dict[str, Any]
+    model: str | None, tracking_config: TrackingConfig
 ) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "model_info"]]:
     """Find the model to evaluate: a directory, an MLflow URI, or (None) the newest registered version.
 
     Never cached: the registry's ``newest`` alias moves with every pre-training.
     """
     model_dir, info = tracking.resolve_model_info(
-        model, tracking_config["registered_model_name"], tracking_config["tracking_uri"]
+        model, tracking_config.registered_model_name, tracking_config.tracking_uri
     )
     return model_dir, info
 
@@ -52,7 +50,7 @@ def resolve_model(
     )
 )
 def embed_cells(
-    adata: ad.AnnData, model_dir: Path, evaluate: dict[str, Any], out_dir: str
+    adata: ad.AnnData, model_dir: Path, evaluate: EvaluateConfig, out_dir: str
 ) -> Annotated[ad.AnnData, "embedded_cells"]:
     """Embed every cell with the frozen model and compute the baselines ``evaluate.baselines`` names.
 
@@ -62,11 +60,11 @@ def embed_cells(
     under ``<out_dir>/evaluation``, ``embeddings.npy``, ``labels.npy``, ``cells.tsv``.
     """
     return embed_methods(
-        adata, model_dir, Path(out_dir) / EVALUATION_DIR, label_column=evaluate["label_column"],
-        label_mapping=evaluate["label_mapping"], gene_col=evaluate["gene_column"],
-        min_gene_overlap=evaluate["min_gene_overlap"], batch_size=evaluate["batch_size"], pooling=evaluate["pooling"],
-        unobserved=evaluate["unobserved"], baselines=evaluate["baselines"], pca_components=evaluate["pca_components"],
-        scvi_latent=evaluate["scvi_latent"], scvi_max_epochs=evaluate["scvi_max_epochs"],
+        adata, model_dir, Path(out_dir) / EVALUATION_DIR, label_column=evaluate.label_column,
+        label_mapping=evaluate.label_mapping, gene_col=evaluate.gene_column,
+        min_gene_overlap=evaluate.min_gene_overlap, batch_size=evaluate.batch_size, pooling=evaluate.pooling,
+        unobserved=evaluate.unobserved, baselines=evaluate.baselines, pca_components=evaluate.pca_components,
+        scvi_latent=evaluate.scvi_latent, scvi_max_epochs=evaluate.scvi_max_epochs,
     )  # fmt: skip
 
 
@@ -81,7 +79,7 @@ def _figure(png: Path, caption: str) -> str:
 
 @step(cache_policy=depends_on("evaluate", "plots"))
 def visualize_cells(
-    adata: ad.AnnData, evaluate: dict[str, Any], out_dir: str
+    adata: ad.AnnData, evaluate: EvaluateConfig, out_dir: str
 ) -> Annotated[HTMLString, "tsne_views"]:
     """t-SNE of every embedding (model and baselines) coloured by label, seeded; ``<method>/tsne.png``.
 
@@ -89,9 +87,9 @@ def visualize_cells(
     method). (UMAPs are drawn by ``probe_cells``, which reuses each method's kNN graph for them.)
     """
     paths = draw_tsne(
-        adata, Path(out_dir) / EVALUATION_DIR, label_column=evaluate["label_column"],
-        label_mapping=evaluate["label_mapping"], max_cells=evaluate["max_cells_visualize"],
-        scvi_max_epochs=evaluate["scvi_max_epochs"],
+        adata, Path(out_dir) / EVALUATION_DIR, label_column=evaluate.label_column,
+        label_mapping=evaluate.label_mapping, max_cells=evaluate.max_cells_visualize,
+        scvi_max_epochs=evaluate.scvi_max_epochs,
     )  # fmt: skip
     return HTMLString(
         "<h3>t-SNE of the embeddings</h3>" + "".join(_figure(png, name) for name, png in paths.items())
@@ -103,7 +101,7 @@ def probe_cells(
     adata: ad.AnnData,
     tsne_views: HTMLString,
     model_info: dict,
-    evaluate: dict[str, Any],
+    evaluate: EvaluateConfig,
     out_dir: str,
     data_name: str,
     notes: list[str] | None = None,
@@ -116,13 +114,12 @@ def probe_cells(
     the report path and the class counts.
     """
     return score_methods(
-        adata, Path(out_dir) / EVALUATION_DIR, model_info, data_name, label_column=evaluate["label_column"],
-        label_mapping=evaluate["label_mapping"], group_column=evaluate["group_column"],
-        probe_config=dataclass_from_dict(ProbeConfig, evaluate["probe"], "evaluate.probe"),
-        cluster_config=dataclass_from_dict(ClusterConfig, evaluate["cluster"], "evaluate.cluster"),
-        label_efficiency_shots=evaluate["label_efficiency_shots"],
-        label_efficiency_draws=evaluate["label_efficiency_draws"], max_cells_cluster=evaluate["max_cells_cluster"],
-        max_cells_visualize=evaluate["max_cells_visualize"], scvi_max_epochs=evaluate["scvi_max_epochs"],
+        adata, Path(out_dir) / EVALUATION_DIR, model_info, data_name, label_column=evaluate.label_column,
+        label_mapping=evaluate.label_mapping, group_column=evaluate.group_column,
+        probe_config=evaluate.probe, cluster_config=evaluate.cluster,
+        label_efficiency_shots=evaluate.label_efficiency_shots,
+        label_efficiency_draws=evaluate.label_efficiency_draws, max_cells_cluster=evaluate.max_cells_cluster,
+        max_cells_visualize=evaluate.max_cells_visualize, scvi_max_epochs=evaluate.scvi_max_epochs,
         notes=notes,
     )  # fmt: skip
 
@@ -131,8 +128,8 @@ def probe_cells(
 def track_evaluation(
     evaluation: dict,
     model_info: dict,
-    evaluate: dict[str, Any],
-    tracking_config: dict[str, Any],
+    evaluate: EvaluateConfig,
+    tracking_config: TrackingConfig,
     data_name: str,
 ) -> Annotated[dict, "evaluation_summary"]:
     """Log the evaluation to MLflow (metrics ``model/…``, ``pca/…``, ``random/…``; figures, tables,

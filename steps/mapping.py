@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from zenml import step
 
 from neurofm import tracking
+from neurofm.config import MapConfig, TrackingConfig
 from steps._cache import depends_on
 
 MAP_DIR = "map"
@@ -38,7 +39,7 @@ MAP_DIR = "map"
     )
 )
 def map_query_cells(
-    model_dir: Path, query_path: str, fingerprint: str, settings: dict[str, Any], out_dir: str, data_name: str
+    model_dir: Path, query_path: str, fingerprint: str, settings: MapConfig, out_dir: str, data_name: str
 ) -> Annotated[dict, "mapping"]:
     """Map every cell of the query .h5ad onto the model's reference into ``<out_dir>/map/<name>.mapped.h5ad``
     (the query plus ``obsm['X_neurofm']``, ``obs['neurofm_<column>']`` and ``_score``, ``uns['neurofm_map']``;
@@ -49,8 +50,8 @@ def map_query_cells(
     started = time.perf_counter()
     mapped = Path(out_dir) / MAP_DIR / f"{data_name}.mapped.h5ad"
     record = map_file(
-        query_path, mapped, model=model_dir, label_columns=settings["label_columns"],
-        gene_col=settings["gene_column"], min_gene_overlap=settings["min_gene_overlap"],
+        query_path, mapped, model=model_dir, label_columns=settings.label_columns,
+        gene_col=settings.gene_column, min_gene_overlap=settings.min_gene_overlap,
     )  # fmt: skip
     return {
         "mapped_file": str(mapped),
@@ -62,7 +63,7 @@ def map_query_cells(
 
 @step(cache_policy=depends_on("mapping", "classify", "evaluate", "plots", "cell_features", "model", "data"))
 def score_mapping(
-    mapping: dict, model_dir: Path, settings: dict[str, Any], out_dir: str
+    mapping: dict, model_dir: Path, settings: MapConfig, out_dir: str
 ) -> Annotated[dict, "map_scores"]:
     """With ``map.query_label_column``: the transfer scored beside the baselines (``map.baselines``, fit
     on the reference's cells) on a seeded sample of the query, and ``<out_dir>/map/report/report.md`` /
@@ -71,18 +72,18 @@ def score_mapping(
     from neurofm.evaluate.transfer import score_mapped_file
 
     return score_mapped_file(
-        mapping["mapped_file"], mapping["record"], model_dir, settings["query_label_column"],
+        mapping["mapped_file"], mapping["record"], model_dir, settings.query_label_column,
         Path(out_dir) / MAP_DIR / "report",  # beside, not around, the mapped .h5ad (logged to MLflow)
-        max_cells=settings["max_cells_score"], baselines=settings["baselines"], gene_col=settings["gene_column"],
-        batch_column=settings["batch_column"], reference_data=settings["reference_data"],
-        scarches_query_epochs=settings["scarches_query_epochs"], model_seconds=mapping["seconds"],
-        model=settings["model"],
+        max_cells=settings.max_cells_score, baselines=settings.baselines, gene_col=settings.gene_column,
+        batch_column=settings.batch_column, reference_data=settings.reference_data,
+        scarches_query_epochs=settings.scarches_query_epochs, model_seconds=mapping["seconds"],
+        model=settings.model,
     )  # fmt: skip
 
 
 @step(enable_cache=False)
 def track_mapping(
-    mapping: dict, scores: dict, model_info: dict, settings: dict[str, Any], tracking_config: dict[str, Any],
+    mapping: dict, scores: dict, model_info: dict, settings: MapConfig, tracking_config: TrackingConfig,
     data_name: str,
 ) -> Annotated[dict, "map_summary"]:  # fmt: skip
     """Log the mapping to MLflow: one run (tags: pipeline step ``map``, model version), the transfer

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from zenml import step
 
-from neurofm.config import dataclass_from_dict
+from neurofm.config import TrackingConfig
 from neurofm.data.store import open_reference
 from neurofm.mapping import ReferenceConfig
 from neurofm.model import ModelConfig
@@ -28,7 +28,7 @@ from steps._cache import depends_on
 
 @step(cache_policy=depends_on("tokenizer", "train", "train_config", "training_data", "stream", "data"))
 def tokenize(
-    cells: dict[str, Any], tokenizer: dict[str, Any], train: dict[str, Any], out_dir: str
+    cells: dict[str, Any], tokenizer: TokenizerConfig, train: TrainConfig, out_dir: str
 ) -> Annotated[Path, "tokenizer"]:
     """Fit the tokenizer (normalise, log1p, per-gene quantile bin edges) on the training rows only.
 
@@ -38,9 +38,7 @@ def tokenize(
     tokenizer directory (JSON + npz, no pickle) is the step's artifact and is re-applied exactly by
     training, embedding and evaluation.
     """
-    config = dataclass_from_dict(TokenizerConfig, tokenizer, "tokenizer").validate()
-    train_config = dataclass_from_dict(TrainConfig, train, "train").validate()
-    fitted = fit_training_tokenizer(open_reference(cells), config, train_config)
+    fitted = fit_training_tokenizer(open_reference(cells), tokenizer.validate(), train.validate())
     return fitted.save(Path(out_dir) / "tokenizer")
 
 
@@ -75,13 +73,13 @@ def tokenize(
 def pretrain_model(
     cells: dict[str, Any],
     tokenizer_dir: Path,
-    model: dict[str, Any],
-    train: dict[str, Any],
-    tracking_config: dict[str, Any],
+    model: ModelConfig,
+    train: TrainConfig,
+    tracking_config: TrackingConfig,
     out_dir: str,
     data_name: str,
     resume: bool = False,
-    reference: dict[str, Any] | None = None,
+    reference: ReferenceConfig | None = None,
 ) -> tuple[Annotated[Path, "model_dir"], Annotated[dict, "pretrain_summary"]]:
     """Train the masked-bin encoder on the cell store ``cells`` (a reference); log the run to MLflow
     (metrics by step, one point per validation) and register the run's model (``pretrain/model/``).
@@ -95,13 +93,12 @@ def pretrain_model(
     model_dir, summary = pretrain_and_register(
         open_reference(cells),
         ExpressionTokenizer.load(tokenizer_dir),
-        dataclass_from_dict(ModelConfig, model, "model"),
-        dataclass_from_dict(TrainConfig, train, "train"),
+        model.validate(),
+        train.validate(),
         out_dir,
         data_name,
         tracking_config,
-        reference_config=dataclass_from_dict(ReferenceConfig, reference or {}, "reference"),
+        reference_config=reference,
         resume=resume,
-        logged_config={"model": model, "train": train},  # the sections as configured, the run's params
     )
     return model_dir, summary  # a tuple literal: ZenML reads the step's outputs from its return statement

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neurofm.config import DEFAULTS, KNOWN_SECTIONS, load_config, parse_override, set_path
+from neurofm.config import CropConfig, RunConfig, load_config, parse_override, set_path
 from neurofm.errors import NeurofmError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -51,49 +51,64 @@ def test_each_shipped_config_loads_with_every_section_filled(path):
         with pytest.raises(NeurofmError, match="CUDA is not available"):  # refused early, in one line
             load_config(path)
         return
-    config = load_config(path)
-    assert set(config) == KNOWN_SECTIONS - {"extends"}
-    for section, defaults in DEFAULTS.items():
-        assert set(config[section]) == set(defaults), section
-    for section in ("tokenizer", "model", "train"):
-        assert isinstance(config[section], dict) and config[section]
+    assert isinstance(load_config(path), RunConfig)
+    config = load_config(path, values={"data.path": "cells.h5ad"})  # your data: no demo overlay
     # what the file (and its bases) says wins over the defaults
     for section, values in _raw_with_extends(path).items():
         for key, value in (values or {}).items():
             if not isinstance(value, dict) or value:
-                assert config[section][key] == value, f"{section}.{key}"
+                loaded = getattr(getattr(config, section), key)
+                assert (list(loaded) if isinstance(loaded, tuple) else loaded) == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_hold_only_what_they_change(path):
+    """A YAML file says only what differs from the defaults in code (docs/configuration.md lists those)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    defaults = RunConfig()
+    for section, values in raw.items():
+        if section == "extends":
+            continue
+        for key, value in (values or {}).items():
+            default = getattr(getattr(defaults, section), key)
+            default = list(default) if isinstance(default, tuple) else default
+            assert value != default, f"{path.name}: {section}.{key} repeats its default {default!r}"
 
 
 def test_no_config_means_the_defaults():
     config = load_config(None)
-    assert config["data"]["path"] is None and config["crop"] == DEFAULTS["crop"]
-    assert config["default_data"]["cluster_ids"] == [2523, 210]
+    assert config.data.path is None and config.default_data.cluster_ids == [2523, 210]
+    # the built-in demo's overlay (default_data) laid over the sections it selects with
+    assert config.crop == CropConfig(n_cells=1200, n_genes=800)
+    assert config.subset.cluster_ids == [2523, 210] and config.region.value == "Cerebral cortex"
+    yours = load_config(None, values={"data.path": "cells.h5ad"})
+    assert yours.crop == CropConfig() and yours.subset.cluster_ids == [] and yours.region.value is None
 
 
 def test_pretrain_inherits_the_prepare_sections():
     prepare, pretrain = load_config(CONFIGS / "prepare.yaml"), load_config(CONFIGS / "pretrain.yaml")
     for section in ("data", "default_data", "subset", "region", "dedupe", "crop", "reports"):
-        assert pretrain[section] == prepare[section], section
-    assert pretrain["tokenizer"]["n_bins"] == 20
+        assert getattr(pretrain, section) == getattr(prepare, section), section
+    assert pretrain.tokenizer.n_bins == 20
 
 
 def test_extends_merges_nested_sections_and_child_wins(tmp_path):
     _write(tmp_path / "base.yaml", {"crop": {"n_cells": 100, "n_genes": 50}, "region": {"value": "Cortex"}})
     (tmp_path / "sub").mkdir()
     child = _write(tmp_path / "sub" / "child.yaml", {"extends": "../base.yaml", "crop": {"n_genes": 20}})
-    config = load_config(child)
-    assert config["crop"]["n_cells"] == 100  # inherited
-    assert config["crop"]["n_genes"] == 20  # overridden
-    assert config["crop"]["seed"] == DEFAULTS["crop"]["seed"]  # default
-    assert config["region"]["value"] == "Cortex"
+    config = load_config(child, values={"data.path": "cells.h5ad"})
+    assert config.crop.n_cells == 100  # inherited
+    assert config.crop.n_genes == 20  # overridden
+    assert config.crop.seed == CropConfig().seed  # default
+    assert config.region.value == "Cortex"
 
 
 def test_extends_chains_over_several_files(tmp_path):
     _write(tmp_path / "a.yaml", {"train": {"epochs": 3}, "crop": {"seed": 1}})
     _write(tmp_path / "b.yaml", {"extends": "a.yaml", "train": {"batch_size": 8}})
     config = load_config(_write(tmp_path / "c.yaml", {"extends": "b.yaml", "crop": {"seed": 7}}))
-    assert config["train"]["epochs"] == 3 and config["train"]["batch_size"] == 8
-    assert config["crop"]["seed"] == 7
+    assert config.train.epochs == 3 and config.train.batch_size == 8
+    assert config.crop.seed == 7
 
 
 def test_extends_cycle_is_refused(tmp_path):
@@ -189,6 +204,7 @@ def test_overrides_apply_after_the_file_and_in_order():
     config = load_config(
         CONFIGS / "pretrain.yaml",
         [
+            "data.path=cells.h5ad",
             "crop.n_cells=300",
             "train.epochs=2",
             "train.epochs=3",
@@ -196,10 +212,10 @@ def test_overrides_apply_after_the_file_and_in_order():
             "region.value=Cortex",
         ],
     )
-    assert config["crop"]["n_cells"] == 300 and config["train"]["epochs"] == 3
-    assert config["evaluate"]["probe"] == {"seed": 9}
-    assert config["region"]["value"] == "Cortex"
-    assert config["crop"]["n_genes"] is None  # untouched neighbours keep the file's value
+    assert config.crop.n_cells == 300 and config.train.epochs == 3
+    assert config.evaluate.probe.seed == 9
+    assert config.region.value == "Cortex"
+    assert config.crop.n_genes is None  # untouched neighbours keep the file's value
 
 
 def test_set_path_refuses_to_descend_into_a_value():
@@ -235,8 +251,8 @@ def test_in_range_dataclass_values_are_kept():
     config = load_config(
         CONFIGS / "pretrain.yaml", ["train.mask_ratio=0.3", "model.d_model=32", "model.n_heads=2"]
     )
-    assert config["train"]["mask_ratio"] == 0.3
-    assert (config["model"]["d_model"], config["model"]["n_heads"]) == (32, 2)
+    assert config.train.mask_ratio == 0.3
+    assert (config.model.d_model, config.model.n_heads) == (32, 2)
 
 
 def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
@@ -244,21 +260,21 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     config = load_config(
         _write(tmp_path / "c.yaml", "train:\n  lr: 1e-3\n  weight_decay: 5E-2\n"), ["train.lr=2e-4"]
     )
-    assert config["train"]["lr"] == pytest.approx(2e-4) and config["train"]["weight_decay"] == pytest.approx(
-        0.05
-    )
-    assert load_config(tmp_path / "c.yaml")["train"]["lr"] == pytest.approx(1e-3)
+    assert config.train.lr == pytest.approx(2e-4) and config.train.weight_decay == pytest.approx(0.05)
+    assert load_config(tmp_path / "c.yaml").train.lr == pytest.approx(1e-3)
 
 
 def test_the_built_in_data_gets_its_own_budget_and_your_data_the_train_defaults():
     from neurofm.train import TrainConfig
 
     demo = load_config(None)
-    assert demo["train"]["epochs"] == demo["default_data"]["train"]["epochs"] == 10
-    assert load_config(None, values={"data.path": "cells.h5ad"})["train"]["epochs"] == TrainConfig().epochs
-    assert load_config(None, ["train.epochs=3"])["train"]["epochs"] == 3  # the user's own keys win
-    steps = load_config(None, ["train.max_steps=7"])["train"]
-    assert steps["max_steps"] == 7 and steps["epochs"] == TrainConfig().epochs  # a step budget replaces it
+    assert demo.train.epochs == demo.default_data.train["epochs"] == 10
+    assert load_config(None, values={"data.path": "cells.h5ad"}).train.epochs == TrainConfig().epochs
+    assert load_config(None, ["train.epochs=3"]).train.epochs == 3  # the user's own keys win
+    steps = load_config(None, ["train.max_steps=7"]).train
+    assert steps.max_steps == 7 and steps.epochs == TrainConfig().epochs  # a step budget replaces it
+    assert demo.reference.label_columns == ("subtype",)  # the demo's reference, for `neurofm map`
+    assert load_config(None, values={"data.path": "cells.h5ad"}).reference.label_columns == ()
 
 
 def test_run_notes_name_the_demo_budget_and_a_capped_baseline():
@@ -287,14 +303,44 @@ def test_the_configuration_reference_is_current():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"evaluate": {"probe": {"C_grd": [1.0]}}}, "in config section 'evaluate.probe' (did you mean C_grd → C_grid?)"),
+        (
+            {"evaluate": {"probe": {"C_grd": [1.0]}}},
+            "in config section 'evaluate.probe' (did you mean C_grd → C_grid?)",
+        ),
         ({"evaluate": {"cluster": {"resolutionz": 1.0}}}, "(did you mean resolutionz → resolution?)"),
         ({"trian": {}}, "(did you mean trian → train?)"),
         ({"train": {"epoch": 3}}, "(did you mean epoch → epochs?)"),
-        ({"evaluate": {"probe": []}}, "evaluate.probe must be a mapping"),
+        ({"evaluate": {"probe": []}}, "config section 'evaluate.probe' must be a mapping"),
+        (
+            {"reference": {"head": {"featurs": "auto"}}},
+            "in config section 'reference.head' (did you mean featurs → features?)",
+        ),
+        (
+            {"tune": {"pruner": {"n_warmup": 2}}},
+            "in config section 'tune.pruner' (did you mean n_warmup → n_warmup_steps?)",
+        ),
+        ({"train": {"epochs": "ten"}}, "bad value in config section 'train': epochs='ten' is not an integer"),
+        (
+            {"evaluate": {"cluster": {"n_neighbors": 1.5}}},
+            "config section 'evaluate.cluster': n_neighbors=1.5 is not an integer",
+        ),
+        (
+            {"evaluate": {"probe": {"C_grid": "big"}}},
+            "config section 'evaluate.probe': C_grid='big' is not a list",
+        ),
+        (
+            {"crop": {"drop_all_zero": "maybe"}},
+            "config section 'crop': drop_all_zero='maybe' is not true or false",
+        ),
+        (
+            {"evaluate": {"pooling": "sum"}},
+            "pooling='sum' is not one of 'auto', 'mean', 'mean_nonzero' or 'max'",
+        ),
     ],
 )
-def test_nested_evaluate_settings_are_refused_before_anything_runs_naming_the_nearest_key(config, message):
+def test_unknown_keys_and_wrong_types_anywhere_are_refused_in_one_line_naming_the_nearest_key(
+    config, message
+):
     from neurofm.config import validate
 
     with pytest.raises(NeurofmError) as error:

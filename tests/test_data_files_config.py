@@ -12,8 +12,8 @@ from neurofm.errors import NeurofmError
 def test_data_files_take_paths_and_mappings():
     files = ["a.h5ad", {"path": "b.h5ad", "batch_column": "donor", "gene_column": "gene_symbol"}]
     config = load_config(None, values={"data.files": files})
-    assert config["data"]["files"] == files and config["data"]["path"] is None
-    assert load_config(None)["data"]["files"] is None
+    assert config.data.files == files and config.data.path is None
+    assert load_config(None).data.files is None
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_bad_data_files_are_refused_naming_the_fix(values, message):
 
 def test_one_data_flag_keeps_data_path_and_several_fill_data_files(tmp_path):
     one = run.load_run_config(run.build_parser().parse_args(["--data", "a.h5ad", "--out", str(tmp_path)]))
-    assert one["data"]["path"] == "a.h5ad" and one["data"]["files"] is None
+    assert one.data.path == "a.h5ad" and one.data.files is None
     argv = [
         "--pipeline",
         "pretrain",
@@ -46,7 +46,7 @@ def test_one_data_flag_keeps_data_path_and_several_fill_data_files(tmp_path):
         str(tmp_path),
     ]
     several = run.load_run_config(run.build_parser().parse_args(argv))
-    assert several["data"]["path"] is None and several["data"]["files"] == ["a.h5ad", "b.h5ad:batch=donor"]
+    assert several.data.path is None and several.data.files == ["a.h5ad", "b.h5ad:batch=donor"]
 
 
 @pytest.mark.parametrize("pipeline", ["full", "evaluate", "prepare", "map", "tune"])
@@ -79,6 +79,6 @@ def test_several_data_files_resolve_to_their_specs_and_fingerprints(tmp_path):
 def test_several_data_files_are_not_the_built_in_data():
     several = load_config(None, values={"data.files": ["a.h5ad", "b.h5ad"]})
     builtin = load_config(None)
-    assert several["train"]["epochs"] == load_config(None, values={"data.path": "a.h5ad"})["train"]["epochs"]
-    assert list(several["reference"]["label_columns"]) == []  # not the synthetic atlas's label columns
-    assert list(builtin["reference"]["label_columns"]) == ["subtype"]
+    assert several.train.epochs == load_config(None, values={"data.path": "a.h5ad"}).train.epochs
+    assert list(several.reference.label_columns) == []  # not the synthetic atlas's label columns
+    assert list(builtin.reference.label_columns) == ["subtype"]

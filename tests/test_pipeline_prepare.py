@@ -100,9 +100,9 @@ def test_default_run_writes_every_output(default_run):
 def test_default_run_prepares_the_two_clusters_of_one_region(default_run):
     from neurofm.config import load_config
 
-    defaults = load_config(Path(run.__file__).parent / "configs" / "prepare.yaml")["default_data"]
+    defaults = load_config(Path(run.__file__).parent / "configs" / "prepare.yaml").default_data
     prepared = ad.read_h5ad(default_run["out"] / "prepared.h5ad")
-    assert prepared.shape == (defaults["crop"]["n_cells"], defaults["crop"]["n_genes"])
+    assert prepared.shape == (defaults.crop["n_cells"], defaults.crop["n_genes"])
     assert set(prepared.obs[keys.SUBTYPE]) == {f"cluster_{i}" for i in defaults["cluster_ids"]}
     assert prepared.obs[keys.REGION].astype(str).unique().tolist() == [defaults["region"]]
     assert prepared.obs_names.is_unique and prepared.var_names.is_unique

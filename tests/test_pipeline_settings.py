@@ -44,7 +44,7 @@ def test_gpu_config_resolves_into_resource_and_docker_settings_for_the_listed_st
         assert "mlflow==3.17.2" in pins
         # the image's own torch is replaced by the version the project pins (the CUDA wheel on Linux)
         assert TORCH_PIN in pins, (TORCH_PIN, sorted(pins)[:5])
-    assert config["train"]["device"] == "auto" and config["train"]["bf16"] is True
+    assert config.train.device == "auto" and config.train.bf16 is True
 
 
 @pytest.mark.parametrize("name", ["pretrain.yaml", "full.yaml", "evaluate.yaml", "tune.yaml"])
@@ -67,14 +67,13 @@ def test_only_the_listed_steps_get_settings():
     [
         ("resources.gpu_count=-1", "gpu_count"),
         ("resources.memory=lots", "resources.memory"),
-        ("resources.steps=pretrain_model", "list of step names"),
+        ("resources.steps=pretrain_model", "steps='pretrain_model' is not a list"),
         ("resources.requirements=requirements/none.lock", "does not exist"),
     ],
 )
 def test_bad_resources_are_one_line_errors(override, message):
-    config = load_config(CONFIGS / "gpu.yaml", [override])
-    with pytest.raises(NeurofmError, match=message) as caught:
-        step_settings(config)
+    with pytest.raises(NeurofmError, match=message) as caught:  # when loaded, or when ZenML reads them
+        step_settings(load_config(CONFIGS / "gpu.yaml", [override]))
     assert "\n" not in str(caught.value)
 
 

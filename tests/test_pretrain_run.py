@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from neurofm.config import TrackingConfig
 from neurofm.data.store import CellStore, convert_anndata
 from neurofm.mapping import ReferenceConfig, has_reference
 from neurofm.model import ModelConfig
@@ -70,12 +71,7 @@ def test_the_summary_names_the_run_the_version_and_the_checkpoints():
 def tracking_config():
     """The session's MLflow store (conftest.py; migrated once per worker), under names of this test's own."""
     name = f"pretrain-run-test-{uuid.uuid4().hex[:8]}"
-    return {
-        "experiment": name,
-        "tracking_uri": None,
-        "register": True,
-        "registered_model_name": f"{name}-model",
-    }
+    return TrackingConfig(experiment=name, registered_model_name=f"{name}-model")
 
 
 def test_a_tracked_pretraining_logs_one_run_stores_the_reference_and_registers_the_model(
@@ -92,7 +88,7 @@ def test_a_tracked_pretraining_logs_one_run_stores_the_reference_and_registers_t
     )  # fmt: skip
     assert model_dir == tmp_path / "out" / "pretrain" / "model" and has_reference(model_dir)
     assert (
-        summary["model_uri"] == f"models:/{tracking_config['registered_model_name']}/1"
+        summary["model_uri"] == f"models:/{tracking_config.registered_model_name}/1"
         and summary["reference"] is not None
     )
     assert summary["perplexity_ratio"] == pytest.approx(

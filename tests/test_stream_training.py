@@ -63,7 +63,6 @@ def test_store_cells_step_reuses_the_store_of_the_same_cells(tmp_path):
 
 
 def test_tokenize_step_uses_the_split_pretrain_uses(tmp_path):
-    from dataclasses import asdict
 
     from steps.data import store_cells
     from steps.train import tokenize
@@ -71,7 +70,7 @@ def test_tokenize_step_uses_the_split_pretrain_uses(tmp_path):
     adata = synthetic_counts(n_cells=60, n_genes=16)
     reference = store_cells.entrypoint(adata, str(tmp_path))
     config = _train_config()
-    saved = tokenize.entrypoint(reference, asdict(TokenizerConfig(n_bins=6)), asdict(config), str(tmp_path))
+    saved = tokenize.entrypoint(reference, TokenizerConfig(n_bins=6), config, str(tmp_path))
     fitted = ExpressionTokenizer.load(saved)
     store = open_reference(reference)
     expected = fit_training_tokenizer(store, TokenizerConfig(n_bins=6), config)
@@ -94,10 +93,13 @@ def test_tokenize_step_uses_the_split_pretrain_uses(tmp_path):
 def test_direct_conversion_only_for_a_user_file_without_crop():
     from pipelines.pretrain import uses_direct_conversion
 
-    no_crop = {"n_cells": None, "n_genes": None}
-    assert uses_direct_conversion({}, {"default_data": False, "crop": no_crop})
-    assert not uses_direct_conversion({}, {"default_data": True, "crop": no_crop})
-    assert not uses_direct_conversion({}, {"default_data": False, "crop": {"n_cells": 100, "n_genes": None}})
+    from neurofm.config import load_config
+
+    yours = load_config(None, values={"data.path": "cells.h5ad"})
+    assert uses_direct_conversion(yours, {"default_data": False})
+    assert not uses_direct_conversion(load_config(None), {"default_data": True})
+    cropped = load_config(None, values={"data.path": "cells.h5ad", "crop.n_cells": 100})
+    assert not uses_direct_conversion(cropped, {"default_data": False})
 
 
 def test_bad_streaming_settings_are_refused_in_one_line():

@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from neurofm import registry, tracking
+from neurofm.config import EvaluateConfig, MapConfig, TrackingConfig
 from neurofm.embedding import random_encoder_like
 from neurofm.model import ModelConfig
 from neurofm.tokenizer import ExpressionTokenizer
@@ -60,8 +61,8 @@ def test_an_evaluation_is_one_run_linked_to_the_version_and_promotes_only_when_a
         "pca/probe_accuracy": 0.9,
     }
     evaluation = {"metrics": metrics, "out_dir": str(tmp_path / "evaluation"), "report": "r"}
-    settings = {"promote": False, "model": "ignored", "label_column": "subtype"}
-    summary = tracking.log_evaluation(evaluation, info, settings, names, "toy")
+    settings = EvaluateConfig(promote=False, model="ignored", label_column="subtype")
+    summary = tracking.log_evaluation(evaluation, info, settings, TrackingConfig(**names), "toy")
     assert summary["promotion"] == "evaluate.promote is false; no alias moved" and summary["report"] == "r"
     run = MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.info.run_name == "evaluate-toy" and run.data.tags["neurofm.model_version"] == version
@@ -73,10 +74,11 @@ def test_an_evaluation_is_one_run_linked_to_the_version_and_promotes_only_when_a
     assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")] == [
         "evaluation/report.md"
     ]
-    promoted = tracking.log_evaluation(evaluation, info, {**settings, "promote": True}, names, "toy")
+    settings.promote = True
+    promoted = tracking.log_evaluation(evaluation, info, settings, TrackingConfig(**names), "toy")
     assert "→ 'champion'" in promoted["promotion"]
     directory = {"source": str(tmp_path), "model_uri": str(tmp_path), "model_version": None}
-    unregistered = tracking.log_evaluation(evaluation, directory, {**settings, "promote": True}, names, "toy")
+    unregistered = tracking.log_evaluation(evaluation, directory, settings, TrackingConfig(**names), "toy")
     assert unregistered["promotion"] == "not a registered model version; no alias moved"
 
 
@@ -91,14 +93,16 @@ def test_a_mapping_is_one_run_with_its_unknown_shares_and_scores(tmp_path, names
     scores = {"metrics": {"model/transfer_f1": 0.8}, "out_dir": str(tmp_path / "report"), "report": "r.md"}
     info = {"source": "dir", "model_uri": "dir", "model_version": None}
     summary = tracking.log_mapping(
-        mapping, scores, info, {"model": "dir", "baselines": ["pca_ref"]}, names, "q"
+        mapping, scores, info, MapConfig(model="dir", baselines=["pca_ref"]), TrackingConfig(**names), "q"
     )
     assert summary["record"] == mapping["record"] and summary["report"] == "r.md" and summary["model"] == info
     run = MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.info.run_name == "map-q" and run.data.tags["neurofm.pipeline_step"] == "map"
     assert run.data.metrics == {"unknown_share/subtype": 0.25, "map_seconds": 2.0, "n_cells": 80.0,
                                 "model/transfer_f1": 0.8}  # fmt: skip
-    assert run.data.params == {"map.baselines": "['pca_ref']"}
+    assert run.data.params["map.baselines"] == "['pca_ref']" and "map.model" not in run.data.params
     assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "map")] == ["map/transfer.csv"]
-    unscored = tracking.log_mapping(mapping, {"metrics": {}, "out_dir": None}, info, {}, names, "q")
+    unscored = tracking.log_mapping(
+        mapping, {"metrics": {}, "out_dir": None}, info, MapConfig(), TrackingConfig(**names), "q"
+    )
     assert not MlflowClient().list_artifacts(unscored["mlflow_run_id"]) and unscored["report"] is None

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from neurofm.config import load_config, validate
+from neurofm.config import RunConfig, load_config, validate
 from neurofm.data.synthetic import make_synthetic_counts
 from neurofm.errors import NeurofmError
 from neurofm.tune import ParamSpec, parse_space, run_study
@@ -29,7 +29,7 @@ def counts():
     return make_synthetic_counts(n_cells=300, n_genes=120, seed=0)
 
 
-def base_config(experiment: str) -> dict:
+def base_config(experiment: str) -> RunConfig:
     """A tiny model and short training so that a trial takes about a second."""
     return validate(
         {
@@ -144,11 +144,11 @@ def test_study_writes_a_loadable_best_config(resumed_study):
     assert path is not None and path.is_file()
     assert path.read_text().splitlines()[3].startswith("extends: ")
     config = load_config(path)  # extends configs/pretrain.yaml and validates
-    assert config["train"]["lr"] == pytest.approx(second.best_params["train.lr"])
-    assert config["model"]["n_layers"] == second.best_params["model.n_layers"]
-    assert config["model"]["d_model"] == second.best_params["model.d_model"]
-    assert config["train"]["epochs"] == 5  # the base's epochs, not the short tune.epochs
-    assert config["tokenizer"]["n_bins"] == 8  # non-default base values carried over
+    assert config.train.lr == pytest.approx(second.best_params["train.lr"])
+    assert config.model.n_layers == second.best_params["model.n_layers"]
+    assert config.model.d_model == second.best_params["model.d_model"]
+    assert config.train.epochs == 5  # the base's epochs, not the short tune.epochs
+    assert config.tokenizer.n_bins == 8  # non-default base values carried over
     for name in ("optimization_history.png", "param_importances.png", "best_params.json"):
         assert (out_dir / name).is_file()
 
@@ -283,4 +283,4 @@ def test_run_py_tune_runs_a_study_and_prints_the_best_config(counts, tmp_path, c
     assert (tmp_path / "outputs" / "tune" / "neurofm-pretrain" / "study.journal").is_file()
     from neurofm.train import TrainConfig
 
-    assert load_config(best_out)["train"]["lr"] == TrainConfig().lr  # trial 0 is the default configuration
+    assert load_config(best_out).train.lr == TrainConfig().lr  # trial 0 is the default configuration
