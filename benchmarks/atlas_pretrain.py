@@ -50,14 +50,16 @@ from benchmarks.atlas_scale import _peak_rss_bytes  # noqa: E402
 
 
 def _pretrain_row(spec: dict) -> dict:
+    import dataclasses
+
     import anndata as ad
 
-    from neurofm.config import dataclass_from_dict, load_config
+    from neurofm.config import load_config
     from neurofm.train import TrainConfig, pretrain
 
     settings = {"num_threads": 2, "num_workers": 0, "device": "cpu"}  # the 2-core CPU default
     if spec.get("config"):
-        settings = dict(load_config(spec["config"]).get("train", {}))
+        settings = dataclasses.asdict(load_config(spec["config"]).train)
     settings.update(
         max_steps=spec["steps"],
         val_every_steps=spec["val_every"],
@@ -65,7 +67,7 @@ def _pretrain_row(spec: dict) -> dict:
         progress=False,
         seed=0,
     )
-    config = dataclass_from_dict(TrainConfig, settings, "train").validate()
+    config = TrainConfig(**settings).validate()
     scratch = Path(tempfile.mkdtemp(prefix="neurofm-atlas-pretrain-", dir=spec["scratch"]))
     try:
         start = time.perf_counter()

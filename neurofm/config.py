@@ -20,14 +20,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import typing
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -40,6 +38,7 @@ from pydantic import (
 
 from neurofm.classify import ProbeConfig
 from neurofm.cluster_config import ClusterConfig
+from neurofm.config_files import parse_override, read_yaml, set_path
 from neurofm.embedding import EMBED_BATCH_SIZE
 from neurofm.errors import NeurofmError
 from neurofm.genes import MIN_GENE_OVERLAP
@@ -49,8 +48,11 @@ from neurofm.tokenizer import TokenizerConfig
 from neurofm.train_config import TrainConfig
 
 SCARCHES_QUERY_EPOCHS = 200  # scArches' query training (scvi-tools' reference-mapping tutorial)
-# the map pipeline's baselines (neurofm.evaluate.transfer): map.baselines defaults to them and is checked against them
-MAP_BASELINES = ("pca_ref", "logcounts", "scarches")
+# the map pipeline's baselines (neurofm.evaluate.transfer, neurofm.evaluate.label_baselines): map.baselines is
+# checked against them and defaults to all but scANVI (its labelled and query training take minutes to an hour on
+# a CPU) and CellTypist's majority voting (its own over-clustering of the query; no per-cell confidence)
+MAP_BASELINES = ("pca_ref", "logcounts", "scvi", "scarches", "scanvi", "celltypist", "celltypist_majority", "symphony")
+MAP_DEFAULT_BASELINES = ("pca_ref", "logcounts", "scvi", "scarches", "celltypist", "symphony")
 EVALUATE_BASELINES = ("pca", "scvi", "random")  # the evaluation's baselines (neurofm.evaluate.methods)
 Pooling = Literal["auto", "mean", "mean_nonzero", "max"]  # neurofm.embedding.POOLINGS
 Unobserved = Literal["exclude", "zero"]  # neurofm.embedding.UNOBSERVED_MODES
@@ -243,13 +245,15 @@ class MapConfig(Section):
     )
     label_columns: list[str] | None = None  # reference columns to transfer; None → all the reference has
     query_label_column: str | None = None  # the query's true labels (scores the transfer); None → no scores
-    batch_column: str | None = None  # the query's batches (donor, chip…): scArches' batch key
+    batch_column: str | None = None  # the query's batches (donor, chip…): scArches' and scANVI's batch key
     gene_column: str | None = None  # var column naming the query's genes (e.g. gene_symbol); None → var_names
     min_gene_overlap: float = MIN_GENE_OVERLAP  # share of the model's genes that must be found in the query
     reference_data: PathText | None = (
         None  # the reference cells' .h5ad for the baselines; None → the one recorded
     )
-    baselines: list[str] = Field(default_factory=lambda: list(MAP_BASELINES))  # fit on the reference only
+    # fit on the reference only; any of pca_ref, logcounts, scvi, scarches, scanvi, celltypist,
+    #   celltypist_majority, symphony (docs/mapping.md)
+    baselines: list[str] = Field(default_factory=lambda: list(MAP_DEFAULT_BASELINES))
     scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS  # scvi-tools' reference-mapping tutorial
     max_cells_score: int = 20000  # scored/clustered on a seeded query sample above this many cells
 
@@ -418,11 +422,11 @@ def _known_keys(loc: tuple[str, ...]) -> list[str]:
     """The keys valid at ``loc`` (a section path, e.g. ("evaluate", "probe"))."""
     cls: Any = RunConfig
     for part in loc:
-        cls = _field_types(cls).get(part)
-    return list(_field_types(cls)) if cls is not None else []
+        cls = field_types(cls).get(part)
+    return list(field_types(cls)) if cls is not None else []
 
 
-def _field_types(cls: Any) -> dict[str, Any]:
+def field_types(cls: Any) -> dict[str, Any]:
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return {name: info.annotation for name, info in cls.model_fields.items()}
     if dataclasses.is_dataclass(cls):
@@ -431,7 +435,7 @@ def _field_types(cls: Any) -> dict[str, Any]:
     return {}
 
 
-def _is_section(cls: Any) -> bool:
+def is_section(cls: Any) -> bool:
     return (isinstance(cls, type) and issubclass(cls, BaseModel)) or dataclasses.is_dataclass(cls)
 
 
@@ -440,8 +444,8 @@ def _split(loc: tuple) -> tuple[tuple[str, ...], str]:
     cls: Any = RunConfig
     path: list[str] = []
     for index, part in enumerate(loc):
-        types = _field_types(cls)
-        if not isinstance(part, str) or part not in types or not _is_section(types[part]):
+        types = field_types(cls)
+        if not isinstance(part, str) or part not in types or not is_section(types[part]):
             rest = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[index:]).lstrip(".")
             return tuple(path), rest
         cls = types[part]
@@ -489,7 +493,7 @@ def config_error(error: ValidationError) -> NeurofmError:
         return NeurofmError(
             f"config section '{key}' must be a mapping, got {type(problem['input']).__name__}"
         )
-    if words == "is not a mapping" and _is_section(_field_types(_section_class(path)).get(key)):
+    if words == "is not a mapping" and is_section(field_types(_section_class(path)).get(key)):
         return NeurofmError(
             f"config section '{'.'.join((*path, key))}' must be a mapping, got {problem['input']!r}"
         )
@@ -500,7 +504,7 @@ def config_error(error: ValidationError) -> NeurofmError:
 def _section_class(path: tuple[str, ...]) -> Any:
     cls: Any = RunConfig
     for part in path:
-        cls = _field_types(cls).get(part)
+        cls = field_types(cls).get(part)
     return cls
 
 
@@ -509,83 +513,6 @@ def _validated(cls: type[BaseModel], raw: Mapping[str, Any]) -> Any:
         return cls.model_validate(raw)
     except ValidationError as error:
         raise config_error(error) from None
-
-
-# ------------------------------------------------------------------------------------ YAML files
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` / ``2E5`` as floats (YAML 1.2), not as strings (PyYAML's 1.1)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        raise NeurofmError(f"config {path} extends itself in a cycle; remove the circular 'extends'")
-    if not path.is_file():
-        raise NeurofmError(f"config file {path} does not exist; pass an existing YAML file with --config")
-    try:
-        loaded = _load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise NeurofmError(
-            f"config {path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax"
-        ) from None
-    if not isinstance(loaded, dict):
-        raise NeurofmError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
-    base = loaded.pop("extends", None)
-    if base is None:
-        return loaded
-    return deep_merge(_read_yaml(path.parent / base, (*seen, path)), loaded)
-
-
-# Mappings that are data, not settings: an override replaces them whole instead of merging into them
-# (a label mapping {a: x} must not inherit the keys of the default mapping).
-REPLACED_WHOLE = {"label_mapping", "space"}
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``override`` onto ``base`` (dicts merge, everything else replaces; the
-    mappings named in ``REPLACED_WHOLE`` are replaced whole)."""
-    merged = dict(base)
-    for key, value in override.items():
-        if key not in REPLACED_WHOLE and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value`` (value as YAML) into (["section", "key"], value)."""
-    if "=" not in text:
-        raise NeurofmError(f"--set {text!r} is not of the form section.key=value; e.g. --set train.epochs=5")
-    dotted, _, raw = text.partition("=")
-    keys = [part for part in dotted.strip().split(".") if part]
-    if len(keys) < 2:
-        raise NeurofmError(f"--set {text!r} must name a section and a key, e.g. --set train.epochs=5")
-    try:
-        value = _load_yaml(raw)
-    except yaml.YAMLError:
-        value = raw
-    return keys, value
-
-
-def set_path(config: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = config
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise NeurofmError(f"cannot set {'.'.join(keys)}: {key} is not a section")
-    node[keys[-1]] = value
 
 
 def validate(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
@@ -621,135 +548,10 @@ def load_config(
 ) -> RunConfig:
     """Read ``path`` (with ``extends``), apply ``section.key=value`` overrides, then ``values`` (dotted key →
     Python value, e.g. the command line's ``--data``), and :func:`validate` the result."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml(Path(path)) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
         set_path(raw, keys, value)
     for dotted, value in (values or {}).items():
         set_path(raw, dotted.split("."), value)
     return validate(raw)
-
-
-# ------------------------------------------------------------------------------- the reference page
-
-
-def _comments(source: str) -> dict[int, str]:
-    """Line number → what the comments say of it: its trailing ``#`` comment continued by the deeper-indented
-    comment-only lines below it (``#      …``), or else the comment-only lines right above it."""
-    import io
-    import tokenize
-
-    raw: dict[int, str] = {}
-    code_lines: set[int] = set()
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            raw[token.start[0]] = token.string
-        elif token.type not in (
-            tokenize.NL,
-            tokenize.NEWLINE,
-            tokenize.INDENT,
-            tokenize.DEDENT,
-            tokenize.COMMENT,
-        ):
-            code_lines.add(token.start[0])
-
-    def text(line: int) -> str:
-        return raw[line].lstrip("#").strip()
-
-    merged: dict[int, str] = {}
-    for line in sorted(code_lines):
-        if line in raw:
-            parts, follow = [text(line)], line + 1
-            while follow in raw and follow not in code_lines and raw[follow].startswith("#   "):
-                parts.append(text(follow))
-                follow += 1
-            merged[line] = " ".join(parts)
-        else:
-            above, before = [], line - 1
-            while before in raw and before not in code_lines and not raw[before].startswith("#   "):
-                above.insert(0, text(before))
-                before -= 1
-            if above:
-                merged[line] = " ".join(above)
-    return merged
-
-
-def _end_comment(node, comments: dict[int, str]) -> str:
-    return next((comments[line] for line in range(node.lineno, node.end_lineno + 1) if line in comments), "")
-
-
-def _dataclass_comments(cls: type) -> dict[str, str]:
-    import ast
-    import inspect
-
-    source = Path(inspect.getsourcefile(cls)).read_text()
-    comments = _comments(source)
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
-            return {
-                item.target.id: _end_comment(item, comments)
-                for item in node.body
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-            }
-    return {}
-
-
-def _sections() -> list[tuple[str, type]]:
-    """Every section of the tree and its class, as the reference page lists them: the stages' own
-    sections, then the library's settings dataclasses, then the sections nested in those."""
-    top = [(name, cls) for name, cls in SECTIONS.items() if issubclass(cls, BaseModel)]
-    top += [(name, cls) for name, cls in SECTIONS.items() if not issubclass(cls, BaseModel)]
-    nested: list[tuple[str, type]] = []
-    todo = list(top)
-    while todo:
-        name, cls = todo.pop(0)
-        found = [(f"{name}.{key}", sub) for key, sub in _field_types(cls).items() if _is_section(sub)]
-        nested += found
-        todo += found
-    return top + sorted(nested, key=lambda item: not issubclass(item[1], BaseModel))
-
-
-def configuration_markdown() -> str:
-    """``docs/configuration.md``: every section and key with its default and its comment, generated from
-    the section classes of :class:`RunConfig` (``python -m neurofm.config > docs/configuration.md``)."""
-
-    def shown(value: Any) -> str:
-        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-        text = text.removesuffix("...").strip()
-        return f"`{text}`".replace("|", "\\|")
-
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated by `python -m neurofm.config > docs/configuration.md` from the section classes of",
-        "`neurofm.config.RunConfig` (every default defined once, in code); `tests/test_config.py` fails when it",
-        "is stale. YAML files under `configs/` hold only what they change; `--set section.key=value` overrides",
-        "one value. An unknown key or a value of the wrong type anywhere is refused before anything runs.",
-        "",
-    ]
-    for section, cls in _sections():
-        instance = cls()
-        values = {key: getattr(instance, key) for key in _field_types(cls)}
-        where = (
-            "`neurofm/config.py`" if cls.__module__ == __name__ else f"`{cls.__module__}.{cls.__qualname__}`"
-        )
-        notes = _dataclass_comments(cls)
-        lines += [
-            f"## `{section}`",
-            "",
-            f"Defaults from {where}.",
-            "",
-            "| key | default | meaning |",
-            "|---|---|---|",
-        ]
-        for key, value in values.items():
-            note = notes.get(key, "").replace("|", "\\|")
-            nested = dataclasses.is_dataclass(value) or isinstance(value, BaseModel)
-            default = f"see `{section}.{key}`" if nested else shown(value)
-            lines.append(f"| `{key}` | {default} | {note} |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-if __name__ == "__main__":
-    print(configuration_markdown(), end="")

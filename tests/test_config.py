@@ -290,11 +290,11 @@ def test_run_notes_name_the_demo_budget_and_a_capped_baseline():
 def test_the_configuration_reference_is_current():
     from pathlib import Path
 
-    from neurofm.config import configuration_markdown
+    from neurofm.config_docs import configuration_markdown
 
     page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert page.read_text() == configuration_markdown(), (
-        "docs/configuration.md is stale: run `python -m neurofm.config > docs/configuration.md`"
+        "docs/configuration.md is stale: run `python -m neurofm.config_docs > docs/configuration.md`"
     )
     for key in ("| `epochs` |", "| `unknown_quantile` |", "| `baselines` |", "| `C_grid` |"):
         assert key in page.read_text()
