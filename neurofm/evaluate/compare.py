@@ -16,6 +16,9 @@ Output layout under ``out_dir`` (all files written atomically)::
     <method>/clusters/umap_by_cluster.png, umap_by_label.png, cluster_sizes_purity.png
     report.md, report.html   from :func:`write_report`
 
+The tables, JSON files and figures are written by :mod:`neurofm.evaluate.run_files` (the report by
+:mod:`neurofm.evaluate.report`); this module runs the protocol.
+
 Promotion of a model version is decided by :func:`should_promote`, a pure function over two
 ``summary.json`` dicts (:mod:`neurofm.evaluate.promotion`; re-exported here).
 """
@@ -25,29 +28,34 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from neurofm import plots
 from neurofm.errors import NeurofmError
-from neurofm.evaluate import cluster as cluster_module
 from neurofm.evaluate import probe as probe_module
 from neurofm.evaluate.cluster import ClusterConfig, cluster_embedding
 from neurofm.evaluate.label_efficiency import DEFAULT_SHOTS, Shot, label_efficiency
 from neurofm.evaluate.labels import check_labels
-from neurofm.evaluate.probe import ProbeConfig, ProbeSplit, make_split, run_probe, save_probe
+from neurofm.evaluate.probe import ProbeConfig, ProbeSplit, make_split, run_probe
 from neurofm.evaluate.promotion import should_promote
 from neurofm.evaluate.report import write_report
-from neurofm.evaluate.results import EvaluationResult, MethodResult
-from neurofm.evaluate.visualize import TSNE_ANGLE, TSNE_MAX_ITER, pca_2d_coordinates, visualize
-from neurofm.io import atomic_path, ensure_writable_dir, write_json
+from neurofm.evaluate.results import EvaluationProtocol, EvaluationResult, MethodResult
+from neurofm.evaluate.run_files import (
+    label_counts,
+    run_settings,
+    write_method_figures,
+    write_method_tables,
+    write_run_meta,
+    write_run_tables,
+)
+from neurofm.evaluate.visualize import visualize
+from neurofm.io import ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -96,31 +104,6 @@ MODEL = "model"
 CONTROLS = ("random",)  # controls: shown, never the "strongest baseline"
 
 
-@dataclass(frozen=True)
-class _Protocol:
-    """What every method shares in one evaluation: the split, the settings and the cell samples."""
-
-    split: ProbeSplit
-    probe_config: ProbeConfig
-    cluster_config: ClusterConfig
-    seed: int
-    figures: bool
-    views: tuple[str, ...]
-    label_efficiency_shots: Sequence[Shot]
-    label_efficiency_draws: int
-    max_cells_cluster: int | None
-    max_cells_visualize: int | None
-    cluster_cells: np.ndarray | None  # the seeded sample clustered; None: every cell
-    view_cells: np.ndarray | None  # the seeded sample drawn in t-SNE/UMAP; None: every cell
-
-    @property
-    def same_cells(self) -> bool:
-        """Whether t-SNE/UMAP draw exactly the clustered cells (so the kNN graph and cluster UMAPs apply)."""
-        if self.view_cells is None or self.cluster_cells is None:
-            return self.view_cells is None and self.cluster_cells is None
-        return bool(np.array_equal(self.view_cells, self.cluster_cells))
-
-
 def evaluate_embeddings(
     embeddings: Mapping[str, np.ndarray],
     labels: np.ndarray,
@@ -158,7 +141,7 @@ def evaluate_embeddings(
     cluster_config = cluster_config or ClusterConfig()
     labels = _check_inputs(embeddings, labels)
     out_dir = ensure_writable_dir(out_dir)
-    protocol = _Protocol(
+    protocol = EvaluationProtocol(
         split=split or make_split(labels, probe_config, groups),
         probe_config=probe_config,
         cluster_config=cluster_config,
@@ -182,9 +165,9 @@ def evaluate_embeddings(
     summary_all = _summary(methods, efficiency, strongest)
     summary = {key: value for key, value in summary_all.items() if math.isfinite(value)}
     baselines = _baselines_table(methods)
-    paths = _write_run_tables(baselines, efficiency, summary, out_dir, protocol)
+    paths = write_run_tables(baselines, efficiency, summary, out_dir, protocol)
     timings["total"] = time.perf_counter() - started
-    class_counts = _counts(labels)
+    class_counts = label_counts(labels)
     result = EvaluationResult(
         out_dir=out_dir,
         methods=methods,
@@ -194,11 +177,11 @@ def evaluate_embeddings(
         split=protocol.split,
         classes=list(class_counts),
         class_counts=class_counts,
-        settings=_settings(protocol, len(labels), strongest, list(methods)),
+        settings=run_settings(protocol, len(labels), strongest, list(methods)),
         timings=timings,
         paths=paths,
     )
-    paths["run_meta"] = _write_run_meta(result, labels, groups, summary_all)
+    paths["run_meta"] = write_run_meta(result, labels, groups, summary_all)
     return result
 
 
@@ -219,7 +202,7 @@ def _check_inputs(embeddings: Mapping[str, np.ndarray], labels: np.ndarray) -> n
 def _evaluate_methods(
     embeddings: Mapping[str, np.ndarray],
     labels: np.ndarray,
-    protocol: _Protocol,
+    protocol: EvaluationProtocol,
     out_dir: Path,
     timings: dict[str, float],
 ) -> dict[str, MethodResult]:
@@ -239,7 +222,7 @@ def _evaluate_methods(
 
 
 def _evaluate_method(
-    name: str, matrix: np.ndarray, labels: np.ndarray, protocol: _Protocol, directory: Path
+    name: str, matrix: np.ndarray, labels: np.ndarray, protocol: EvaluationProtocol, directory: Path
 ) -> MethodResult:
     """Probe and cluster one embedding; write its tables (and figures, when on) under ``directory``."""
     embedding = probe_module.check_embedding(matrix)
@@ -256,14 +239,18 @@ def _evaluate_method(
         visualization=None,
         metrics={**probe_result.metrics(), **cluster_result.metrics()},
     )
-    method.paths.update(_write_method_tables(method, directory))
+    method.paths.update(write_method_tables(method, directory))
     if protocol.figures:
         _draw_method(method, embedding, labels, protocol, directory)
     return method
 
 
 def _draw_method(
-    method: MethodResult, embedding: np.ndarray, labels: np.ndarray, protocol: _Protocol, directory: Path
+    method: MethodResult,
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    protocol: EvaluationProtocol,
+    directory: Path,
 ) -> None:
     """Compute the 2-D views of one method and draw all its figures; sets ``method.visualization`` and
     adds the figure paths to ``method.paths``."""
@@ -282,12 +269,12 @@ def _draw_method(
     )
     method.paths.update(method.visualization.paths)
     method.paths.update(
-        _write_method_figures(method, embedding, labels, directory, view_rows if same_cells else None)
+        write_method_figures(method, embedding, labels, directory, view_rows if same_cells else None)
     )
 
 
 def _label_efficiency(
-    embeddings: Mapping[str, np.ndarray], labels: np.ndarray, protocol: _Protocol
+    embeddings: Mapping[str, np.ndarray], labels: np.ndarray, protocol: EvaluationProtocol
 ) -> pd.DataFrame:
     """The label-efficiency table of every method (see :func:`label_efficiency`), on the shared split."""
     return label_efficiency(
@@ -324,82 +311,6 @@ def _baselines_table(methods: Mapping[str, MethodResult]) -> pd.DataFrame:
     return baselines.reindex(
         columns=BASELINE_COLUMNS + [c for c in baselines.columns if c.startswith("fewshot")]
     )
-
-
-def _write_run_tables(
-    baselines: pd.DataFrame,
-    efficiency: pd.DataFrame,
-    summary: Mapping[str, float],
-    out_dir: Path,
-    protocol: _Protocol,
-) -> dict[str, Path]:
-    """Write baselines.csv, label_efficiency.csv (and its figure, when on) and summary.json; their paths."""
-    paths: dict[str, Path] = {}
-    paths["baselines"] = _write_csv(baselines, out_dir / "baselines.csv", index=False)
-    paths["label_efficiency"] = _write_csv(efficiency, out_dir / "label_efficiency.csv", index=False)
-    if protocol.figures:
-        paths["label_efficiency_plot"] = plots.plot_label_efficiency(
-            efficiency,
-            out_dir / "label_efficiency.png",
-            title=f"Label efficiency ({protocol.label_efficiency_draws} draws per shot count, shared test set)",
-        )
-    paths["summary"] = write_json(summary, out_dir / "summary.json")
-    return paths
-
-
-def _settings(
-    protocol: _Protocol, n_cells: int, strongest: dict[str, dict[str, Any]], method_names: list[str]
-) -> dict[str, Any]:
-    """Every setting of the run, as recorded in run_meta.json and shown in the report."""
-    return {
-        "probe": probe_module.config_dict(protocol.probe_config),
-        "cluster": cluster_module.config_dict(protocol.cluster_config),
-        "label_efficiency": {
-            "shots": [str(s) for s in protocol.label_efficiency_shots],
-            "n_draws": protocol.label_efficiency_draws,
-            "seed": protocol.seed,
-        },
-        "visualize": {
-            "seed": protocol.seed,
-            "tsne_max_iter": TSNE_MAX_ITER,
-            "tsne_angle": TSNE_ANGLE,
-            "figures": protocol.figures,
-            "views": list(protocol.views),
-            "max_cells_visualize": protocol.max_cells_visualize,
-            "n_cells_visualized": n_cells if protocol.view_cells is None else len(protocol.view_cells),
-        },
-        "max_cells_cluster": protocol.max_cells_cluster,
-        "n_cells_clustered": n_cells if protocol.cluster_cells is None else len(protocol.cluster_cells),
-        "strongest_baselines": strongest,
-        "split": protocol.split.describe(),
-        "methods": method_names,
-        "pca_baseline_note": "PCA is unsupervised and, unless fit_indices was used, fit on all cells",
-    }
-
-
-def _write_run_meta(
-    result: EvaluationResult, labels: np.ndarray, groups: np.ndarray | None, summary_all: Mapping[str, float]
-) -> Path:
-    """Write run_meta.json (settings, data, every metric with the undefined ones named, per-method
-    details, timings, package versions; non-finite values as null) into the run's folder; its path."""
-    split = result.split
-    run_meta = {
-        "settings": result.settings,
-        "data": {
-            "n_cells": int(len(labels)),
-            "classes": result.classes,
-            "class_counts": result.class_counts,
-            "test_class_counts": _counts(labels[split.test_indices]),
-            "train_class_counts": _counts(labels[split.train_indices]),
-            "n_groups": None if groups is None else int(len(np.unique(np.asarray(groups)))),
-        },
-        "metrics": summary_all,
-        "undefined_metrics": sorted(set(summary_all) - set(result.summary)),
-        "methods": {name: _method_meta(method, result.out_dir) for name, method in result.methods.items()},
-        "timings_s": result.timings,
-        "versions": _versions(),
-    }
-    return write_json(_finite_or_none(run_meta), result.out_dir / "run_meta.json")
 
 
 def _headline(metrics: Mapping[str, float]) -> str:
@@ -456,186 +367,3 @@ def _summary(
         summary[f"strongest/{metric}"] = float(entry["baseline_value"])
         summary[f"margin/{metric}"] = float(entry["margin"])
     return summary
-
-
-def _counts(values: np.ndarray) -> dict[str, int]:
-    names, counts = np.unique(values, return_counts=True)
-    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
-
-
-def _method_meta(method: MethodResult, out_dir: Path) -> dict[str, Any]:
-    probe, clusters = method.probe, method.clusters
-    return {
-        "embedding_dim": method.embedding_dim,
-        "metrics": method.metrics,
-        "probe": {
-            "classes": probe.classes,
-            "confusion": probe.confusion.tolist(),
-            "cv_accuracy": probe.cv_accuracy.tolist(),
-            "cv_f1": probe.cv_f1_macro.tolist(),
-            "cv_auc": probe.cv_roc_auc.tolist(),
-            "n_convergence_warnings": probe.n_convergence_warnings,
-            "classifier": probe.classifier,
-        },
-        "clusters": {
-            "resolution": clusters.resolution,
-            "n_clusters": clusters.n_clusters,
-            "sizes": clusters.cluster_table["size"].astype(int).tolist(),
-            "purities": clusters.cluster_table["purity"].astype(float).tolist(),
-            "majority_labels": clusters.cluster_table["majority_label"].astype(str).tolist(),
-            "resolution_sweep": clusters.sweep.to_dict(orient="records"),
-            "matched": clusters.matched,
-            "seed_scores": clusters.seed_scores.to_dict(orient="records"),
-            "optimised_sweep": clusters.optimised.to_dict(orient="records"),
-        },
-        "files": {key: path.relative_to(out_dir).as_posix() for key, path in method.paths.items()},
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for package in (
-        "numpy",
-        "pandas",
-        "scikit-learn",
-        "scanpy",
-        "anndata",
-        "umap-learn",
-        "igraph",
-        "leidenalg",
-    ):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions
-
-
-def _finite_or_none(value: Any) -> Any:
-    """Replace NaN/inf floats by None so the JSON stays strict."""
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def _write_csv(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index, float_format="%.6g")
-    return path
-
-
-def _write_method_tables(method: MethodResult, directory: Path) -> dict[str, Path]:
-    """probe.json, predictions.csv, confusion_matrix.csv and the cluster tables of one method."""
-    probe, clusters = method.probe, method.clusters
-    directory = ensure_writable_dir(directory)
-    paths = {
-        "probe": save_probe(
-            probe.probe,
-            directory / "probe.json",
-            extra={"method": method.name, "metrics": probe.metrics(), "split": probe.split.describe()},
-        )
-    }
-    predictions = pd.DataFrame(
-        {
-            "cell_index": probe.split.test_indices,
-            "true_label": probe.test_labels,
-            "predicted_label": probe.test_predictions,
-        }
-    )
-    for column, name in enumerate(probe.classes):
-        predictions[f"probability_{name}"] = probe.test_probabilities[:, column]
-    paths["predictions"] = _write_csv(predictions, directory / "predictions.csv", index=False)
-    confusion = pd.DataFrame(probe.confusion, index=probe.classes, columns=probe.classes)
-    confusion.index.name = "true_label \\ predicted_label"
-    paths["confusion_matrix"] = _write_csv(confusion, directory / "confusion_matrix.csv")
-    paths["cluster_confusion"] = _write_csv(
-        clusters.majority_confusion, directory / "clusters" / "cluster_confusion.csv"
-    )
-    paths["cluster_table"] = _write_csv(clusters.cluster_table, directory / "clusters" / "cluster_table.csv")
-    return paths
-
-
-def _write_method_figures(
-    method: MethodResult,
-    embedding: np.ndarray,
-    labels: np.ndarray,
-    directory: Path,
-    cluster_rows: np.ndarray | slice | None = slice(None),
-) -> dict[str, Path]:
-    """Confusion matrix, ROC, PCA-2D and cluster figures of one method (t-SNE/UMAP: visualize)."""
-    probe, clusters, name = method.probe, method.clusters, method.name
-    split_kind = "group-aware" if probe.split.grouped else "stratified"
-    n_test = len(probe.split.test_indices)
-    paths = {
-        "confusion_matrix_plot": plots.plot_confusion_matrix(
-            probe.confusion,
-            probe.classes,
-            directory / "confusion_matrix.png",
-            title=f"{name}: linear probe on {n_test} test cells ({split_kind} split)\n"
-            f"accuracy {probe.accuracy:.3f}, macro-F1 {probe.f1_macro:.3f}",
-        ),
-        "roc_curve": plots.plot_roc_curves(
-            probe.test_labels,
-            probe.test_probabilities,
-            probe.classes,
-            directory / "roc_curve.png",
-            title=f"{name}: probe ROC on {n_test} test cells",
-        ),
-    }
-    coordinates, variance = pca_2d_coordinates(embedding)
-    paths["pca_2d"] = plots.plot_embedding_2d(
-        coordinates,
-        labels,
-        directory / "pca_2d.png",
-        title=f"{name} embedding: first two principal components",
-        xlabel=f"PC 1 ({variance[0]:.1%} of variance)",
-        ylabel=f"PC 2 ({variance[1]:.1%} of variance)",
-    )
-    umap = method.visualization.umap if method.visualization is not None else None
-    if cluster_rows is None:  # the UMAP was drawn on other cells than the clusters: no cluster UMAPs
-        umap = None
-    cluster_labels = labels[cluster_rows] if cluster_rows is not None else labels
-    cluster_dir = directory / "clusters"
-    config = clusters.config
-    if umap is not None:
-        resolution, n_clusters = clusters.resolution, clusters.n_clusters
-        subtitle = f"Leiden resolution {resolution:g}, {n_clusters} clusters, ARI {clusters.ari:.3f}"
-        paths["umap_by_cluster"] = plots.plot_embedding_2d(
-            umap,
-            clusters.clusters.astype(str),
-            cluster_dir / "umap_by_cluster.png",
-            title=f"{name}: UMAP coloured by Leiden cluster\n{subtitle}",
-            xlabel="UMAP 1",
-            ylabel="UMAP 2",
-            legend_title="cluster",
-            annotate=True,
-        )
-        paths["umap_by_label"] = plots.plot_embedding_2d(
-            umap,
-            cluster_labels,
-            cluster_dir / "umap_by_label.png",
-            title=f"{name}: UMAP coloured by label\n({config.n_neighbors} neighbours, {config.metric})",
-            xlabel="UMAP 1",
-            ylabel="UMAP 2",
-        )
-    paths["cluster_sizes_purity"] = plots.plot_cluster_sizes_purity(
-        clusters.cluster_table,
-        cluster_dir / "cluster_sizes_purity.png",
-        title=f"{name}: Leiden cluster sizes and purity\n"
-        f"(majority-vote accuracy {clusters.majority_accuracy:.3f})",
-    )
-    paths["cluster_confusion_plot"] = plots.plot_confusion_matrix(
-        clusters.majority_confusion.to_numpy(),
-        list(clusters.majority_confusion.index),
-        cluster_dir / "cluster_confusion.png",
-        title=f"{name}: label vs cluster majority label",
-        column_labels=list(clusters.majority_confusion.columns),
-        xlabel="majority label of the cell's cluster",
-    )
-    return paths
