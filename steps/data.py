@@ -15,7 +15,7 @@ from zenml import step
 
 from neurofm import io, keys
 from neurofm.config import CropConfig, DedupeConfig, SubsetConfig
-from neurofm.data import atlas, region
+from neurofm.data import atlas, backed, region
 from neurofm.data import crop as crop_module
 from neurofm.data import dedupe as dedupe_module
 from neurofm.data.pipeline_stores import convert_file_once, convert_files_once, store_anndata_once
@@ -42,7 +42,7 @@ def subset_clusters(
 
     Adds ``obs['subtype']`` (e.g. ``cluster_2523``), the metadata columns and ``uns['subset_params']``.
     """
-    return atlas.subset_by_clusters(
+    return backed.subset_by_clusters(
         path,
         metadata_csv,
         cluster_ids=subset.cluster_ids,

@@ -16,7 +16,8 @@ import anndata as ad
 import numpy as np
 
 from neurofm import keys
-from neurofm.data.atlas import Selection, matrix_element, open_h5ad, read_frame, select_cells, select_genes
+from neurofm.data.atlas import Selection, read_frame, select_cells, select_genes
+from neurofm.data.backed import matrix_element, open_h5ad
 from neurofm.data.cell_store import SOURCE_ROW, STORE_FORMAT, STORE_VERSION
 from neurofm.data.shards import (
     Source,

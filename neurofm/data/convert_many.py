@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from neurofm import keys
-from neurofm.data.atlas import matrix_element, open_h5ad, read_frame
+from neurofm.data.atlas import read_frame
+from neurofm.data.backed import matrix_element, open_h5ad
 from neurofm.data.cell_store import SOURCE_ROW, STORE_FORMAT, STORE_VERSION
 from neurofm.data.dedupe import unique_names
 from neurofm.data.shards import (

@@ -19,7 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from neurofm import keys
-from neurofm.data.atlas import _read_obs_names, metadata_header, read_cell_metadata
+from neurofm.data.atlas import metadata_header, read_cell_metadata
+from neurofm.data.backed import read_obs_names
 from neurofm.errors import NeurofmError
 from neurofm.io import check_h5ad_path
 
@@ -138,7 +139,7 @@ def check_ids(
     metadata = read_cell_metadata(metadata_csv, required_columns=[obs_name_column], usecols=present)
     try:
         with h5py.File(path, "r") as handle:
-            obs_names = _read_obs_names(handle)
+            obs_names = read_obs_names(handle)
     except (OSError, KeyError, TypeError, ValueError) as error:
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise NeurofmError(

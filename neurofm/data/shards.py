@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from neurofm.data.atlas import read_csr_rows
+from neurofm.data.backed import read_csr_rows
 from neurofm.data.cell_store import (
     MANIFEST,
     OBS_FILE,

@@ -73,7 +73,7 @@ def cluster_classes(
     n_excitatory_clusters: int = 5, n_inhibitory_clusters: int = 4, label_prefix: str = "cluster_"
 ) -> dict[str, str]:
     """The synthetic atlas' subtype → class mapping, e.g. ``{"cluster_2523": "excitatory", "cluster_210":
-    "inhibitory", …}`` (subtype labels as :func:`neurofm.data.atlas.subset_by_clusters` writes them)."""
+    "inhibitory", …}`` (subtype labels as :func:`neurofm.data.backed.subset_by_clusters` writes them)."""
     excitatory = {
         f"{label_prefix}{_EXCITATORY_ALIAS_START + 4 * k}": "excitatory" for k in range(n_excitatory_clusters)
     }
