@@ -19,8 +19,8 @@ import torch
 
 from neurofm.data.store import CellStore
 from neurofm.errors import NeurofmError
+from neurofm.sparse_binning import SparseBinner
 from neurofm.store_fit import sample_rows
-from neurofm.stream import SparseBinner
 from neurofm.tokenizer import MIN_CELLS, ExpressionTokenizer
 
 
