@@ -3,7 +3,7 @@
 Generates once, and caches, a synthetic atlas of 200,000 cells × 20,000 genes (≥ 1.5 GB on disk) with
 the chunked writer, then in separate child processes (so each peak RSS is its own) times
 
-- ``backed``: :func:`neurofm.data.atlas.subset_by_clusters` of two clusters (X never loaded whole);
+- ``backed``: :func:`neurofm.data.backed.subset_by_clusters` of two clusters (X never loaded whole);
 - ``naive``: ``anndata.read_h5ad`` of the whole file, metadata join, ``adata[keep].copy()``;
 
 and prints a table and writes JSON. Both children report a checksum of the subset so the two are
@@ -46,7 +46,7 @@ def _child(mode: str, h5ad: str, metadata: str, clusters: list[int]) -> None:
     import pandas as pd
 
     from neurofm import keys
-    from neurofm.data.atlas import subset_by_clusters
+    from neurofm.data.backed import subset_by_clusters
 
     rss_after_imports = _peak_rss_bytes()
     start = time.perf_counter()

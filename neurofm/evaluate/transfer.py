@@ -339,7 +339,11 @@ def _report_blocks(results, table, per_class, header, figures) -> list[tuple]:
         "query_ari_res1",
         "seconds",
     ]
-    rows = [[r["method"], r["classifier"], *(f"{r[c]:.3f}" if c != "seconds" else f"{r[c]:.0f}" for c in columns)]
+
+    def cell(value: float, column: str) -> str:  # NaN: the method has no space of its own to cluster
+        return "—" if pd.isna(value) else (f"{value:.0f}" if column == "seconds" else f"{value:.3f}")
+
+    rows = [[r["method"], r["classifier"], *(cell(r[c], c) for c in columns)]
             for r in table.to_dict("records")]  # fmt: skip
     blocks.append(("heading", 2, "The model against the baselines (fit on the reference only)"))
     blocks.append(("table", ["method", "classifier", "transfer macro-F1", "accuracy", "unknown", "query ARI (optimised)",
