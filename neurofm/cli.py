@@ -27,6 +27,7 @@ from typing import Any
 from neurofm import __version__, keys
 from neurofm.config import MIN_GENE_OVERLAP as DEFAULT_MIN_GENE_OVERLAP
 from neurofm.errors import NeurofmError
+from neurofm.pooling import DEFAULT_POOLING, POOLINGS
 
 
 def _print_mapping(values: dict[str, Any], indent: str = "") -> None:
@@ -398,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="exclude",
         help="model genes absent from the data: left out (default) or treated as zero counts",
     )
-    embed.add_argument("--pooling", choices=["auto", "mean", "mean_nonzero", "max"], default="auto")
+    embed.add_argument("--pooling", choices=list(POOLINGS), default=DEFAULT_POOLING)
     embed.add_argument("--batch-size", type=int, default=256, help="cells pooled at a time")
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     embed.set_defaults(handler=_embed)

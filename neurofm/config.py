@@ -43,6 +43,7 @@ from neurofm.embedding import EMBED_BATCH_SIZE
 from neurofm.errors import NeurofmError
 from neurofm.genes import MIN_GENE_OVERLAP
 from neurofm.model_config import ModelConfig
+from neurofm.pooling import DEFAULT_POOLING, DEFAULT_UNOBSERVED, POOLINGS, UNOBSERVED_MODES
 from neurofm.reference import ReferenceConfig
 from neurofm.tokenizer import TokenizerConfig
 from neurofm.train_config import TrainConfig
@@ -54,10 +55,8 @@ SCARCHES_QUERY_EPOCHS = 200  # scArches' query training (scvi-tools' reference-m
 MAP_BASELINES = ("pca_ref", "logcounts", "scvi", "scarches", "scanvi", "celltypist", "celltypist_majority", "symphony")
 MAP_DEFAULT_BASELINES = ("pca_ref", "logcounts", "scvi", "scarches", "celltypist", "symphony")
 EVALUATE_BASELINES = ("pca", "scvi", "random")  # the evaluation's baselines (neurofm.evaluate.methods)
-Pooling = Literal["auto", "mean", "mean_nonzero", "max"]  # neurofm.embedding.POOLINGS
-Unobserved = Literal["exclude", "zero"]  # neurofm.embedding.UNOBSERVED_MODES
-POOLINGS = typing.get_args(Pooling)
-UNOBSERVED_MODES = typing.get_args(Unobserved)
+Pooling = Literal[POOLINGS]  # neurofm.pooling.POOLINGS
+Unobserved = Literal[UNOBSERVED_MODES]  # neurofm.pooling.UNOBSERVED_MODES
 __all__ = ["MIN_GENE_OVERLAP", "RunConfig", "load_config"]  # MIN_GENE_OVERLAP: defined in neurofm.genes
 
 
@@ -196,9 +195,9 @@ class EvaluateConfig(Section):
     gene_column: str | None = None  # var column naming the data's genes (e.g. gene_symbol); None → var_names
     min_gene_overlap: float = MIN_GENE_OVERLAP  # share of the model's genes that must be found in the data
     unobserved: Unobserved = (
-        "exclude"  # model genes the data lacks: "exclude" (left out of pooling) or "zero"
+        DEFAULT_UNOBSERVED  # model genes the data lacks: "exclude" (left out of pooling) or "zero"
     )
-    pooling: Pooling = "auto"  # auto: as the model pooled in pre-training
+    pooling: Pooling = DEFAULT_POOLING  # auto: as the model pooled in pre-training
     batch_size: int = EMBED_BATCH_SIZE
     pca_components: int = 50
     baselines: list[str] = list(EVALUATE_BASELINES)  # scVI trains on the evaluation cells (minutes on a CPU)

@@ -27,7 +27,11 @@ from neurofm import keys
 from neurofm.errors import NeurofmError
 from neurofm.genes import DEFAULT_MIN_GENE_OVERLAP, GeneMatch, match_adata
 from neurofm.model import GeneEncoder, ModelConfig, batch_codes, load_pretrained
-from neurofm.pooling import (  # noqa: F401  (feature_table, resolve_pooling: re-exported)
+from neurofm.pooling import (  # noqa: F401  (feature_table, resolve_pooling, POOLINGS, UNOBSERVED_MODES: re-exported)
+    DEFAULT_POOLING,
+    DEFAULT_UNOBSERVED,
+    POOLINGS,
+    UNOBSERVED_MODES,
     cell_inputs,
     feature_table,
     resolve_pooling,
@@ -39,8 +43,6 @@ log = logging.getLogger(__name__)
 
 EMBED_BATCH_SIZE = 256  # cells per forward pass when embedding (the evaluate section's batch_size)
 
-POOLINGS = ("auto", "mean", "mean_nonzero", "max")  # "auto": what the model pooled in pre-training
-UNOBSERVED_MODES = ("exclude", "zero")  # model genes the data lacks: left out of pooling, or zero counts
 REGISTERED_MODEL_NAME = "neurofm-encoder"  # configs: tracking.registered_model_name
 DEFAULT_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}@champion"
 _TOKENIZE_BLOCK = 4096  # cells tokenized at a time (bounds the dense float matrix in memory)
@@ -50,7 +52,7 @@ _TOKENIZE_BLOCK = 4096  # cells tokenized at a time (bounds the dense float matr
 def embed_bins(
     model: GeneEncoder,
     bins: torch.Tensor,
-    pooling: str = "auto",
+    pooling: str = DEFAULT_POOLING,
     table: torch.Tensor | None = None,
     observed: torch.Tensor | None = None,
     batch_index: torch.Tensor | None = None,
@@ -69,12 +71,12 @@ def embed_matrix(
     tokenizer: ExpressionTokenizer,
     adata: ad.AnnData,
     batch_size: int = EMBED_BATCH_SIZE,
-    pooling: str = "auto",
+    pooling: str = DEFAULT_POOLING,
     device: str = "auto",
     missing_genes: str = "error",
     progress: bool = True,
     match: GeneMatch | None = None,
-    unobserved: str = "exclude",
+    unobserved: str = DEFAULT_UNOBSERVED,
     batches=None,
     unseen_batch: str = "error",
 ) -> np.ndarray:
@@ -195,8 +197,8 @@ def embed(
     copy: bool = False,
     gene_col: str | None = None,
     min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
-    unobserved: str = "exclude",
-    pooling: str = "auto",
+    unobserved: str = DEFAULT_UNOBSERVED,
+    pooling: str = DEFAULT_POOLING,
     batch_size: int = EMBED_BATCH_SIZE,
     device: str = "auto",
     progress: bool = True,

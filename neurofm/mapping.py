@@ -25,6 +25,7 @@ from neurofm.cell_features import BLOCK, cell_batches, expression_matrix, refere
 from neurofm.classify import LabelHead, head_features
 from neurofm.errors import NeurofmError
 from neurofm.io import atomic_path
+from neurofm.pooling import DEFAULT_POOLING, DEFAULT_UNOBSERVED
 from neurofm.reference import (
     N_QUANTILES,
     UNKNOWN,
@@ -209,7 +210,7 @@ def add_reference(
         "store": str(cells.path) if isinstance(cells, CellStore) else None,
         "n_source_cells": int(len(obs)),
         "sampled": bool(len(rows) < len(obs)),
-        "pooling": "auto",
+        "pooling": DEFAULT_POOLING,
         **({} if batches is None else {"batch_key": batch_key or model.config.batch_key}),
     }
     reference = build_reference(embedding, obs.iloc[rows], config, expression, meta=meta)
@@ -268,7 +269,7 @@ def map_labels(
     key_added: str | None = None,
     gene_col: str | None = None,
     min_gene_overlap: float | None = None,
-    unobserved: str = "exclude",
+    unobserved: str = DEFAULT_UNOBSERVED,
     batch_size: int | None = None,
     device: str = "auto",
     progress: bool = True,

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 
 from neurofm.errors import NeurofmError
 
+POOLINGS = ("auto", "mean", "mean_nonzero", "max")  # "auto": what the model pooled in pre-training
+UNOBSERVED_MODES = ("exclude", "zero")  # model genes the data lacks: left out of pooling, or zero counts
+DEFAULT_POOLING, DEFAULT_UNOBSERVED = POOLINGS[0], UNOBSERVED_MODES[0]  # every signature's and config's default
+
 if TYPE_CHECKING:
     from neurofm.model import GeneEncoder
 
@@ -43,7 +47,7 @@ def resolve_pooling(model: GeneEncoder, pooling: str) -> str:
 def cell_inputs(
     model: GeneEncoder,
     bins: torch.Tensor,
-    pooling: str = "auto",
+    pooling: str = DEFAULT_POOLING,
     table: torch.Tensor | None = None,
     observed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
