@@ -286,12 +286,22 @@ class PrunerConfig(Section):
     n_warmup_steps: int = 1  # validations of a trial before it may be pruned
 
 
+# tune.objective → Optuna's direction (neurofm.tune_objective scores each)
+TUNE_OBJECTIVES = {
+    "val_loss": "minimize",
+    "perplexity_ratio": "minimize",
+    "probe_auc": "maximize",
+    "fewshot5_f1": "maximize",
+    "ari_optimised": "maximize",
+}
+
+
 class TuneConfig(Section):
     n_trials: int = 20
     # perplexity_ratio: validation perplexity / the per-gene frequency table's on the same bins and masks
     # (comparable across tokenizer.n_bins, unlike val_loss); probe_auc, fewshot5_f1 and ari_optimised
     # score the embedding of the validation cells by the evaluation's protocol (neurofm.tune)
-    objective: str = "perplexity_ratio"
+    objective: Literal[tuple(TUNE_OBJECTIVES)] = "perplexity_ratio"
     storage: str | None = (
         None  # None → <out_dir>/study.journal (Optuna journal file); or an Optuna storage URL
     )

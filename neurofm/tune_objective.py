@@ -17,7 +17,7 @@ import anndata as ad
 import optuna
 
 from neurofm import tracking
-from neurofm.config import RunConfig
+from neurofm.config import TUNE_OBJECTIVES, RunConfig
 from neurofm.distributed import launch_pretrain
 from neurofm.errors import NeurofmError
 from neurofm.train import TrainResult
@@ -26,13 +26,7 @@ from neurofm.tune_space import ParamSpec, apply_params, build_configs
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = {
-    "val_loss": "minimize",
-    "perplexity_ratio": "minimize",
-    "probe_auc": "maximize",
-    "fewshot5_f1": "maximize",
-    "ari_optimised": "maximize",
-}
+OBJECTIVES = TUNE_OBJECTIVES  # objective → Optuna's direction, defined once in neurofm.config
 EMBEDDING_OBJECTIVES = ("probe_auc", "fewshot5_f1", "ari_optimised")  # scored on embedded validation cells
 
 
