@@ -103,8 +103,8 @@ def test_default_run_prepares_the_two_clusters_of_one_region(default_run):
     defaults = load_config(Path(run.__file__).parent / "configs" / "prepare.yaml").default_data
     prepared = ad.read_h5ad(default_run["out"] / "prepared.h5ad")
     assert prepared.shape == (defaults.crop["n_cells"], defaults.crop["n_genes"])
-    assert set(prepared.obs[keys.SUBTYPE]) == {f"cluster_{i}" for i in defaults["cluster_ids"]}
-    assert prepared.obs[keys.REGION].astype(str).unique().tolist() == [defaults["region"]]
+    assert set(prepared.obs[keys.SUBTYPE]) == {f"cluster_{i}" for i in defaults.cluster_ids}
+    assert prepared.obs[keys.REGION].astype(str).unique().tolist() == [defaults.region]
     assert prepared.obs_names.is_unique and prepared.var_names.is_unique
     assert sp.issparse(prepared.X) and np.all(prepared.X.data == np.round(prepared.X.data))
     assert {keys.CROP_PARAMS, keys.SPARSITY_SUMMARY} <= set(prepared.uns)
