@@ -22,20 +22,25 @@ def _embedding(labels: np.ndarray, seed: int) -> np.ndarray:
     return embedding
 
 
-@pytest.fixture(scope="module")
-def mapped():
-    cells = make_synthetic_counts(n_cells=400, n_genes=80, seed=5)
+def _mapped(n_cells: int, n_reference: int, seed: int, baselines: tuple[str, ...], **options):
+    """Synthetic cells split into reference and query, the model's stand-in reference, every method scored."""
+    cells = make_synthetic_counts(n_cells=n_cells, n_genes=80, seed=seed)
     cells.obs["label"] = cells.obs["class"].astype(str)
-    reference_cells, query_cells = cells[:240].copy(), cells[240:].copy()
+    reference_cells, query_cells = cells[:n_reference].copy(), cells[n_reference:].copy()
     ref_labels, truth = reference_cells.obs["label"].to_numpy(), query_cells.obs["label"].to_numpy()
     reference = build_reference(
         _embedding(ref_labels, 0), reference_cells.obs[["label"]], ReferenceConfig(label_columns=("label",))
     )
     results = evaluate_mapping(
         reference, _embedding(truth, 1), truth, "label", reference_cells=reference_cells,
-        query_cells=query_cells, baselines=("pca_ref", "logcounts"), cluster=CLUSTER,
+        query_cells=query_cells, baselines=baselines, cluster=CLUSTER, **options,
     )  # fmt: skip
     return results, ref_labels
+
+
+@pytest.fixture(scope="module")
+def mapped():
+    return _mapped(400, 240, 5, ("pca_ref", "logcounts"))
 
 
 def test_every_method_is_scored_on_the_same_query_cells(mapped):
@@ -69,18 +74,8 @@ def test_the_report_writes_its_tables_and_figures(mapped, tmp_path):
 def test_the_label_tools_are_scored_by_the_same_protocol():
     """CellTypist, Symphony and scANVI label the query with their own classifiers (fit on the reference
     only); scVI shares its reference model with scANVI; each is scored on the same query cells."""
-    cells = make_synthetic_counts(n_cells=300, n_genes=80, seed=7)
-    cells.obs["label"] = cells.obs["class"].astype(str)
-    reference_cells, query_cells = cells[:200].copy(), cells[200:].copy()
-    ref_labels, truth = reference_cells.obs["label"].to_numpy(), query_cells.obs["label"].to_numpy()
-    reference = build_reference(
-        _embedding(ref_labels, 0), reference_cells.obs[["label"]], ReferenceConfig(label_columns=("label",))
-    )
-    results = evaluate_mapping(
-        reference, _embedding(truth, 1), truth, "label", reference_cells=reference_cells, query_cells=query_cells,
-        baselines=("celltypist", "symphony", "scvi", "scanvi"), cluster=CLUSTER, scarches_query_epochs=2,
-        scvi_max_epochs=3,
-    )  # fmt: skip
+    results, _ = _mapped(300, 200, 7, ("celltypist", "symphony", "scvi", "scanvi"), scarches_query_epochs=2,
+                         scvi_max_epochs=3)  # fmt: skip
     assert list(results) == ["model", "celltypist", "symphony", "scvi", "scanvi"]
     assert {len(result.truth) for result in results.values()} == {100}
     assert results["celltypist"].metrics["transfer_f1"] >= 0.8  # the classes differ in their genes
