@@ -250,9 +250,8 @@ class MapConfig(Section):
     reference_data: PathText | None = (
         None  # the reference cells' .h5ad for the baselines; None → the one recorded
     )
-    # fit on the reference only; any of pca_ref, logcounts, scvi, scarches, scanvi, celltypist,
-    #   celltypist_majority, symphony (docs/mapping.md)
-    baselines: list[str] = Field(default_factory=lambda: list(MAP_DEFAULT_BASELINES))
+    baselines: list[str] = Field(default_factory=lambda: list(MAP_DEFAULT_BASELINES))  # fit on the reference
+    #   only; any of pca_ref, logcounts, scvi, scarches, scanvi, celltypist, celltypist_majority, symphony
     scarches_query_epochs: int = SCARCHES_QUERY_EPOCHS  # scvi-tools' reference-mapping tutorial
     max_cells_score: int = 20000  # scored/clustered on a seeded query sample above this many cells
 
