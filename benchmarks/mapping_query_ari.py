@@ -5,7 +5,11 @@ embedded (``neurofm.embed``'s embedding, what ``neurofm map`` writes to ``obsm['
 by the evaluation's protocol (``neurofm.evaluate.cluster.cluster_embedding``: 15-NN graph, Leiden): the
 cluster-optimised ARI / NMI against the query's 18 subclasses (best over resolutions 0.1–2.0) and the ARI at
 resolution 1 (mean of Leiden seeds 0–2). Beside it, once per direction, PCA fit on the reference donor with
-the query projected (``pca_reference_projection``: scanpy's recipe, 50 components), by the same protocol.
+the query projected (``pca_reference_projection``: scanpy's recipe, 50 components), by the same protocol;
+with ``--baselines``, the spaces of the map pipeline's baselines that have one, fit on the reference donor
+only: ``scvi`` (the scVI reference's latent, the query embedded without adaptation:
+``neurofm.evaluate.baselines.scvi_reference`` / ``scvi_baseline_latent``) and ``symphony`` (the query mapped
+into Symphony's reference: ``neurofm.evaluate.label_baselines.symphony_labels``), seed 0.
 
     python benchmarks/mapping_query_ari.py --models /tmp/bench/models --seeds 0 1 2
 """
@@ -32,6 +36,20 @@ def clustered(x, labels) -> dict:
     return {key: round(float(m[key]), 4) for key in ("ari_optimised", "nmi_optimised", "ari_res1_mean", "ari_res1_sd")}
 
 
+def baseline_space(name: str, reference, query):
+    """The query in baseline ``name``'s own space, fit on the reference donor only (seed 0)."""
+    import torch
+
+    from neurofm.evaluate.baselines import scvi_baseline_latent, scvi_reference, shared_gene_views
+    from neurofm.evaluate.label_baselines import symphony_labels
+
+    torch.set_num_threads(1)
+    ref_view, query_view = shared_gene_views(reference, query)
+    if name == "scvi":
+        return scvi_baseline_latent(scvi_reference(ref_view, seed=0), query_view)[1]
+    return symphony_labels(ref_view, query_view, LEVEL, seed=0).query_embedding
+
+
 def main(argv: list[str] | None = None) -> None:
     import anndata as ad
 
@@ -44,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--directions", nargs="+", default=["donor1->donor2", "donor2->donor1"])
+    parser.add_argument("--baselines", nargs="*", default=[], choices=["scvi", "symphony"])
     parser.add_argument("--out", default="benchmarks/results/mapping_query_ari.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -63,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         if (direction, 0, "PCA fit on the reference") not in done:
             _, projected = pca_reference_projection(ad.read_h5ad(DONORS[ref]), query_cells)
             save({"direction": direction, "seed": 0, "method": "PCA fit on the reference", **clustered(projected, labels)})
+        for name in args.baselines:
+            method = {"scvi": "scVI latent (no adaptation)", "symphony": "Symphony's mapped space"}[name]
+            if (direction, 0, method) not in done:
+                save({"direction": direction, "seed": 0, "method": method,
+                      **clustered(baseline_space(name, ad.read_h5ad(DONORS[ref]), query_cells), labels)})  # fmt: skip
         for seed in args.seeds:
             marker = Path(args.models) / f"{ref}_seed{seed}" / "done"
             if not marker.is_file() or (direction, seed, "neurofm embedding") in done:
